@@ -1,0 +1,113 @@
+"""`confide` command line: simulate, audit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from confide.config import ConfigError, RunConfig, build_config, load_toml, parse_set_items
+
+# flag -> config key; each flag is a shortcut for --set key=value
+SIMULATE_FLAGS: dict[str, str] = {
+    "--rounds": "rounds", "--clients": "clients", "--model": "model", "--data": "data",
+    "--eval-data": "eval-data", "--partitioner": "partitioner",
+    "--target-epsilon": "target-epsilon", "--max-epsilon": "max-epsilon", "--delta": "delta",
+    "--fine-tune": "fine-tune", "--seed": "seed", "--out": "out",
+    "--secagg-threshold": "secagg-threshold", "--secagg-neighbours": "secagg-neighbours",
+    "--secagg-bits": "secagg-bits", "--dropout-rate": "dropout-rate",
+    "--dropout-stage": "dropout-stage",
+}
+SIMULATE_SWITCHES: dict[str, str] = {
+    "--secure-aggregation": "secure-aggregation", "--distributed-dp": "distributed-dp",
+    "--verify-secagg": "verify-secagg", "--no-example-dp": "example-dp",
+}
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Config file, then --set, then the named flags (later wins); validated once."""
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_toml(Path(args.config)))
+    values.update(parse_set_items(args.set or []))
+    for flag, key in SIMULATE_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            values[key] = value
+    for flag, key in SIMULATE_SWITCHES.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            values[key] = flag != "--no-example-dp"
+    return build_config(values)
+
+
+def _simulate_parser(sub: Any) -> None:
+    p = sub.add_parser("simulate", help="run a federation in Flower's simulation engine")
+    p.add_argument("--config", help="TOML file with configuration keys (see README)")
+    for flag, key in SIMULATE_FLAGS.items():
+        p.add_argument(flag, help=f"config key {key}")
+    for flag, key in SIMULATE_SWITCHES.items():
+        p.add_argument(flag, action="store_true", help=f"sets {key}")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any configuration key (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
+
+
+def _audit_parser(sub: Any) -> None:
+    p = sub.add_parser("audit", help="check a run's privacy record")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    v = asub.add_parser("verify", help="verify ledger chain, signatures, receipts, epsilons")
+    v.add_argument("run_dir")
+    r = asub.add_parser("report", help="write report.html and report.md")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="HTML path (default RUN_DIR/audit_report.html)")
+    e = asub.add_parser("empirical", help="one-run empirical privacy audit (Steinke et al.)")
+    e.add_argument("--config", help="TOML file with configuration keys")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    e.add_argument("--canaries", type=int, default=200)
+    e.add_argument("--out", default="")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="confide", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _simulate_parser(sub)
+    _audit_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "simulate":
+            from confide.simulation.runner import simulate
+
+            simulate(resolve_config(args), verbose=args.verbose)
+            return 0
+        if args.command == "audit":
+            return _audit(args)
+    except (ConfigError, FileExistsError) as exc:
+        print(f"confide: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # DataError, ModelError: named file/row/key in the message
+        print(f"confide: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _audit(args: argparse.Namespace) -> int:
+    if args.audit_command == "verify":
+        from confide.audit.verify import main as verify_main
+
+        return verify_main([args.run_dir])
+    if args.audit_command == "report":
+        from confide.audit.report import write_report
+
+        html = write_report(Path(args.run_dir), out_html=Path(args.out) if args.out else None)
+        print(f"report written: {html}")
+        return 0
+    if args.audit_command == "empirical":
+        from confide.audit.empirical import main as empirical_main
+
+        return empirical_main(args)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""The partner node: a Flower ClientApp (Message API) doing local DP-SGD.
+
+Each train message carries the global trainable weights and the run configuration. The
+node loads its own data, checks its budget, trains with Opacus, and replies with the delta
+of the trainable weights, its example count, metrics, and a DP receipt it signs itself.
+Data, budget and accountant never leave the node; only the (noised) delta does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from confide import records as R
+from confide.clients.dp_training import train_dp
+from confide.clients.node_state import NodeState, load_node_state, save_node_state
+from confide.config import RunConfig, from_flat_record
+from confide.data import TextDataset, load_federated_data, read_text_file
+from confide.encoding import encode
+from confide.model import (
+    ModelSpec,
+    build_model,
+    compute_delta,
+    frozen_digest,
+    load_tokenizer,
+    load_trainable_state,
+    resolve_device,
+    trainable_state,
+)
+from confide.privacy.accountant import BudgetExhausted, SampledGaussianEvent, calibrate_noise
+from confide.privacy.receipts import sign_receipt
+
+app = ClientApp()
+
+
+class NodeConfigError(ValueError):
+    """The partner's node configuration is unusable."""
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config_record = msg.content[R.CONFIG]
+    cfg = from_flat_record(dict(config_record))
+    server_round = int(config_record[R.ROUND])
+    max_epsilon = _node_max_epsilon(cfg, context)
+    state = load_node_state(context, delta=cfg.delta, max_epsilon=max_epsilon)
+    if server_round <= state.last_round:
+        # A replayed or duplicated train message must not spend budget twice.
+        return _status_reply(msg, state, "stale-round",
+                             f"round {server_round} already handled (last {state.last_round})")
+    data = _partner_data(cfg, context)
+    reply = _train_round(msg, cfg, server_round, data, state, context)
+    save_node_state(context, state)
+    return reply
+
+
+def _train_round(msg: Message, cfg: RunConfig, server_round: int, data: TextDataset,
+                 state: NodeState, context: Context) -> Message:
+    n = len(data)
+    sample_rate = min(1.0, cfg.batch_size / n)
+    steps = max(1, round(cfg.local_epochs / sample_rate))
+    noise = _noise_multiplier(cfg, state, sample_rate, steps)
+    planned = SampledGaussianEvent(noise, sample_rate, steps, server_round)
+    if cfg.example_dp:
+        try:
+            state.accountant.check(planned)
+        except BudgetExhausted as exc:
+            log(WARNING, "partner %s refuses round %d: %s", state.pseudonym, server_round, exc)
+            state.last_round = server_round
+            return _status_reply(msg, state, R.BUDGET_EXHAUSTED, str(exc),
+                                 spent=exc.spent, would_be=exc.would_be,
+                                 max_epsilon=exc.max_epsilon)
+
+    spec = model_spec(cfg, _num_labels(cfg))
+    model = _cached_model(spec)
+    if msg.content[R.CONFIG].get(R.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
+        raise NodeConfigError("this node's frozen base model differs from the server's "
+                              "(different model files or versions?)")
+    global_state = {k: v.numpy() for k, v in msg.content[R.ARRAYS].items()}
+    load_trainable_state(model, global_state)
+    tensors = _encoded(cfg, data)
+    device = resolve_device(str(context.node_config.get("device", cfg.device)))
+    start = time.perf_counter()
+    result = train_dp(
+        model, tensors, noise_multiplier=noise, max_grad_norm=cfg.max_grad_norm,
+        batch_size=cfg.batch_size, physical_batch_size=cfg.physical_batch_size,
+        epochs=cfg.local_epochs, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, device=device,
+        seed=cfg.seed * 100_003 + server_round * 1009 + _partition_id(context),
+        dp=cfg.example_dp)
+    delta = compute_delta(trainable_state(model), global_state)
+    for name, value in delta.items():
+        if not np.all(np.isfinite(value)):
+            raise FloatingPointError(f"local update of {name} is not finite; not sent")
+
+    epsilon = 0.0
+    receipt_json = ""
+    if cfg.example_dp:
+        event = SampledGaussianEvent(result.noise_multiplier, result.sample_rate, result.steps,
+                                     server_round)
+        epsilon = state.accountant.record(event)
+        receipt_json = json.dumps(sign_receipt(
+            {"round": server_round, "partner": state.pseudonym,
+             "noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
+             "steps": event.steps, "delta": cfg.delta, "epsilon": epsilon,
+             "accountant": "rdp"}, state.signing_key).to_dict())
+    state.last_round = server_round
+    log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
+        state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
+    content = RecordDict({
+        R.ARRAYS: ArrayRecord(delta),
+        R.METRICS: MetricRecord({
+            R.NUM_EXAMPLES: n, R.TRAIN_LOSS: float(result.mean_loss), R.EPSILON: epsilon,
+            R.STEPS: result.steps, R.SAMPLE_RATE: result.sample_rate,
+            R.NOISE_MULTIPLIER: result.noise_multiplier,
+            R.TRAIN_SECONDS: time.perf_counter() - start}),
+        R.STATUS: _status(state, R.OK, ""),
+        R.RECEIPT: ConfigRecord({R.RECEIPT_JSON: receipt_json}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _status(state: NodeState, code: str, detail: str, **extra: float) -> ConfigRecord:
+    return ConfigRecord({R.STATUS_CODE: code, R.STATUS_DETAIL: detail,
+                         R.PARTNER: state.pseudonym, R.PUBLIC_KEY: state.public_key.hex(),
+                         **extra})
+
+
+def _status_reply(msg: Message, state: NodeState, code: str, detail: str, **extra: float
+                  ) -> Message:
+    return Message(content=RecordDict({R.STATUS: _status(state, code, detail, **extra)}),
+                   reply_to=msg)
+
+
+def _noise_multiplier(cfg: RunConfig, state: NodeState, sample_rate: float, steps: int
+                      ) -> float:
+    if not cfg.example_dp:
+        return 0.0
+    if cfg.noise_multiplier > 0:
+        return cfg.noise_multiplier
+    if state.noise_multiplier is None:
+        # Calibrated once over all planned rounds (as if sampled every round: the
+        # conservative choice when fraction-train < 1), then kept fixed.
+        state.noise_multiplier = calibrate_noise(cfg.target_epsilon, cfg.delta, sample_rate,
+                                                 steps * cfg.rounds)
+    return state.noise_multiplier
+
+
+def _node_max_epsilon(cfg: RunConfig, context: Context) -> float:
+    """The partner's own cap (node config) wins when it is lower than the run's."""
+    node_cap = context.node_config.get("max-epsilon")
+    if node_cap is None:
+        return cfg.max_epsilon
+    try:
+        cap = float(node_cap)
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node config max-epsilon = {node_cap!r} is not a number") \
+            from None
+    if not cap > 0:
+        raise NodeConfigError(f"node config max-epsilon = {cap} must be > 0")
+    return min(cap, cfg.max_epsilon)
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
+def _partner_data(cfg: RunConfig, context: Context) -> TextDataset:
+    """Deployment: the node's own `data-path`. Simulation: its partition of the run data."""
+    path = context.node_config.get("data-path")
+    if path:
+        return _read_cached(str(path), cfg.num_labels, cfg.max_train_examples)
+    pid = _partition_id(context)
+    parts = _simulation_partitions(cfg)
+    if not 0 <= pid < len(parts):
+        raise NodeConfigError(f"partition-id {pid} is outside 0..{len(parts) - 1}")
+    return parts[pid]
+
+
+@lru_cache(maxsize=4)
+def _read_cached(path: str, num_labels: int, max_rows: int) -> TextDataset:
+    return read_text_file(Path(path), num_labels=num_labels, max_rows=max_rows)
+
+
+@lru_cache(maxsize=2)
+def _federated(data: str, eval_data: str, clients: int, partitioner: str, seed: int,
+               alpha: float, column: str, num_labels: int, max_train: int, max_eval: int):
+    return load_federated_data(data=data, eval_data=eval_data, clients=clients,
+                               partitioner=partitioner, seed=seed, alpha=alpha, column=column,
+                               num_labels=num_labels, max_train=max_train, max_eval=max_eval)
+
+
+def federated_data(cfg: RunConfig):
+    return _federated(cfg.data, cfg.eval_data, cfg.clients, cfg.partitioner, cfg.seed,
+                      cfg.dirichlet_alpha, cfg.partition_column, cfg.num_labels,
+                      cfg.max_train_examples, cfg.max_eval_examples)
+
+
+def _simulation_partitions(cfg: RunConfig) -> list[TextDataset]:
+    return federated_data(cfg).partitions
+
+
+def _num_labels(cfg: RunConfig) -> int:
+    if cfg.num_labels < 2:
+        # The server resolves num-labels from the data before the first round.
+        raise NodeConfigError("num-labels missing from the round configuration")
+    return cfg.num_labels
+
+
+def model_spec(cfg: RunConfig, num_labels: int) -> ModelSpec:
+    return ModelSpec(model=cfg.model, num_labels=num_labels, fine_tune=cfg.fine_tune,
+                     lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                     lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
+                     seed=cfg.seed)
+
+
+@lru_cache(maxsize=2)
+def _cached_model(spec: ModelSpec):
+    # Built once per process: every round loads the global trainable weights over it,
+    # and frozen weights never change.
+    return build_model(spec)
+
+
+@lru_cache(maxsize=2)
+def _cached_frozen_digest(spec: ModelSpec) -> str:
+    return frozen_digest(_cached_model(spec))
+
+
+_ENCODED: dict[tuple, dict] = {}
+
+
+def _encoded(cfg: RunConfig, data: TextDataset) -> dict:
+    key = (cfg.model, cfg.max_length, data.source, len(data))
+    if key not in _ENCODED:
+        _ENCODED.clear()
+        _ENCODED[key] = encode(data, load_tokenizer(cfg.model), cfg.max_length)
+    return _ENCODED[key]

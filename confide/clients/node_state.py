@@ -1,0 +1,122 @@
+"""What a partner node remembers between rounds: its accountant, its node key, its pseudonym.
+
+In simulation the state lives in the node's Flower `Context.state`; in deployment (node
+config `state-dir`) it is also written atomically to the partner's own disk, and the disk
+copy wins on restart, so a restarted node never forgets spent budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, Context
+
+from confide.privacy.accountant import PartnerAccountant
+
+STATE_RECORD = "confide-node-state"
+STATE_FILE = "node_state.json"
+
+
+def pseudonym_of(public_key: bytes) -> str:
+    """Partner id shown in reports and ledger: derived from the node's public key, so a
+    receipt signed by that key cannot be attributed to another partner."""
+    return "p-" + hashlib.sha256(public_key).hexdigest()[:12]
+
+
+@dataclass
+class NodeState:
+    accountant: PartnerAccountant
+    signing_key: Ed25519PrivateKey
+    noise_multiplier: float | None = None  # calibrated once, reused every round
+    last_round: int = 0
+
+    @property
+    def public_key(self) -> bytes:
+        return self.signing_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    @property
+    def pseudonym(self) -> str:
+        return pseudonym_of(self.public_key)
+
+    def to_json(self) -> str:
+        key = self.signing_key.private_bytes(serialization.Encoding.Raw,
+                                             serialization.PrivateFormat.Raw,
+                                             serialization.NoEncryption())
+        return json.dumps({"accountant": self.accountant.state_dict(), "key": key.hex(),
+                           "noise_multiplier": self.noise_multiplier,
+                           "last_round": self.last_round})
+
+    @classmethod
+    def from_json(cls, text: str, max_epsilon: float) -> NodeState:
+        data = json.loads(text)
+        return cls(
+            accountant=PartnerAccountant.from_state_dict(data["accountant"], max_epsilon),
+            signing_key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
+            noise_multiplier=data.get("noise_multiplier"),
+            last_round=int(data.get("last_round", 0)))
+
+
+def _state_dir(context: Context) -> Path | None:
+    value = context.node_config.get("state-dir")
+    return Path(str(value)) if value else None
+
+
+def load_node_state(context: Context, *, delta: float, max_epsilon: float) -> NodeState:
+    text: str | None = None
+    state_dir = _state_dir(context)
+    if state_dir is not None and (state_dir / STATE_FILE).is_file():
+        text = (state_dir / STATE_FILE).read_text()
+    elif STATE_RECORD in context.state.config_records:
+        text = str(context.state.config_records[STATE_RECORD]["json"])
+    if text is None:
+        return NodeState(PartnerAccountant(delta, max_epsilon), Ed25519PrivateKey.generate())
+    try:
+        return NodeState.from_json(text, max_epsilon)
+    except (KeyError, ValueError, json.JSONDecodeError) as exc:
+        where = state_dir / STATE_FILE if state_dir else "node context"
+        # Refuse rather than start from zero: a lost history would let budget be re-spent.
+        raise RuntimeError(f"node state in {where} is unreadable ({exc}); refusing to train "
+                           "with an unknown privacy history") from None
+
+
+def save_node_state(context: Context, state: NodeState) -> None:
+    text = state.to_json()
+    context.state.config_records[STATE_RECORD] = ConfigRecord({"json": text})
+    state_dir = _state_dir(context)
+    if state_dir is not None:
+        atomic_write_text(state_dir / STATE_FILE, text)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write-then-rename with fsync: a crash leaves the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def json_safe(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,319 @@
+"""One typed, validated configuration for a Confide run.
+
+The same schema serves the config file (TOML), the CLI flags, `--set key=value`, Flower's
+`run_config` (`flwr run .`) and the per-round message config sent to clients. Keys are
+kebab-case everywhere outside Python; each is validated once at the edge and a bad value
+fails with a message that names the key and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """What one configuration key accepts."""
+
+    kind: type
+    allowed: str  # human-readable allowed range, used in error messages and the README
+    check: Callable[[Any], bool]
+    help: str
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return not (hi is not None and (v >= hi if hi_open else v > hi))
+
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def _any(_: Any) -> bool:
+    return True
+
+
+SCHEMA: dict[str, KeySpec] = {
+    # Federation
+    "rounds": KeySpec(int, "integer >= 1", _range(1), "number of federated rounds"),
+    "clients": KeySpec(int, "integer >= 1", _range(1),
+                       "number of partners (virtual SuperNodes in simulation)"),
+    "fraction-train": KeySpec(float, "0 < x <= 1", _range(0, 1, lo_open=True),
+                              "fraction of partners sampled each round"),
+    "min-clients": KeySpec(int, "integer >= 1", _range(1),
+                           "fewest replies a round needs to be aggregated"),
+    "seed": KeySpec(int, "integer >= 0", _range(0), "seed for sampling, splits and init"),
+    # Model
+    "model": KeySpec(str, "'minilm', 'tiny' or a local Hugging Face model folder", _any,
+                     "shared transformer"),
+    "fine-tune": KeySpec(str, "'lora', 'full' or 'head'", _one_of("lora", "full", "head"),
+                         "which parameters train (and travel)"),
+    "lora-rank": KeySpec(int, "1 <= r <= 256", _range(1, 256), "LoRA rank"),
+    "lora-alpha": KeySpec(float, "x > 0", _range(0, lo_open=True), "LoRA alpha"),
+    "lora-dropout": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True), "LoRA dropout"),
+    "lora-targets": KeySpec(str, "comma-separated module names, e.g. 'query,value'",
+                            lambda v: bool(v.strip()), "modules that get LoRA adapters"),
+    "max-length": KeySpec(int, "8 <= n <= 512", _range(8, 512), "tokens per example"),
+    # Data
+    "data": KeySpec(str, "'' (synthetic demo), a text,label file or a folder of them", _any,
+                    "training data"),
+    "eval-data": KeySpec(str, "'' or a text,label file", _any,
+                         "central evaluation data ('' = held-out part of the demo/data)"),
+    "partitioner": KeySpec(str, "'iid', 'dirichlet' or 'column'",
+                           _one_of("iid", "dirichlet", "column"),
+                           "how one data file is split among partners"),
+    "dirichlet-alpha": KeySpec(float, "x > 0", _range(0, lo_open=True),
+                               "label skew of the Dirichlet partitioner (smaller = more skew)"),
+    "partition-column": KeySpec(str, "a column name", lambda v: bool(v),
+                                "column the 'column' partitioner groups by"),
+    "num-labels": KeySpec(int, "0 (infer) or integer >= 2", lambda v: v == 0 or v >= 2,
+                          "number of classes"),
+    "max-train-examples": KeySpec(int, "0 (all) or integer >= 1", _range(0),
+                                  "cap on the training rows read (for quick experiments)"),
+    "max-eval-examples": KeySpec(int, "0 (all) or integer >= 1", _range(0),
+                                 "cap on the evaluation rows read"),
+    # Local training
+    "local-epochs": KeySpec(float, "0 < x <= 100", _range(0, 100, lo_open=True),
+                            "passes over the local data per round (fractional allowed)"),
+    "batch-size": KeySpec(int, "1 <= n <= 65536", _range(1, 65536),
+                          "expected logical batch size (Poisson sampling under DP)"),
+    "physical-batch-size": KeySpec(int, "1 <= n <= 4096", _range(1, 4096),
+                                   "largest batch put through the model at once"),
+    "optimizer": KeySpec(str, "'sgd', 'adam' or 'adamw'", _one_of("sgd", "adam", "adamw"),
+                         "local optimizer"),
+    "learning-rate": KeySpec(float, "0 < x <= 10", _range(0, 10, lo_open=True),
+                             "local learning rate"),
+    "weight-decay": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True), "weight decay"),
+    "device": KeySpec(str, "'auto', 'cpu' or 'cuda[:N]'",
+                      lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "torch device"),
+    # Example-level DP (per partner, Opacus)
+    "example-dp": KeySpec(bool, "true or false", _any, "DP-SGD on each partner"),
+    "noise-multiplier": KeySpec(float, "0 (derive from target-epsilon) or x > 0", _range(0),
+                                "DP-SGD noise multiplier"),
+    "target-epsilon": KeySpec(float, "x > 0", _range(0, lo_open=True),
+                              "per-partner epsilon the noise is calibrated to over all rounds"),
+    "max-epsilon": KeySpec(float, "x > 0", _range(0, lo_open=True),
+                           "hard per-partner budget: a node refuses a round that would pass it"),
+    "delta": KeySpec(float, "0 < x < 1", _range(0, 1, lo_open=True, hi_open=True),
+                     "delta of (epsilon, delta)-DP"),
+    "max-grad-norm": KeySpec(float, "x > 0", _range(0, lo_open=True), "per-sample clip norm"),
+    # Server
+    "server-learning-rate": KeySpec(float, "0 < x <= 10", _range(0, 10, lo_open=True),
+                                    "step size applied to the averaged delta"),
+    "client-dp": KeySpec(bool, "true or false", _any,
+                         "client-level DP: clip each update, Gaussian noise on the sum"),
+    "client-dp-noise-multiplier": KeySpec(float, "x > 0", _range(0, lo_open=True),
+                                          "client-level noise multiplier"),
+    "client-dp-clipping-norm": KeySpec(float, "x > 0", _range(0, lo_open=True),
+                                       "client-level L2 clip of each update"),
+    # Secure aggregation and distributed DP
+    "secure-aggregation": KeySpec(bool, "true or false", _any,
+                                  "SecAgg+: the server sees only the sum of updates"),
+    "distributed-dp": KeySpec(bool, "true or false", _any,
+                              "clients add discrete Gaussian noise inside the secure sum"),
+    "secagg-threshold": KeySpec(float, "0 < x <= 1 (fraction of the sampled clients)",
+                                _range(0, 1, lo_open=True),
+                                "Shamir threshold t as a fraction of sampled clients"),
+    "secagg-neighbours": KeySpec(int, "0 (about 2 log2 n) or integer >= 2",
+                                 lambda v: v == 0 or v >= 2, "neighbours per client"),
+    "secagg-bits": KeySpec(int, "16 <= b <= 62", _range(16, 62), "ring Z_2^b bit width"),
+    "secagg-clip": KeySpec(float, "x > 0", _range(0, lo_open=True),
+                           "per-coordinate clip range of quantised updates"),
+    "dropout-rate": KeySpec(float, "0 <= p < 1", _range(0, 1, hi_open=True),
+                            "fault injection: chance a client drops (simulation)"),
+    "dropout-stage": KeySpec(str, "'share-keys', 'masked-input' or 'unmask'",
+                             _one_of("share-keys", "masked-input", "unmask"),
+                             "protocol stage at which injected dropouts happen"),
+    "verify-secagg": KeySpec(bool, "true or false", _any,
+                             "simulation only: also compute the plaintext sum and record the error"),
+    # Output
+    "out": KeySpec(str, "a folder path ('' = runs/<time>)", _any, "run folder"),
+    "eval-batch-size": KeySpec(int, "1 <= n <= 4096", _range(1, 4096), "evaluation batch"),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved configuration of one run. Field names mirror SCHEMA's kebab-case keys."""
+
+    rounds: int = 3
+    clients: int = 4
+    fraction_train: float = 1.0
+    min_clients: int = 1
+    seed: int = 42
+    model: str = "minilm"
+    fine_tune: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "query,value"
+    max_length: int = 64
+    data: str = ""
+    eval_data: str = ""
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 1.0
+    partition_column: str = "domain"
+    num_labels: int = 0
+    max_train_examples: int = 0
+    max_eval_examples: int = 0
+    local_epochs: float = 1.0
+    batch_size: int = 64
+    physical_batch_size: int = 64
+    optimizer: str = "adam"
+    learning_rate: float = 5e-3
+    weight_decay: float = 0.0
+    device: str = "auto"
+    example_dp: bool = True
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    max_epsilon: float = 10.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    server_learning_rate: float = 1.0
+    client_dp: bool = False
+    client_dp_noise_multiplier: float = 1.0
+    client_dp_clipping_norm: float = 1.0
+    secure_aggregation: bool = False
+    distributed_dp: bool = False
+    secagg_threshold: float = 0.5
+    secagg_neighbours: int = 0
+    secagg_bits: int = 32
+    secagg_clip: float = 1.0
+    dropout_rate: float = 0.0
+    dropout_stage: str = "masked-input"
+    verify_secagg: bool = False
+    out: str = ""
+    eval_batch_size: int = 128
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_epsilon < self.target_epsilon and self.example_dp \
+                and self.noise_multiplier == 0:
+            raise ConfigError(
+                f"max-epsilon ({self.max_epsilon}) is below target-epsilon "
+                f"({self.target_epsilon}): the calibrated noise would exhaust the budget; "
+                "allowed: max-epsilon >= target-epsilon")
+        if self.distributed_dp and not self.secure_aggregation:
+            raise ConfigError("distributed-dp needs secure-aggregation = true "
+                              "(the noise is only private inside the secure sum)")
+        if self.min_clients > self.clients:
+            raise ConfigError(f"min-clients ({self.min_clients}) exceeds clients "
+                              f"({self.clients}); allowed: 1 <= min-clients <= clients")
+        if self.physical_batch_size > self.batch_size and not self.example_dp:
+            object.__setattr__(self, "physical_batch_size", self.batch_size)
+
+    # -- conversions -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case key -> value, for TOML, Flower run_config and message configs."""
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "extra"}
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON of the configuration (recorded in the ledger)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def write_toml(self, path: Path) -> None:
+        path.write_text(tomli_w.dumps(self.to_dict()))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return build_config(self.to_dict() | {_key(k): v for k, v in changes.items()})
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    spec = SCHEMA[key]
+    kind = spec.kind
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = text.lower() in ("true", "1", "yes")
+            elif kind is int:
+                value = int(text)
+            else:
+                value = float(text)
+        except ValueError:
+            raise ConfigError(f"{key} = {value!r} is not a valid {kind.__name__}; "
+                              f"allowed: {spec.allowed}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} = {value!r} has type {type(value).__name__}, expected "
+                          f"{kind.__name__}; allowed: {spec.allowed}")
+    if not spec.check(value):
+        raise ConfigError(f"{key} = {value!r} is out of range; allowed: {spec.allowed}")
+    return value
+
+
+def build_config(values: Mapping[str, Any]) -> RunConfig:
+    """Validate kebab-case (or snake_case) keys and build a RunConfig.
+
+    Unknown keys are an error naming the key (a typo must not silently fall back to a
+    default, least of all for a privacy parameter).
+    """
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("_", "-")
+        if key not in SCHEMA:
+            close = [k for k in SCHEMA if k.split("-")[0] == key.split("-")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown configuration key {raw_key!r}{hint}")
+        kwargs[key.replace("-", "_")] = _coerce(key, value)
+    return RunConfig(**kwargs)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a config file; a top-level [confide] table is accepted too."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return dict(data.get("confide", data))
+
+
+def parse_set_items(items: list[str]) -> dict[str, str]:
+    """`key=value` strings from `--set`."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def from_flat_record(record: Mapping[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from Flower's run_config or a message ConfigRecord."""
+    return build_config({k: v for k, v in record.items() if k.replace("_", "-") in SCHEMA})

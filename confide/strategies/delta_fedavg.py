@@ -1,0 +1,114 @@
+"""FedAvg over deltas of the trainable parameters, with a server learning rate.
+
+Nodes send `new - global` for the trainable parameters only. The server takes the
+example-weighted mean of the deltas and moves the global weights by
+`server_learning_rate * mean_delta` (FedAvg when the rate is 1; Reddi et al. 2021's
+FedOpt family generalises the server step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from confide import records as R
+
+
+class UpdateRejected(ValueError):
+    """A node's update cannot be aggregated (wrong shape, non-finite, missing weight)."""
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def validate_delta(delta: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                   node: str) -> None:
+    if set(delta) != set(reference):
+        missing = sorted(set(reference) - set(delta))[:3]
+        extra = sorted(set(delta) - set(reference))[:3]
+        raise UpdateRejected(f"update from {node}: parameter names differ from the global "
+                             f"model (missing {missing}, unexpected {extra})")
+    for name, ref in reference.items():
+        value = delta[name]
+        if value.shape != ref.shape:
+            raise UpdateRejected(f"update from {node}: {name} has shape {value.shape}, "
+                                 f"expected {ref.shape}")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise UpdateRejected(f"update from {node}: {name} has dtype {value.dtype}")
+        if not np.all(np.isfinite(value)):
+            raise UpdateRejected(f"update from {node}: {name} contains NaN or infinity")
+
+
+def reply_weight(reply: Message) -> float:
+    weight = reply.content[R.METRICS].get(R.NUM_EXAMPLES)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
+            or not np.isfinite(weight):
+        raise UpdateRejected(f"update from node {reply.metadata.src_node_id}: "
+                             f"{R.NUM_EXAMPLES} = {weight!r} is not a positive number")
+    return float(weight)
+
+
+class DeltaFedAvg(FedAvg):
+    """FedAvg whose nodes send deltas; aggregate_train returns the new global weights."""
+
+    def __init__(self, *, fraction_train: float = 1.0, min_train_nodes: int = 1,
+                 min_available_nodes: int = 1, server_learning_rate: float = 1.0) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
+                         min_train_nodes=min_train_nodes, min_evaluate_nodes=0,
+                         min_available_nodes=min_available_nodes,
+                         weighted_by_key=R.NUM_EXAMPLES, arrayrecord_key=R.ARRAYS,
+                         configrecord_key=R.CONFIG)
+        self.server_learning_rate = server_learning_rate
+        self.global_state: dict[str, np.ndarray] = {}
+        self.rejected: list[tuple[int, str]] = []
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.global_state = arrays_to_numpy(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def valid_updates(self, replies: Iterable[Message]
+                      ) -> list[tuple[Message, dict[str, np.ndarray], float]]:
+        """Replies whose update can be aggregated; the others are logged and kept in
+        `rejected` (node id, reason) so the round goes on without them."""
+        self.rejected = []
+        out = []
+        for reply in replies:
+            node = f"node {reply.metadata.src_node_id}"
+            try:
+                if reply.has_error():
+                    raise UpdateRejected(f"{node} failed: {reply.error.reason}")
+                delta = arrays_to_numpy(reply.content[R.ARRAYS])
+                validate_delta(delta, self.global_state, node)
+                out.append((reply, delta, reply_weight(reply)))
+            except (UpdateRejected, KeyError) as exc:
+                log(WARNING, "round: update rejected: %s", exc)
+                self.rejected.append((reply.metadata.src_node_id, str(exc)))
+        return out
+
+    def mean_delta(self, updates: list[tuple[Message, dict[str, np.ndarray], float]]
+                   ) -> dict[str, np.ndarray]:
+        total = sum(w for _, _, w in updates)
+        return {name: sum((w / total) * d[name].astype(np.float64) for _, d, w in updates)
+                for name in self.global_state}
+
+    def apply(self, mean_delta: dict[str, np.ndarray]) -> ArrayRecord:
+        new = {k: (v + self.server_learning_rate * mean_delta[k]).astype(np.float32)
+               for k, v in self.global_state.items()}
+        return ArrayRecord(new)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates = self.valid_updates(replies)
+        if not updates:
+            return None, None
+        metrics = MetricRecord({R.NUM_EXAMPLES: sum(w for _, _, w in updates),
+                                "num-aggregated": len(updates)})
+        return self.apply(self.mean_delta(updates)), metrics
