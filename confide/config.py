@@ -147,7 +147,7 @@ SCHEMA: dict[str, KeySpec] = {
                              _one_of("share-keys", "masked-input", "unmask"),
                              "protocol stage at which injected dropouts happen"),
     "verify-secagg": KeySpec(bool, "true or false", _any,
-                             "simulation only: also compute the plaintext sum and record the error"),
+                             "simulation only: also compute the plaintext sum, record error"),
     # Output
     "out": KeySpec(str, "a folder path ('' = runs/<time>)", _any, "run folder"),
     "eval-batch-size": KeySpec(int, "1 <= n <= 4096", _range(1, 4096), "evaluation batch"),

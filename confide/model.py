@@ -45,7 +45,7 @@ def packaged_minilm_path() -> Path:
 
 
 def resolve_model_path(model: str) -> Path:
-    if model == MINILM or model == TINY:
+    if model in (MINILM, TINY):
         # The tiny model borrows the packaged tokenizer: real word pieces, offline.
         return packaged_minilm_path()
     path = Path(model).expanduser()
