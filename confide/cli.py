@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "simulate":
+            cfg = resolve_config(args)
             from confide.simulation.runner import simulate
 
-            simulate(resolve_config(args), verbose=args.verbose)
+            simulate(cfg, verbose=args.verbose)
             return 0
         if args.command == "audit":
             return _audit(args)

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from confide.cli import main, resolve_config
+from confide.config import SCHEMA, ConfigError, RunConfig, build_config, load_toml
+
+
+def test_defaults_validate_and_roundtrip_through_toml(tmp_path: Path) -> None:
+    cfg = RunConfig()
+    assert set(cfg.to_dict()) == set(SCHEMA)
+    cfg.write_toml(tmp_path / "c.toml")
+    again = build_config(load_toml(tmp_path / "c.toml"))
+    assert again == cfg and again.digest() == cfg.digest()
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("rounds", 0, "rounds = 0 is out of range; allowed: integer >= 1"),
+    ("delta", 1.5, "delta = 1.5 is out of range; allowed: 0 < x < 1"),
+    ("fine-tune", "adapter", "allowed: 'lora', 'full' or 'head'"),
+    ("target-epsilon", "abc", "target-epsilon = 'abc' is not a valid float"),
+    ("example-dp", "maybe", "example-dp = 'maybe' is not a valid bool"),
+    ("max-grad-norm", float("nan"), "max-grad-norm = nan is out of range"),
+    ("clients", True, "clients = True has type bool, expected int"),
+])
+def test_bad_values_name_key_and_range(key: str, value: object, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({key: value})
+    assert needle in str(info.value)
+
+
+def test_unknown_key_is_an_error_with_a_hint() -> None:
+    with pytest.raises(ConfigError, match="unknown configuration key 'target-epsilson'"):
+        build_config({"target-epsilson": 3})
+    with pytest.raises(ConfigError, match="did you mean"):
+        build_config({"max-epsilonn": 3})
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="max-epsilon .* is below target-epsilon"):
+        build_config({"target-epsilon": 8, "max-epsilon": 4})
+    with pytest.raises(ConfigError, match="distributed-dp needs secure-aggregation"):
+        build_config({"distributed-dp": True})
+
+
+def test_cli_flags_override_config_file_and_set(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('rounds = 7\nclients = 5\nfine-tune = "head"\n')
+    import argparse
+
+    from confide import cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    cli._simulate_parser(sub)
+    args = parser.parse_args(["simulate", "--config", str(tmp_path / "c.toml"), "--rounds", "2",
+                              "--set", "learning-rate=0.01", "--set", "clients=3",
+                              "--secure-aggregation"])
+    cfg = resolve_config(args)
+    assert (cfg.rounds, cfg.clients, cfg.fine_tune, cfg.learning_rate) == (2, 3, "head", 0.01)
+    assert cfg.secure_aggregation is True
+
+
+def test_cli_reports_bad_value_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--rounds", "-1"]) == 2
+    assert "rounds = -1 is out of range" in capsys.readouterr().err
