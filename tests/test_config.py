@@ -63,3 +63,9 @@ def test_cli_flags_override_config_file_and_set(tmp_path: Path) -> None:
 def test_cli_reports_bad_value_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--rounds", "-1"]) == 2
     assert "rounds = -1 is out of range" in capsys.readouterr().err
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [k for k in SCHEMA if f"| `{k}` |" not in readme]
+    assert not missing, f"README configuration table lacks {missing}"
