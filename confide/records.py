@@ -3,6 +3,16 @@
 One place for them, so client, server, strategies and tests cannot drift apart.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
 # RecordDict entries
 ARRAYS = "arrays"  # ArrayRecord: global trainable weights (to nodes) or a delta (from nodes)
 CONFIG = "config"  # ConfigRecord: the run configuration + round facts (to nodes)
@@ -33,3 +43,14 @@ BUDGET_EXHAUSTED = "budget-exhausted"
 
 # RECEIPT keys
 RECEIPT_JSON = "json"
+
+
+def to_array_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """name -> numpy array, in order, as a Flower ArrayRecord."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}

@@ -15,7 +15,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
@@ -116,7 +116,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, data: TextData
     log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
         state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
     content = RecordDict({
-        R.ARRAYS: ArrayRecord(delta),
+        R.ARRAYS: R.to_array_record(delta),
         R.METRICS: MetricRecord({
             R.NUM_EXAMPLES: n, R.TRAIN_LOSS: float(result.mean_loss), R.EPSILON: epsilon,
             R.STEPS: result.steps, R.SAMPLE_RATE: result.sample_rate,

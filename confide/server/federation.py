@@ -34,7 +34,6 @@ from confide.model import (
     load_tokenizer,
     load_trainable_state,
     resolve_device,
-    state_digest,
     trainable_state,
 )
 from confide.privacy import ledger_events as E
@@ -137,7 +136,7 @@ class Federation:
         t0 = time.perf_counter()
         config = ConfigRecord({**self.cfg.to_dict(), R.FROZEN_DIGEST: self.frozen_digest})
         messages = list(self.strategy.configure_train(
-            server_round, ArrayRecord(self.global_state), config, self.grid))
+            server_round, R.to_array_record(self.global_state), config, self.grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         self.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
             round=server_round, sampled=[str(n) for n in sampled]).to_payload())
@@ -153,7 +152,7 @@ class Federation:
                 server_round)
         self._record_client_dp(server_round)
         accuracy, loss = self.evaluate()
-        digest = state_digest(self.global_state)
+        digest = E.weights_digest(self.global_state)
         self.ledger.append(E.MODEL_DIGEST, E.ModelDigest(round=server_round,
                                                          sha256=digest).to_payload())
         row = {
@@ -306,7 +305,7 @@ class Federation:
         assert self.ledger is not None
         self.folder.save_model(self.global_state, self.cfg,
                                {"frozen-digest": self.frozen_digest,
-                                "weights-digest": state_digest(self.global_state)})
+                                "weights-digest": E.weights_digest(self.global_state)})
         summary = self.summary()
         self.folder.write_summary(summary)
         self.ledger.append(E.RUN_FINISHED, E.RunFinished(

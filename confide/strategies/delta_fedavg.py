@@ -24,8 +24,7 @@ class UpdateRejected(ValueError):
     """A node's update cannot be aggregated (wrong shape, non-finite, missing weight)."""
 
 
-def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+arrays_to_numpy = R.from_array_record
 
 
 def validate_delta(delta: dict[str, np.ndarray], reference: dict[str, np.ndarray],
@@ -102,7 +101,7 @@ class DeltaFedAvg(FedAvg):
     def apply(self, mean_delta: dict[str, np.ndarray]) -> ArrayRecord:
         new = {k: (v + self.server_learning_rate * mean_delta[k]).astype(np.float32)
                for k, v in self.global_state.items()}
-        return ArrayRecord(new)
+        return R.to_array_record(new)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

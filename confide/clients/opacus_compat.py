@@ -1,0 +1,162 @@
+"""Making a Hugging Face sequence classifier (plain or peft-wrapped) safe for Opacus.
+
+The bug this module exists for (opacus 1.6.0, transformers 5.x, BERT-style embeddings):
+when a batch carries no `position_ids` / `token_type_ids`, `BertEmbeddings.forward` takes
+
+* `position_ids = self.position_ids[:, :L]`, a registered buffer of shape **[1, L]**. The
+  position embedding output is then [1, L, H] and is *broadcast* over the batch when added
+  to the word embeddings, so autograd hands its module a backprop that is already **summed
+  over the batch**. Opacus' per-sample gradient for `position_embeddings.weight` comes out
+  as [1, V, H]: the sum of all examples' gradients. In `hooks`/`functorch` mode that only
+  fails loudly (the optimizer's `torch.stack` of per-parameter norms: "[32] ... and [1]")
+  when the batch has more than one row; with ghost clipping it would be broadcast into
+  every example's norm. Either way it is a privacy bug, not a crash to work around.
+* `token_type_ids = buffer.expand(B, L)`, a stride-0 view. Its values are right, but
+  Opacus' ghost-clipping norm sampler calls `.view(-1, 1)` on the indices ("view size is not
+  compatible with input tensor's size and stride").
+
+The fix: never let the model fall back on those buffers. `ExplicitInputsClassifier` wraps
+the classifier and always feeds explicit, contiguous [B, L] `position_ids` (0..L-1 per row,
+what BERT uses for right-padded input) and all-zero `token_type_ids`. Every embedding then
+sees one row of indices per example, so per-sample gradients are exact in every mode
+(checked against per-example backward passes in tests/clients/test_opacus_per_sample.py).
+
+Grad-sample mode: `hooks` is the default. Measured on CPU (benchmarks/dp_overhead.py, LoRA
+on MiniLM): `ghost` needs a second backward pass through the whole frozen encoder, which is
+most of the cost in LoRA mode, and `functorch` re-runs each hooked layer under vmap; `hooks`
+only adds per-sample outer products for the few small trainable layers (LoRA A/B, pooler,
+classifier). Opacus hooks only modules that hold trainable parameters, so the frozen
+encoder pays nothing beyond ordinary backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+SUPPORTED_GRAD_SAMPLE_MODES = ("hooks", "functorch")
+
+# Attributes Opacus monkey-patches onto parameters/modules; all must be gone after a round so
+# the next round can wrap the same model again (or a checkpoint does not carry them).
+_PARAM_ATTRS = ("grad_sample", "_current_grad_sample", "summed_grad", "_forward_counter",
+                "_processed")
+_MODULE_ATTRS = ("autograd_grad_sample_hooks", "activations", "max_batch_len",
+                 "ft_compute_sample_grad")
+
+
+class OpacusCompatError(RuntimeError):
+    """The model or its per-sample gradients are not safe for DP-SGD."""
+
+
+def explicit_position_inputs(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous [B, L] position_ids (0..L-1 per row) and zero token_type_ids."""
+    batch, length = input_ids.shape
+    # `repeat`, not `expand`: a real [B, L] tensor, one row per example (see module docstring).
+    position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).repeat(batch, 1)
+    token_type_ids = torch.zeros((batch, length), dtype=torch.long, device=input_ids.device)
+    return position_ids, token_type_ids
+
+
+class ExplicitInputsClassifier(nn.Module):
+    """`forward(input_ids, attention_mask) -> logits`, always with explicit [B, L] ids.
+
+    Holds the original model as `.model`, so its parameters are the very same tensors:
+    training through the wrapper trains the caller's model in place.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        position_ids, token_type_ids = explicit_position_inputs(input_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, token_type_ids=token_type_ids)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def make_opacus_ready(model: nn.Module) -> ExplicitInputsClassifier:
+    """Wrap `model` for Opacus: explicit ids, train mode, and a check that it has something
+    to train and nothing Opacus cannot give per-sample gradients for."""
+    from opacus.validators import ModuleValidator
+
+    model.train()  # Opacus refuses (and hooks misbehave on) a model in eval mode.
+    if not any(p.requires_grad for p in model.parameters()):
+        raise OpacusCompatError("the model has no trainable parameters")
+    wrapper = ExplicitInputsClassifier(model)
+    errors = ModuleValidator.validate(wrapper, strict=False)
+    if errors:
+        raise OpacusCompatError(f"model is not Opacus-compatible: {errors[:3]}")
+    return wrapper
+
+
+def forward_batch(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a batch dict {input_ids, attention_mask[, labels]} through any model.
+
+    `module` is an `ExplicitInputsClassifier` (possibly inside a GradSampleModule) or a bare
+    HF model; in the latter case the explicit ids are added here.
+    """
+    if isinstance(_unwrap(module), ExplicitInputsClassifier):
+        return module(batch["input_ids"], batch["attention_mask"])
+    position_ids, token_type_ids = explicit_position_inputs(batch["input_ids"])
+    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=position_ids, token_type_ids=token_type_ids)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    inner = getattr(module, "_module", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def check_grad_samples(params: Iterable[nn.Parameter], batch_size: int) -> None:
+    """Every trainable parameter has per-sample gradients with exactly one row per example.
+
+    Defence in depth against the summed-over-batch bug above: a [1, ...] grad_sample for a
+    batch of B > 1 is the batch's summed gradient and must never reach clipping.
+    """
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            raise OpacusCompatError(
+                f"a trainable parameter of shape {tuple(p.shape)} got no per-sample gradient "
+                "(unused in forward, or a layer Opacus does not hook)")
+        rows = sum(len(g) for g in gs) if isinstance(gs, list) else len(gs)
+        if rows != batch_size or (not isinstance(gs, list) and gs.shape[1:] != p.shape):
+            raise OpacusCompatError(
+                f"per-sample gradient of a parameter of shape {tuple(p.shape)} has "
+                f"{rows} rows for a batch of {batch_size}: it would clip a sum over "
+                "examples, not one example")
+
+
+def strip_opacus_state(model: nn.Module) -> None:
+    """Remove every Opacus hook and attribute from `model`, so it is a plain module again."""
+    for module in model.modules():
+        for attr in _MODULE_ATTRS:
+            if attr in module.__dict__:
+                if attr == "autograd_grad_sample_hooks":
+                    for handle in module.__dict__[attr]:
+                        handle.remove()
+                delattr(module, attr)
+    for p in model.parameters():
+        for attr in _PARAM_ATTRS:
+            if attr in p.__dict__:
+                delattr(p, attr)
+        p.grad = None
+
+
+def has_opacus_state(model: nn.Module) -> bool:
+    """True when any Opacus hook or per-sample attribute is still attached to `model`."""
+    for module in model.modules():
+        if any(attr in module.__dict__ for attr in _MODULE_ATTRS):
+            return True
+        if module._forward_hooks or module._backward_hooks:
+            return True
+    return any(attr in p.__dict__ for p in model.parameters() for attr in _PARAM_ATTRS)
