@@ -37,7 +37,7 @@ def test_unknown_key_is_an_error_with_a_hint() -> None:
 
 
 def test_cross_field_checks() -> None:
-    with pytest.raises(ConfigError, match="max-epsilon .* is below target-epsilon"):
+    with pytest.raises(ConfigError, match=r"max-epsilon .* is below target-epsilon"):
         build_config({"target-epsilon": 8, "max-epsilon": 4})
     with pytest.raises(ConfigError, match="distributed-dp needs secure-aggregation"):
         build_config({"distributed-dp": True})

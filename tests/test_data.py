@@ -97,7 +97,7 @@ def test_column_partitioner_and_empty_partition_errors(tmp_path: Path) -> None:
     data = read_text_file(path)
     parts = partition(data, 2, "column", seed=0, column="domain")
     assert [p.texts for p in parts] == [["a", "c"], ["b"]]
-    with pytest.raises(DataError, match="has 2 distinct values .* but clients = 3"):
+    with pytest.raises(DataError, match=r"has 2 distinct values .* but clients = 3"):
         partition(data, 3, "column", seed=0, column="domain")
     with pytest.raises(DataError, match="partition-column 'site' not found"):
         partition(data, 2, "column", seed=0, column="site")

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from confide.privacy.accountant import (
 def test_epsilon_is_cumulative_and_monotone() -> None:
     acc = PartnerAccountant(delta=1e-5, max_epsilon=100)
     eps = [acc.record(SampledGaussianEvent(1.0, 0.05, 20, r)) for r in range(1, 6)]
-    assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(eps))
     # composing five rounds equals one event with all steps (RDP composes additively)
     assert eps[-1] == pytest.approx(rdp_epsilon([SampledGaussianEvent(1.0, 0.05, 100)], 1e-5))
 
