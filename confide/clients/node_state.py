@@ -7,7 +7,6 @@ copy wins on restart, so a restarted node never forgets spent budget.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -20,15 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context
 
 from confide.privacy.accountant import PartnerAccountant
+from confide.privacy.receipts import pseudonym_of
 
 STATE_RECORD = "confide-node-state"
 STATE_FILE = "node_state.json"
-
-
-def pseudonym_of(public_key: bytes) -> str:
-    """Partner id shown in reports and ledger: derived from the node's public key, so a
-    receipt signed by that key cannot be attributed to another partner."""
-    return "p-" + hashlib.sha256(public_key).hexdigest()[:12]
 
 
 @dataclass

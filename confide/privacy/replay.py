@@ -9,8 +9,9 @@ strategy used: only the recorded mechanism events go in.
   accountants differ only in their implementations, not their order grids); a PLD
   accountant gives a second (tighter) opinion on the final epsilon, reported alongside.
 * Client-level: dispatched on the event's `mechanism` through a small registry.
-  "gaussian_fixed_clipping" is PoissonSampled(sampled / population, Gaussian(sigma)) per
-  round with the dp-accounting default orders (those of flwr's RdpAccountant).
+  "gaussian_fixed_clipping" is PoissonSampled(q, Gaussian(sigma)) per round, q =
+  params["sample_rate"] when recorded (1.0 = no amplification), else sampled / population,
+  with the dp-accounting default orders (those of flwr's RdpAccountant).
   "distributed_discrete_gaussian" is provided by confide.privacy.secagg.ddg_accounting
   (imported on first use; see `_load_plugin`).
 
@@ -23,11 +24,13 @@ then fails the 1% comparison, which is the conservative outcome.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -48,17 +51,6 @@ log = logging.getLogger(__name__)
 
 class UnknownMechanism(LookupError):
     """No replay is registered for a client-level mechanism."""
-
-
-def _example_dp_event(e: ExampleDpEvent) -> dp_accounting.DpEvent:
-    if e.steps == 0 or e.sample_rate == 0:
-        return dp_accounting.NoOpDpEvent()
-    if e.noise_multiplier == 0:
-        return dp_accounting.NonPrivateDpEvent()
-    return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(e.sample_rate,
-                                            dp_accounting.GaussianDpEvent(e.noise_multiplier)),
-        e.steps)
 
 
 def _epsilon(accountant: dp_accounting.PrivacyAccountant, delta: float) -> float:
@@ -89,25 +81,48 @@ class PartnerReplay:
         return eps
 
 
+@functools.lru_cache(maxsize=1024)
+def _cumulative_rdp(params: tuple[tuple[float, float, int], ...], delta: float
+                    ) -> tuple[float, ...]:
+    """Cumulative RDP epsilons of a sequence of (sample_rate, sigma, steps). Cached: an
+    audit replays the same histories for verify, report and every comparison."""
+    acc = rdp.RdpAccountant(OPACUS_RDP_ORDERS)
+    out = []
+    for q, sigma, steps in params:
+        acc.compose(_sampled_gaussian(q, sigma, steps))
+        out.append(_epsilon(acc, delta))
+    return tuple(out)
+
+
+def _sampled_gaussian(q: float, sigma: float, steps: int) -> dp_accounting.DpEvent:
+    if steps == 0 or q == 0:
+        return dp_accounting.NoOpDpEvent()
+    if sigma == 0:
+        return dp_accounting.NonPrivateDpEvent()
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+
+
 def replay_example_level(events: Sequence[ExampleDpEvent], delta: float | None = None,
                          *, with_pld: bool = True) -> dict[str, PartnerReplay]:
     """Per partner, cumulative epsilon after each of its events (in the given order)."""
     out: dict[str, PartnerReplay] = {}
-    accountants: dict[str, rdp.RdpAccountant] = {}
-    history: dict[str, list[dp_accounting.DpEvent]] = {}
+    params: dict[str, list[tuple[float, float, int]]] = {}
     for e in events:
         d = e.delta if delta is None else delta
         rep = out.setdefault(e.partner, PartnerReplay(e.partner, d))
-        acc = accountants.setdefault(e.partner, rdp.RdpAccountant(OPACUS_RDP_ORDERS))
-        dpe = _example_dp_event(e)
-        acc.compose(dpe)
-        history.setdefault(e.partner, []).append(dpe)
         rep.rounds.append(e.round)
-        rep.epsilons.append(_epsilon(acc, rep.delta))
-    if with_pld:
-        for partner, rep in out.items():
-            rep.pld_epsilon = pld_epsilon(history[partner], rep.delta)
+        params.setdefault(e.partner, []).append((e.sample_rate, e.noise_multiplier, e.steps))
+    for partner, rep in out.items():
+        rep.epsilons = list(_cumulative_rdp(tuple(params[partner]), rep.delta))
+        if with_pld:
+            rep.pld_epsilon = _cached_pld(tuple(params[partner]), rep.delta)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_pld(params: tuple[tuple[float, float, int], ...], delta: float) -> float | None:
+    return pld_epsilon([_sampled_gaussian(*p) for p in params], delta)
 
 
 def pld_epsilon(events: Sequence[dp_accounting.DpEvent], delta: float) -> float | None:
@@ -127,19 +142,31 @@ ClientReplayFn = Callable[[Sequence[ClientDpEvent], float], list[float]]
 
 
 def _gaussian_fixed_clipping(events: Sequence[ClientDpEvent], delta: float) -> list[float]:
+    # params["sample_rate"], when recorded, is the amplification the mechanism claims
+    # (1.0 = none, as flwr's NO_AMPLIFICATION); else Poisson at sampled / population.
+    return list(_cumulative_client_rdp(
+        tuple((float(e.params.get("sample_rate", e.sampled / e.population)) if e.sampled
+               else 0.0, e.noise_multiplier) for e in events), delta))
+
+
+@functools.lru_cache(maxsize=256)
+def _cumulative_client_rdp(params: tuple[tuple[float, float], ...], delta: float
+                           ) -> tuple[float, ...]:
     acc = rdp.RdpAccountant()  # dp-accounting default orders, as flwr's RdpAccountant
     out: list[float] = []
-    for e in events:
-        if e.sampled == 0:
+    for q, sigma in params:
+        if q == 0:
             out.append(out[-1] if out else 0.0)
             continue
-        if e.noise_multiplier == 0:
+        if sigma == 0:
             acc.compose(dp_accounting.NonPrivateDpEvent())
+        elif q >= 1.0:
+            acc.compose(dp_accounting.GaussianDpEvent(sigma))
         else:
             acc.compose(dp_accounting.PoissonSampledDpEvent(
-                e.sampled / e.population, dp_accounting.GaussianDpEvent(e.noise_multiplier)))
+                q, dp_accounting.GaussianDpEvent(sigma)))
         out.append(_epsilon(acc, delta))
-    return out
+    return tuple(out)
 
 
 class ClientMechanismRegistry:
@@ -149,7 +176,7 @@ class ClientMechanismRegistry:
     # Modules that provide a mechanism's replay: on first use the module is imported and
     # its `ledger_replay(events, delta) -> list[float]` (or a `register` call made at
     # its import) supplies the function.
-    PLUGINS: dict[str, str] = {
+    PLUGINS: ClassVar[dict[str, str]] = {
         DISTRIBUTED_DISCRETE_GAUSSIAN: "confide.privacy.secagg.ddg_accounting"}
 
     def __init__(self) -> None:

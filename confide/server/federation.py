@@ -143,10 +143,12 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         trained, uploaded = self._sort_replies(server_round, replies)
         arrays, _ = self.strategy.aggregate_train(server_round, trained)
-        aggregated = 0
+        rejected = {node for node, _ in self.inner.rejected}
+        aggregated: list[str] = []
         if arrays is not None:
             self.global_state = arrays_to_numpy(arrays)
-            aggregated = len(trained) - len(self.inner.rejected)
+            aggregated = [self._reply_partner[m.metadata.src_node_id] for m in trained
+                          if m.metadata.src_node_id not in rejected]
         else:
             log(WARNING, "round %d: no update could be aggregated; global model unchanged",
                 server_round)
@@ -157,13 +159,17 @@ class Federation:
                                                          sha256=digest).to_payload())
         row = {
             "round": server_round, "num_clients_sampled": len(sampled),
-            "num_clients_aggregated": aggregated, "accuracy": accuracy, "loss": loss,
+            "num_clients_aggregated": len(aggregated), "accuracy": accuracy, "loss": loss,
             "epsilon_example_level": {p.pseudonym: p.epsilon for p in self.partners.values()},
             "epsilon_client_level": self.client_dp_epsilon, "bytes_uploaded": uploaded,
             "seconds": time.perf_counter() - t0,
             "refused": [p.pseudonym for p in self.partners.values()
                         if server_round in p.refused],
         }
+        self.ledger.append(E.RoundCompleted(
+            round=server_round, replied=sorted(self._reply_partner.values()),
+            aggregated=sorted(aggregated), dropped=sorted(self._dropped),
+            accuracy=accuracy, loss=loss))
         self.folder.append_metrics(row)
         self.rounds_completed = server_round
         self.last_metrics = row
@@ -178,17 +184,22 @@ class Federation:
         assert self.ledger is not None
         trained: list[Message] = []
         uploaded = 0
+        self._reply_partner: dict[int, str] = {}
+        self._dropped: list[str] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "round %d: node %s failed: %s", server_round, node,
                     reply.error.reason)
+                self._dropped.append(f"node-{node}")
                 continue
             status = reply.content.config_records.get(R.STATUS)
             if status is None:
                 log(WARNING, "round %d: node %s replied without status", server_round, node)
+                self._dropped.append(f"node-{node}")
                 continue
             partner = self._partner(status)
+            self._reply_partner[node] = partner.pseudonym
             code = str(status[R.STATUS_CODE])
             if code == R.BUDGET_EXHAUSTED:
                 partner.refused.append(server_round)
@@ -238,12 +249,7 @@ class Federation:
                 server_round, partner.pseudonym, exc)
             return False
         partner.epsilon = float(claim["epsilon"])
-        self.ledger.append(E.EXAMPLE_DP, E.ExampleDpEvent(
-            round=server_round, partner=partner.pseudonym,
-            noise_multiplier=float(claim["noise_multiplier"]),
-            sample_rate=float(claim["sample_rate"]), steps=int(claim["steps"]),
-            delta=float(claim["delta"]), epsilon_claimed=partner.epsilon,
-            receipt=receipt.to_dict()).to_payload())
+        self.ledger.append(E.ExampleDpEvent.from_receipt(receipt))
         return True
 
     def _record_client_dp(self, server_round: int) -> None:

@@ -1,0 +1,290 @@
+"""`confide audit report RUN_DIR`: a self-contained HTML report (and a Markdown one).
+
+Contents: the verification verdict first, then epsilon per partner over rounds (the
+dp-accounting replay, i.e. what the ledger proves, not what the run claimed), accuracy and
+loss over rounds, participation and dropouts per round, the mechanisms and their
+parameters, and the model digests. The HTML embeds its plots as base64 PNG data URIs; the
+Markdown links PNG files written next to it (Markdown viewers rarely show data URIs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written on servers and in CI
+import matplotlib.pyplot as plt
+
+from confide.audit.verify import METRICS_FILE, VerifyResult, render_verdict, verify_run
+from confide.privacy import ledger_events as ev
+
+
+@dataclass
+class _Figure:
+    name: str
+    title: str
+    png: bytes
+
+
+@dataclass
+class _Tables:
+    participation: list[list[str]] = field(default_factory=list)
+    mechanisms: list[list[str]] = field(default_factory=list)
+    digests: list[list[str]] = field(default_factory=list)
+
+
+class RunReport:
+    """Collects what the report shows from a verified run folder."""
+
+    def __init__(self, run_dir: Path | str, result: VerifyResult | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.result = result or verify_run(self.run_dir)
+        self.events = [ev.parse_payload(e["type"], e["payload"]) for e in self.result.entries
+                       if e is not None and _parses(e)]
+        self.metrics = _read_metrics(self.run_dir / METRICS_FILE)
+
+    # -- figures ------------------------------------------------------------------------
+    def figures(self) -> list[_Figure]:
+        figs = []
+        if self.result.example_level or self.result.client_level:
+            figs.append(_Figure("epsilon", "Epsilon per partner over rounds (dp-accounting "
+                                "replay of the ledger)", self._epsilon_plot()))
+        if any(m.get("accuracy") is not None or m.get("loss") is not None
+               for m in self.metrics):
+            figs.append(_Figure("accuracy", "Accuracy and loss over rounds (metrics.jsonl)",
+                                self._accuracy_plot()))
+        return figs
+
+    def _epsilon_plot(self) -> bytes:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for partner, rep in sorted(self.result.example_level.items()):
+            ax.step(rep.rounds, rep.epsilons, where="post", marker="o", label=partner)
+        client = self.result.client_level
+        if client is not None and client.epsilons:
+            ax.plot(client.rounds, client.epsilons, "k--", marker="s", label="client-level")
+        ax.set_xlabel("round")
+        ax.set_ylabel("cumulative epsilon")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        return _png(fig)
+
+    def _accuracy_plot(self) -> bytes:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        rounds = [m["round"] for m in self.metrics]
+        ax.plot(rounds, [m.get("accuracy") for m in self.metrics], "o-", label="accuracy")
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy")
+        ax2 = ax.twinx()
+        ax2.plot(rounds, [m.get("loss") for m in self.metrics], "s--", color="tab:red",
+                 label="loss")
+        ax2.set_ylabel("loss")
+        fig.legend(loc="upper right", fontsize="small")
+        ax.grid(alpha=0.3)
+        return _png(fig)
+
+    # -- tables -------------------------------------------------------------------------
+    def tables(self) -> _Tables:
+        t = _Tables()
+        secagg = {e.round: e for e in self.events if isinstance(e, ev.SecureAggregationEvent)}
+        for e in self.events:
+            if isinstance(e, ev.RoundCompleted):
+                sa = secagg.get(e.round)
+                t.participation.append([
+                    str(e.round), str(len(e.replied)), str(len(e.aggregated)),
+                    ", ".join(e.dropped) or "-",
+                    "-" if sa is None else f"{len(sa.participants)} / {len(sa.dropouts)}",
+                    _num(e.accuracy), _num(e.loss)])
+            elif isinstance(e, ev.ExampleDpEvent):
+                t.mechanisms.append([
+                    str(e.round), "example-level DP-SGD (Poisson-sampled Gaussian)", e.partner,
+                    f"sigma={e.noise_multiplier:g}, q={e.sample_rate:g}, steps={e.steps}, "
+                    f"delta={e.delta:g}", _num(e.epsilon_claimed)])
+            elif isinstance(e, ev.ClientDpEvent):
+                extra = ", ".join(f"{k}={v}" for k, v in sorted(e.params.items()))
+                t.mechanisms.append([
+                    str(e.round), f"client-level {e.mechanism}", "all",
+                    f"sigma={e.noise_multiplier:g}, clip={e.clipping_norm:g}, "
+                    f"sampled={e.sampled}/{e.population}, delta={e.delta:g}"
+                    + (f", {extra}" if extra else ""), _num(e.epsilon_claimed)])
+            elif isinstance(e, ev.SecureAggregationEvent):
+                t.mechanisms.append([
+                    str(e.round), "secure aggregation", f"{len(e.participants)} clients",
+                    f"threshold={e.threshold}, bits={e.bits}, neighbours={e.neighbours}, "
+                    f"dropouts={len(e.dropouts)}", "-"])
+            elif isinstance(e, ev.BudgetRefusal):
+                t.mechanisms.append([
+                    str(e.round), "budget refusal", e.partner,
+                    f"spent={e.spent_epsilon:.4g}, would be={e.would_be_epsilon:.4g}, "
+                    f"max={e.max_epsilon:g}", "-"])
+            elif isinstance(e, ev.ModelDigest):
+                t.digests.append([str(e.round), e.sha256])
+        return t
+
+    # -- output -------------------------------------------------------------------------
+    def html(self) -> str:
+        r = self.result
+        verdict = "PASS" if r.ok else "FAIL"
+        colour = "#1a7f37" if r.ok else "#cf222e"
+        t = self.tables()
+        parts = [
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+            f"<title>Confide privacy report: {_e(str(self.run_dir))}</title>",
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+            "padding:3px 8px;font-size:13px;text-align:left}pre{background:#f6f8fa;"
+            "padding:1em;overflow-x:auto}code{font-size:12px}</style></head><body>",
+            f"<h1>Confide privacy report</h1><p>{_e(str(self.run_dir))}</p>",
+            f"<h2>Verification: <span style='color:{colour}'>{verdict}</span></h2>",
+            f"<pre>{_e(render_verdict(r))}</pre>"]
+        for fig in self.figures():
+            data = base64.b64encode(fig.png).decode("ascii")
+            parts.append(f"<h2>{_e(fig.title)}</h2><img alt='{fig.name}' "
+                         f"src='data:image/png;base64,{data}'>")
+        parts.append("<h2>Final epsilon per partner</h2>" + _html_table(
+            ["partner", "claimed", "replay RDP", "replay PLD"], self._epsilon_rows()))
+        parts.append("<h2>Participation and dropouts</h2>" + _html_table(
+            ["round", "replied", "aggregated", "dropped", "secagg participants / dropouts",
+             "accuracy", "loss"], t.participation))
+        parts.append("<h2>Mechanisms and parameters</h2>" + _html_table(
+            ["round", "mechanism", "who", "parameters", "epsilon claimed"], t.mechanisms))
+        parts.append("<h2>Model digests (SHA-256)</h2>" + _html_table(
+            ["round", "sha256"], t.digests))
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+    def markdown(self, asset_dir: Path, md_path: Path) -> str:
+        r = self.result
+        t = self.tables()
+        lines = [f"# Confide privacy report: `{self.run_dir}`", "",
+                 f"## Verification: **{'PASS' if r.ok else 'FAIL'}**", "", "```",
+                 render_verdict(r), "```", ""]
+        asset_dir.mkdir(parents=True, exist_ok=True)
+        for fig in self.figures():
+            path = asset_dir / f"{fig.name}.png"
+            path.write_bytes(fig.png)
+            rel = path.relative_to(md_path.parent) if path.is_relative_to(md_path.parent) \
+                else path
+            lines += [f"## {fig.title}", "", f"![{fig.name}]({rel.as_posix()})", ""]
+        lines += ["## Final epsilon per partner", "",
+                  *_md_table(["partner", "claimed", "replay RDP", "replay PLD"],
+                             self._epsilon_rows()), "",
+                  "## Participation and dropouts", "",
+                  *_md_table(["round", "replied", "aggregated", "dropped",
+                              "secagg participants / dropouts", "accuracy", "loss"],
+                             t.participation), "",
+                  "## Mechanisms and parameters", "",
+                  *_md_table(["round", "mechanism", "who", "parameters", "epsilon claimed"],
+                             t.mechanisms), "",
+                  "## Model digests (SHA-256)", "", *_md_table(["round", "sha256"], t.digests),
+                  ""]
+        return "\n".join(lines)
+
+    def _epsilon_rows(self) -> list[list[str]]:
+        rows = []
+        for p, rep in sorted(self.result.example_level.items()):
+            rows.append([p, _num(self.result.claimed_example.get(p)), _num(rep.final),
+                         _num(rep.pld_epsilon)])
+        client = self.result.client_level
+        if client is not None and client.final is not None:
+            rows.append(["client-level", "-", _num(client.final), "-"])
+        return rows
+
+
+def write_report(run_dir: Path | str, out_html: Path | str | None = None,
+                 out_md: Path | str | None = None, result: VerifyResult | None = None
+                 ) -> tuple[Path, Path]:
+    """Write RUN_DIR/report.html and RUN_DIR/report.md (or the given paths); the Markdown's
+    PNGs go to `<md stem>_assets/`. Returns (html path, markdown path)."""
+    run_dir = Path(run_dir)
+    html_path = Path(out_html) if out_html else run_dir / "report.html"
+    md_path = Path(out_md) if out_md else run_dir / "report.md"
+    report = RunReport(run_dir, result)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path.write_text(report.html(), encoding="utf-8")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(report.markdown(md_path.parent / f"{md_path.stem}_assets", md_path),
+                       encoding="utf-8")
+    return html_path, md_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="confide audit report",
+                                     description="Write an HTML + Markdown privacy report.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--html", type=Path, default=None)
+    parser.add_argument("--md", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not (args.run_dir / "ledger.jsonl").is_file():
+        print(f"error: {args.run_dir / 'ledger.jsonl'} does not exist", file=sys.stderr)
+        return 2
+    html_path, md_path = write_report(args.run_dir, args.html, args.md)
+    print(f"wrote {html_path} and {md_path}")
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+def _parses(entry: dict[str, Any]) -> bool:
+    try:
+        ev.parse_payload(entry["type"], entry["payload"])
+    except (ev.PayloadError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows: dict[int, dict[str, Any]] = {}
+    for text in path.read_text().splitlines():
+        try:
+            row = json.loads(text)
+            rows[int(row["round"])] = row
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return [rows[r] for r in sorted(rows)]
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return out if rows else [*out, "| " + " | ".join("-" for _ in header) + " |"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""One round of local DP-SGD (Opacus) on tokenized tensors, and evaluation.
+
+`train_dp` is a pure function of (model, data, mechanism settings): it trains the model's
+trainable parameters in place and returns the mechanism facts the caller needs for its own
+privacy accountant (noise multiplier, the sampling probability actually used, the number of
+noisy steps actually taken). Opacus' own accountant is not used: the node keeps one
+cumulative accountant across rounds, and a per-call PrivacyEngine would forget history.
+
+Mechanism per step: Poisson sampling with rate q = min(1, batch_size / n) (Opacus
+`UniformWithReplacementSampler`), per-example clipping to `max_grad_norm`, Gaussian noise of
+std `noise_multiplier * max_grad_norm` added to the sum, divided by the expected batch q*n
+(Opacus `DPOptimizer`, loss_reduction="mean"). Logical batches are split into physical
+batches of at most `physical_batch_size` by Opacus' `BatchMemoryManager`; the noise is
+added once per logical batch, including empty ones (an empty Poisson batch must still
+produce a noisy step, otherwise "no update" would reveal that it was empty).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from confide.clients.opacus_compat import (
+    DEFAULT_GRAD_SAMPLE_MODE,
+    SUPPORTED_GRAD_SAMPLE_MODES,
+    ExplicitInputsClassifier,
+    OpacusCompatError,
+    check_grad_samples,
+    forward_batch,
+    make_opacus_ready,
+    strip_opacus_state,
+    trainable_parameters,
+)
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+class DPTrainingError(RuntimeError):
+    """Local training cannot run or produced an unusable result."""
+
+
+class EmptyDatasetError(DPTrainingError, ValueError):
+    """There is no example to train or evaluate on."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int  # noisy optimizer steps actually taken (logical batches)
+    sample_rate: float  # Poisson sampling probability actually used
+    noise_multiplier: float  # 0.0 when dp=False
+    mean_loss: float  # mean per-example training loss over all examples processed
+    num_examples: int  # size of the local dataset
+    seconds: float
+
+
+def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
+             noise_multiplier: float, max_grad_norm: float, batch_size: int,
+             physical_batch_size: int, epochs: float, optimizer: str = "sgd",
+             learning_rate: float, weight_decay: float = 0.0,
+             device: str | torch.device = "cpu", seed: int = 0, dp: bool = True,
+             private_randomness: bool | None = None,
+             grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+             round_id: int | None = None) -> TrainResult:
+    """Train `model`'s trainable parameters in place for `epochs` passes (in expectation).
+
+    steps = max(1, round(epochs / q)) with q = min(1, batch_size / n). With dp=False the
+    same Poisson batches (same seed) train without clipping or noise, each logical batch
+    averaged over its actual size: the non-DP baseline.
+
+    `private_randomness` (default: True when dp) draws the Poisson sampling and the noise
+    from OS entropy instead of `seed`. The seed comes from the run configuration, which the
+    server knows; noise derived from it could be regenerated and subtracted, and a known
+    batch selection voids the amplification by subsampling that the accountant assumes.
+    Pass False only for tests and baselines that need bit-for-bit repeatable runs.
+    """
+    start = time.perf_counter()
+    where = f"round {round_id}" if round_id is not None else "this round"
+    tensors = _check_dataset(dataset, "train")
+    n = len(tensors[2])
+    _check_settings(noise_multiplier, max_grad_norm, batch_size, physical_batch_size, epochs,
+                    optimizer, learning_rate, dp, grad_sample_mode)
+    sample_rate = min(1.0, batch_size / n)
+    steps = max(1, round(epochs / sample_rate))
+    private = dp if private_randomness is None else private_randomness
+    sampling_seed = secrets.randbits(63) if private else seed
+    noise_seed = secrets.randbits(63) if private else seed + 1
+
+    dev = torch.device(device)
+    # Move before any optimizer or hook exists: moving afterwards is the ordering hazard
+    # behind upstream's silent LoRA corruption (opacus #820, peft #3409).
+    model.to(dev)
+    strip_opacus_state(model)  # a crashed earlier call may have left hooks behind
+    was_training = model.training
+    wrapper = make_opacus_ready(model)
+    params = trainable_parameters(model)
+    base = _make_optimizer(optimizer, params, learning_rate, weight_decay)
+    loader = _poisson_loader(tensors, sample_rate, steps, sampling_seed)
+    try:
+        if dp:
+            taken, loss_sum, seen = _train_private(
+                wrapper, base, loader, params, noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm, expected_batch=sample_rate * n,
+                physical=physical_batch_size, mode=grad_sample_mode, noise_seed=noise_seed,
+                device=dev, where=where)
+        else:
+            taken, loss_sum, seen = _train_plain(wrapper, base, loader, params,
+                                                 physical_batch_size, dev, where)
+    finally:
+        strip_opacus_state(model)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if taken != steps:
+        raise DPTrainingError(f"{where}: took {taken} optimizer steps, planned {steps}")
+    return TrainResult(steps=taken, sample_rate=sample_rate,
+                       noise_multiplier=float(noise_multiplier) if dp else 0.0,
+                       mean_loss=loss_sum / seen if seen else float("nan"), num_examples=n,
+                       seconds=time.perf_counter() - start)
+
+
+def evaluate(model: nn.Module, dataset: Mapping[str, torch.Tensor], batch_size: int,
+             device: str | torch.device = "cpu") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on `dataset`, in eval mode, no gradients."""
+    input_ids, attention_mask, labels = _check_dataset(dataset, "evaluate")
+    dev = torch.device(device)
+    model.to(dev)
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    try:
+        with torch.no_grad():
+            for s in range(0, len(labels), max(1, batch_size)):
+                batch = _to_batch(input_ids[s:s + batch_size], attention_mask[s:s + batch_size],
+                                  labels[s:s + batch_size], dev)
+                logits = forward_batch(model, batch)
+                loss_sum += F.cross_entropy(logits.float(), batch["labels"],
+                                            reduction="sum").item()
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(labels), loss_sum / len(labels)
+
+
+# -- the two training loops ---------------------------------------------------------------
+
+def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimizer,
+                   loader: DataLoader, params: list[nn.Parameter], *, noise_multiplier: float,
+                   max_grad_norm: float, expected_batch: float, physical: int, mode: str,
+                   noise_seed: int, device: torch.device, where: str
+                   ) -> tuple[int, float, int]:
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="mean", strict=True,
+                           force_functorch=mode == "functorch")
+    noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
+    dp_opt = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch, loss_reduction="mean",
+                         generator=noise_gen)
+    _check_optimizer_params(dp_opt.params, params)
+    taken, loss_sum, seen, phys = 0, 0.0, 0, 0
+    try:
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
+                                optimizer=dp_opt) as physical_loader:
+            for input_ids, attention_mask, labels in physical_loader:
+                phys += 1
+                rows = len(labels)
+                if rows == 0:
+                    # No backward: give the optimizer zero per-sample rows so it still
+                    # clips nothing, adds noise and steps (Opacus would raise otherwise).
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype,
+                                                    device=p.device)
+                else:
+                    batch = _to_batch(input_ids, attention_mask, labels, device)
+                    logits = gsm(batch["input_ids"], batch["attention_mask"])
+                    loss = F.cross_entropy(logits.float(), batch["labels"])
+                    _check_finite(loss, where, taken + 1, phys)
+                    loss.backward()
+                    check_grad_samples(params, rows)
+                    loss_sum += loss.item() * rows
+                    seen += rows
+                dp_opt.step()
+                if not dp_opt._is_last_step_skipped:
+                    taken += 1
+                dp_opt.zero_grad(set_to_none=True)
+    finally:
+        gsm.to_standard_module()
+    return taken, loss_sum, seen
+
+
+def _train_plain(wrapper: ExplicitInputsClassifier, opt: torch.optim.Optimizer,
+                 loader: DataLoader, params: list[nn.Parameter], physical: int,
+                 device: torch.device, where: str) -> tuple[int, float, int]:
+    taken, loss_sum, seen = 0, 0.0, 0
+    for input_ids, attention_mask, labels in loader:
+        taken += 1
+        rows = len(labels)
+        if rows == 0:
+            continue  # nothing to learn from; no noise to add without DP
+        opt.zero_grad(set_to_none=True)
+        for s in range(0, rows, physical):
+            batch = _to_batch(input_ids[s:s + physical], attention_mask[s:s + physical],
+                              labels[s:s + physical], device)
+            logits = wrapper(batch["input_ids"], batch["attention_mask"])
+            # Summed per chunk, divided by the logical size: the exact mean over the batch.
+            loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            _check_finite(loss, where, taken, s // physical + 1)
+            (loss / rows).backward()
+            loss_sum += loss.item()
+        seen += rows
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return taken, loss_sum, seen
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+class _Rows(Dataset):
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i: int) -> int:
+        return i  # collate gathers whole rows at once: one index_select, not B small copies
+
+
+def _poisson_loader(tensors: Sequence[torch.Tensor], sample_rate: float, steps: int,
+                    seed: int) -> DataLoader:
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(tensors[0]), sample_rate=sample_rate,
+        generator=torch.Generator().manual_seed(seed), steps=steps)
+
+    def collate(indices: list[int]) -> tuple[torch.Tensor, ...]:
+        # Also right for an empty Poisson batch: zero rows, the same columns and dtypes.
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t.index_select(0, idx) for t in tensors)
+
+    return DataLoader(_Rows(tensors), batch_sampler=sampler, collate_fn=collate)
+
+
+def _to_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    # Drop trailing columns that are padding in every row: with right padding and an
+    # attention mask they change no real token's output, and attention cost is O(L^2).
+    used = attention_mask.any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    return {"input_ids": input_ids[:, :length].contiguous().to(device),
+            "attention_mask": attention_mask[:, :length].contiguous().to(device),
+            "labels": labels.to(device)}
+
+
+def _check_dataset(dataset: Mapping[str, torch.Tensor], what: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    missing = [k for k in _KEYS if k not in dataset]
+    if missing:
+        raise DPTrainingError(f"{what}: dataset lacks {missing}; expected {list(_KEYS)}")
+    input_ids, attention_mask, labels = (torch.as_tensor(dataset[k]) for k in _KEYS)
+    if len(labels) == 0 or input_ids.numel() == 0:
+        raise EmptyDatasetError(f"{what}: the dataset has no examples")
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise DPTrainingError(f"{what}: input_ids {tuple(input_ids.shape)} and attention_mask "
+                              f"{tuple(attention_mask.shape)} must both be [N, L]")
+    if len(labels) != len(input_ids):
+        raise DPTrainingError(f"{what}: {len(labels)} labels for {len(input_ids)} rows")
+    return input_ids.long(), attention_mask.long(), labels.long()
+
+
+def _check_settings(noise_multiplier: float, max_grad_norm: float, batch_size: int,
+                    physical_batch_size: int, epochs: float, optimizer: str,
+                    learning_rate: float, dp: bool, grad_sample_mode: str) -> None:
+    problems = []
+    if batch_size < 1 or physical_batch_size < 1:
+        problems.append(f"batch sizes must be >= 1 (got {batch_size}, {physical_batch_size})")
+    if not (epochs > 0 and math.isfinite(epochs)):
+        problems.append(f"epochs must be > 0 (got {epochs})")
+    if optimizer not in OPTIMIZERS:
+        problems.append(f"optimizer {optimizer!r} not in {OPTIMIZERS}")
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        problems.append(f"learning_rate must be > 0 (got {learning_rate})")
+    if dp and not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        problems.append(f"noise_multiplier must be >= 0 (got {noise_multiplier})")
+    if dp and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        problems.append(f"max_grad_norm must be > 0 (got {max_grad_norm})")
+    if dp and grad_sample_mode not in SUPPORTED_GRAD_SAMPLE_MODES:
+        problems.append(f"grad_sample_mode {grad_sample_mode!r} not in "
+                        f"{SUPPORTED_GRAD_SAMPLE_MODES}")
+    if problems:
+        raise DPTrainingError("; ".join(problems))
+
+
+def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float
+                    ) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _check_optimizer_params(updated: Sequence[nn.Parameter], trainable: Sequence[nn.Parameter]
+                            ) -> None:
+    # The optimizer must update exactly the model's trainable tensors, by identity: a copy
+    # (stale reference after a device move, a peft modules_to_save shadow) would train
+    # weights nobody reads while the real ones stay put: upstream's silent LoRA failure.
+    if {id(p) for p in updated} != {id(p) for p in trainable} or len(updated) != len(trainable):
+        raise OpacusCompatError("the DP optimizer does not hold exactly the model's trainable "
+                                "parameters")
+
+
+def _check_finite(loss: torch.Tensor, where: str, step: int, chunk: int) -> None:
+    if not torch.isfinite(loss):
+        raise DPTrainingError(f"{where}, step {step} (physical batch {chunk}): training loss "
+                              f"is {loss.item()}; lower the learning rate or check the data")
+
+
+def iter_batches(dataset: Mapping[str, torch.Tensor], batch_size: int,
+                 device: str | torch.device = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """Sequential, padding-trimmed batch dicts (for callers outside the training loop)."""
+    input_ids, attention_mask, labels = _check_dataset(dataset, "batches")
+    for s in range(0, len(labels), batch_size):
+        yield _to_batch(input_ids[s:s + batch_size], attention_mask[s:s + batch_size],
+                        labels[s:s + batch_size], torch.device(device))

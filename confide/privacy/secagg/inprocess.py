@@ -1,0 +1,106 @@
+"""Drive one round with N in-process parties (tests, benchmarks, simulations).
+
+Messages go through ``to_bytes()``/``from_bytes()`` when ``serialize=True``, exactly as a
+transport adapter would carry them. ``drop`` maps a stage name to the client ids that fall
+silent at that stage (they send nothing from then on).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import SecAggConfig
+from .messages import (
+    STAGE_ADVERTISE,
+    STAGE_MASKED_INPUT,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    Message,
+)
+from .protocol import SecAggClient, SecAggResult, SecAggServer
+
+
+@dataclass
+class RoundTrace:
+    """Timings (seconds, summed over clients for client stages) and upload sizes (bytes)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    upload_bytes: dict[int, int] = field(default_factory=dict)
+
+    def add(self, key: str, dt: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + dt
+
+
+def _wire(msg: Message, serialize: bool, trace: RoundTrace, sender: int | None = None) -> Message:
+    if not serialize:
+        return msg
+    data = msg.to_bytes()
+    if sender is not None:
+        trace.upload_bytes[sender] = trace.upload_bytes.get(sender, 0) + len(data)
+    return Message.from_bytes(data)
+
+
+def run_round(
+    config: SecAggConfig,
+    updates: Mapping[int, np.ndarray],
+    weights: Mapping[int, float] | None = None,
+    *,
+    round_number: int = 1,
+    drop: Mapping[str, Sequence[int]] | None = None,
+    serialize: bool = True,
+    trace: RoundTrace | None = None,
+) -> tuple[SecAggResult, SecAggServer]:
+    drop = {k: set(v) for k, v in (drop or {}).items()}
+    trace = trace if trace is not None else RoundTrace()
+    server = SecAggServer(config, round_number)
+    clients = {cid: SecAggClient(config, cid, round_number) for cid in updates}
+    gone: set[int] = set()
+
+    def alive(stage: str) -> list[int]:
+        gone.update(drop.get(stage, ()))
+        return [c for c in sorted(clients) if c not in gone]
+
+    for cid in alive(STAGE_ADVERTISE):
+        t0 = time.perf_counter()
+        msg = clients[cid].advertise_keys()
+        trace.add("client advertise_keys", time.perf_counter() - t0)
+        server.receive(_wire(msg, serialize, trace, cid))
+    directory = _wire(server.key_directory(), serialize, trace)
+
+    for cid in alive(STAGE_SHARE):
+        t0 = time.perf_counter()
+        msg = clients[cid].share_keys(directory)
+        trace.add("client share_keys", time.perf_counter() - t0)
+        server.receive(_wire(msg, serialize, trace, cid))
+    t0 = time.perf_counter()
+    requests = server.masked_input_requests()
+    trace.add("server route shares", time.perf_counter() - t0)
+
+    for cid in alive(STAGE_MASKED_INPUT):
+        if cid not in requests:
+            continue
+        w = 1.0 if weights is None else weights[cid]
+        t0 = time.perf_counter()
+        msg = clients[cid].masked_input(_wire(requests[cid], serialize, trace), updates[cid], w)
+        trace.add("client masked_input", time.perf_counter() - t0)
+        wired = _wire(msg, serialize, trace, cid)
+        t0 = time.perf_counter()
+        server.receive(wired)
+        trace.add("server sum masked inputs", time.perf_counter() - t0)
+    unmask = _wire(server.unmask_request(), serialize, trace)
+
+    for cid in alive(STAGE_UNMASK):
+        if cid not in unmask.survivors:  # type: ignore[attr-defined]
+            continue
+        t0 = time.perf_counter()
+        msg = clients[cid].unmask(unmask)  # type: ignore[arg-type]
+        trace.add("client unmask", time.perf_counter() - t0)
+        server.receive(_wire(msg, serialize, trace, cid))
+    t0 = time.perf_counter()
+    result = server.result()
+    trace.add("server unmask+decode", time.perf_counter() - t0)
+    return result, server
