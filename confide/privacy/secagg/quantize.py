@@ -104,11 +104,11 @@ def to_ring(values: np.ndarray, config: SecAggConfig) -> np.ndarray:
 
 def from_ring(ring: np.ndarray, config: SecAggConfig) -> np.ndarray:
     """Z_{2^b} -> centered signed representatives in [-2^(b-1), 2^(b-1)) as int64."""
-    if config.bits == 64:
-        return ring.astype(np.uint64, copy=False).view(np.int64).copy()
-    v = (ring & config.dtype(config.ring_mask)).astype(np.int64)
-    v[v >= (1 << (config.bits - 1))] -= 1 << config.bits
-    return v
+    # shift the b-bit value to the top of a 64-bit word, reinterpret as signed and shift back
+    # arithmetically: sign extension without any constant that overflows int64
+    shift = np.uint64(64 - config.bits)
+    top = ring.astype(np.uint64) << shift
+    return top.view(np.int64) >> np.int64(64 - config.bits)
 
 
 def validate_update(update: object, length: int) -> np.ndarray:

@@ -23,8 +23,11 @@ def round_cases(draw):
     d = draw(st.integers(1, 500))
     drops = draw(st.lists(st.integers(1, n), max_size=n // 2, unique=True))
     stages = draw(
-        st.lists(st.sampled_from(["share_keys", "masked_input", "unmask"]), min_size=len(drops),
-                 max_size=len(drops))
+        st.lists(
+            st.sampled_from(["share_keys", "masked_input", "unmask"]),
+            min_size=len(drops),
+            max_size=len(drops),
+        )
     )
     return n, k, t, bits, d, drops, stages
 
@@ -102,7 +105,7 @@ def test_sparse_graph_dropouts_unmask_pairwise_masks():
     n, d = 12, 30
     cfg = make_config(n, d, degree=6, threshold=3, min_survivors=8)
     ups = make_updates(n, d, 3)
-    result, server = run_round(cfg, ups, drop={"masked_input": [1, 4], "unmask": [7]})
+    result, _ = run_round(cfg, ups, drop={"masked_input": [1, 4], "unmask": [7]})
     assert result.dropped == (1, 4)
     plain = sum(ups[c] for c in ups if c not in (1, 4))
     assert np.max(np.abs(result.weighted_sum - plain)) <= UpdateEncoder(cfg).sum_error_bound(10)

@@ -84,11 +84,11 @@ def test_ciphertext_replayed_across_rounds_fails_authentication():
 def test_message_from_other_stage_rejected(parties):
     parties.to_share_keys()
     advertise_again = SecAggClient(parties.config, 1, 1).advertise_keys()
-    with pytest.raises(SecAggProtocolError, match="stage 'advertise_keys'.*is expected"):
+    with pytest.raises(SecAggProtocolError, match=r"stage 'advertise_keys'.*is expected"):
         parties.server.receive(advertise_again)
     # client side: an unmask request while the client expects the key directory
     request = UnmaskRequest(parties.config.session_id, 1, survivors=(1, 2), dropped=())
-    with pytest.raises(SecAggProtocolError, match="cannot share keys|expected"):
+    with pytest.raises(SecAggProtocolError, match=r"cannot share keys|expected"):
         parties.clients[1].share_keys(request)  # type: ignore[arg-type]
 
 
