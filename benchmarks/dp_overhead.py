@@ -13,7 +13,8 @@ before it. On CPU (tracemalloc cannot see torch's allocator) each variant runs a
 fresh subprocess, resets the kernel's peak-RSS mark (Linux /proc/self/clear_refs "5")
 once model and batch exist, runs 2 steps, and reports peak RSS (VmHWM) minus RSS before the
 steps: the extra memory the step needs (without /proc it falls back on ru_maxrss deltas,
-which can read 0 when loading the model peaked higher). Both are high-water marks, so transient per-sample tensors count.
+which can read 0 when loading the model peaked higher). Both are high-water marks, so
+transient per-sample tensors count.
 
     python benchmarks/dp_overhead.py                # MiniLM, batch 32, seq len 64
     python benchmarks/dp_overhead.py --model tiny --quick

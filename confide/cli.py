@@ -22,6 +22,7 @@ SIMULATE_FLAGS: dict[str, str] = {
 SIMULATE_SWITCHES: dict[str, str] = {
     "--secure-aggregation": "secure-aggregation", "--distributed-dp": "distributed-dp",
     "--verify-secagg": "verify-secagg", "--no-example-dp": "example-dp",
+    "--resume": "resume",
 }
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "audit":
             return _audit(args)
-    except (ConfigError, FileExistsError) as exc:
+    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"confide: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # DataError, ModelError: named file/row/key in the message

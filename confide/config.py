@@ -150,6 +150,8 @@ SCHEMA: dict[str, KeySpec] = {
                              "simulation only: also compute the plaintext sum, record error"),
     # Output
     "out": KeySpec(str, "a folder path ('' = runs/<time>)", _any, "run folder"),
+    "resume": KeySpec(bool, "true or false", _any,
+                      "continue the run in `out` from its last checkpointed round"),
     "eval-batch-size": KeySpec(int, "1 <= n <= 4096", _range(1, 4096), "evaluation batch"),
 }
 
@@ -205,6 +207,7 @@ class RunConfig:
     dropout_stage: str = "masked-input"
     verify_secagg: bool = False
     out: str = ""
+    resume: bool = False
     eval_batch_size: int = 128
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -231,8 +234,11 @@ class RunConfig:
                 if f.name != "extra"}
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON of the configuration (recorded in the ledger)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """SHA-256 of the canonical JSON of the configuration (recorded in the ledger).
+
+        `resume` is left out: a resumed run is the same run."""
+        values = {k: v for k, v in self.to_dict().items() if k != "resume"}
+        blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def write_toml(self, path: Path) -> None:

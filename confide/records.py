@@ -22,6 +22,7 @@ RECEIPT = "receipt"  # ConfigRecord: the partner-signed DP event (from nodes)
 
 # CONFIG keys beyond the run configuration
 ROUND = "server-round"
+RUN_KEY = "run-key"  # the server's ledger public key: names the run, stable across resume
 FROZEN_DIGEST = "frozen-digest"
 
 # METRICS keys
@@ -39,6 +40,7 @@ STATUS_DETAIL = "detail"
 PARTNER = "partner"
 PUBLIC_KEY = "public-key"
 OK = "ok"
+STALE = "stale-message"
 BUDGET_EXHAUSTED = "budget-exhausted"
 
 # RECEIPT keys

@@ -21,7 +21,12 @@ from flwr.common.logger import log
 
 from confide import records as R
 from confide.clients.dp_training import train_dp
-from confide.clients.node_state import NodeState, load_node_state, save_node_state
+from confide.clients.node_state import (
+    NodeState,
+    load_node_state,
+    node_state_dir,
+    save_node_state,
+)
 from confide.config import RunConfig, from_flat_record
 from confide.data import TextDataset, load_federated_data, read_text_file
 from confide.encoding import encode
@@ -51,30 +56,32 @@ def train(msg: Message, context: Context) -> Message:
     cfg = from_flat_record(dict(config_record))
     server_round = int(config_record[R.ROUND])
     max_epsilon = _node_max_epsilon(cfg, context)
-    state = load_node_state(context, delta=cfg.delta, max_epsilon=max_epsilon)
-    if server_round <= state.last_round:
-        # A replayed or duplicated train message must not spend budget twice.
-        return _status_reply(msg, state, "stale-round",
-                             f"round {server_round} already handled (last {state.last_round})")
+    state_dir = node_state_dir(context, cfg.out)
+    state = load_node_state(context, delta=cfg.delta, max_epsilon=max_epsilon,
+                            state_dir=state_dir)
+    if state.seen(msg.metadata.message_id):
+        return _status_reply(msg, state, R.STALE,
+                             f"message {msg.metadata.message_id} was already handled")
     data = _partner_data(cfg, context)
-    reply = _train_round(msg, cfg, server_round, data, state, context)
-    save_node_state(context, state)
+    run_key = str(config_record.get(R.RUN_KEY, ""))
+    reply = _train_round(msg, cfg, server_round, run_key, data, state, context)
+    state.mark_handled(msg.metadata.message_id)
+    save_node_state(context, state, state_dir)
     return reply
 
 
-def _train_round(msg: Message, cfg: RunConfig, server_round: int, data: TextDataset,
-                 state: NodeState, context: Context) -> Message:
+def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
+                 data: TextDataset, state: NodeState, context: Context) -> Message:
     n = len(data)
     sample_rate = min(1.0, cfg.batch_size / n)
     steps = max(1, round(cfg.local_epochs / sample_rate))
     noise = _noise_multiplier(cfg, state, sample_rate, steps)
-    planned = SampledGaussianEvent(noise, sample_rate, steps, server_round)
+    planned = SampledGaussianEvent(noise, sample_rate, steps, server_round, run_key)
     if cfg.example_dp:
         try:
             state.accountant.check(planned)
         except BudgetExhausted as exc:
             log(WARNING, "partner %s refuses round %d: %s", state.pseudonym, server_round, exc)
-            state.last_round = server_round
             return _status_reply(msg, state, R.BUDGET_EXHAUSTED, str(exc),
                                  spent=exc.spent, would_be=exc.would_be,
                                  max_epsilon=exc.max_epsilon)
@@ -95,7 +102,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, data: TextData
         epochs=cfg.local_epochs, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, device=device,
         seed=cfg.seed * 100_003 + server_round * 1009 + _partition_id(context),
-        dp=cfg.example_dp)
+        dp=cfg.example_dp, round_id=server_round)
     delta = compute_delta(trainable_state(model), global_state)
     for name, value in delta.items():
         if not np.all(np.isfinite(value)):
@@ -105,14 +112,13 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, data: TextData
     receipt_json = ""
     if cfg.example_dp:
         event = SampledGaussianEvent(result.noise_multiplier, result.sample_rate, result.steps,
-                                     server_round)
+                                     server_round, run_key)
         epsilon = state.accountant.record(event)
         receipt_json = json.dumps(sign_receipt(
             {"round": server_round, "partner": state.pseudonym,
              "noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
              "steps": event.steps, "delta": cfg.delta, "epsilon": epsilon,
              "accountant": "rdp"}, state.signing_key).to_dict())
-    state.last_round = server_round
     log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
         state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
     content = RecordDict({

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,15 @@ class NodeState:
     accountant: PartnerAccountant
     signing_key: Ed25519PrivateKey
     noise_multiplier: float | None = None  # calibrated once, reused every round
-    last_round: int = 0
+    # Ids of train messages already handled: a replayed or duplicated message must not
+    # spend budget twice (a resumed round comes in a new message and is accounted again).
+    handled: list[str] = field(default_factory=list)
+
+    def seen(self, message_id: str) -> bool:
+        return message_id in self.handled
+
+    def mark_handled(self, message_id: str) -> None:
+        self.handled = [*self.handled, message_id][-256:]
 
     @property
     def public_key(self) -> bytes:
@@ -47,7 +55,7 @@ class NodeState:
                                              serialization.NoEncryption())
         return json.dumps({"accountant": self.accountant.state_dict(), "key": key.hex(),
                            "noise_multiplier": self.noise_multiplier,
-                           "last_round": self.last_round})
+                           "handled": self.handled})
 
     @classmethod
     def from_json(cls, text: str, max_epsilon: float) -> NodeState:
@@ -56,17 +64,26 @@ class NodeState:
             accountant=PartnerAccountant.from_state_dict(data["accountant"], max_epsilon),
             signing_key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
             noise_multiplier=data.get("noise_multiplier"),
-            last_round=int(data.get("last_round", 0)))
+            handled=list(data.get("handled", [])))
 
 
-def _state_dir(context: Context) -> Path | None:
+def node_state_dir(context: Context, run_out: str = "") -> Path | None:
+    """Where the node keeps its state on disk.
+
+    Deployment: node config `state-dir` (the partner's own disk). Simulation: the virtual
+    partner's folder inside the run folder, so a resumed simulation finds its nodes' spent
+    budget and keys again. None only for a simulation without a run folder."""
     value = context.node_config.get("state-dir")
-    return Path(str(value)) if value else None
+    if value:
+        return Path(str(value))
+    if "partition-id" in context.node_config and run_out:
+        return Path(run_out) / "partners" / f"partition-{int(context.node_config['partition-id'])}"
+    return None
 
 
-def load_node_state(context: Context, *, delta: float, max_epsilon: float) -> NodeState:
+def load_node_state(context: Context, *, delta: float, max_epsilon: float,
+                    state_dir: Path | None) -> NodeState:
     text: str | None = None
-    state_dir = _state_dir(context)
     if state_dir is not None and (state_dir / STATE_FILE).is_file():
         text = (state_dir / STATE_FILE).read_text()
     elif STATE_RECORD in context.state.config_records:
@@ -82,10 +99,9 @@ def load_node_state(context: Context, *, delta: float, max_epsilon: float) -> No
                            "with an unknown privacy history") from None
 
 
-def save_node_state(context: Context, state: NodeState) -> None:
+def save_node_state(context: Context, state: NodeState, state_dir: Path | None) -> None:
     text = state.to_json()
     context.state.config_records[STATE_RECORD] = ConfigRecord({"json": text})
-    state_dir = _state_dir(context)
     if state_dir is not None:
         atomic_write_text(state_dir / STATE_FILE, text)
 

@@ -30,6 +30,7 @@ class SampledGaussianEvent:
     sample_rate: float
     steps: int
     round: int = 0
+    run: str = ""  # which federation run spent it (the server's ledger key)
 
 
 def rdp_epsilon(events: list[SampledGaussianEvent], delta: float) -> float:
@@ -72,15 +73,19 @@ class BudgetExhausted(RuntimeError):
 
 
 class PartnerAccountant:
-    """Cumulative RDP accountant + budget guard of one partner."""
+    """Cumulative RDP accountant + budget guard of one partner.
+
+    The budget is the partner's, over all runs on its data: `check` composes every event
+    the node ever recorded. `epsilon(run)` is one run's share, what that run reports."""
 
     def __init__(self, delta: float, max_epsilon: float) -> None:
         self.delta = delta
         self.max_epsilon = max_epsilon
         self.history: list[SampledGaussianEvent] = []
 
-    def epsilon(self) -> float:
-        return rdp_epsilon(self.history, self.delta)
+    def epsilon(self, run: str | None = None) -> float:
+        events = self.history if run is None else [e for e in self.history if e.run == run]
+        return rdp_epsilon(events, self.delta)
 
     def epsilon_if(self, event: SampledGaussianEvent) -> float:
         return rdp_epsilon([*self.history, event], self.delta)
@@ -96,8 +101,9 @@ class PartnerAccountant:
         return would_be
 
     def record(self, event: SampledGaussianEvent) -> float:
+        """Add a spent event; return the cumulative epsilon of its run."""
         self.history.append(event)
-        return self.epsilon()
+        return self.epsilon(event.run)
 
     def rounds(self) -> list[int]:
         return [ev.round for ev in self.history]

@@ -7,7 +7,9 @@ derived from those events.
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -39,11 +41,12 @@ from confide.model import (
 from confide.privacy import ledger_events as E
 from confide.privacy.ledger import Ledger
 from confide.privacy.receipts import Receipt, verify_receipt
-from confide.server.run_folder import RunFolder
+from confide.server.run_folder import CheckpointError, RunFolder
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
 
 RoundCallback = Callable[[dict[str, Any]], None]
+CRASH_AFTER_ROUND_ENV = "CONFIDE_FAULT_CRASH_AFTER_ROUND"
 
 
 @dataclass
@@ -112,7 +115,13 @@ class Federation:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
+        if self.cfg.resume:
+            self.resume()
+            return
         random.seed(self.cfg.seed)  # Flower's node sampling uses `random`
+        if self.folder.ledger.exists():
+            raise FileExistsError(f"{self.folder.root} already holds a run; use resume = true "
+                                  "to continue it or choose another out folder")
         self.folder.create(self.cfg)
         self.ledger = Ledger.create(self.folder.ledger, self.folder.ledger_signing_key())
         self.ledger.append(E.RUN_STARTED, E.RunStarted(
@@ -124,6 +133,32 @@ class Federation:
             self.cfg.model, count_trainable(self.model), self.cfg.fine_tune,
             len(self.evaluation), " [SYNTHETIC demo data]" if self.evaluation.synthetic else "")
 
+    def resume(self) -> None:
+        """Continue from the last checkpointed round: same ledger chain (verified first),
+        same weights, partner records, accountants and sampling state; metrics rows of an
+        unfinished round are dropped (its ledger entries stay: the ledger is append-only and
+        the audit knows a round may be re-run after run_resumed)."""
+        round_, weights, state = self.folder.load_checkpoint()
+        if state.get("config_digest") != self.cfg.digest():
+            raise CheckpointError(
+                f"{self.folder.root} was started with another configuration (digest "
+                f"{str(state.get('config_digest'))[:12]}…, now {self.cfg.digest()[:12]}…); "
+                "resume needs the same configuration")
+        self.global_state = dict(weights)
+        self.partners = {k: PartnerRecord(**v) for k, v in state["partners"].items()}
+        self.client_dp_epsilon = state.get("client_dp_epsilon")
+        if isinstance(self.strategy, ClientLevelDp) and "client_dp_accountant" in state:
+            self.strategy.load_state_dict(state["client_dp_accountant"])
+        random.setstate(ast.literal_eval(state["python_random"]))
+        self.rounds_completed = round_
+        self.folder.truncate_metrics(round_)
+        rows = self.folder.read_metrics()
+        self.last_metrics = rows[-1] if rows else {}
+        self.ledger = Ledger.open(self.folder.ledger, self.folder.ledger_signing_key(),
+                                  repair_torn_tail=True)
+        self.ledger.append(E.RunResumed(from_round=round_))
+        log(INFO, "Confide: resuming %s after round %d", self.folder.root, round_)
+
     def run(self) -> dict[str, Any]:
         self.start()
         for server_round in range(self.rounds_completed + 1, self.cfg.rounds + 1):
@@ -134,7 +169,8 @@ class Federation:
     def run_round(self, server_round: int) -> dict[str, Any]:
         assert self.ledger is not None
         t0 = time.perf_counter()
-        config = ConfigRecord({**self.cfg.to_dict(), R.FROZEN_DIGEST: self.frozen_digest})
+        config = ConfigRecord({**self.cfg.to_dict(), R.FROZEN_DIGEST: self.frozen_digest,
+                               R.RUN_KEY: self.ledger.public_key_hex})
         messages = list(self.strategy.configure_train(
             server_round, R.to_array_record(self.global_state), config, self.grid))
         sampled = [m.metadata.dst_node_id for m in messages]
@@ -176,6 +212,11 @@ class Federation:
         self.folder.save_checkpoint(server_round, self.global_state, self.server_state())
         if self.on_round:
             self.on_round(row)
+        crash_after = os.environ.get(CRASH_AFTER_ROUND_ENV)
+        if crash_after and int(crash_after) == server_round:
+            # Fault injection for the resume tests: die like `kill -9` after a checkpoint.
+            log(WARNING, "fault injection: server process exits after round %d", server_round)
+            os._exit(137)
         return row
 
     def _sort_replies(self, server_round: int, replies: Iterable[Message]

@@ -37,7 +37,10 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
 
     console = console or Console()
     out = default_out_dir(cfg)
-    if out.exists() and any(out.iterdir()):
+    if cfg.resume:
+        if not (out / "checkpoint" / "server_state.json").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoint to resume")
+    elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"run folder {out} is not empty; choose another --out "
                               "(a finished run is never overwritten)")
     cfg = cfg.replace(out=str(out))

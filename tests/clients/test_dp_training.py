@@ -29,8 +29,7 @@ def easy_task(n: int = 64, length: int = 12, seed: int = 0) -> dict[str, torch.T
     # towards the majority class (a known DP-SGD bias), which is not what these tests probe.
     labels = (torch.randperm(n, generator=gen) % 2).long()
     ids = torch.randint(1000, 2000, (n, length), generator=gen)
-    ids[:, 0] = 101
-    ids[:, 1:4] = torch.where(labels == 1, 3000, 4000).unsqueeze(1)
+    ids[:, 1] = torch.where(labels == 1, 3000, 4000)
     mask = torch.ones(n, length, dtype=torch.long)
     for i, keep in enumerate(torch.randint(4, length + 1, (n,), generator=gen).tolist()):
         mask[i, keep:] = 0
@@ -51,10 +50,12 @@ def test_training_lowers_loss(dp: bool) -> None:
     data = easy_task()
     model = build_model(ModelSpec("tiny", 2, fine_tune="full"))
     _, loss0 = evaluate(model, data, 32)
-    result = run(model, data, dp=dp, noise_multiplier=0.1)
+    # Seeded (private_randomness=False) so the test cannot flake on an unlucky noise draw.
+    result = run(model, data, dp=dp, noise_multiplier=0.1, epochs=8.0,
+                 private_randomness=False)
     accuracy, loss1 = evaluate(model, data, 32)
-    assert loss1 < loss0 - 0.05, (loss0, loss1)
-    assert accuracy > 0.6
+    assert loss1 < loss0 - 0.2, (loss0, loss1)
+    assert accuracy > 0.8
     assert result.noise_multiplier == (0.1 if dp else 0.0)
     assert result.num_examples == 64 and result.seconds > 0
     assert result.mean_loss == pytest.approx(result.mean_loss)  # finite, not NaN
