@@ -75,6 +75,9 @@ SCHEMA: dict[str, KeySpec] = {
     "lora-dropout": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True), "LoRA dropout"),
     "lora-targets": KeySpec(str, "comma-separated module names, e.g. 'query,value'",
                             lambda v: bool(v.strip()), "modules that get LoRA adapters"),
+    "pooling": KeySpec(str, "'auto', 'mean' or 'cls'", _one_of("auto", "mean", "cls"),
+                       "sentence representation the head reads ('auto': mean for "
+                       "sentence-transformers models and tiny, else CLS + pooler)"),
     "max-length": KeySpec(int, "8 <= n <= 512", _range(8, 512), "tokens per example"),
     # Data
     "data": KeySpec(str, "'' (synthetic demo), a text,label file or a folder of them", _any,
@@ -171,6 +174,7 @@ class RunConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "query,value"
+    pooling: str = "auto"
     max_length: int = 64
     data: str = ""
     eval_data: str = ""
@@ -323,3 +327,19 @@ def parse_set_items(items: list[str]) -> dict[str, str]:
 def from_flat_record(record: Mapping[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from Flower's run_config or a message ConfigRecord."""
     return build_config({k: v for k, v in record.items() if k.replace("_", "-") in SCHEMA})
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from SCHEMA (a test keeps them equal)."""
+    defaults = RunConfig().to_dict()
+    lines = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    for key, spec in SCHEMA.items():
+        value = defaults[key]
+        shown = (f'"{value}"' if isinstance(value, str)
+                 else str(value).lower() if isinstance(value, bool) else str(value))
+        lines.append(f"| `{key}` | `{shown}` | {spec.allowed} | {spec.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -22,12 +22,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from transformers import (
+    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import logging as hf_logging
+
+# Load reports and progress bars are noise in a federation's log; errors still show.
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
 
 TINY = "tiny"
 MINILM = "minilm"
@@ -81,6 +89,56 @@ class ModelSpec:
     lora_dropout: float = 0.0
     lora_targets: str = "query,value"
     seed: int = 42
+    pooling: str = "auto"  # "auto" | "mean" | "cls"
+
+
+class MeanPoolClassifier(nn.Module):
+    """Encoder + masked mean pooling + linear head.
+
+    Sentence-transformers models such as all-MiniLM-L6-v2 were trained so that the mean of
+    their token states is the sentence representation; the CLS token + pooler that
+    `BertForSequenceClassification` uses was never trained for it. Under DP this matters
+    twice: good features need fewer steps, and a head of `hidden x labels` parameters
+    (instead of a 148k-parameter pooler) keeps the noise dimension small.
+    """
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Linear(hidden_size, num_labels)
+        self.num_labels = num_labels
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids,
+                              token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        logits = self.classifier(pooled)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def is_sentence_transformer(path: Path) -> bool:
+    pooling = path / "1_Pooling" / "config.json"
+    if not pooling.is_file():
+        return False
+    import json
+
+    return bool(json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"))
+
+
+def resolve_pooling(spec: ModelSpec) -> str:
+    if spec.pooling != "auto":
+        return spec.pooling
+    if spec.model == TINY:
+        return "mean"
+    return "mean" if is_sentence_transformer(resolve_model_path(spec.model)) else "cls"
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -90,10 +148,18 @@ def build_model(spec: ModelSpec) -> nn.Module:
     checkpoint, LoRA A matrices, the whole tiny model) agree across nodes.
     """
     torch.manual_seed(spec.seed)
+    pooling = resolve_pooling(spec)
     if spec.model == TINY:
-        tokenizer_vocab = load_tokenizer(TINY).vocab_size
-        model: nn.Module = BertForSequenceClassification(
-            tiny_bert_config(spec.num_labels, tokenizer_vocab))
+        config = tiny_bert_config(spec.num_labels, load_tokenizer(TINY).vocab_size)
+        if pooling == "mean":
+            model: nn.Module = MeanPoolClassifier(BertModel(config, add_pooling_layer=False),
+                                                  config.hidden_size, spec.num_labels)
+        else:
+            model = BertForSequenceClassification(config)
+    elif pooling == "mean":
+        encoder = AutoModel.from_pretrained(str(resolve_model_path(spec.model)),
+                                            local_files_only=True, add_pooling_layer=False)
+        model = MeanPoolClassifier(encoder, encoder.config.hidden_size, spec.num_labels)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(resolve_model_path(spec.model)), num_labels=spec.num_labels,
@@ -123,8 +189,10 @@ def _disable_dropout(model: nn.Module) -> None:
 
 
 def _head_parameter_names(model: nn.Module) -> set[str]:
+    # With CLS pooling the (pretrained) pooler belongs to the head: it adapts the CLS state.
     return {n for n, _ in model.named_parameters()
             if n.startswith(("classifier.", "bert.pooler.", "pooler."))}
+
 
 
 def _add_lora(model: nn.Module, spec: ModelSpec, head: set[str]) -> nn.Module:

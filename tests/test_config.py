@@ -66,6 +66,9 @@ def test_cli_reports_bad_value_and_exits_2(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_readme_documents_every_key() -> None:
+    from confide.config import markdown_table
+
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [k for k in SCHEMA if f"| `{k}` |" not in readme]
     assert not missing, f"README configuration table lacks {missing}"
+    assert markdown_table() in readme, "regenerate: python -m confide.config"

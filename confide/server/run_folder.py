@@ -105,7 +105,8 @@ class RunFolder:
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path))
         info = {"model": cfg.model, "fine-tune": cfg.fine_tune, "lora-rank": cfg.lora_rank,
                 "lora-alpha": cfg.lora_alpha, "lora-targets": cfg.lora_targets,
-                "num-labels": cfg.num_labels, "seed": cfg.seed, **extra,
+                "num-labels": cfg.num_labels, "seed": cfg.seed, "pooling": cfg.pooling,
+                "lora-dropout": cfg.lora_dropout, **extra,
                 "load": "confide.server.run_folder.load_trained_model(run_dir)"}
         atomic_write_text(self.model_dir / "model_info.json", json.dumps(info, indent=2))
         return path
@@ -165,7 +166,8 @@ def load_trained_model(run_dir: str | Path):
     spec = ModelSpec(model=info["model"], num_labels=info["num-labels"],
                      fine_tune=info["fine-tune"], lora_rank=info["lora-rank"],
                      lora_alpha=info["lora-alpha"], lora_targets=info["lora-targets"],
-                     seed=info["seed"])
+                     lora_dropout=info["lora-dropout"], seed=info["seed"],
+                     pooling=info["pooling"])
     model = build_model(spec)
     load_trainable_state(model, load_file(str(folder.model_dir / WEIGHTS_FILE)))
     return model

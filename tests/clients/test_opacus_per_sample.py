@@ -102,9 +102,10 @@ def assert_close_per_sample(got: dict[str, torch.Tensor], ref: dict[str, torch.T
             f"{name}: per-sample gradient off by {err:.3g} (scale {scale:.3g})")
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
 @pytest.mark.parametrize("fine_tune", ["full", "lora", "head"])
-def test_tiny_per_sample_grads_match_per_example_backward(fine_tune: str) -> None:
-    model = build_model(ModelSpec("tiny", 2, fine_tune=fine_tune))
+def test_tiny_per_sample_grads_match_per_example_backward(fine_tune: str, pooling: str) -> None:
+    model = build_model(ModelSpec("tiny", 2, fine_tune=fine_tune, pooling=pooling))
     perturb_lora_b(model)
     wrapper = make_opacus_ready(model)
     ids, mask, labels = make_batch(LENGTHS)
@@ -112,7 +113,8 @@ def test_tiny_per_sample_grads_match_per_example_backward(fine_tune: str) -> Non
     got = opacus_grad_samples(wrapper, ids, mask, labels)
     assert_close_per_sample(got, ref)
     if fine_tune == "full":
-        pos = got["model.bert.embeddings.position_embeddings.weight"]
+        prefix = "model.encoder" if pooling == "mean" else "model.bert"
+        pos = got[f"{prefix}.embeddings.position_embeddings.weight"]
         assert pos.shape[0] == len(LENGTHS)
         # Examples of different lengths touch different position rows: not one shared sum.
         assert float(pos[2, 3:].abs().max()) == 0.0 and float(pos[0, 3:].abs().max()) > 0
@@ -136,7 +138,7 @@ def test_without_the_fix_position_grads_are_summed_over_the_batch() -> None:
     """Documents the cause: HF's implicit [1, L] position_ids give a [1, V, H] grad_sample."""
     from opacus.grad_sample import GradSampleModule
 
-    model = build_model(ModelSpec("tiny", 2, fine_tune="full")).train()
+    model = build_model(ModelSpec("tiny", 2, fine_tune="full", pooling="cls")).train()
     ids, mask, labels = make_batch(LENGTHS)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     try:
