@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from confide import records as R
+from confide.clients import secure_client
 from confide.clients.dp_training import train_dp
 from confide.clients.node_state import (
     NodeState,
@@ -62,12 +63,32 @@ def train(msg: Message, context: Context) -> Message:
     if state.seen(msg.metadata.message_id):
         return _status_reply(msg, state, R.STALE,
                              f"message {msg.metadata.message_id} was already handled")
+    secure = cfg.secure_aggregation and secure_client.SECAGG in msg.content.config_records
+    if secure and (dropped := secure_client.injected_dropout(msg, context, cfg)) is not None:
+        return dropped
     data = _partner_data(cfg, context)
     run_key = str(config_record.get(R.RUN_KEY, ""))
     reply = _train_round(msg, cfg, server_round, run_key, data, state, context)
     state.mark_handled(msg.metadata.message_id)
     save_node_state(context, state, state_dir)
+    if secure:
+        # The delta goes into the secure sum (clipped, quantized, noised, masked) instead
+        # of travelling in plaintext; status, metrics and DP receipt travel as before.
+        delta = (R.from_array_record(reply.content[R.ARRAYS])
+                 if R.ARRAYS in reply.content.array_records else None)
+        return secure_client.secure_reply(msg, context, cfg, reply, delta)
     return reply
+
+
+@app.train("secagg")
+def secagg_stage(msg: Message, context: Context) -> Message:
+    """Secure-aggregation exchanges without local training: the run's key setup, key
+    shares for a round this node is sampled for, and unmasking (message type
+    `train.secagg`)."""
+    cfg = from_flat_record(dict(msg.content[R.CONFIG]))
+    if (dropped := secure_client.injected_dropout(msg, context, cfg)) is not None:
+        return dropped
+    return secure_client.secure_reply(msg, context, cfg, None, None)
 
 
 def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
@@ -185,7 +206,10 @@ def _partner_data(cfg: RunConfig, context: Context) -> TextDataset:
     if path:
         return _read_cached(str(path), cfg.num_labels, cfg.max_train_examples)
     pid = _partition_id(context)
-    parts = _simulation_partitions(cfg)
+    # Flower's simulation says how many virtual partners there are; `clients` may differ
+    # (e.g. `flwr run .` with the engine's default number of SuperNodes).
+    num = int(context.node_config.get("num-partitions", cfg.clients))
+    parts = _simulation_partitions(cfg.replace(clients=num) if num != cfg.clients else cfg)
     if not 0 <= pid < len(parts):
         raise NodeConfigError(f"partition-id {pid} is outside 0..{len(parts) - 1}")
     return parts[pid]

@@ -275,16 +275,21 @@ class SecureAggregationEvent(LedgerEvent):
     threshold: int
     bits: int
     neighbours: int
+    # why the round aborted (too few survivors; nothing was unmasked, the model is
+    # unchanged), None when the secure sum was released. Optional for older ledgers.
+    aborted: str | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> SecureAggregationEvent:
         k = cls.TYPE
+        aborted = payload.get("aborted")
         return cls(round=_int(k, "round", _get(k, payload, "round"), lo=1),
                    participants=_str_list(k, "participants", _get(k, payload, "participants")),
                    dropouts=_str_list(k, "dropouts", _get(k, payload, "dropouts")),
                    threshold=_int(k, "threshold", _get(k, payload, "threshold")),
                    bits=_int(k, "bits", _get(k, payload, "bits"), lo=1),
-                   neighbours=_int(k, "neighbours", _get(k, payload, "neighbours")))
+                   neighbours=_int(k, "neighbours", _get(k, payload, "neighbours")),
+                   aborted=None if aborted is None else _str(k, "aborted", aborted))
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from confide.privacy import ledger_events as E
 from confide.privacy.ledger import Ledger
 from confide.privacy.receipts import Receipt, verify_receipt
 from confide.server.run_folder import CheckpointError, RunFolder
+from confide.server.secure_round import SecureRounds
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
 
@@ -112,6 +113,8 @@ class Federation:
                 clipping_norm=self.cfg.client_dp_clipping_norm, population=self.cfg.clients,
                 delta=self.cfg.delta, seed=self.cfg.seed)
         self.ledger: Ledger | None = None
+        self.secure: SecureRounds | None = None  # built on first use (needs the grid's nodes)
+        self._secure_state: dict[str, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +152,7 @@ class Federation:
         self.client_dp_epsilon = state.get("client_dp_epsilon")
         if isinstance(self.strategy, ClientLevelDp) and "client_dp_accountant" in state:
             self.strategy.load_state_dict(state["client_dp_accountant"])
+        self._secure_state = state.get("secure_aggregation", {})
         random.setstate(ast.literal_eval(state["python_random"]))
         self.rounds_completed = round_
         self.folder.truncate_metrics(round_)
@@ -171,24 +175,30 @@ class Federation:
         t0 = time.perf_counter()
         config = ConfigRecord({**self.cfg.to_dict(), R.FROZEN_DIGEST: self.frozen_digest,
                                R.RUN_KEY: self.ledger.public_key_hex})
-        messages = list(self.strategy.configure_train(
-            server_round, R.to_array_record(self.global_state), config, self.grid))
-        sampled = [m.metadata.dst_node_id for m in messages]
-        self.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
-            round=server_round, sampled=[str(n) for n in sampled]).to_payload())
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        trained, uploaded = self._sort_replies(server_round, replies)
-        arrays, _ = self.strategy.aggregate_train(server_round, trained)
-        rejected = {node for node, _ in self.inner.rejected}
-        aggregated: list[str] = []
-        if arrays is not None:
-            self.global_state = arrays_to_numpy(arrays)
-            aggregated = [self._reply_partner[m.metadata.src_node_id] for m in trained
-                          if m.metadata.src_node_id not in rejected]
+        extra: dict[str, Any] = {}
+        if self.cfg.secure_aggregation:
+            # secure path: the server only ever sees the (noised) sum of the survivors
+            sampled, aggregated, uploaded, extra = self._secure_rounds().run_round(
+                server_round, config)
         else:
+            messages = list(self.strategy.configure_train(
+                server_round, R.to_array_record(self.global_state), config, self.grid))
+            sampled = [m.metadata.dst_node_id for m in messages]
+            self.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
+                round=server_round, sampled=[str(n) for n in sampled]).to_payload())
+            replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+            trained, uploaded = self._sort_replies(server_round, replies)
+            arrays, _ = self.strategy.aggregate_train(server_round, trained)
+            rejected = {node for node, _ in self.inner.rejected}
+            aggregated = []
+            if arrays is not None:
+                self.global_state = arrays_to_numpy(arrays)
+                aggregated = [self._reply_partner[m.metadata.src_node_id] for m in trained
+                              if m.metadata.src_node_id not in rejected]
+            self._record_client_dp(server_round)
+        if not aggregated:
             log(WARNING, "round %d: no update could be aggregated; global model unchanged",
                 server_round)
-        self._record_client_dp(server_round)
         accuracy, loss = self.evaluate()
         digest = E.weights_digest(self.global_state)
         self.ledger.append(E.MODEL_DIGEST, E.ModelDigest(round=server_round,
@@ -201,6 +211,7 @@ class Federation:
             "seconds": time.perf_counter() - t0,
             "refused": [p.pseudonym for p in self.partners.values()
                         if server_round in p.refused],
+            **extra,
         }
         self.ledger.append(E.RoundCompleted(
             round=server_round, replied=sorted(self._reply_partner.values()),
@@ -218,6 +229,13 @@ class Federation:
             log(WARNING, "fault injection: server process exits after round %d", server_round)
             os._exit(137)
         return row
+
+    def _secure_rounds(self) -> SecureRounds:
+        if self.secure is None:
+            self.secure = SecureRounds(self)
+            if self._secure_state:
+                self.secure.load_state_dict(self._secure_state)
+        return self.secure
 
     def _sort_replies(self, server_round: int, replies: Iterable[Message]
                       ) -> tuple[list[Message], int]:
@@ -326,6 +344,8 @@ class Federation:
         }
         if isinstance(self.strategy, ClientLevelDp):
             state["client_dp_accountant"] = self.strategy.state_dict()
+        if self.secure is not None:
+            state["secure_aggregation"] = self.secure.state_dict()
         return state
 
     def summary(self) -> dict[str, Any]:
@@ -337,7 +357,9 @@ class Federation:
                 "delta": self.cfg.delta,
                 "example_level": {p.pseudonym: p.epsilon for p in self.partners.values()},
                 "client_level_epsilon": self.client_dp_epsilon,
-                "accountant": "rdp (opacus, per partner); client level: rdp (flwr)",
+                "accountant": "rdp (opacus, per partner); client level: " + (
+                    "rdp of the distributed discrete Gaussian (Kairouz-Liu-Steinke 2021)"
+                    if self.cfg.distributed_dp else "rdp (flwr)"),
                 "adjacency": "add/remove one record (example level); add/remove one "
                              "client (client level)",
             },

@@ -69,11 +69,13 @@ def test_opacus_and_dp_accounting_rdp_agree_within_one_percent_for_epsilon_up_to
     assert compared >= 20
 
 
-def test_known_divergence_opacus_under_reports_at_large_q_small_sigma() -> None:
+def test_integer_orders_agree_even_at_large_q_small_sigma() -> None:
+    """Opacus' fractional orders under-report here (see confide.privacy.accountant); on the
+    shared integer grid the two analyses agree."""
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
     try:
-        assert _opacus(0.3, 0.5, 100) < 0.8 * _replay(0.3, 0.5, 100)
+        assert _opacus(0.3, 0.5, 100) == pytest.approx(_replay(0.3, 0.5, 100), rel=1e-6)
     finally:
         logging.disable(logging.NOTSET)
 
@@ -118,10 +120,9 @@ def test_client_mechanism_registry_dispatch_and_unknown() -> None:
     assert replay_client_level([event], registry=registry).final == 42.0
     ddg = ClientDpEvent(round=1, mechanism=DISTRIBUTED_DISCRETE_GAUSSIAN, noise_multiplier=1.0,
                         clipping_norm=1.0, population=10, sampled=5, delta=DELTA)
-    try:
+    # the distributed discrete Gaussian replay is a plugin that needs the mechanism's params
+    with pytest.raises(ValueError, match="params.ddg"):
         replay_client_level([ddg], registry=ClientMechanismRegistry())
-    except UnknownMechanism as exc:  # until secagg/ddg_accounting provides ledger_replay
-        assert "distributed_discrete_gaussian" in str(exc)
 
 
 def test_client_level_without_amplification_matches_flwr() -> None:

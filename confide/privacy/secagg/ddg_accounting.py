@@ -248,3 +248,25 @@ class DistributedDGAccountant:
         if len(rdp) != len(orders):
             raise ValueError("state_dict orders and rdp lengths differ")
         self.orders, self._rdp, self.events = orders, rdp, list(state["events"])
+
+
+def ledger_replay(events: Sequence[object], delta: float) -> list[float]:
+    """Cumulative client-level epsilon after each ledger CLIENT_DP event of mechanism
+    "distributed_discrete_gaussian" (the hook :mod:`confide.privacy.replay` loads).
+
+    Each event's ``params`` carry ``ddg`` (the :class:`DDGParams` fields of that round),
+    ``sampling_rate`` and ``released`` (False for a round that aborted before anything was
+    unmasked: it composes nothing, the server learnt nothing)."""
+    accountant = DistributedDGAccountant()
+    out = []
+    for event in events:
+        params = dict(getattr(event, "params", {}) or {})
+        if "ddg" not in params:
+            raise ValueError("distributed_discrete_gaussian event without params.ddg")
+        ddg = DDGParams(**{k: params["ddg"][k] for k in
+                           ("l2_sensitivity", "l1_sensitivity", "local_sigma", "num_summed",
+                            "dim")})
+        released = bool(params.get("released", True))
+        accountant.step(ddg, float(params.get("sampling_rate", 1.0)), rounds=int(released))
+        out.append(accountant.epsilon(delta))
+    return out

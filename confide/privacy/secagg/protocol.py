@@ -36,6 +36,7 @@ consistency-check round with signatures prevents); a malicious server is out of 
 from __future__ import annotations
 
 import enum
+import json
 import os
 import struct
 from collections.abc import Iterable
@@ -160,10 +161,58 @@ class SecAggClient:
         # owner -> (share of b_owner, share of s_owner^SK) held by this client
         self._held: dict[int, tuple[int, int]] = {}
         self._own_shares: tuple[int, int] | None = None
+        # the client's own encoded (clipped, quantized, noised) input before masking; kept
+        # only when masked_input(keep_encoded=True) asks for it (simulation-only checks)
+        self.last_encoded: np.ndarray | None = None
 
     @property
     def stage(self) -> ClientStage:
         return self._stage
+
+    # ---- persistence (a node's stages of one round may run in different processes) ------
+
+    def to_state(self) -> bytes:
+        """Everything this client needs to continue the round later, secret keys included:
+        the bytes must stay on the node (e.g. its Flower Context.state), never be sent.
+        Injected noise/rounding streams are not saved (fresh OS randomness on restore)."""
+        state = {
+            "id": self.client_id,
+            "round": self.round,
+            "stage": self._stage.name,
+            "enc": self._keys.encryption.private_bytes_raw().hex(),
+            "mask": self._keys.mask.private_bytes_raw().hex(),
+            "b": self._self_seed.hex(),
+            "dir": {str(c): [e.hex(), m.hex()] for c, (e, m) in self._directory.items()},
+            "nb": sorted(self._neighbours),
+            "held": {str(o): [b, s] for o, (b, s) in self._held.items()},
+            "own": list(self._own_shares) if self._own_shares is not None else None,
+        }
+        return json.dumps(state, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_state(cls, config: SecAggConfig, data: bytes) -> SecAggClient:
+        """Inverse of :meth:`to_state` for the same session configuration."""
+        try:
+            state = json.loads(data)
+            client = cls(config, int(state["id"]), int(state["round"]))
+            client._keys = ClientKeys(
+                X25519PrivateKey.from_private_bytes(bytes.fromhex(state["enc"])),
+                X25519PrivateKey.from_private_bytes(bytes.fromhex(state["mask"])),
+            )
+            client._self_seed = bytes.fromhex(state["b"])
+            client._stage = ClientStage[state["stage"]]
+            client._directory = {
+                int(c): (bytes.fromhex(e), bytes.fromhex(m)) for c, (e, m) in state["dir"].items()
+            }
+            client._neighbours = frozenset(int(v) for v in state["nb"])
+            client._held = {int(o): (int(b), int(s)) for o, (b, s) in state["held"].items()}
+            own = state["own"]
+            client._own_shares = (int(own[0]), int(own[1])) if own is not None else None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SecAggValidationError(
+                f"unreadable secure-aggregation client state: {exc}"
+            ) from None
+        return client
 
     def _expect(self, stage: ClientStage, what: str) -> None:
         if self._stage is not stage:
@@ -239,7 +288,12 @@ class SecAggClient:
         return ShareKeys(cfg.session_id, self.round, sender=me, envelopes=envelopes)
 
     def masked_input(
-        self, request: MaskedInputRequest, update: np.ndarray, weight: float = 1.0
+        self,
+        request: MaskedInputRequest,
+        update: np.ndarray,
+        weight: float = 1.0,
+        *,
+        keep_encoded: bool = False,
     ) -> MaskedInput:
         """Stage 2: decrypt neighbours' shares, encode (clip, quantize, noise) and mask."""
         self._expect(ClientStage.MASKED_INPUT, "send a masked input")
@@ -307,6 +361,8 @@ class SecAggClient:
             for v in sorted(held)
             if v != me
         ]
+        if keep_encoded:
+            self.last_encoded = encoded.copy()
         vector = mask_vector(encoded, me, self._self_seed, pair_seeds, cfg)
         self._stage = ClientStage.UNMASK
         return MaskedInput(cfg.session_id, self.round, sender=me, vector=vector)

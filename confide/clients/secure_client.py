@@ -1,0 +1,289 @@
+"""The node's side of secure aggregation: a thin Flower adapter around the SecAgg+ core.
+
+The server folds the protocol into the training exchange (see `confide.server.secure_round`):
+one Flower message to a node may carry parts of up to three secure-aggregation rounds
+(advertise keys for r+2, share keys for r+1, masked input or unmask for r). This module
+handles each part present, in protocol order, and answers all of them in one reply.
+
+The node's `SecAggClient` objects (secret keys, Shamir shares it holds) live in the node's
+`Context.state` as bytes between messages: in simulation, Ray may run a node's messages in
+different worker processes, and Context.state is what Flower carries from one to the next.
+They never leave the node.
+
+Wire names (down = server to node, in ConfigRecord `secagg`; up = node to server, in
+ConfigRecord `secagg-up`, the masked vector in ArrayRecord `secagg-masked`):
+  down  round, config/<q> (JSON of the SecAggConfig of secure round q), id/<q> (this node's
+        client id in q), advertise (JSON list of rounds), key-directory/<q>,
+        masked-input-request/<q>, unmask-request/<q>, verify (bool)
+  up    advertise/<q>, share-keys/<q>, masked-round, masked-sender, unmask-shares/<q>,
+        error/<q>/<stage>, verify-only (bool; with ArrayRecord `secagg-verify`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.logger import log
+
+from confide import records as R
+from confide.config import RunConfig
+from confide.privacy.secagg import (
+    KeyDirectory,
+    MaskedInputRequest,
+    SecAggClient,
+    SecAggConfig,
+    SecAggError,
+    SecAggRefusal,
+    UnmaskRequest,
+)
+from confide.simulation.faults import drops_out
+
+# Records and keys
+SECAGG = "secagg"  # ConfigRecord, down
+SECAGG_UP = "secagg-up"  # ConfigRecord, up
+MASKED = "secagg-masked"  # ArrayRecord, up: {"vector": uint32/uint64}
+VERIFY = "secagg-verify"  # ArrayRecord, up, simulation only: {"encoded": pre-mask vector}
+SECAGG_MESSAGE_TYPE = "train.secagg"  # setup / key-only / unmask exchanges
+ROUND = "round"
+ADVERTISE = "advertise"
+KEY_DIRECTORY = "key-directory"
+MASKED_REQUEST = "masked-input-request"
+UNMASK_REQUEST = "unmask-request"
+SHARE_KEYS = "share-keys"
+UNMASK_SHARES = "unmask-shares"
+MASKED_ROUND = "masked-round"
+MASKED_SENDER = "masked-sender"
+VERIFY_FLAG = "verify"
+VERIFY_ONLY = "verify-only"
+DROPOUT_ERROR_CODE = 701  # Error code of an injected dropout (simulation only)
+
+STATE_RECORD = "confide-secagg"
+
+
+class SimulatedDropout(RuntimeError):
+    """Fault injection: this node drops out of the round (simulation only)."""
+
+
+# -- flat update vector <-> named trainable tensors -----------------------------------------
+def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Trainable tensors in sorted name order as one float64 vector (both sides sort, so
+    the order does not depend on how a record was built)."""
+    if not state:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(state[k], dtype=np.float64).ravel()
+                           for k in sorted(state)])
+
+
+def unflatten(vector: np.ndarray, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    pos = 0
+    for name in sorted(reference):
+        ref = reference[name]
+        out[name] = vector[pos:pos + ref.size].reshape(ref.shape)
+        pos += ref.size
+    if pos != vector.size:
+        raise ValueError(f"vector of length {vector.size} does not match {pos} parameters")
+    return {k: out[k] for k in reference}  # the reference's order
+
+
+# -- SecAggConfig on the wire ---------------------------------------------------------------
+_WIRE_FIELDS = ("num_clients", "vector_length", "degree", "threshold", "min_survivors", "bits",
+                "coord_clip", "l2_clip", "max_weight", "noise_stddev")
+
+
+def config_to_json(config: SecAggConfig) -> str:
+    values = {f: getattr(config, f) for f in _WIRE_FIELDS}
+    return json.dumps({"session": config.session_id.hex(), **values}, sort_keys=True)
+
+
+def config_from_json(text: str) -> SecAggConfig:
+    data = json.loads(text)
+    return SecAggConfig(bytes.fromhex(data.pop("session")), **data)
+
+
+def check_session_config(config: SecAggConfig, cfg: RunConfig) -> None:
+    """A node checks the server's session parameters against the run configuration it was
+    sent: it will not add less noise or clip less than the run promises."""
+    if not cfg.distributed_dp:
+        return
+    want = cfg.client_dp_noise_multiplier * cfg.client_dp_clipping_norm
+    if config.noise_stddev is None or config.noise_stddev < want * (1 - 1e-9):
+        raise SecAggRefusal(f"session noise stddev {config.noise_stddev} is below the run's "
+                            f"{want} (client-dp-noise-multiplier x client-dp-clipping-norm)")
+    if config.l2_clip is None or config.l2_clip > cfg.client_dp_clipping_norm * (1 + 1e-9):
+        raise SecAggRefusal(f"session L2 clip {config.l2_clip} exceeds the run's "
+                            f"client-dp-clipping-norm {cfg.client_dp_clipping_norm}")
+
+
+# -- the node's clients, persisted in Context.state -----------------------------------------
+class ClientStore:
+    """SecAggClient objects of this node keyed by secure round, kept in Context.state."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        records = context.state.config_records
+        self.record = records[STATE_RECORD] if STATE_RECORD in records else ConfigRecord()
+
+    def put(self, q: int, config: SecAggConfig, client: SecAggClient) -> None:
+        self.record[f"{q}/config"] = config_to_json(config)
+        self.record[f"{q}/client"] = client.to_state()
+
+    def get(self, q: int) -> SecAggClient:
+        if f"{q}/client" not in self.record:
+            raise SecAggRefusal(f"this node holds no secure-aggregation state for round {q} "
+                                "(it did not advertise keys, or dropped)")
+        config = config_from_json(str(self.record[f"{q}/config"]))
+        return SecAggClient.from_state(config, bytes(self.record[f"{q}/client"]))  # type: ignore[arg-type]
+
+    def drop(self, q: int) -> None:
+        for key in (f"{q}/config", f"{q}/client"):
+            if key in self.record:
+                del self.record[key]
+
+    def prune(self, before: int) -> None:
+        """Forget rounds that are over (their secrets must not outlive them)."""
+        for key in list(self.record.keys()):
+            if int(key.split("/")[0]) < before:
+                del self.record[key]
+
+    def save(self) -> None:
+        self.context.state.config_records[STATE_RECORD] = self.record
+
+
+def _rounds(down: ConfigRecord, prefix: str) -> list[int]:
+    return sorted(int(k.split("/")[1]) for k in down if k.startswith(prefix + "/"))
+
+
+def _partition(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
+def injected_dropout(msg: Message, context: Context, cfg: RunConfig) -> Message | None:
+    """Fault injection (simulation only): an error reply, which the server treats as a
+    dropout, when this node is drawn to drop at the masked-input or unmask stage of a round
+    this message carries. Decided before any local work, as a crashed node would do none."""
+    if cfg.dropout_rate <= 0 or SECAGG not in msg.content.config_records \
+            or "num-partitions" not in context.node_config:
+        return None
+    down = msg.content.config_records[SECAGG]
+    prefix = {"masked-input": MASKED_REQUEST, "unmask": UNMASK_REQUEST}.get(cfg.dropout_stage)
+    if prefix is None:
+        return None
+    for q in _rounds(down, prefix):
+        if drops_out(cfg.seed, q, _partition(context), cfg.dropout_rate):
+            reason = f"injected dropout at {cfg.dropout_stage} of round {q}"
+            log(WARNING, "partition %d: %s", _partition(context), reason)
+            return Message(Error(DROPOUT_ERROR_CODE, reason), reply_to=msg)
+    return None
+
+
+def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message | None,
+                 delta: Mapping[str, np.ndarray] | None) -> Message:
+    """Answer every secure-aggregation part of `msg`. `plain` is the local training reply
+    (status, metrics, DP receipt; None for key/unmask-only messages) whose plaintext delta
+    is replaced by the masked vector; `delta` is that delta (None when the node did not
+    train, e.g. it refused for budget: it still does the key stages of later rounds)."""
+    down = msg.content.config_records[SECAGG]
+    store = ClientStore(context)
+    store.prune(int(down[ROUND]))
+    up: dict[str, object] = {}
+    content = RecordDict()
+    if plain is not None and not plain.has_error():
+        for name, record in plain.content.items():
+            if name != R.ARRAYS:  # the plaintext delta never leaves the node
+                content[name] = record
+    simulation = "num-partitions" in context.node_config
+    share_drop = simulation and cfg.dropout_rate > 0 and cfg.dropout_stage == "share-keys"
+
+    def attempt(q: int, stage: str, fn) -> None:
+        try:
+            fn()
+        except SecAggError as exc:
+            # a refused or invalid part is reported, the rest of the message still counts
+            log(WARNING, "partition %d: secure aggregation round %d, %s: %s",
+                _partition(context), q, stage, exc)
+            up[f"error/{q}/{stage}"] = str(exc)
+            store.drop(q)
+
+    advertise = json.loads(str(down.get(ADVERTISE, "[]")))
+    for q in advertise:
+        def adv(q: int = int(q)) -> None:
+            config = config_from_json(str(down[f"config/{q}"]))
+            check_session_config(config, cfg)
+            client = SecAggClient(config, int(down[f"id/{q}"]), q)  # type: ignore[arg-type]
+            up[f"{ADVERTISE}/{q}"] = client.advertise_keys().to_bytes()
+            store.put(q, config, client)
+        attempt(int(q), ADVERTISE, adv)
+
+    for q in _rounds(down, KEY_DIRECTORY):
+        def share(q: int = q) -> None:
+            client = store.get(q)
+            if share_drop and drops_out(cfg.seed, q, _partition(context), cfg.dropout_rate):
+                # injected dropout after advertising: no shares, out of round q
+                log(WARNING, "partition %d: injected dropout at share-keys of round %d",
+                    _partition(context), q)
+                store.drop(q)
+                return
+            directory = KeyDirectory.from_bytes(bytes(down[f"{KEY_DIRECTORY}/{q}"]))  # type: ignore[arg-type]
+            up[f"{SHARE_KEYS}/{q}"] = client.share_keys(directory).to_bytes()  # type: ignore[arg-type]
+            store.put(q, client.config, client)
+        attempt(q, SHARE_KEYS, share)
+
+    for q in _rounds(down, MASKED_REQUEST):
+        def masked(q: int = q) -> None:
+            client = store.get(q)
+            if delta is None:  # did not train this round: a dropout for the protocol
+                store.drop(q)
+                return
+            request = MaskedInputRequest.from_bytes(bytes(down[f"{MASKED_REQUEST}/{q}"]))  # type: ignore[arg-type]
+            verify = bool(down.get(VERIFY_FLAG, False)) and simulation
+            # uniform weight 1: each surviving client counts once (DP-FedAvg's bounded
+            # contribution; example counts would need a public cap and widen sensitivity)
+            out = client.masked_input(request, flatten(delta), 1.0,  # type: ignore[arg-type]
+                                      keep_encoded=verify)
+            content[MASKED] = ArrayRecord({"vector": Array(out.vector)})
+            up[MASKED_ROUND] = q
+            up[MASKED_SENDER] = out.sender
+            if verify and client.last_encoded is not None:
+                content[VERIFY] = ArrayRecord({"encoded": Array(client.last_encoded)})
+                up[VERIFY_ONLY] = True
+            store.put(q, client.config, client)
+        attempt(q, "masked-input", masked)
+
+    for q in _rounds(down, UNMASK_REQUEST):
+        def unmask(q: int = q) -> None:
+            client = store.get(q)
+            request = UnmaskRequest.from_bytes(bytes(down[f"{UNMASK_REQUEST}/{q}"]))  # type: ignore[arg-type]
+            up[f"{UNMASK_SHARES}/{q}"] = client.unmask(request).to_bytes()  # type: ignore[arg-type]
+            store.drop(q)  # one answer per round; the secrets are no longer needed
+        attempt(q, "unmask", unmask)
+
+    store.save()
+    content[SECAGG_UP] = ConfigRecord(up)  # type: ignore[arg-type]
+    return Message(content=content, reply_to=msg)
+
+
+def session_config(cfg: RunConfig, *, session_id: bytes, num_clients: int,
+                   vector_length: int) -> SecAggConfig:
+    """The SecAggConfig of one secure round from the run configuration.
+
+    Threshold: `secagg-threshold` is a fraction of the closed neighbourhood (k + 1 parties,
+    which is all sampled clients when the graph is complete), t = ceil(fraction * (k + 1))
+    clamped to [2, k + 1]. Distributed DP: total noise stddev = client-dp-noise-multiplier x
+    client-dp-clipping-norm in update units, L2 clip = client-dp-clipping-norm."""
+    base = SecAggConfig(session_id, num_clients=num_clients, vector_length=vector_length,
+                        degree=cfg.secagg_neighbours or None, bits=cfg.secagg_bits,
+                        coord_clip=cfg.secagg_clip)
+    k = int(base.degree)  # type: ignore[arg-type]
+    t = min(k + 1, max(2, math.ceil(cfg.secagg_threshold * (k + 1))))
+    noise = (cfg.client_dp_noise_multiplier * cfg.client_dp_clipping_norm
+             if cfg.distributed_dp else None)
+    return dataclasses.replace(base, threshold=t, min_survivors=None,
+                               l2_clip=cfg.client_dp_clipping_norm if cfg.distributed_dp
+                               else None, noise_stddev=noise)

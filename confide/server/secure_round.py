@@ -1,0 +1,444 @@
+"""Secure aggregation in the server's round loop: a thin Flower adapter around the SecAgg+
+core (`confide.privacy.secagg`), folded into the training exchange.
+
+A round r costs two exchanges instead of one (the protocol has four stages; three are folded):
+
+  fit r     down: global weights + config + MaskedInputRequest(r)   [+ KeyDirectory(r+1)]
+            up:   MaskedInput(r) + status/metrics/DP receipt        [+ ShareKeys(r+1)]
+  unmask r  down: UnmaskRequest(r)                                  [+ advertise for r+2]
+            up:   UnmaskShares(r)                                   [+ AdvertiseKeys(r+2)]
+
+so the cohort of round r+1 is sampled during round r-1 (when its keys are advertised). The
+first round of a run (or of a resumed run) needs two setup exchanges: AdvertiseKeys(r, r+1),
+then KeyDirectory(r) -> ShareKeys(r). A node sampled for round r+1 but not for round r gets
+a `train.secagg` message with only the key directory; nodes that only unmask or advertise
+likewise get `train.secagg` messages.
+
+Folding has a consequence a plain protocol does not: a node that drops during fit r also
+loses its ShareKeys(r+1) and so sits out round r+1 (it can come back from r+2 on).
+
+Aggregation: every surviving client has weight 1 (see `secure_client.secure_reply`); the
+server learns the (noised) sum of the survivors' clipped, quantized updates, divides by the
+number of survivors (public) and applies the server learning rate. If too few survive,
+the core aborts (`SecAggAbort`): nothing is unmasked, the global model stays as it was, the
+ledger records the abort, and the run continues with the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+
+from confide import records as R
+from confide.clients import secure_client as S
+from confide.config import ConfigError
+from confide.privacy import ledger_events as E
+from confide.privacy.secagg import (
+    AdvertiseKeys,
+    DistributedDGAccountant,
+    KeyDirectory,
+    MaskedInput,
+    MaskedInputRequest,
+    SecAggAbort,
+    SecAggConfig,
+    SecAggError,
+    SecAggServer,
+    ShareKeys,
+    UnmaskShares,
+    UpdateEncoder,
+    ddg_params_from_config,
+)
+from confide.privacy.secagg import Message as SecAggMessage
+from confide.privacy.secagg.masking import reduce_mod
+from confide.strategies.delta_fedavg import arrays_to_numpy
+
+if TYPE_CHECKING:
+    from confide.server.federation import Federation
+
+DDG_MECHANISM = "distributed_discrete_gaussian"
+
+
+class SecureMessageRejected(ValueError):
+    """A node's secure-aggregation message cannot be accepted (names the node)."""
+
+
+@dataclass
+class Session:
+    """One secure round on the server: the core's state machine and who is in it."""
+
+    round: int
+    config: SecAggConfig
+    server: SecAggServer
+    ids: dict[int, int]  # Flower node id -> SecAgg client id (1..n, sorted node order)
+    directory: KeyDirectory | None = None
+    requests: dict[int, MaskedInputRequest] = field(default_factory=dict)  # by client id
+    aborted: str | None = None
+    rejected: dict[int, str] = field(default_factory=dict)  # node -> reason
+
+    @property
+    def nodes(self) -> dict[int, int]:
+        return {c: n for n, c in self.ids.items()}
+
+    def abort(self, exc: SecAggAbort) -> None:
+        if self.aborted is None:
+            self.aborted = str(exc)
+            log(WARNING, "secure round %d: %s; the global model stays unchanged", self.round,
+                exc)
+
+
+def is_simulation(grid: object) -> bool:
+    """Flower's simulation engine drives the ServerApp through an InMemoryGrid."""
+    return type(grid).__name__ == "InMemoryGrid"
+
+
+class SecureRounds:
+    """Owns the SecAggServer objects of the current and the next rounds and builds and
+    consumes the extra records of the folded exchanges."""
+
+    def __init__(self, fed: Federation, *, simulation: bool | None = None) -> None:
+        self.fed = fed
+        cfg = fed.cfg
+        self.simulation = is_simulation(fed.grid) if simulation is None else simulation
+        if cfg.client_dp:
+            raise ConfigError("client-dp (central noise on the server) and secure-aggregation "
+                              "exclude each other; use distributed-dp = true for client-level "
+                              "DP without trusting the server")
+        if not self.simulation and cfg.verify_secagg:
+            raise ConfigError("verify-secagg = true is allowed only in simulation: it sends "
+                              "each client's plaintext input to the server")
+        if not self.simulation and cfg.dropout_rate > 0:
+            raise ConfigError("dropout-rate > 0 (fault injection) is allowed only in "
+                              "simulation")
+        self.reference = dict(fed.global_state)
+        self.vector_length = int(sum(v.size for v in self.reference.values()))
+        self.sessions: dict[int, Session] = {}
+        self.accountant = DistributedDGAccountant()
+        self.uploaded = 0
+
+    # -- cohorts and sessions ----------------------------------------------------------
+    def _nodes(self) -> list[int]:
+        need = max(2, self.fed.cfg.min_clients)
+        deadline = time.monotonic() + min(self.fed.timeout, 600.0)
+        while True:
+            nodes = sorted(self.fed.grid.get_node_ids())
+            if len(nodes) >= need or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if len(nodes) < need:
+            raise RuntimeError(f"secure aggregation needs at least {need} connected nodes, "
+                               f"{len(nodes)} are connected")
+        return nodes
+
+    def _open(self, q: int) -> Session:
+        """Sample round q's cohort (python `random`, seeded by the run) and open its session."""
+        nodes = self._nodes()
+        size = max(2, self.fed.cfg.min_clients, int(len(nodes) * self.fed.cfg.fraction_train))
+        cohort = sorted(random.sample(nodes, min(size, len(nodes))))
+        config = S.session_config(self.fed.cfg, session_id=os.urandom(16),
+                                  num_clients=len(cohort), vector_length=self.vector_length)
+        session = Session(q, config, SecAggServer(config, q),
+                          {n: i + 1 for i, n in enumerate(cohort)})
+        self.sessions[q] = session
+        return session
+
+    def _advertise_parts(self, parts: dict[int, dict[str, Any]], session: Session) -> None:
+        for node, cid in session.ids.items():
+            p = parts.setdefault(node, {})
+            p[S.ADVERTISE] = json.dumps([*json.loads(str(p.get(S.ADVERTISE, "[]"))),
+                                         session.round])
+            p[f"config/{session.round}"] = S.config_to_json(session.config)
+            p[f"id/{session.round}"] = cid
+
+    # -- message plumbing ------------------------------------------------------------
+    def _exchange(self, server_round: int, config: ConfigRecord,
+                  parts: dict[int, dict[str, Any]], train: set[int] | None = None
+                  ) -> list[Message]:
+        train = train or set()
+        messages = []
+        for node, part in sorted(parts.items()):
+            down = ConfigRecord({S.ROUND: server_round, S.VERIFY_FLAG: self.fed.cfg.verify_secagg,
+                                 **part})
+            content = RecordDict({R.CONFIG: config, S.SECAGG: down})
+            if node in train:
+                content[R.ARRAYS] = R.to_array_record(self.fed.global_state)
+            messages.append(Message(content=content, dst_node_id=node,
+                                    message_type="train" if node in train
+                                    else S.SECAGG_MESSAGE_TYPE))
+        if not messages:
+            return []
+        replies = list(self.fed.grid.send_and_receive(messages, timeout=self.fed.timeout))
+        for reply in replies:
+            if reply.has_error():
+                continue
+            up = reply.content.config_records.get(S.SECAGG_UP)
+            if up is not None:
+                self.uploaded += sum(len(v) for v in up.values() if isinstance(v, bytes))
+                for key, value in up.items():
+                    if key.startswith("error/"):
+                        log(WARNING, "node %s: secure aggregation %s: %s",
+                            reply.metadata.src_node_id, key[6:], value)
+            if S.MASKED in reply.content.array_records:
+                self.uploaded += sum(a.numpy().nbytes
+                                     for a in reply.content[S.MASKED].values())
+        return replies
+
+    def consume(self, session: Session, reply: Message, key: str,
+                kind: type[SecAggMessage]) -> bool:
+        """Feed one part of a node's reply to the round's core; a malformed, replayed,
+        misaddressed or unexpected part is rejected with a reason naming the node (that
+        node then counts as a dropout), and the round goes on."""
+        node = reply.metadata.src_node_id
+        try:
+            if node not in session.ids:
+                raise SecureMessageRejected(f"node {node} was not sampled for secure round "
+                                            f"{session.round}")
+            if reply.has_error():
+                return False
+            up = reply.content.config_records.get(S.SECAGG_UP)
+            if kind is MaskedInput:
+                msg = self._masked_input(session, reply)
+                if msg is None:
+                    return False
+            else:
+                if up is None or key not in up:
+                    return False
+                msg = SecAggMessage.from_bytes(bytes(up[key]))  # type: ignore[arg-type]
+                if not isinstance(msg, kind):
+                    raise SecureMessageRejected(f"node {node}: {key} holds a {msg.KIND} "
+                                                "message")
+            sender = getattr(msg, "sender", None)
+            if sender != session.ids[node]:
+                raise SecureMessageRejected(f"node {node} sent a message as client {sender}, "
+                                            f"but is client {session.ids[node]} in round "
+                                            f"{session.round}")
+            session.server.receive(msg)
+            return True
+        except (SecAggError, SecureMessageRejected, ValueError, KeyError) as exc:
+            if isinstance(exc, SecAggAbort):
+                raise
+            reason = f"node {node}: {type(exc).__name__}: {exc}"
+            log(WARNING, "secure round %d: rejected message of %s", session.round, reason)
+            session.rejected[node] = reason
+            return False
+
+    def _masked_input(self, session: Session, reply: Message) -> MaskedInput | None:
+        up = reply.content.config_records.get(S.SECAGG_UP)
+        if up is None or S.MASKED not in reply.content.array_records:
+            return None
+        record = reply.content[S.MASKED]
+        if "vector" not in record or S.MASKED_ROUND not in up or S.MASKED_SENDER not in up:
+            raise SecureMessageRejected(f"node {reply.metadata.src_node_id}: masked input "
+                                        "without vector, round or sender")
+        # the session id and round come from the reply; the core rejects a vector of
+        # another round (replay) or of the wrong length/dtype, naming the sender
+        return MaskedInput(session.config.session_id, int(up[S.MASKED_ROUND]),  # type: ignore[arg-type]
+                           sender=int(up[S.MASKED_SENDER]),  # type: ignore[arg-type]
+                           vector=record["vector"].numpy())
+
+    def _close(self, session: Session | None, stage: str) -> None:
+        """Close a stage of a session that is still alive; record an abort."""
+        if session is None or session.aborted is not None:
+            return
+        try:
+            if stage == "advertise":
+                session.directory = session.server.key_directory()
+            elif stage == "share":
+                session.requests = session.server.masked_input_requests()
+        except SecAggAbort as exc:
+            session.abort(exc)
+
+    # -- setup ---------------------------------------------------------------------
+    def setup(self, first: int, config: ConfigRecord) -> None:
+        """Two exchanges before the first secure round: advertise keys for rounds `first`
+        and `first + 1`, then share keys for `first`."""
+        last = self.fed.cfg.rounds
+        sessions = [self._open(q) for q in (first, first + 1) if q <= last]
+        parts: dict[int, dict[str, Any]] = {}
+        for s in sessions:
+            self._advertise_parts(parts, s)
+        replies = self._exchange(first, config, parts)
+        for s in sessions:
+            for reply in replies:
+                self.consume(s, reply, f"{S.ADVERTISE}/{s.round}", AdvertiseKeys)
+            self._close(s, "advertise")
+        head = sessions[0]
+        if head.aborted is None and head.directory is not None:
+            parts = {n: {f"{S.KEY_DIRECTORY}/{first}": head.directory.to_bytes()}
+                     for n in head.ids}
+            for reply in self._exchange(first, config, parts):
+                self.consume(head, reply, f"{S.SHARE_KEYS}/{first}", ShareKeys)
+            self._close(head, "share")
+        log(INFO, "secure aggregation set up for round %d: %d clients, threshold %d, "
+            "%d neighbours, %d bits", first, head.config.num_clients, head.config.threshold,
+            head.config.degree, head.config.bits)
+
+    # -- one round -------------------------------------------------------------------
+    def run_round(self, server_round: int, config: ConfigRecord
+                  ) -> tuple[list[int], list[str], int, dict[str, Any]]:
+        """Fit + unmask exchanges of one round. Returns (sampled nodes, aggregated partner
+        pseudonyms, bytes uploaded, extra metrics) and updates the federation's global
+        weights when the secure sum is released."""
+        fed = self.fed
+        assert fed.ledger is not None
+        self.uploaded = 0
+        config = ConfigRecord({**dict(config), R.ROUND: server_round})
+        if server_round not in self.sessions:
+            self.setup(server_round, config)
+        cur = self.sessions[server_round]
+        nxt = self.sessions.get(server_round + 1)
+        sampled = sorted(cur.ids)
+        fed.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
+            round=server_round, sampled=[str(n) for n in sampled]).to_payload())
+
+        # fit: MaskedInputRequest(r) with the weights, KeyDirectory(r+1) alongside
+        parts: dict[int, dict[str, Any]] = {}
+        train: set[int] = set()
+        if cur.aborted is None:
+            nodes = cur.nodes
+            for cid, request in cur.requests.items():
+                parts.setdefault(nodes[cid], {})[f"{S.MASKED_REQUEST}/{server_round}"] = \
+                    request.to_bytes()
+                train.add(nodes[cid])
+        if nxt is not None and nxt.aborted is None and nxt.directory is not None:
+            for node in nxt.ids:
+                parts.setdefault(node, {})[f"{S.KEY_DIRECTORY}/{nxt.round}"] = \
+                    nxt.directory.to_bytes()
+        replies = self._exchange(server_round, config, parts, train)
+        trained, _ = fed._sort_replies(
+            server_round, [r for r in replies if r.metadata.src_node_id in train])
+        if nxt is not None and nxt.aborted is None:
+            for reply in replies:
+                self.consume(nxt, reply, f"{S.SHARE_KEYS}/{nxt.round}", ShareKeys)
+            self._close(nxt, "share")
+        verify: dict[int, np.ndarray] = {}
+        unmask_request = None
+        if cur.aborted is None:
+            for reply in trained:
+                if self.consume(cur, reply, "", MaskedInput) \
+                        and S.VERIFY in reply.content.array_records:
+                    verify[cur.ids[reply.metadata.src_node_id]] = \
+                            reply.content[S.VERIFY]["encoded"].numpy()
+            try:
+                unmask_request = cur.server.unmask_request()
+            except SecAggAbort as exc:
+                cur.abort(exc)
+
+        # unmask: UnmaskRequest(r) to the survivors, advertise for r+2 alongside
+        parts = {}
+        if unmask_request is not None:
+            nodes = cur.nodes
+            for cid in unmask_request.survivors:
+                parts.setdefault(nodes[cid], {})[f"{S.UNMASK_REQUEST}/{server_round}"] = \
+                    unmask_request.to_bytes()
+        later = None
+        if server_round + 2 <= fed.cfg.rounds and server_round + 2 not in self.sessions:
+            later = self._open(server_round + 2)
+            self._advertise_parts(parts, later)
+        replies = self._exchange(server_round, config, parts)
+        if later is not None:
+            for reply in replies:
+                self.consume(later, reply, f"{S.ADVERTISE}/{later.round}", AdvertiseKeys)
+            self._close(later, "advertise")
+        result = None
+        if unmask_request is not None and cur.aborted is None:
+            for reply in replies:
+                if reply.metadata.src_node_id in cur.ids:
+                    self.consume(cur, reply, f"{S.UNMASK_SHARES}/{server_round}", UnmaskShares)
+            try:
+                result = cur.server.result()
+            except SecAggAbort as exc:
+                cur.abort(exc)
+            except SecAggError as exc:  # e.g. inconsistent shares: nothing is released
+                cur.aborted = f"unmasking failed: {exc}"
+                log(WARNING, "secure round %d: %s", server_round, cur.aborted)
+
+        # aggregate, verify, account, record
+        extra: dict[str, Any] = {"secagg_aborted": cur.aborted}
+        aggregated: list[str] = []
+        partner = fed._reply_partner
+        nodes = cur.nodes
+        survivors = [nodes[c] for c in result.survivors] if result is not None else []
+        if result is not None and survivors:
+            mean = result.weighted_sum / len(survivors)  # weight 1 each; the count is public
+            fed.inner.global_state = fed.global_state
+            fed.global_state = arrays_to_numpy(fed.inner.apply(
+                S.unflatten(mean, self.reference)))
+            aggregated = [partner.get(n, f"node-{n}") for n in survivors]
+            encoder = UpdateEncoder(cur.config)
+            extra["secagg_quantization_step"] = encoder.step * cur.config.max_weight
+            if verify:
+                extra.update(self._verify(cur, result, verify))
+        for node in cur.rejected:
+            name = f"node-{node}"
+            if name not in fed._dropped:  # counted as a dropout of this round
+                fed._dropped.append(name)
+        dropouts = sorted(partner.get(n, f"node-{n}") for n in sampled if n not in survivors)
+        extra["secagg_survivors"] = len(survivors)
+        extra["secagg_dropouts"] = len(dropouts)
+        fed.ledger.append(E.SecureAggregationEvent(
+            round=server_round, participants=sorted(aggregated), dropouts=dropouts,
+            threshold=int(cur.config.threshold),  # type: ignore[arg-type]
+            bits=cur.config.bits, neighbours=int(cur.config.degree),  # type: ignore[arg-type]
+            aborted=cur.aborted))
+        if fed.cfg.distributed_dp:
+            self._record_ddg(cur, released=result is not None)
+        del self.sessions[server_round]
+        return sampled, aggregated, self.uploaded, extra
+
+    def _verify(self, session: Session, result: Any, encoded: dict[int, np.ndarray]
+                ) -> dict[str, Any]:
+        """Simulation only: the plaintext ring sum of the survivors' (noised, quantized)
+        inputs, decoded, against the secure result."""
+        cfg = session.config
+        missing = [c for c in result.survivors if c not in encoded]
+        if missing:
+            return {"secagg_max_abs_error": None, "secagg_verify_missing": missing}
+        total = np.zeros(cfg.encoded_length, dtype=cfg.dtype)
+        for c in result.survivors:
+            np.add(total, encoded[c].astype(cfg.dtype), out=total)
+        reduce_mod(total, cfg)
+        plain, _ = UpdateEncoder(cfg).decode(total)
+        error = float(np.max(np.abs(plain - result.weighted_sum), initial=0.0))
+        return {"secagg_max_abs_error": error,
+                "secagg_ring_sum_equal": bool(np.array_equal(total, result.ring_sum))}
+
+    def _record_ddg(self, session: Session, *, released: bool) -> None:
+        """Client-level DP of the distributed discrete Gaussian (KLS21), accounted for the
+        worst case the threshold allows: only min_survivors noise shares in the sum. Cohorts
+        are fixed-size samples, so no amplification by sampling is claimed (rate 1). An
+        aborted round released nothing and composes nothing (recorded with released=false)."""
+        fed = self.fed
+        assert fed.ledger is not None
+        params = ddg_params_from_config(session.config)
+        self.accountant.step(params, 1.0, rounds=int(released))
+        epsilon = self.accountant.epsilon(fed.cfg.delta)
+        fed.client_dp_epsilon = epsilon
+        fed.ledger.append(E.CLIENT_DP, E.ClientDpEvent(
+            round=session.round, mechanism=DDG_MECHANISM,
+            noise_multiplier=fed.cfg.client_dp_noise_multiplier,
+            clipping_norm=fed.cfg.client_dp_clipping_norm,
+            population=max(fed.cfg.clients, len(session.ids)), sampled=len(session.ids),
+            delta=fed.cfg.delta, epsilon_claimed=epsilon,
+            params={"ddg": params.to_dict(), "sampling_rate": 1.0, "released": released,
+                    "min_survivors": session.config.min_survivors,
+                    "noise_stddev": session.config.noise_stddev,
+                    "bits": session.config.bits}).to_payload())
+
+    # -- checkpoint state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # the sessions of rounds in flight are not saved: their secrets are not on the
+        # server, and a resumed run sets up fresh keys (setup exchanges) for its next round
+        return {"ddg_accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ddg_accountant" in state:
+            self.accountant.load_state_dict(state["ddg_accountant"])
