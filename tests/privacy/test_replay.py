@@ -121,7 +121,7 @@ def test_client_mechanism_registry_dispatch_and_unknown() -> None:
     ddg = ClientDpEvent(round=1, mechanism=DISTRIBUTED_DISCRETE_GAUSSIAN, noise_multiplier=1.0,
                         clipping_norm=1.0, population=10, sampled=5, delta=DELTA)
     # the distributed discrete Gaussian replay is a plugin that needs the mechanism's params
-    with pytest.raises(ValueError, match="params.ddg"):
+    with pytest.raises(ValueError, match=r"params\.ddg"):
         replay_client_level([ddg], registry=ClientMechanismRegistry())
 
 
