@@ -108,6 +108,8 @@ SCHEMA: dict[str, KeySpec] = {
                          "local optimizer"),
     "learning-rate": KeySpec(float, "0 < x <= 10", _range(0, 10, lo_open=True),
                              "local learning rate"),
+    "head-learning-rate": KeySpec(float, "0 (= learning-rate) or 0 < x <= 10", _range(0, 10),
+                                  "local learning rate of the classifier head"),
     "weight-decay": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True), "weight decay"),
     "device": KeySpec(str, "'auto', 'cpu' or 'cuda[:N]'",
                       lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "torch device"),
@@ -189,6 +191,7 @@ class RunConfig:
     physical_batch_size: int = 64
     optimizer: str = "adam"
     learning_rate: float = 5e-3
+    head_learning_rate: float = 0.0
     weight_decay: float = 0.0
     device: str = "auto"
     example_dp: bool = True

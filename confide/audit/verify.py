@@ -247,8 +247,10 @@ class RunVerifier:
         if started:
             start = started[0][1]
             self.config, self.delta = start.config, start.delta
-            # The rule of confide.config.RunConfig.digest().
-            digest = hashlib.sha256(json.dumps(start.config, sort_keys=True,
+            # The rule of confide.config.RunConfig.digest() (`resume` left out: a resumed
+            # run is the same run).
+            hashed = {k: v for k, v in start.config.items() if k != "resume"}
+            digest = hashlib.sha256(json.dumps(hashed, sort_keys=True,
                                                separators=(",", ":")).encode()).hexdigest()
             if digest != start.config_digest:
                 c.add("config_digest is not the SHA-256 of the recorded config", started[0][0])

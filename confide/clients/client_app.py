@@ -122,6 +122,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         batch_size=cfg.batch_size, physical_batch_size=cfg.physical_batch_size,
         epochs=cfg.local_epochs, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, device=device,
+        head_learning_rate=cfg.head_learning_rate or None,
         seed=cfg.seed * 100_003 + server_round * 1009 + _partition_id(context),
         dp=cfg.example_dp, round_id=server_round)
     delta = compute_delta(trainable_state(model), global_state)

@@ -69,7 +69,8 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
              device: str | torch.device = "cpu", seed: int = 0, dp: bool = True,
              private_randomness: bool | None = None,
              grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
-             round_id: int | None = None) -> TrainResult:
+             round_id: int | None = None,
+             head_learning_rate: float | None = None) -> TrainResult:
     """Train `model`'s trainable parameters in place for `epochs` passes (in expectation).
 
     steps = max(1, round(epochs / q)) with q = min(1, batch_size / n). With dp=False the
@@ -102,7 +103,8 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
     was_training = model.training
     wrapper = make_opacus_ready(model)
     params = trainable_parameters(model)
-    base = _make_optimizer(optimizer, params, learning_rate, weight_decay)
+    base = _make_optimizer(optimizer, _param_groups(model, learning_rate, head_learning_rate),
+                           learning_rate, weight_decay)
     loader = _poisson_loader(tensors, sample_rate, steps, sampling_seed)
     try:
         if dp:
@@ -302,7 +304,21 @@ def _check_settings(noise_multiplier: float, max_grad_norm: float, batch_size: i
         raise DPTrainingError("; ".join(problems))
 
 
-def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float
+def _param_groups(model: nn.Module, lr: float, head_lr: float | None
+                  ) -> list[dict[str, object]]:
+    """The classifier head may take its own step size: under DP noise, adapters that reshape
+    the encoder's features want small steps while a linear head on good features can take
+    large ones (measured in benchmarks/utility_sst2.py)."""
+    head, body = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if "classifier." in name else body).append(p)
+    if head_lr is None or not head or not body:
+        return [{"params": head + body, "lr": lr}]
+    return [{"params": body, "lr": lr}, {"params": head, "lr": head_lr}]
+
+
+def _make_optimizer(name: str, params: list[dict[str, object]], lr: float, weight_decay: float
                     ) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)

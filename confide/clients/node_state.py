@@ -95,7 +95,7 @@ def load_node_state(context: Context, *, delta: float, max_epsilon: float,
     except (KeyError, ValueError, json.JSONDecodeError) as exc:
         where = state_dir / STATE_FILE if state_dir else "node context"
         # Refuse rather than start from zero: a lost history would let budget be re-spent.
-        raise RuntimeError(f"node state in {where} is unreadable ({exc}); refusing to train "
+        raise RuntimeError(f"node state in {where} cannot be used ({exc}); refusing to train "
                            "with an unknown privacy history") from None
 
 
