@@ -58,10 +58,12 @@ class NodeState:
                            "handled": self.handled})
 
     @classmethod
-    def from_json(cls, text: str, max_epsilon: float) -> NodeState:
+    def from_json(cls, text: str, delta: float, max_epsilon: float) -> NodeState:
         data = json.loads(text)
+        accountant = PartnerAccountant(delta, max_epsilon)
+        accountant.load_state_dict(data["accountant"])  # refuses another delta
         return cls(
-            accountant=PartnerAccountant.from_state_dict(data["accountant"], max_epsilon),
+            accountant=accountant,
             signing_key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
             noise_multiplier=data.get("noise_multiplier"),
             handled=list(data.get("handled", [])))
@@ -91,7 +93,7 @@ def load_node_state(context: Context, *, delta: float, max_epsilon: float,
     if text is None:
         return NodeState(PartnerAccountant(delta, max_epsilon), Ed25519PrivateKey.generate())
     try:
-        return NodeState.from_json(text, max_epsilon)
+        return NodeState.from_json(text, delta, max_epsilon)
     except (KeyError, ValueError, json.JSONDecodeError) as exc:
         where = state_dir / STATE_FILE if state_dir else "node context"
         # Refuse rather than start from zero: a lost history would let budget be re-spent.
