@@ -52,7 +52,8 @@ def central(args: argparse.Namespace, train_file: Path) -> float:
     # Same number of passes over the data as the federated runs: rounds x local epochs.
     train_dp(model, train, noise_multiplier=0.0, max_grad_norm=1.0, batch_size=args.batch_size,
              physical_batch_size=args.batch_size, epochs=args.rounds * args.local_epochs,
-             optimizer=args.optimizer, learning_rate=args.lr, seed=args.seed, dp=False)
+             optimizer=args.optimizer, learning_rate=args.lr, seed=args.seed, dp=False,
+             head_learning_rate=args.head_lr or None)
     return evaluate(model, dev, 256)[0]
 
 
@@ -68,7 +69,7 @@ def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: fl
         "physical-batch-size": min(args.batch_size, 64), "local-epochs": args.local_epochs,
         "optimizer": args.optimizer, "learning-rate": args.lr, "out": str(out),
         "delta": 1e-5, "max-grad-norm": args.clip,
-        "server-learning-rate": args.server_lr,
+        "server-learning-rate": args.server_lr, "head-learning-rate": args.head_lr,
     }
     if epsilon is None:
         values["example-dp"] = False
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
-    p.add_argument("--fine-tune", default="head")
+    p.add_argument("--fine-tune", default="lora")
     p.add_argument("--train-size", type=int, default=6000)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
@@ -93,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--dp-lr", type=float, default=5e-2)
+    p.add_argument("--dp-lr", type=float, default=5e-3)
+    p.add_argument("--head-lr", type=float, default=0.0,
+                   help="learning rate of the classifier head (0 = same as the rest)")
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

@@ -191,7 +191,7 @@ class RunConfig:
     physical_batch_size: int = 64
     optimizer: str = "adam"
     learning_rate: float = 5e-3
-    head_learning_rate: float = 0.0
+    head_learning_rate: float = 0.02
     weight_decay: float = 0.0
     device: str = "auto"
     example_dp: bool = True

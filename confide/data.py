@@ -309,8 +309,8 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
     """Training partitions for `clients` partners and a central evaluation set."""
     synthetic = not data
     if synthetic:
-        full = synthetic_sentiment(max(1000, 60 * clients), seed=seed)
-        held = max(200, len(full) // 5)
+        full = synthetic_sentiment(max(2000, 400 * clients), seed=seed)
+        held = max(300, len(full) // 6)
         evaluation = full.subset(range(held), source=full.source + " [eval]")
         train = full.subset(range(held, len(full)))
         parts = partition(train, clients, "iid" if partitioner == "column" else partitioner,

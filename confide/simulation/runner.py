@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -78,25 +78,31 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
     return out, summary
 
 
-def final_table(out: Path, summary: dict[str, Any]) -> Table:
+def final_table(out: Path, summary: dict[str, Any]) -> Group:
+    """Per round: accuracy, loss, participation, epsilon range, bytes; then per partner."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    table = Table(title=f"Confide run {out}" + (" [SYNTHETIC demo data]"
-                                                 if summary.get("synthetic_data") else ""))
-    table.add_column("round", justify="right")
-    table.add_column("accuracy", justify="right")
-    table.add_column("loss", justify="right")
-    table.add_column("aggregated", justify="right")
-    table.add_column("epsilon per partner (cumulative)")
-    table.add_column("bytes uploaded", justify="right")
+    synthetic = " [SYNTHETIC demo data]" if summary.get("synthetic_data") else ""
+    rounds = Table(title=f"Confide run {out}{synthetic}")
+    for name in ("round", "accuracy", "loss", "aggregated", "epsilon min-max",
+                 "client-level eps", "bytes uploaded"):
+        rounds.add_column(name, justify="right")
     for r in rows:
-        eps = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(r["epsilon_example_level"].items()))
-        if r.get("epsilon_client_level") is not None:
-            eps += f" | client-level {r['epsilon_client_level']:.2f}"
-        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
-                      f"{r['num_clients_aggregated']}/{r['num_clients_sampled']}", eps or "-",
-                      f"{r['bytes_uploaded']:,}")
+        eps = list(r["epsilon_example_level"].values())
+        span = f"{min(eps):.2f}-{max(eps):.2f}" if eps else "-"
+        client = r.get("epsilon_client_level")
+        rounds.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
+                       f"{r['num_clients_aggregated']}/{r['num_clients_sampled']}", span,
+                       "-" if client is None else f"{client:.2f}", f"{r['bytes_uploaded']:,}")
+    partners = Table(title="Example-level epsilon per partner (cumulative over the run)")
+    for name in ("partner", "epsilon", "rounds trained", "refused (budget)"):
+        partners.add_column(name, justify="right")
     priv = summary["privacy"]
-    table.caption = (f"delta = {priv['delta']}; example-level DP per partner, add/remove-one-"
-                     f"record adjacency, cumulative over the run; accountant: "
-                     f"{priv['accountant']}")
-    return table
+    for p, eps in sorted(priv["example_level"].items()):
+        trained = sum(1 for r in rows if p in r["epsilon_example_level"]
+                      and p not in r.get("refused", []))
+        refused = [str(r["round"]) for r in rows if p in r.get("refused", [])]
+        partners.add_row(p, f"{eps:.3f}", str(trained), ", ".join(refused) or "-")
+    partners.caption = (f"delta = {priv['delta']}; example-level DP per partner, add/remove-one-"
+                        f"record adjacency, cumulative over the run; {priv['accountant']}. "
+                        f"Check it: confide audit verify {out}")
+    return Group(rounds, partners)
