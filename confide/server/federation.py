@@ -357,7 +357,7 @@ class Federation:
                 "delta": self.cfg.delta,
                 "example_level": {p.pseudonym: p.epsilon for p in self.partners.values()},
                 "client_level_epsilon": self.client_dp_epsilon,
-                "accountant": "rdp (opacus, per partner); client level: " + (
+                "accountant": "RDP, integer orders (Opacus analysis), per partner; client level: " + (
                     "rdp of the distributed discrete Gaussian (Kairouz-Liu-Steinke 2021)"
                     if self.cfg.distributed_dp else "rdp (flwr)"),
                 "adjacency": "add/remove one record (example level); add/remove one "
