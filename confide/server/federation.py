@@ -187,7 +187,7 @@ class Federation:
             self.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
                 round=server_round, sampled=[str(n) for n in sampled]).to_payload())
             replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-            trained, uploaded = self._sort_replies(server_round, replies)
+            trained, uploaded = self._sort_replies(server_round, replies, set(sampled))
             arrays, _ = self.strategy.aggregate_train(server_round, trained)
             rejected = {node for node, _ in self.inner.rejected}
             aggregated = []
@@ -237,9 +237,13 @@ class Federation:
                 self.secure.load_state_dict(self._secure_state)
         return self.secure
 
-    def _sort_replies(self, server_round: int, replies: Iterable[Message]
-                      ) -> tuple[list[Message], int]:
-        """Keep replies that trained; log and record refusals and failures."""
+    def _sort_replies(self, server_round: int, replies: Iterable[Message],
+                      expected: set[int] | None = None) -> tuple[list[Message], int]:
+        """Keep replies that trained; log and record refusals and failures.
+
+        A reply from a node that was not sent this round's message, or a second reply
+        from the same node or partner (a duplicate or a replay), is dropped: it would
+        otherwise count one partner's update twice."""
         assert self.ledger is not None
         trained: list[Message] = []
         uploaded = 0
@@ -247,6 +251,13 @@ class Federation:
         self._dropped: list[str] = []
         for reply in replies:
             node = reply.metadata.src_node_id
+            if expected is not None and node not in expected:
+                log(WARNING, "round %d: reply from node %s, which was not sampled; dropped",
+                    server_round, node)
+                continue
+            if node in self._reply_partner:
+                log(WARNING, "round %d: second reply from node %s; dropped", server_round, node)
+                continue
             if reply.has_error():
                 log(WARNING, "round %d: node %s failed: %s", server_round, node,
                     reply.error.reason)
@@ -258,6 +269,10 @@ class Federation:
                 self._dropped.append(f"node-{node}")
                 continue
             partner = self._partner(status)
+            if partner.pseudonym in self._reply_partner.values():
+                log(WARNING, "round %d: second reply from partner %s (node %s); dropped",
+                    server_round, partner.pseudonym, node)
+                continue
             self._reply_partner[node] = partner.pseudonym
             code = str(status[R.STATUS_CODE])
             if code == R.BUDGET_EXHAUSTED:
@@ -357,7 +372,8 @@ class Federation:
                 "delta": self.cfg.delta,
                 "example_level": {p.pseudonym: p.epsilon for p in self.partners.values()},
                 "client_level_epsilon": self.client_dp_epsilon,
-                "accountant": "RDP, integer orders (Opacus analysis), per partner; client level: " + (
+                "accountant": "RDP, integer orders (Opacus analysis), per partner; "
+                              "client level: " + (
                     "rdp of the distributed discrete Gaussian (Kairouz-Liu-Steinke 2021)"
                     if self.cfg.distributed_dp else "rdp (flwr)"),
                 "adjacency": "add/remove one record (example level); add/remove one "

@@ -1,0 +1,81 @@
+"""The server's handling of bad, duplicated and foreign replies (no runtime needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from confide import records as R
+from confide.config import build_config
+from confide.privacy.receipts import pseudonym_of, public_key_hex, sign_receipt
+from confide.server.federation import Federation
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Federation:
+    cfg = build_config({"model": "tiny", "clients": 3, "out": str(tmp_path / "run"),
+                        "max-length": 16})
+    fed = Federation(grid=None, cfg=cfg, out_dir=tmp_path / "run")  # type: ignore[arg-type]
+    fed.start()  # run folder, ledger with run_started
+    return fed
+
+
+def reply(fed: Federation, node: int, key: Ed25519PrivateKey, server_round: int = 1, *,
+          epsilon: float = 1.0, tamper: bool = False) -> Message:
+    sent = Message(RecordDict({}), dst_node_id=node, message_type="train")
+    partner = pseudonym_of(key)
+    claim = {"round": server_round, "partner": partner, "noise_multiplier": 1.0,
+             "sample_rate": 0.1, "steps": 10, "delta": 1e-5, "epsilon": epsilon,
+             "accountant": "rdp"}
+    receipt = sign_receipt(claim, key).to_dict()
+    if tamper:
+        receipt["payload"]["steps"] = 1  # under-report the spend after signing
+    delta = {k: np.zeros_like(v) for k, v in fed.global_state.items()}
+    return Message(RecordDict({
+        R.ARRAYS: R.to_array_record(delta),
+        R.METRICS: MetricRecord({R.NUM_EXAMPLES: 10}),
+        R.STATUS: ConfigRecord({R.STATUS_CODE: R.OK, R.STATUS_DETAIL: "", R.PARTNER: partner,
+                                R.PUBLIC_KEY: public_key_hex(key)}),
+        R.RECEIPT: ConfigRecord({R.RECEIPT_JSON: json.dumps(receipt)}),
+    }), reply_to=sent)
+
+
+def test_valid_replies_are_kept_and_their_receipts_recorded(federation: Federation) -> None:
+    keys = [Ed25519PrivateKey.generate() for _ in range(2)]
+    trained, uploaded = federation._sort_replies(
+        1, [reply(federation, i + 1, k) for i, k in enumerate(keys)], {1, 2})
+    assert len(trained) == 2 and uploaded > 0
+    types = [e["type"] for e in federation.ledger.entries]
+    assert types.count("example_dp") == 2
+
+
+def test_duplicate_and_foreign_replies_are_dropped(federation: Federation) -> None:
+    a, b = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    replies = [reply(federation, 1, a), reply(federation, 1, a),  # same node twice
+               reply(federation, 2, a),  # same partner key from another node
+               reply(federation, 9, b)]  # a node that was not sampled
+    trained, _ = federation._sort_replies(1, replies, {1, 2})
+    assert [m.metadata.src_node_id for m in trained] == [1]
+
+
+def test_tampered_or_misattributed_receipts_drop_the_update(federation: Federation) -> None:
+    a, b = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    wrong_round = reply(federation, 2, b, server_round=2)
+    trained, _ = federation._sort_replies(
+        1, [reply(federation, 1, a, tamper=True), wrong_round], {1, 2})
+    assert trained == []
+    assert not [e for e in federation.ledger.entries if e["type"] == "example_dp"]
+
+
+def test_error_replies_count_as_dropouts(federation: Federation) -> None:
+    from flwr.app import Error
+
+    sent = Message(RecordDict({}), dst_node_id=3, message_type="train")
+    failed = Message(Error(code=0, reason="node crashed"), reply_to=sent)
+    trained, _ = federation._sort_replies(1, [failed], {3})
+    assert trained == [] and federation._dropped == ["node-3"]
