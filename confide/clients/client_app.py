@@ -60,16 +60,18 @@ def train(msg: Message, context: Context) -> Message:
     state_dir = node_state_dir(context, cfg.out)
     state = load_node_state(context, delta=cfg.delta, max_epsilon=max_epsilon,
                             state_dir=state_dir)
-    if state.seen(msg.metadata.message_id):
-        return _status_reply(msg, state, R.STALE,
-                             f"message {msg.metadata.message_id} was already handled")
+    # Flower's message id is the content hash (incl. creation time): a replayed message has
+    # the same id, a re-sent round (e.g. after a server resume) a new one.
+    message_id = msg.metadata.message_id or msg.object_id
+    if state.seen(message_id):
+        return _status_reply(msg, state, R.STALE, f"message {message_id} was already handled")
     secure = cfg.secure_aggregation and secure_client.SECAGG in msg.content.config_records
     if secure and (dropped := secure_client.injected_dropout(msg, context, cfg)) is not None:
         return dropped
     data = _partner_data(cfg, context)
     run_key = str(config_record.get(R.RUN_KEY, ""))
     reply = _train_round(msg, cfg, server_round, run_key, data, state, context)
-    state.mark_handled(msg.metadata.message_id)
+    state.mark_handled(message_id)
     save_node_state(context, state, state_dir)
     if secure:
         # The delta goes into the secure sum (clipped, quantized, noised, masked) instead

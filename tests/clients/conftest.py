@@ -1,0 +1,1 @@
+from tests.strategies.conftest import task_identity  # noqa: F401  (autouse fixture)
