@@ -37,8 +37,10 @@ from flwr.serverapp import Grid, ServerApp
 
 # Ray actors per simulation: one per core (2 on the benchmark machine); any n fits, nodes
 # queue for the actors.
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-           "init_args": {"logging_level": "error", "log_to_driver": False}}
+BACKEND = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"logging_level": "error", "log_to_driver": False},
+}
 PLAIN_KEY = "bench-vector"
 
 
@@ -56,12 +58,19 @@ def _nodes(grid: Grid, n: int) -> list[int]:
         time.sleep(0.2)
 
 
-def _result(out: Path, marks: list[tuple[float, float]], warmup: int,
-            **extra: Any) -> None:
+def _result(out: Path, marks: list[tuple[float, float]], warmup: int, **extra: Any) -> None:
     timed = marks[warmup:]
     per_round = (timed[-1][1] - timed[0][0]) / len(timed)
-    out.write_text(json.dumps({"s_per_round": per_round, "round_seconds":
-                               [b - a for a, b in marks], "warmup": warmup, **extra}))
+    out.write_text(
+        json.dumps(
+            {
+                "s_per_round": per_round,
+                "round_seconds": [b - a for a, b in marks],
+                "warmup": warmup,
+                **extra,
+            }
+        )
+    )
 
 
 # -- plain -------------------------------------------------------------------------------
@@ -71,8 +80,9 @@ plain_client = ClientApp()
 @plain_client.train()
 def plain_train(msg: Message, context: Context) -> Message:
     d = msg.content[PLAIN_KEY]["w"].numpy().size
-    return Message(RecordDict({PLAIN_KEY: ArrayRecord({"w": Array(random_delta(d))})}),
-                   reply_to=msg)
+    return Message(
+        RecordDict({PLAIN_KEY: ArrayRecord({"w": Array(random_delta(d))})}), reply_to=msg
+    )
 
 
 def plain_server(n: int, d: int, rounds: int, warmup: int, out: Path) -> ServerApp:
@@ -85,8 +95,14 @@ def plain_server(n: int, d: int, rounds: int, warmup: int, out: Path) -> ServerA
         marks, uploads = [], []
         for _ in range(warmup + rounds):
             t0 = time.perf_counter()
-            messages = [Message(RecordDict({PLAIN_KEY: ArrayRecord({"w": Array(weights)})}),
-                                dst_node_id=node, message_type="train") for node in nodes]
+            messages = [
+                Message(
+                    RecordDict({PLAIN_KEY: ArrayRecord({"w": Array(weights)})}),
+                    dst_node_id=node,
+                    message_type="train",
+                )
+                for node in nodes
+            ]
             replies = [r for r in grid.send_and_receive(messages) if not r.has_error()]
             total = np.zeros(d, dtype=np.float64)
             up = 0
@@ -122,11 +138,22 @@ def _ours_reply(msg: Message, context: Context, train: bool) -> Message:
     d = sum(a.numpy().size for a in msg.content[R.ARRAYS].values())
     delta = {"w": random_delta(d)}
     node = context.node_id
-    plain = Message(RecordDict({
-        R.ARRAYS: R.to_array_record(delta),
-        R.STATUS: ConfigRecord({R.STATUS_CODE: R.OK, R.STATUS_DETAIL: "",
-                                R.PARTNER: f"p{node}", R.PUBLIC_KEY: f"k{node}"})}),
-        reply_to=msg)
+    plain = Message(
+        RecordDict(
+            {
+                R.ARRAYS: R.to_array_record(delta),
+                R.STATUS: ConfigRecord(
+                    {
+                        R.STATUS_CODE: R.OK,
+                        R.STATUS_DETAIL: "",
+                        R.PARTNER: f"p{node}",
+                        R.PUBLIC_KEY: f"k{node}",
+                    }
+                ),
+            }
+        ),
+        reply_to=msg,
+    )
     reply = S.secure_reply(msg, context, cfg, plain, delta)
     _client_seconds("train", t0)
     return reply
@@ -178,12 +205,23 @@ class BenchFederation:
 def ours_config(n: int, rounds: int, dp: bool) -> Any:
     from confide.config import build_config
 
-    values: dict[str, Any] = {"secure-aggregation": True, "example-dp": False,
-                              "rounds": rounds, "clients": n, "min-clients": n,
-                              "fraction-train": 1.0, "seed": 7}
+    values: dict[str, Any] = {
+        "secure-aggregation": True,
+        "example-dp": False,
+        "rounds": rounds,
+        "clients": n,
+        "min-clients": n,
+        "fraction-train": 1.0,
+        "seed": 7,
+    }
     if dp:
-        values.update({"distributed-dp": True, "client-dp-noise-multiplier": 1.0,
-                       "client-dp-clipping-norm": 1.0})
+        values.update(
+            {
+                "distributed-dp": True,
+                "client-dp-noise-multiplier": 1.0,
+                "client-dp-clipping-norm": 1.0,
+            }
+        )
     return build_config(values)
 
 
@@ -212,18 +250,24 @@ def ours_server(n: int, d: int, rounds: int, warmup: int, out: Path, dp: bool) -
         marks, uploads, info = [], [], {}
         for server_round in range(1, warmup + rounds + 1):
             t0 = time.perf_counter()
-            sampled, aggregated, uploaded, extra = secure.run_round(
-                server_round, ConfigRecord(cfg.to_dict()))
+            _, aggregated, uploaded, extra = secure.run_round(
+                server_round, ConfigRecord(cfg.to_dict())
+            )
             marks.append((t0, time.perf_counter()))
             uploads.append(uploaded / max(1, len(aggregated)))
             assert len(aggregated) == n and extra["secagg_aborted"] is None, extra
             if not info:
                 s = secure.sessions.get(server_round + 1)
                 if s is not None:
-                    info = {"k": s.config.degree, "t": s.config.threshold,
-                            "bits": s.config.bits}
-        _result(out, marks, warmup, upload_per_client=float(np.mean(uploads[warmup:])),
-                exchanges=exchanges, **info)
+                    info = {"k": s.config.degree, "t": s.config.threshold, "bits": s.config.bits}
+        _result(
+            out,
+            marks,
+            warmup,
+            upload_per_client=float(np.mean(uploads[warmup:])),
+            exchanges=exchanges,
+            **info,
+        )
 
     return app
 
@@ -243,8 +287,9 @@ def flower_client() -> ClientApp:
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 
 
-def flower_server(n: int, d: int, rounds: int, warmup: int, out: Path, num_shares: int,
-                  threshold: int) -> ServerApp:
+def flower_server(
+    n: int, d: int, rounds: int, warmup: int, out: Path, num_shares: int, threshold: int
+) -> ServerApp:
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -261,17 +306,25 @@ def flower_server(n: int, d: int, rounds: int, warmup: int, out: Path, num_share
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
-                          min_evaluate_clients=0, min_available_clients=n,
-                          initial_parameters=ndarrays_to_parameters(
-                              [np.zeros(d, dtype=np.float32)]))
-        legacy = LegacyContext(context=context,
-                               config=ServerConfig(num_rounds=warmup + rounds),
-                               strategy=strategy)
+        strategy = FedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=n,
+            min_evaluate_clients=0,
+            min_available_clients=n,
+            initial_parameters=ndarrays_to_parameters([np.zeros(d, dtype=np.float32)]),
+        )
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=warmup + rounds), strategy=strategy
+        )
         # comparable to ours: each share goes to k neighbours + self, threshold t, clip 1,
         # 32-bit ring (Flower's default modulus 2^32, quantization 2^22, max weight 1)
-        fit = Timed(num_shares=num_shares, reconstruction_threshold=threshold,
-                    max_weight=1.0, clipping_range=1.0)
+        fit = Timed(
+            num_shares=num_shares,
+            reconstruction_threshold=threshold,
+            max_weight=1.0,
+            clipping_range=1.0,
+        )
         DefaultWorkflow(fit_workflow=fit)(grid, legacy)
         assert len(marks) == warmup + rounds, marks
         _result(out, marks, warmup, num_shares=num_shares, threshold=threshold)
@@ -293,8 +346,10 @@ def main() -> None:
     from flwr.simulation import run_simulation
 
     if args.mode == "plain":
-        server, client = plain_server(args.n, args.d, args.rounds, args.warmup, args.out), \
-            plain_client
+        server, client = (
+            plain_server(args.n, args.d, args.rounds, args.warmup, args.out),
+            plain_client,
+        )
     elif args.mode == "ours":
         server = ours_server(args.n, args.d, args.rounds, args.warmup, args.out, args.dp)
         client = ours_client
@@ -302,13 +357,20 @@ def main() -> None:
         cfg = ours_config(args.n, 2, False).replace(clients=args.n)
         from confide.clients.secure_client import session_config
 
-        sc = session_config(cfg, session_id=bytes(16), num_clients=args.n,
-                            vector_length=args.d)
-        server = flower_server(args.n, args.d, args.rounds, args.warmup, args.out,
-                               int(sc.degree) + 1, int(sc.threshold))  # type: ignore[arg-type]
+        sc = session_config(cfg, session_id=bytes(16), num_clients=args.n, vector_length=args.d)
+        server = flower_server(
+            args.n,
+            args.d,
+            args.rounds,
+            args.warmup,
+            args.out,
+            int(sc.degree) + 1,
+            int(sc.threshold),
+        )  # type: ignore[arg-type]
         client = flower_client()
-    run_simulation(server_app=server, client_app=client, num_supernodes=args.n,
-                   backend_config=BACKEND)  # type: ignore[arg-type]
+    run_simulation(
+        server_app=server, client_app=client, num_supernodes=args.n, backend_config=BACKEND
+    )  # type: ignore[arg-type]
     if not args.out.exists():
         raise SystemExit(f"{args.mode} n={args.n} d={args.d}: no result (see the log)")
 

@@ -69,11 +69,18 @@ def _audit_parser(sub: Any) -> None:
     e.add_argument("--out", default="")
 
 
+def _deploy_parser(sub: Any) -> None:
+    from confide.deploy.commands import add_parser
+
+    add_parser(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="confide", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _audit_parser(sub)
+    _deploy_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "simulate":
@@ -84,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "audit":
             return _audit(args)
+        if args.command == "deploy":
+            from confide.deploy.commands import run as deploy_run
+
+            return deploy_run(args)
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"confide: error: {exc}", file=sys.stderr)
         return 2
