@@ -79,6 +79,12 @@ class ChaChaStream:
             self._enc.update_into(np.zeros(size * 8, dtype=np.uint8), out)
         return out.view("<u8").astype(np.uint64, copy=False)
 
+    def uint32(self, size: int) -> np.ndarray:
+        out = np.empty(size * 4, dtype=np.uint8)
+        if size:
+            self._enc.update_into(np.zeros(size * 4, dtype=np.uint8), out)
+        return out.view("<u4")
+
     def uniform_open0(self, size: int) -> np.ndarray:
         """Uniform float64 on (0, 1] with 53-bit resolution: k/2^53 for k in 1..2^53.
 

@@ -1,0 +1,314 @@
+"""`confide deploy ...`: key material, allow-list, signed app, and launchers that start
+Flower's `flower-superlink` / `flower-supernode` with TLS and node authentication on.
+
+The launchers only assemble Flower's own command lines (printed with `--dry-run`) and then
+replace themselves with that process, so signals, logs and exit codes are Flower's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from confide.deploy import app_signing, pki
+from confide.deploy.verified_clientapp import (
+    TRUSTED_PUBLISHERS_KEY,
+    install_wrapper,
+    wrapped_path,
+)
+
+INSECURE_WARNING = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! INSECURE MODE: no TLS{auth}. Model updates, node identities and app bundles travel
+!! in the clear and anyone who can reach the port can impersonate a partner or the server.
+!! Use this only on a machine you fully control, for debugging, never with real data.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+class DeployError(ValueError):
+    """A deployment command cannot proceed; the message says what to fix."""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("deploy", help="keys, allow-list, signed app, SuperLink/SuperNode")
+    d = p.add_subparsers(dest="deploy_command", required=True)
+
+    c = d.add_parser("init-ca", help="create the federation's CA (ca.crt, ca.key)")
+    c.add_argument("dir", type=Path)
+    c.add_argument("--name", default="Confide federation CA")
+
+    s = d.add_parser("server-cert", help="SuperLink TLS certificate signed by the CA")
+    s.add_argument("dir", type=Path, help="where server.crt/server.key go (and the CA lies)")
+    s.add_argument("--name", action="append", default=[], metavar="HOST_OR_IP",
+                   help="DNS name or IP partners use to reach the SuperLink (repeatable); "
+                        "localhost and 127.0.0.1 are always included")
+    s.add_argument("--ca", type=Path, help="CA folder if not DIR")
+
+    n = d.add_parser("node-key", help="a partner node's authentication key pair")
+    n.add_argument("dir", type=Path)
+    n.add_argument("name", help="file name of the private key; the public key is NAME.pub")
+
+    k = d.add_parser("publisher-key", help="the app publisher's Ed25519 signing key")
+    k.add_argument("dir", type=Path)
+
+    t = d.add_parser("trust-publisher", help="add a publisher key to a trusted-publishers file")
+    t.add_argument("file", type=Path, help="trusted-publishers YAML (created if absent)")
+    t.add_argument("public_key", type=Path, help="the publisher's publisher.pub")
+
+    a = d.add_parser("stage-app", help="copy the app into a folder ready for `flwr run` "
+                     "(all config keys overridable) and sign it")
+    a.add_argument("out", type=Path)
+    a.add_argument("--key", type=Path, required=True, help="publisher.key")
+    a.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2],
+                   help="project folder with pyproject.toml and confide/ (default: this one)")
+
+    g = d.add_parser("sign-app", help="(re-)sign an app folder in place")
+    g.add_argument("app", type=Path)
+    g.add_argument("--key", type=Path, required=True)
+
+    r = d.add_parser("register", help="add partner public keys to the SuperLink allow-list "
+                     "(`flwr supernode register`)")
+    r.add_argument("public_keys", type=Path, nargs="+")
+    r.add_argument("--superlink", help="connection name in FLWR_HOME/config.toml")
+    r.add_argument("--dry-run", action="store_true", help="print the commands only")
+
+    f = d.add_parser("connection", help="write the `flwr` connection to a SuperLink")
+    f.add_argument("--flwr-home", type=Path, default=None,
+                   help="Flower's config folder (default $FLWR_HOME or ~/.flwr)")
+    f.add_argument("--name", default="confide")
+    f.add_argument("--address", required=True, help="HOST:PORT of the SuperLink")
+    f.add_argument("--ca", type=Path, required=True, help="the federation's ca.crt")
+
+    sl = d.add_parser("superlink", help="start flower-superlink with TLS + node auth")
+    sl.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key")
+    sl.add_argument("--state", type=Path, required=True,
+                    help="folder for the SuperLink database (the allow-list lives there)")
+    sl.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all)")
+    sl.add_argument("--port", type=int, default=9092)
+    sl.add_argument("--log-file", type=Path)
+    _insecure_flags(sl)
+
+    sn = d.add_parser("supernode", help="start flower-supernode with TLS, node key and "
+                      "the partner's node config")
+    sn.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    sn.add_argument("--ca", type=Path, help="the federation's ca.crt")
+    sn.add_argument("--key", type=Path, help="this node's private key (node-key)")
+    sn.add_argument("--data-path", type=Path, required=True, help="the partner's text,label "
+                    "file (never leaves the node)")
+    sn.add_argument("--max-epsilon", type=float, required=True,
+                    help="the partner's hard example-level budget, over all runs")
+    sn.add_argument("--state-dir", type=Path, required=True,
+                    help="where the node keeps its accountant and pseudonym key")
+    sn.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
+    sn.add_argument("--trusted-publishers", type=Path,
+                    help="YAML of publisher keys whose signed apps this node runs")
+    sn.add_argument("--allow-unsigned-apps", action="store_true",
+                    help="run any app bundle the SuperLink sends (not recommended)")
+    sn.add_argument("--runtime-port", type=int, default=9094,
+                    help="local port of the node's Runtime API (loopback only)")
+    sn.add_argument("--max-wait-time", type=float,
+                    help="give up connecting to the SuperLink after this many seconds")
+    _insecure_flags(sn)
+
+
+def _insecure_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--insecure", action="store_true", help="no TLS (and no node auth)")
+    p.add_argument("--i-understand-insecure", action="store_true",
+                   help="required together with --insecure")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not start")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _dispatch(args)
+    except (DeployError, pki.PkiError, app_signing.AppVerificationError) as exc:
+        print(f"confide deploy: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.deploy_command
+    if cmd == "init-ca":
+        cert, key = pki.init_ca(args.dir, args.name)
+        print(f"CA certificate: {cert} (give to every partner)\nCA key: {key} (keep offline)")
+    elif cmd == "server-cert":
+        cert, key = pki.server_cert(args.dir, args.name, ca_dir=args.ca)
+        print(f"server certificate: {cert}\nserver key: {key}")
+    elif cmd == "node-key":
+        key, pub = pki.node_key(args.dir, args.name)
+        fp = pki.check_node_public_key(pub).fingerprint
+        print(f"private key: {key} (stays on the node)\npublic key: {pub} ({fp}); send it "
+              "to the operator over a channel where they can confirm the fingerprint")
+    elif cmd == "publisher-key":
+        key, pub = pki.publisher_key(args.dir)
+        print(f"signing key: {key}\npublic key: {pub} (partners add it with "
+              "`confide deploy trust-publisher`)")
+    elif cmd == "trust-publisher":
+        key_id = app_signing.add_trusted_publisher(args.file, args.public_key)
+        print(f"trusted publisher {key_id} added to {args.file}")
+    elif cmd == "stage-app":
+        out = stage_app(args.source, args.out, args.key)
+        print(f"signed app in {out}; run it with `flwr run {out} <connection> "
+              "--run-config '...'`")
+    elif cmd == "sign-app":
+        print(f"signature written: {app_signing.sign_app(args.app, args.key)}")
+    elif cmd == "register":
+        return register(args.public_keys, args.superlink, dry_run=args.dry_run)
+    elif cmd == "connection":
+        path = write_connection(args.flwr_home, args.name, args.address, args.ca)
+        print(f"connection '{args.name}' -> {args.address} written to {path}")
+    elif cmd in ("superlink", "supernode"):
+        argv = superlink_command(args) if cmd == "superlink" else supernode_command(args)
+        env = os.environ.copy()
+        if cmd == "supernode" and not args.allow_unsigned_apps:
+            env["PATH"] = wrapped_path(install_wrapper(args.state_dir / "bin").parent)
+        print(" ".join(_quote(a) for a in argv), flush=True)
+        if args.dry_run:
+            return 0
+        os.execvpe(argv[0], argv, env)  # Flower's process from here on
+    return 0
+
+
+def _quote(arg: str) -> str:
+    return arg if arg and all(c.isalnum() or c in "-_=./:,@" for c in arg) else repr(arg)
+
+
+def _check_insecure(args: argparse.Namespace, what: str) -> bool:
+    if not args.insecure:
+        return False
+    if not args.i_understand_insecure:
+        raise DeployError(f"--insecure turns off TLS{what}; add --i-understand-insecure if "
+                          "you really mean it (never with real data)")
+    print(INSECURE_WARNING.format(auth=what), file=sys.stderr, flush=True)
+    return True
+
+
+def _need(path: Path | None, flag: str) -> Path:
+    if path is None:
+        raise DeployError(f"{flag} is required (TLS and node authentication are on by default)")
+    if not path.is_file():
+        raise DeployError(f"{flag} {path}: no such file")
+    return path.resolve()
+
+
+def superlink_command(args: argparse.Namespace) -> list[str]:
+    args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = ["flower-superlink", "--host", args.host, "--port", str(args.port),
+            "--database", str((args.state / "superlink.db").resolve()),
+            # Partners' nodes and the ServerApp must not `uv sync` packages from an index
+            # at run time: the environment is installed, reviewed and pinned beforehand.
+            "--disable-runtime-dependency-installation"]
+    if args.log_file:
+        argv += ["--log-file", str(args.log_file)]
+    if _check_insecure(args, " and no node authentication"):
+        return [*argv, "--insecure"]
+    if args.certs is None:
+        raise DeployError("--certs is required (TLS and node authentication are on by "
+                          "default)")
+    return [*argv,
+            "--ssl-ca-certfile", str(_need(args.certs / pki.CA_CERT, "--certs")),
+            "--ssl-certfile", str(_need(args.certs / pki.SERVER_CERT, "--certs")),
+            "--ssl-keyfile", str(_need(args.certs / pki.SERVER_KEY, "--certs")),
+            "--enable-supernode-auth"]
+
+
+def node_config_string(values: dict[str, Any]) -> str:
+    """Flower's `--node-config` syntax; strings as TOML literal strings."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, str):
+            if "'" in value:
+                raise DeployError(f"node config {key} = {value!r}: a ' is not allowed")
+            parts.append(f"{key}='{value}'")
+        else:
+            parts.append(f"{key}={value!r}")
+    return " ".join(parts)
+
+
+def supernode_command(args: argparse.Namespace) -> list[str]:
+    data = args.data_path.expanduser().resolve()
+    if not data.is_file():
+        raise DeployError(f"--data-path {data}: no such file")
+    if not args.max_epsilon > 0:
+        raise DeployError(f"--max-epsilon {args.max_epsilon} must be > 0")
+    if not (args.device in ("auto", "cpu") or args.device.startswith("cuda")):
+        raise DeployError(f"--device {args.device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
+    state_dir = args.state_dir.expanduser().resolve()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    node_config: dict[str, Any] = {"data-path": str(data),
+                                   "max-epsilon": float(args.max_epsilon),
+                                   "state-dir": str(state_dir), "device": args.device}
+    if not args.allow_unsigned_apps:
+        trusted = _need(args.trusted_publishers, "--trusted-publishers")
+        app_signing.load_trusted_publishers(trusted)  # fail now, not at the first round
+        node_config[TRUSTED_PUBLISHERS_KEY] = str(trusted)
+    argv = ["flower-supernode", "--superlink", args.superlink,
+            # The Runtime API only talks to this node's own ClientApp processes.
+            "--host", "127.0.0.1", "--port", str(args.runtime_port),
+            "--node-config", node_config_string(node_config)]
+    if args.max_wait_time is not None:
+        argv += ["--max-wait-time", str(args.max_wait_time)]
+    if _check_insecure(args, " and no node authentication"):
+        return [*argv, "--insecure"]
+    return [*argv, "--root-certificates", str(_need(args.ca, "--ca")),
+            "--auth-supernode-private-key", str(_need(args.key, "--key"))]
+
+
+def register(public_keys: list[Path], superlink: str | None, *, dry_run: bool) -> int:
+    """Register each key with Flower's CLI; the allow-list is the SuperLink's database."""
+    status = 0
+    for pub in public_keys:
+        info = pki.check_node_public_key(pub)
+        name = pub.name.removesuffix(".pub")
+        argv = ["flwr", "supernode", "register", str(pub), *([superlink] if superlink else []),
+                "--name", name]
+        print(f"{name}: {info.fingerprint}\n  {' '.join(_quote(a) for a in argv)}", flush=True)
+        if not dry_run:
+            status = subprocess.run(argv, check=False).returncode or status
+    return status
+
+
+def write_connection(flwr_home: Path | None, name: str, address: str, ca: Path) -> Path:
+    """Add (or replace) `[superlink.NAME]` in Flower's config.toml and make it the default."""
+    import tomllib
+
+    home = flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    config: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
+    links = config.setdefault("superlink", {})
+    links[name] = {"address": address, "root-certificates": str(_need(ca, "--ca"))}
+    links["default"] = name
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def stage_app(source: Path, out: Path, key: Path) -> Path:
+    """A clean app folder: the `confide` package and a pyproject.toml whose
+    `[tool.flwr.app.config]` lists every configuration key, because `flwr run --run-config`
+    can only override keys the app declares. Signed with the publisher key."""
+    import tomllib
+
+    from confide.config import RunConfig
+
+    source = source.resolve()
+    pyproject = tomllib.loads((source / "pyproject.toml").read_text())
+    if out.exists() and any(out.iterdir()):
+        raise DeployError(f"{out} is not empty")
+    shutil.copytree(source / "confide", out / "confide",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    defaults = {k: v for k, v in RunConfig().to_dict().items() if v is not None}
+    app = pyproject["tool"]["flwr"]["app"]
+    app["config"] = {**defaults, **app.get("config", {})}
+    pyproject["tool"] = {"flwr": pyproject["tool"]["flwr"]}  # drop ruff/pytest settings
+    (out / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    app_signing.sign_app(out, key)
+    return out

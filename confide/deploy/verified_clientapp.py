@@ -1,0 +1,78 @@
+"""`flwr-clientapp` that first checks the app bundle against the node's trusted publishers.
+
+Flower's SuperNode starts each ClientApp as a `flwr-clientapp` process found on PATH (via
+`flower-superexec`). `confide deploy supernode` puts this wrapper first on PATH, so the
+check runs in the partner's own installed code before any of the bundle's code is imported
+(a check inside the bundle could be removed by whoever altered it). A refused bundle makes
+the ClientApp fail before it sees data; the SuperNode reports an error reply for the round.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from logging import ERROR, INFO
+from pathlib import Path
+from typing import Any
+
+TRUSTED_PUBLISHERS_KEY = "trusted-publishers"  # node config: path to the YAML file
+
+
+def _verifying(pull: Any) -> Any:
+    def pull_task_input(client: Any) -> Any:
+        from flwr.common.logger import log
+
+        from confide.deploy.app_signing import (
+            AppVerificationError,
+            load_trusted_publishers,
+            verify_fab,
+        )
+
+        message, context, run, fab = pull(client)
+        path = context.node_config.get(TRUSTED_PUBLISHERS_KEY)
+        try:
+            if not path:  # fail closed: no list means nothing is trusted
+                raise AppVerificationError(f"node config has no {TRUSTED_PUBLISHERS_KEY}")
+            publisher = verify_fab(fab.content, load_trusted_publishers(Path(str(path))))
+        except AppVerificationError as exc:
+            log(ERROR, "confide: refusing app bundle %s: %s", fab.hash_str[:12], exc)
+            raise
+        log(INFO, "confide: app bundle %s signed by trusted publisher %s",
+            fab.hash_str[:12], publisher)
+        # The bundle's own `confide` must be what runs, not this installed copy: forget the
+        # modules imported for the check so the bundle's folder (first on sys.path) wins.
+        for name in [m for m in sys.modules if m == "confide" or m.startswith("confide.")]:
+            del sys.modules[name]
+        return message, context, run, fab
+
+    return pull_task_input
+
+
+def main() -> None:
+    import importlib
+
+    from flwr.supernode.cli import flwr_clientapp
+
+    # The module, not `flwr.supernode.runtime.run_clientapp`: the package re-exports the
+    # function under the module's name, and patching that would change nothing.
+    module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    module.pull_task_input = _verifying(module.pull_task_input)
+    flwr_clientapp()
+
+
+def install_wrapper(bin_dir: Path) -> Path:
+    """Write `bin_dir/flwr-clientapp` running `main` with this interpreter."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "flwr-clientapp"
+    path.write_text(f"#!{sys.executable}\n"
+                    "from confide.deploy.verified_clientapp import main\n"
+                    "main()\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def wrapped_path(bin_dir: Path) -> str:
+    """PATH with the wrapper first and this interpreter's scripts (flower-superexec) next."""
+    return os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent),
+                            os.environ.get("PATH", "")])

@@ -1,0 +1,249 @@
+"""End to end on loopback with Flower's real processes: a SuperLink with TLS and node
+authentication, partner SuperNodes started by `confide deploy supernode`, `flwr run` of the
+signed app, and the refusals that matter (unregistered node key, untrusted app publisher).
+
+One federation serves the module (starting it costs ~20 s); tests run in file order.
+Each ClientApp call is a fresh `flwr-clientapp` process that imports torch, so a round takes
+tens of seconds on 2 cores even with the tiny model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from confide.cli import main as confide_main
+from confide.clients.node_state import STATE_FILE, NodeState
+from confide.data import synthetic_sentiment
+
+HAS_SECURE_ROUND = importlib.util.find_spec("confide.server.secure_round") is not None
+PARTNERS = ("alpha", "beta", "gamma")
+RUN_TIMEOUT = 420  # seconds for one `flwr run` (2 rounds are ~2 min on 2 busy cores)
+BASE_CONFIG = ("model='tiny' clients=3 max-length=16 batch-size=16 target-epsilon=4.0 "
+               "max-epsilon=50.0 num-labels=2 data='partner-nodes' device='cpu' seed=7")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(predicate, timeout: float, what: str, interval: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
+
+
+def _write_csv(path: Path, rows: int, seed: int) -> Path:
+    data = synthetic_sentiment(rows, seed=seed)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(data.texts, (int(v) for v in data.labels), strict=True))
+    return path
+
+
+@dataclass
+class Federation:
+    root: Path
+    env: dict[str, str]
+    port: int
+    app: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    node_args: dict[str, list[str]] = field(default_factory=dict)
+
+    def confide(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "confide.cli", *args]
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("ab")
+        # Own session: teardown can end the process with everything it spawned.
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def start_node(self, name: str, trusted: Path, extra: tuple[str, ...] = ()) -> None:
+        args = self.node_args.setdefault(name, self.confide(
+            "deploy", "supernode", "--superlink", f"127.0.0.1:{self.port}",
+            "--ca", str(self.root / "pki" / "ca.crt"),
+            "--key", str(self.root / "nodes" / name),
+            "--data-path", str(self.root / f"{name}.csv"),
+            "--state-dir", str(self.root / "state" / name),
+            "--max-epsilon", "50", "--device", "cpu",
+            "--trusted-publishers", str(trusted),
+            "--runtime-port", str(_free_port()), *extra))
+        self.start(name, args)
+        _wait_for(lambda: "SuperNode ID" in self.log(name) or self.procs[name].poll()
+                  is not None, 90, f"SuperNode {name} to connect")
+        assert self.procs[name].poll() is None, self.log(name)[-3000:]
+
+    def flwr_run(self, out: Path, config: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["flwr", "run", str(self.app), "confide", "--stream",
+             "--run-config", f"out='{out}' {config}"],
+            env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("deploy")
+    env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "COLUMNS": "200",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    port = _free_port()
+    pki_dir, nodes = root / "pki", root / "nodes"
+    assert confide_main(["deploy", "init-ca", str(pki_dir)]) == 0
+    assert confide_main(["deploy", "server-cert", str(pki_dir), "--name", "confide.test"]) == 0
+    assert confide_main(["deploy", "publisher-key", str(pki_dir)]) == 0
+    assert confide_main(["deploy", "publisher-key", str(root / "other-publisher")]) == 0
+    for name in (*PARTNERS, "untrusting", "rogue"):
+        assert confide_main(["deploy", "node-key", str(nodes), name]) == 0
+        _write_csv(root / f"{name}.csv", 48, seed=len(name))
+    _write_csv(root / "eval.csv", 64, seed=99)
+    trusted, other = root / "trusted.yaml", root / "other.yaml"
+    assert confide_main(["deploy", "trust-publisher", str(trusted),
+                         str(pki_dir / "publisher.pub")]) == 0
+    assert confide_main(["deploy", "trust-publisher", str(other),
+                         str(root / "other-publisher" / "publisher.pub")]) == 0
+    assert confide_main(["deploy", "stage-app", str(root / "app"),
+                         "--key", str(pki_dir / "publisher.key")]) == 0
+    fed = Federation(root, env, port, root / "app")
+    try:
+        fed.start("superlink", fed.confide("deploy", "superlink", "--certs", str(pki_dir),
+                                           "--state", str(root / "superlink"),
+                                           "--port", str(port)))
+        _wait_for(lambda: _port_open(port) or fed.procs["superlink"].poll() is not None, 60,
+                  "the SuperLink port")
+        assert fed.procs["superlink"].poll() is None, fed.log("superlink")
+        assert confide_main(["deploy", "connection", "--flwr-home", env["FLWR_HOME"],
+                             "--address", f"127.0.0.1:{port}",
+                             "--ca", str(pki_dir / "ca.crt")]) == 0
+        keys = [str(nodes / f"{n}.pub") for n in (*PARTNERS, "untrusting")]
+        reg = subprocess.run(fed.confide("deploy", "register", *keys), env=env,
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        assert reg.stdout.count("registered successfully") == 4, reg.stdout
+        for name in PARTNERS:
+            fed.start_node(name, trusted)
+        # Registered, but trusts only another publisher: must refuse this app's bundle.
+        fed.start_node("untrusting", other)
+        yield fed
+    finally:
+        for name in list(fed.procs):
+            fed.stop(name)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_run_folder(run_dir: Path, rounds: int) -> dict:
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "ledger.jsonl",
+                 "report.html", "model"):
+        assert (run_dir / name).exists(), f"{name} missing from {sorted(os.listdir(run_dir))}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == rounds
+    assert [m["round"] for m in _metrics(run_dir)] == list(range(1, rounds + 1))
+    assert confide_main(["audit", "verify", str(run_dir)]) == 0
+    return summary
+
+
+def _node_state(fed: Federation, name: str) -> NodeState:
+    text = (fed.root / "state" / name / STATE_FILE).read_text()
+    return NodeState.from_json(text, delta=1e-5, max_epsilon=50.0)
+
+
+def test_two_rounds_over_tls_with_node_auth(fed: Federation) -> None:
+    # An unregistered key is refused by the SuperLink and the node gives up.
+    rogue = fed.start("rogue", fed.confide(
+        "deploy", "supernode", "--superlink", f"127.0.0.1:{fed.port}",
+        "--ca", str(fed.root / "pki" / "ca.crt"), "--key", str(fed.root / "nodes" / "rogue"),
+        "--data-path", str(fed.root / "rogue.csv"), "--state-dir", str(fed.root / "rogue-st"),
+        "--max-epsilon", "5", "--trusted-publishers", str(fed.root / "trusted.yaml"),
+        "--runtime-port", str(_free_port()), "--max-wait-time", "20"))
+    run_dir = fed.root / "run-plain"
+    result = fed.flwr_run(run_dir, f"{BASE_CONFIG} rounds=2 eval-data='{fed.root}/eval.csv'")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = _check_run_folder(run_dir, rounds=2)
+    assert summary["secure_aggregation"] is False
+    for m in _metrics(run_dir):
+        # 4 registered nodes sampled; the untrusting node refused the bundle.
+        assert m["num_clients_sampled"] == 4, m
+        assert m["num_clients_aggregated"] == 3, m
+        assert len(m["epsilon_example_level"]) == 3, m
+    for name in PARTNERS:
+        assert len(_node_state(fed, name).accountant.state_dict()["history"]) == 2
+    # The refused bundle's code never ran on the untrusting node: no state was written.
+    assert not (fed.root / "state" / "untrusting" / STATE_FILE).exists()
+    assert rogue.wait(90) != 0, fed.log("rogue")
+    assert "Failed to activate SuperNode" in fed.log("rogue"), fed.log("rogue")[-3000:]
+    assert "No SuperNode found with the given public key" in fed.log("superlink")
+
+
+def test_restarted_node_remembers_spent_budget(fed: Federation) -> None:
+    fed.stop("untrusting")  # done with it; frees CPU
+    before = _node_state(fed, "alpha")
+    spent_before = before.accountant.epsilon()
+    fed.stop("alpha")
+    fed.start_node("alpha", fed.root / "trusted.yaml")
+    run_dir = fed.root / "run-after-restart"
+    result = fed.flwr_run(run_dir, f"{BASE_CONFIG} rounds=1 eval-data='{fed.root}/eval.csv'")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    _check_run_folder(run_dir, rounds=1)
+    after = _node_state(fed, "alpha")
+    assert after.pseudonym == before.pseudonym  # same node identity, reloaded from disk
+    assert len(after.accountant.state_dict()["history"]) == 3
+    reported = _metrics(run_dir)[0]["epsilon_example_level"][before.pseudonym]
+    assert reported > spent_before > 0  # cumulative over both runs, not restarted at 0
+
+
+@pytest.mark.parametrize("secure", [pytest.param(True, id="secure-aggregation")]
+                         if HAS_SECURE_ROUND else [])
+def test_secure_aggregation_round_trip(fed: Federation, secure: bool) -> None:
+    run_dir = fed.root / "run-secure"
+    flag = "true" if secure else "false"
+    result = fed.flwr_run(run_dir, f"{BASE_CONFIG} rounds=2 secure-aggregation={flag} "
+                                   f"eval-data='{fed.root}/eval.csv'")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = _check_run_folder(run_dir, rounds=2)
+    assert summary["secure_aggregation"] is secure
