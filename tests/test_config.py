@@ -72,3 +72,14 @@ def test_readme_documents_every_key() -> None:
     missing = [k for k in SCHEMA if f"| `{k}` |" not in readme]
     assert not missing, f"README configuration table lacks {missing}"
     assert markdown_table() in readme, "regenerate: python -m confide.config"
+
+
+def test_flower_app_config_in_pyproject_matches_the_defaults() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml")
+                              .read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+    # `flwr run --run-config` may only override keys listed there: all of them must be
+    assert build_config(app_config) == RunConfig()
+    assert set(app_config) == set(SCHEMA)
