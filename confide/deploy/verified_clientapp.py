@@ -19,6 +19,21 @@ from typing import Any
 TRUSTED_PUBLISHERS_KEY = "trusted-publishers"  # node config: path to the YAML file
 
 
+# A refusal found while pulling the task, raised once the message is known: run_clientapp
+# only sends an error reply (so the server is not left waiting) for exceptions raised after
+# the pull returned.
+_REFUSAL: list[Exception] = []
+
+
+def _refusing(install: Any) -> Any:
+    def install_from_fab(*args: Any, **kwargs: Any) -> Any:
+        if _REFUSAL:
+            raise _REFUSAL[0]
+        return install(*args, **kwargs)
+
+    return install_from_fab
+
+
 def _verifying(pull: Any) -> Any:
     def pull_task_input(client: Any) -> Any:
         from flwr.common.logger import log
@@ -37,7 +52,8 @@ def _verifying(pull: Any) -> Any:
             publisher = verify_fab(fab.content, load_trusted_publishers(Path(str(path))))
         except AppVerificationError as exc:
             log(ERROR, "confide: refusing app bundle %s: %s", fab.hash_str[:12], exc)
-            raise
+            _REFUSAL.append(exc)  # raised by install_from_fab, before any bundle code
+            return message, context, run, fab
         log(INFO, "confide: app bundle %s signed by trusted publisher %s",
             fab.hash_str[:12], publisher)
         # The bundle's own `confide` must be what runs, not this installed copy: forget the
@@ -54,10 +70,10 @@ def main() -> None:
 
     from flwr.supernode.cli import flwr_clientapp
 
-    # The module, not `flwr.supernode.runtime.run_clientapp`: the package re-exports the
-    # function under the module's name, and patching that would change nothing.
+    # Patch the module's globals: run_clientapp() looks both names up there at call time.
     module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
     module.pull_task_input = _verifying(module.pull_task_input)
+    module.install_from_fab = _refusing(module.install_from_fab)
     flwr_clientapp()
 
 
