@@ -29,7 +29,7 @@ from confide.clients.node_state import (
     save_node_state,
 )
 from confide.config import RunConfig, from_flat_record
-from confide.data import TextDataset, load_federated_data, read_text_file
+from confide.data import TextDataset, read_text_file
 from confide.encoding import encode
 from confide.model import (
     ModelSpec,
@@ -43,6 +43,7 @@ from confide.model import (
 )
 from confide.privacy.accountant import BudgetExhausted, SampledGaussianEvent, calibrate_noise
 from confide.privacy.receipts import sign_receipt
+from confide.task import federated_data, model_spec
 
 app = ClientApp()
 
@@ -223,20 +224,6 @@ def _read_cached(path: str, num_labels: int, max_rows: int) -> TextDataset:
     return read_text_file(Path(path), num_labels=num_labels, max_rows=max_rows)
 
 
-@lru_cache(maxsize=2)
-def _federated(data: str, eval_data: str, clients: int, partitioner: str, seed: int,
-               alpha: float, column: str, num_labels: int, max_train: int, max_eval: int):
-    return load_federated_data(data=data, eval_data=eval_data, clients=clients,
-                               partitioner=partitioner, seed=seed, alpha=alpha, column=column,
-                               num_labels=num_labels, max_train=max_train, max_eval=max_eval)
-
-
-def federated_data(cfg: RunConfig):
-    return _federated(cfg.data, cfg.eval_data, cfg.clients, cfg.partitioner, cfg.seed,
-                      cfg.dirichlet_alpha, cfg.partition_column, cfg.num_labels,
-                      cfg.max_train_examples, cfg.max_eval_examples)
-
-
 def _simulation_partitions(cfg: RunConfig) -> list[TextDataset]:
     return federated_data(cfg).partitions
 
@@ -246,13 +233,6 @@ def _num_labels(cfg: RunConfig) -> int:
         # The server resolves num-labels from the data before the first round.
         raise NodeConfigError("num-labels missing from the round configuration")
     return cfg.num_labels
-
-
-def model_spec(cfg: RunConfig, num_labels: int) -> ModelSpec:
-    return ModelSpec(model=cfg.model, num_labels=num_labels, fine_tune=cfg.fine_tune,
-                     lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                     lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
-                     seed=cfg.seed, pooling=cfg.pooling)
 
 
 @lru_cache(maxsize=2)

@@ -25,7 +25,6 @@ from flwr.serverapp import Grid
 
 import confide
 from confide import records as R
-from confide.clients.client_app import federated_data, model_spec
 from confide.config import RunConfig
 from confide.data import TextDataset, read_text_file
 from confide.encoding import encode
@@ -45,6 +44,7 @@ from confide.server.run_folder import CheckpointError, RunFolder
 from confide.server.secure_round import SecureRounds
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
+from confide.task import federated_data, model_spec
 
 RoundCallback = Callable[[dict[str, Any]], None]
 CRASH_AFTER_ROUND_ENV = "CONFIDE_FAULT_CRASH_AFTER_ROUND"

@@ -12,9 +12,9 @@ from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from confide.clients.client_app import federated_data
 from confide.config import RunConfig
 from confide.server.server_app import default_out_dir, make_server_app
+from confide.task import federated_data
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:

@@ -11,10 +11,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from confide import records as R
 from confide.clients import client_app
-from confide.clients.client_app import NodeConfigError, model_spec
+from confide.clients.client_app import NodeConfigError
 from confide.config import build_config
 from confide.model import build_model, frozen_digest, trainable_state
 from confide.privacy.receipts import Receipt, verify_receipt
+from confide.task import model_spec
 
 
 def train_message(cfg, server_round: int = 1, frozen: str | None = None) -> Message:
