@@ -322,15 +322,23 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
             if len(parts) != clients:
                 raise DataError(f"{path}: holds {len(parts)} partner files but clients = "
                                 f"{clients}; they must match")
+            if not eval_data:
+                raise DataError(f"{path}: a folder of partner files needs eval-data (a "
+                                "separate evaluation file; partners' rows stay theirs)")
         else:
             train = read_text_file(path, num_labels=num_labels, max_rows=max_train)
+            if not eval_data:
+                # No evaluation file: hold out a seeded 20% (at most 2000 rows) of this file
+                # before partitioning, so evaluation never sees a training row.
+                order = np.random.default_rng(seed + 1).permutation(len(train))
+                held = min(2000, max(1, len(train) // 5))
+                evaluation = train.subset(np.sort(order[:held]),
+                                          source=f"{path} [held-out {held} rows]")
+                train = train.subset(np.sort(order[held:]))
             parts = partition(train, clients, partitioner, seed=seed, alpha=alpha,
                               column=column)
         if eval_data:
             evaluation = read_text_file(eval_data, num_labels=num_labels, max_rows=max_eval)
-        else:
-            raise DataError("eval-data is required with data: give a separate evaluation "
-                            "file (evaluating on training rows would overstate accuracy)")
     if max_eval and len(evaluation) > max_eval:
         evaluation = evaluation.subset(range(max_eval))
     inferred = max(max(p.num_labels for p in parts), evaluation.num_labels)

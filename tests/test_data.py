@@ -110,6 +110,9 @@ def test_partner_folder_and_federated_loading(tmp_path: Path) -> None:
         write(tmp_path / f"partner{i}.csv", f"text,label\nrow {i},1\nother {i},0\n")
     parts = read_partner_folder(tmp_path)
     assert [p.texts[0] for p in parts] == ["row 0", "row 1", "row 2"]
+    with pytest.raises(DataError, match="needs eval-data"):
+        load_federated_data(data=str(tmp_path), eval_data="", clients=3, partitioner="iid",
+                            seed=0, alpha=1, column="d", num_labels=0)
     with pytest.raises(DataError, match="holds 3 partner files but clients = 2"):
         load_federated_data(data=str(tmp_path), eval_data=str(tmp_path / "partner0.csv"),
                             clients=2, partitioner="iid", seed=0, alpha=1, column="d",
@@ -138,3 +141,14 @@ def test_real_amazon_domains_by_blocks(amazon_dev: Path) -> None:
     data = read_text_file(amazon_dev)
     parts = partition(data, 4, "iid", seed=0)
     assert sum(len(p) for p in parts) == 1200
+
+
+def test_single_file_without_eval_data_holds_out_rows(tmp_path: Path) -> None:
+    rows = "".join(f"row {i},{i % 2}\n" for i in range(50))
+    path = write(tmp_path / "d.csv", "text,label\n" + rows)
+    fed = load_federated_data(data=str(path), eval_data="", clients=2, partitioner="iid",
+                              seed=0, alpha=1.0, column="d", num_labels=0)
+    train = {t for p in fed.partitions for t in p.texts}
+    assert len(fed.evaluation) == 10 and len(train) == 40
+    assert not train & set(fed.evaluation.texts), "evaluation must never see a training row"
+    assert "held-out" in fed.evaluation.source

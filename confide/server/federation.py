@@ -63,11 +63,13 @@ class PartnerRecord:
 
 def resolve_evaluation(cfg: RunConfig) -> tuple[TextDataset, int]:
     """Central evaluation data and the number of classes the run uses."""
-    if not cfg.data:
+    if not cfg.data or (not cfg.eval_data and Path(cfg.data).is_file()):
+        # synthetic demo, or a single file whose held-out part is the evaluation set
         fed = federated_data(cfg)
         return fed.evaluation, fed.num_labels
     if not cfg.eval_data:
-        raise ValueError("eval-data is required when data is given")
+        raise ValueError("eval-data is required unless data is one file the server can read "
+                         "(then 20% of it is held out for evaluation)")
     evaluation = read_text_file(cfg.eval_data, num_labels=cfg.num_labels,
                                 max_rows=cfg.max_eval_examples)
     labels = cfg.num_labels
