@@ -28,6 +28,9 @@ import matplotlib.pyplot as plt
 from confide.audit.verify import METRICS_FILE, VerifyResult, render_verdict, verify_run
 from confide.privacy import ledger_events as ev
 
+SYNTHETIC_NOTE = ("Trained on the SYNTHETIC demo corpus (generated template reviews, not "
+                  "real data).")
+
 
 @dataclass
 class _Figure:
@@ -130,6 +133,14 @@ class RunReport:
                 t.digests.append([str(e.round), e.sha256])
         return t
 
+    def synthetic(self) -> bool:
+        """Whether the run trained on the generated demo corpus (summary.json says so)."""
+        path = Path(self.run_dir) / "summary.json"
+        try:
+            return bool(json.loads(path.read_text()).get("synthetic_data"))
+        except (OSError, ValueError):
+            return False
+
     # -- output -------------------------------------------------------------------------
     def html(self) -> str:
         r = self.result
@@ -144,6 +155,8 @@ class RunReport:
             "padding:3px 8px;font-size:13px;text-align:left}pre{background:#f6f8fa;"
             "padding:1em;overflow-x:auto}code{font-size:12px}</style></head><body>",
             f"<h1>Confide privacy report</h1><p>{_e(str(self.run_dir))}</p>",
+            *([f"<p style='color:#9a6700'><b>{_e(SYNTHETIC_NOTE)}</b></p>"]
+              if self.synthetic() else []),
             f"<h2>Verification: <span style='color:{colour}'>{verdict}</span></h2>",
             f"<pre>{_e(render_verdict(r))}</pre>"]
         for fig in self.figures():
@@ -166,6 +179,7 @@ class RunReport:
         r = self.result
         t = self.tables()
         lines = [f"# Confide privacy report: `{self.run_dir}`", "",
+                 *([f"**{SYNTHETIC_NOTE}**", ""] if self.synthetic() else []),
                  f"## Verification: **{'PASS' if r.ok else 'FAIL'}**", "", "```",
                  render_verdict(r), "```", ""]
         asset_dir.mkdir(parents=True, exist_ok=True)

@@ -25,3 +25,16 @@ def test_report_of_a_tampered_run_says_fail(run: RunInfo) -> None:
     (run.dir / "model" / "weights.safetensors").write_bytes(b"x")
     assert main([str(run.dir)]) == 0
     assert "FAIL" in (run.dir / "report.html").read_text()
+
+
+def test_report_labels_a_synthetic_data_run(run: RunInfo) -> None:
+    import json
+
+    html_path, md_path = write_report(run.dir)
+    assert "SYNTHETIC" not in html_path.read_text()
+    summary_path = run.dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "synthetic_data": True}))
+    html_path, md_path = write_report(run.dir)
+    assert "SYNTHETIC demo corpus" in html_path.read_text()
+    assert "SYNTHETIC demo corpus" in md_path.read_text()
