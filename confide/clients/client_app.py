@@ -99,7 +99,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     n = len(data)
     sample_rate = min(1.0, cfg.batch_size / n)
     steps = max(1, round(cfg.local_epochs / sample_rate))
-    noise = _noise_multiplier(cfg, state, sample_rate, steps)
+    noise = _noise_multiplier(cfg, state, sample_rate, steps, run_key)
     planned = SampledGaussianEvent(noise, sample_rate, steps, server_round, run_key)
     if cfg.example_dp:
         try:
@@ -171,17 +171,18 @@ def _status_reply(msg: Message, state: NodeState, code: str, detail: str, **extr
                    reply_to=msg)
 
 
-def _noise_multiplier(cfg: RunConfig, state: NodeState, sample_rate: float, steps: int
-                      ) -> float:
+def _noise_multiplier(cfg: RunConfig, state: NodeState, sample_rate: float, steps: int,
+                      run_key: str) -> float:
     if not cfg.example_dp:
         return 0.0
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    if state.noise_multiplier is None:
-        # Calibrated once over all planned rounds (as if sampled every round: the
-        # conservative choice when fraction-train < 1), then kept fixed.
+    if state.noise_multiplier is None or state.noise_run != run_key:
+        # Calibrated once per run over all its planned rounds (as if sampled every round:
+        # the conservative choice when fraction-train < 1), then kept fixed for that run.
         state.noise_multiplier = calibrate_noise(cfg.target_epsilon, cfg.delta, sample_rate,
                                                  steps * cfg.rounds)
+        state.noise_run = run_key
     return state.noise_multiplier
 
 

@@ -29,7 +29,9 @@ STATE_FILE = "node_state.json"
 class NodeState:
     accountant: PartnerAccountant
     signing_key: Ed25519PrivateKey
-    noise_multiplier: float | None = None  # calibrated once, reused every round
+    # Calibrated once per run (keyed by the run), reused in every round of that run.
+    noise_multiplier: float | None = None
+    noise_run: str = ""
     # Ids of train messages already handled: a replayed or duplicated message must not
     # spend budget twice (a resumed round comes in a new message and is accounted again).
     handled: list[str] = field(default_factory=list)
@@ -55,6 +57,7 @@ class NodeState:
                                              serialization.NoEncryption())
         return json.dumps({"accountant": self.accountant.state_dict(), "key": key.hex(),
                            "noise_multiplier": self.noise_multiplier,
+                           "noise_run": self.noise_run,
                            "handled": self.handled})
 
     @classmethod
@@ -66,6 +69,7 @@ class NodeState:
             accountant=accountant,
             signing_key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
             noise_multiplier=data.get("noise_multiplier"),
+            noise_run=str(data.get("noise_run", "")),
             handled=list(data.get("handled", [])))
 
 

@@ -48,6 +48,7 @@ from confide.task import federated_data, model_spec
 
 RoundCallback = Callable[[dict[str, Any]], None]
 CRASH_AFTER_ROUND_ENV = "CONFIDE_FAULT_CRASH_AFTER_ROUND"
+CRASH_RUN_DIR_ENV = "CONFIDE_FAULT_CRASH_RUN_DIR"  # optional: only the run in this folder
 
 
 @dataclass
@@ -226,7 +227,9 @@ class Federation:
         if self.on_round:
             self.on_round(row)
         crash_after = os.environ.get(CRASH_AFTER_ROUND_ENV)
-        if crash_after and int(crash_after) == server_round:
+        only_in = os.environ.get(CRASH_RUN_DIR_ENV)
+        if crash_after and int(crash_after) == server_round and (
+                not only_in or Path(only_in).resolve() == self.folder.root.resolve()):
             # Fault injection for the resume tests: die like `kill -9` after a checkpoint.
             log(WARNING, "fault injection: server process exits after round %d", server_round)
             os._exit(137)

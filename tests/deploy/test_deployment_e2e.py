@@ -28,6 +28,7 @@ import pytest
 from confide.cli import main as confide_main
 from confide.clients.node_state import STATE_FILE, NodeState
 from confide.data import synthetic_sentiment
+from confide.server.federation import CRASH_AFTER_ROUND_ENV, CRASH_RUN_DIR_ENV
 
 HAS_SECURE_ROUND = importlib.util.find_spec("confide.server.secure_round") is not None
 PARTNERS = ("alpha", "beta", "gamma")
@@ -128,6 +129,9 @@ class Federation:
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("deploy")
     env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "COLUMNS": "200",
+           # fault injection for the resume test: the ServerApp of that one run dies after
+           # round 1 like `kill -9`
+           CRASH_AFTER_ROUND_ENV: "1", CRASH_RUN_DIR_ENV: str(root / "run-resume"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     port = _free_port()
@@ -249,3 +253,24 @@ def test_secure_aggregation_round_trip(fed: Federation, secure: bool) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = _check_run_folder(run_dir, rounds=2)
     assert summary["secure_aggregation"] is secure
+
+
+def test_killed_server_resumes_with_continuous_ledger_and_same_epsilon(fed: Federation) -> None:
+    run_dir = fed.root / "run-resume"
+    config = f"{BASE_CONFIG} rounds=2 eval-data='{fed.root}/eval.csv'"
+    fed.flwr_run(run_dir, config)  # the ServerApp process dies after round 1
+    assert not (run_dir / "summary.json").exists()
+    assert [m["round"] for m in _metrics(run_dir)] == [1]
+    result = fed.flwr_run(run_dir, f"{config} resume=true")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    _check_run_folder(run_dir, rounds=2)  # includes `confide audit verify` on the chain
+    entries = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in entries] == list(range(len(entries)))
+    assert [e["type"] for e in entries].count("run_resumed") == 1
+    # each run reports its own share; the same mechanism events give the same epsilon as
+    # the uninterrupted 2-round run of the first test
+    plain = _metrics(fed.root / "run-plain")[-1]["epsilon_example_level"]
+    resumed = _metrics(run_dir)[-1]["epsilon_example_level"]
+    assert set(resumed) == set(plain)
+    for partner, eps in resumed.items():
+        assert eps == pytest.approx(plain[partner], rel=1e-9)
