@@ -1,0 +1,118 @@
+"""Server optimizers on the aggregated delta (FedOpt: Reddi et al. 2021, "Adaptive
+Federated Optimization", Algorithm 2; FedAvgM: Hsu et al. 2019).
+
+The server treats the (noised, clipped, securely summed) mean delta of a round as a
+pseudo-gradient and takes one optimizer step on the global weights. This is
+post-processing of an already private release, so it costs no privacy.
+
+    sgd   v = momentum v + d;                               x += lr v  (momentum 0: FedAvg)
+    adam  m = b1 m + (1-b1) d;  v = b2 v + (1-b2) d^2;             x += lr m / (sqrt(v) + tau)
+    yogi  m = b1 m + (1-b1) d;  v = v - (1-b2) d^2 sign(v - d^2);  x += lr m / (sqrt(v) + tau)
+
+As in the paper: no bias correction, m starts at 0 and v at tau^2 (Algorithm 2 asks for
+v_{-1} >= tau^2), tau (the adaptivity) defaults to 1e-3, and b1 is `momentum`.
+Pure numpy, so the strategy, the secure-aggregation path and benchmarks share it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+KINDS = ("sgd", "adam", "yogi")
+
+
+class ServerOptimizer:
+    """One optimizer step per round on `global_state` along `mean_delta`."""
+
+    def __init__(self, kind: str = "sgd", *, learning_rate: float = 1.0,
+                 momentum: float = 0.0, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"server optimizer {kind!r}: expected one of {', '.join(KINDS)}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"server momentum {momentum}: expected 0 <= x < 1")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"server beta2 {beta2}: expected 0 <= x < 1")
+        if not tau > 0.0:
+            raise ValueError(f"server tau {tau}: expected x > 0")
+        self.kind = kind
+        self.learning_rate = float(learning_rate)
+        self.momentum = float(momentum)
+        self.beta2 = float(beta2)
+        self.tau = float(tau)
+        self.steps = 0
+        # first moment (sgd: heavy-ball velocity) and second moment, float64, per name
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    @property
+    def stateless(self) -> bool:
+        """Plain FedAvg with a server learning rate: nothing to remember between rounds."""
+        return self.kind == "sgd" and self.momentum == 0.0
+
+    def step(self, global_state: dict[str, np.ndarray], mean_delta: dict[str, np.ndarray]
+             ) -> dict[str, np.ndarray]:
+        """New global weights (same names and dtypes as `global_state`)."""
+        missing = sorted(set(global_state) - set(mean_delta))[:3]
+        if missing:
+            raise ValueError(f"server optimizer: mean delta lacks {missing}")
+        lr = self.learning_rate
+        if self.stateless:
+            # exactly the FedAvg expression used before optimizers existed (bit-for-bit)
+            self.steps += 1
+            return {k: (g + lr * mean_delta[k]).astype(g.dtype)
+                    for k, g in global_state.items()}
+        if self.m and set(self.m) != set(global_state):
+            raise ValueError("server optimizer: parameter names differ from its moments")
+        b1, b2, tau = self.momentum, self.beta2, self.tau
+        new: dict[str, np.ndarray] = {}
+        for k, g in global_state.items():
+            d = np.asarray(mean_delta[k], dtype=np.float64)
+            if d.shape != g.shape:
+                raise ValueError(f"server optimizer: {k} has shape {d.shape}, "
+                                 f"expected {g.shape}")
+            if self.kind == "sgd":
+                m = self.m.get(k)
+                m = d.copy() if m is None else b1 * m + d
+                self.m[k] = m
+                update = lr * m
+            else:
+                m = self.m.get(k, np.zeros_like(d))
+                v = self.v.get(k)
+                if v is None:
+                    v = np.full_like(d, tau * tau)
+                m = b1 * m + (1.0 - b1) * d
+                d2 = d * d
+                if self.kind == "adam":
+                    v = b2 * v + (1.0 - b2) * d2
+                else:  # yogi: additive, sign-controlled change of v (slower to forget)
+                    v = v - (1.0 - b2) * d2 * np.sign(v - d2)
+                self.m[k], self.v[k] = m, v
+                update = lr * m / (np.sqrt(v) + tau)
+            new[k] = (g.astype(np.float64) + update).astype(g.dtype)
+        self.steps += 1
+        return new
+
+    # -- checkpoint ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """{"meta": JSON-able facts, "arrays": flat name -> array ("m/<name>", "v/<name>")}."""
+        arrays = {f"m/{k}": v for k, v in self.m.items()}
+        arrays.update({f"v/{k}": v for k, v in self.v.items()})
+        return {"meta": {"kind": self.kind, "learning_rate": self.learning_rate,
+                         "momentum": self.momentum, "beta2": self.beta2, "tau": self.tau,
+                         "steps": self.steps},
+                "arrays": arrays}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        meta = state["meta"]
+        if meta["kind"] != self.kind:
+            raise ValueError(f"server optimizer state is for {meta['kind']!r}, "
+                             f"this run uses {self.kind!r}")
+        self.steps = int(meta["steps"])
+        self.m, self.v = {}, {}
+        for key, value in state["arrays"].items():
+            which, _, name = key.partition("/")
+            if which not in ("m", "v") or not name:
+                raise ValueError(f"server optimizer state: unexpected entry {key!r}")
+            (self.m if which == "m" else self.v)[name] = np.asarray(value, np.float64).copy()

@@ -1,0 +1,102 @@
+import math
+
+import numpy as np
+import pytest
+
+from confide.strategies.server_optimizer import ServerOptimizer
+
+
+def state() -> dict[str, np.ndarray]:
+    return {"w": np.array([1.0, -0.5, 3.0], np.float32), "b": np.array([0.25], np.float32)}
+
+
+def delta(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.normal(size=3), "b": rng.normal(size=1)}
+
+
+def test_sgd_momentum_zero_is_fedavg_bit_for_bit() -> None:
+    opt = ServerOptimizer("sgd", learning_rate=0.7, momentum=0.0)
+    g = state()
+    for seed in range(3):
+        d = delta(seed)
+        expected = {k: (v + 0.7 * d[k]).astype(np.float32) for k, v in g.items()}
+        g = opt.step(g, d)
+        for k in g:
+            assert g[k].dtype == np.float32
+            assert g[k].tobytes() == expected[k].tobytes()
+    assert opt.state_dict()["arrays"] == {}  # FedAvg remembers nothing
+
+
+def test_heavy_ball_momentum_accumulates_velocity() -> None:
+    opt = ServerOptimizer("sgd", learning_rate=0.5, momentum=0.9)
+    g = {"w": np.zeros(1, np.float32)}
+    g = opt.step(g, {"w": np.array([1.0])})       # v = 1
+    g = opt.step(g, {"w": np.array([1.0])})       # v = 1.9
+    assert g["w"][0] == pytest.approx(0.5 * 1 + 0.5 * 1.9, rel=1e-6)
+
+
+def test_fedadam_step_matches_hand_computation() -> None:
+    lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    opt = ServerOptimizer("adam", learning_rate=lr, momentum=b1, beta2=b2, tau=tau)
+    g = {"w": np.array([1.0, 1.0], np.float32)}
+    d1, d2 = [0.5, -2.0], [0.1, 0.3]
+    g = opt.step(g, {"w": np.array(d1)})
+    g = opt.step(g, {"w": np.array(d2)})
+    for i in range(2):
+        m = (1 - b1) * d1[i]
+        v = b2 * tau**2 + (1 - b2) * d1[i] ** 2
+        x = 1.0 + lr * m / (math.sqrt(v) + tau)
+        m = b1 * m + (1 - b1) * d2[i]
+        v = b2 * v + (1 - b2) * d2[i] ** 2
+        x = x + lr * m / (math.sqrt(v) + tau)
+        assert g["w"][i] == pytest.approx(x, rel=1e-6)
+    # first step of Adam without bias correction at b1 = 0.9, b2 = 0.99 is lr * sign(d)
+    # up to tau: the moment ratio is 0.1 / sqrt(0.01)
+    first = ServerOptimizer("adam", learning_rate=lr, momentum=b1, beta2=b2, tau=tau)
+    out = first.step({"w": np.zeros(1, np.float32)}, {"w": np.array([-4.0])})
+    assert out["w"][0] == pytest.approx(-lr, rel=5e-3)
+
+
+def test_fedyogi_second_moment_grows_additively() -> None:
+    b2, tau = 0.99, 1e-3
+    opt = ServerOptimizer("yogi", learning_rate=1.0, momentum=0.0, beta2=b2, tau=tau)
+    opt.step({"w": np.zeros(1, np.float32)}, {"w": np.array([0.5])})
+    v = tau**2 - (1 - b2) * 0.25 * np.sign(tau**2 - 0.25)
+    assert opt.v["w"][0] == pytest.approx(v)
+    opt.step({"w": np.zeros(1, np.float32)}, {"w": np.array([0.0])})
+    # d = 0: v - d^2 > 0 but the change (1-b2) d^2 is 0: Yogi keeps v (Adam would shrink it)
+    assert opt.v["w"][0] == pytest.approx(v)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "yogi"])
+def test_state_round_trips_and_resume_continues_identically(kind: str) -> None:
+    def make() -> ServerOptimizer:
+        return ServerOptimizer(kind, learning_rate=0.3, momentum=0.8, beta2=0.9, tau=1e-2)
+
+    straight, first = make(), make()
+    g1 = g2 = state()
+    for seed in range(2):
+        g1 = straight.step(g1, delta(seed))
+        g2 = first.step(g2, delta(seed))
+    saved = first.state_dict()
+    assert set(saved["arrays"]) >= {"m/w", "m/b"}
+    resumed = make()
+    resumed.load_state_dict({"meta": dict(saved["meta"]),
+                             "arrays": {k: v.copy() for k, v in saved["arrays"].items()}})
+    assert resumed.steps == 2
+    for seed in range(2, 4):
+        g1 = straight.step(g1, delta(seed))
+        g2 = resumed.step(g2, delta(seed))
+    for k in g1:
+        assert g1[k].tobytes() == g2[k].tobytes()
+    with pytest.raises(ValueError, match="state is for"):
+        ServerOptimizer("sgd" if kind != "sgd" else "adam").load_state_dict(saved)
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"kind": "adagrad"}, "expected one of"), ({"momentum": 1.0}, "momentum"),
+    ({"beta2": -0.1}, "beta2"), ({"tau": 0.0}, "tau")])
+def test_bad_settings_are_refused(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        ServerOptimizer(**kwargs)
