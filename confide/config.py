@@ -127,6 +127,16 @@ SCHEMA: dict[str, KeySpec] = {
     # Server
     "server-learning-rate": KeySpec(float, "0 < x <= 10", _range(0, 10, lo_open=True),
                                     "step size applied to the averaged delta"),
+    "server-optimizer": KeySpec(str, "'sgd', 'adam' or 'yogi'", _one_of("sgd", "adam", "yogi"),
+                                "server step on the averaged delta (FedAvg(M), FedAdam, "
+                                "FedYogi; post-processing: free in privacy)"),
+    "server-momentum": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True),
+                               "server momentum: heavy-ball for sgd (FedAvgM), beta1 for "
+                               "adam/yogi"),
+    "server-beta2": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True),
+                            "second-moment decay of server adam/yogi"),
+    "server-tau": KeySpec(float, "x > 0", _range(0, lo_open=True),
+                          "adaptivity of server adam/yogi (added to sqrt of the 2nd moment)"),
     "client-dp": KeySpec(bool, "true or false", _any,
                          "client-level DP: clip each update, Gaussian noise on the sum"),
     "client-dp-noise-multiplier": KeySpec(float, "x > 0", _range(0, lo_open=True),
@@ -201,6 +211,10 @@ class RunConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     server_learning_rate: float = 1.0
+    server_optimizer: str = "sgd"
+    server_momentum: float = 0.0
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     client_dp: bool = False
     client_dp_noise_multiplier: float = 1.0
     client_dp_clipping_norm: float = 1.0

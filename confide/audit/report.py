@@ -60,8 +60,9 @@ class RunReport:
     def figures(self) -> list[_Figure]:
         figs = []
         if self.result.example_level or self.result.client_level:
-            figs.append(_Figure("epsilon", "Epsilon per partner over rounds (dp-accounting "
-                                "replay of the ledger)", self._epsilon_plot()))
+            figs.append(_Figure("epsilon", "Epsilon per partner over rounds (independent "
+                                "replay of the ledger; dotted: RDP second opinion)",
+                                self._epsilon_plot()))
         if any(m.get("accuracy") is not None or m.get("loss") is not None
                for m in self.metrics):
             figs.append(_Figure("accuracy", "Accuracy and loss over rounds (metrics.jsonl)",
@@ -71,7 +72,11 @@ class RunReport:
     def _epsilon_plot(self) -> bytes:
         fig, ax = plt.subplots(figsize=(7, 4))
         for partner, rep in sorted(self.result.example_level.items()):
-            ax.step(rep.rounds, rep.epsilons, where="post", marker="o", label=partner)
+            line = ax.step(rep.rounds, rep.epsilons, where="post", marker="o",
+                           label=f"{partner} ({rep.method})")[0]
+            if rep.method != "rdp":
+                ax.step(rep.rounds, rep.rdp_epsilons, where="post", linestyle=":",
+                        color=line.get_color())
         client = self.result.client_level
         if client is not None and client.epsilons:
             ax.plot(client.rounds, client.epsilons, "k--", marker="s", label="client-level")
@@ -164,7 +169,7 @@ class RunReport:
             parts.append(f"<h2>{_e(fig.title)}</h2><img alt='{fig.name}' "
                          f"src='data:image/png;base64,{data}'>")
         parts.append("<h2>Final epsilon per partner</h2>" + _html_table(
-            ["partner", "claimed", "replay RDP", "replay PLD"], self._epsilon_rows()))
+            ["partner", "claimed", "independent replay", "PLD", "RDP"], self._epsilon_rows()))
         parts.append("<h2>Participation and dropouts</h2>" + _html_table(
             ["round", "replied", "aggregated", "dropped", "secagg participants / dropouts",
              "accuracy", "loss"], t.participation))
@@ -190,7 +195,7 @@ class RunReport:
                 else path
             lines += [f"## {fig.title}", "", f"![{fig.name}]({rel.as_posix()})", ""]
         lines += ["## Final epsilon per partner", "",
-                  *_md_table(["partner", "claimed", "replay RDP", "replay PLD"],
+                  *_md_table(["partner", "claimed", "independent replay", "PLD", "RDP"],
                              self._epsilon_rows()), "",
                   "## Participation and dropouts", "",
                   *_md_table(["round", "replied", "aggregated", "dropped",
@@ -206,11 +211,12 @@ class RunReport:
     def _epsilon_rows(self) -> list[list[str]]:
         rows = []
         for p, rep in sorted(self.result.example_level.items()):
-            rows.append([p, _num(self.result.claimed_example.get(p)), _num(rep.final),
-                         _num(rep.pld_epsilon)])
+            rows.append([p, _num(self.result.claimed_example.get(p)),
+                         f"{_num(rep.final)} ({rep.method})", _num(rep.pld_epsilon),
+                         _num(rep.final_rdp)])
         client = self.result.client_level
         if client is not None and client.final is not None:
-            rows.append(["client-level", "-", _num(client.final), "-"])
+            rows.append(["client-level", "-", _num(client.final), "-", "-"])
         return rows
 
 

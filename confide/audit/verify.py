@@ -13,7 +13,9 @@ Checks, in order (each PASS / FAIL / SKIP, each failure naming the ledger entry)
                 ledger is not cut short (run_finished present when summary.json is)
   receipts      every example_dp carries the partner's receipt, validly signed by the key
                 whose pseudonym is the partner, with the same numbers as the ledger
-  replay        epsilons recomputed with dp-accounting equal the claimed ones (1 %)
+  replay        every claimed epsilon recomputed independently from the ledger's events
+                agrees (1 %): PLD claims by Opacus' PRV accountant (and never below its
+                certified lower bound), RDP claims by dp-accounting's RDP
   summary       summary.json equals the replay and the ledger (1 % on epsilons)
   metrics       metrics.jsonl equals the replay and the ledger, round by round (1 %)
   model         the last model_digest equals SHA-256 of model/weights.safetensors
@@ -131,8 +133,9 @@ class VerifyResult:
                                 "problems": [str(p) for p in c.problems]}
                        for c in self.checks},
             "epsilon_example_level": {
-                p: {"replay_rdp": r.final, "replay_pld": r.pld_epsilon,
-                    "claimed": self.claimed_example.get(p)}
+                p: {"claimed": self.claimed_example.get(p), "replay": r.final,
+                    "replay_method": r.method, "replay_rdp": r.final_rdp,
+                    "replay_pld": r.pld_epsilon}
                 for p, r in sorted(self.example_level.items())},
             "epsilon_client_level": None if self.client_level is None
             else self.client_level.final,
@@ -401,10 +404,14 @@ class RunVerifier:
                                             with_pld=self.pld)
         # Cumulative epsilon after each example_dp event, in ledger order.
         per_event: dict[int, float] = {}
+        lower: dict[int, float | None] = {}
+        methods: dict[int, str] = {}
         cursor: dict[str, int] = {}
         for i, e in examples:
             k = cursor.get(e.partner, 0)
-            per_event[i] = self.example[e.partner].epsilons[k]
+            rep = self.example[e.partner]
+            per_event[i], lower[i], methods[i] = (rep.epsilons[k], rep.lower_bounds[k],
+                                                  rep.methods[k])
             cursor[e.partner] = k + 1
         client_eps: dict[int, float] = {}
         odd = [i for i, e in clients if e.mechanism != clients[0][1].mechanism]
@@ -426,9 +433,15 @@ class RunVerifier:
             if isinstance(e, ev.ExampleDpEvent):
                 current[e.partner] = per_event[i]
                 self.claimed_final[e.partner] = e.epsilon_claimed
+                method = methods[i]
                 if not close(e.epsilon_claimed, per_event[i]):
                     c.add(f"partner {e.partner} round {e.round}: claimed epsilon "
-                          f"{e.epsilon_claimed:.6g}, dp-accounting replay {per_event[i]:.6g}", i)
+                          f"{e.epsilon_claimed:.6g} ({e.accountant}), independent {method} "
+                          f"replay {per_event[i]:.6g}", i)
+                elif lower[i] is not None and e.epsilon_claimed < lower[i] * (1 - 1e-6):
+                    c.add(f"partner {e.partner} round {e.round}: claimed epsilon "
+                          f"{e.epsilon_claimed:.6g} is below the PRV lower bound "
+                          f"{lower[i]:.6g}: the claim under-states the spend", i)
             elif isinstance(e, ev.ClientDpEvent) and i in client_eps:
                 current_client = client_eps[i]
                 if e.epsilon_claimed is not None and not close(e.epsilon_claimed,
@@ -447,8 +460,10 @@ class RunVerifier:
                 att = self.attempts.get(e.round)
                 if att is not None and att.completed_at == i:
                     self.snapshots[e.round] = (dict(current), current_client)
-        c.detail = (f"{len(examples)} example-level events of {len(self.example)} partners, "
-                    f"{len(clients)} client-level events (dp-accounting RDP)")
+        used = sorted({m for rep in self.example.values() for m in rep.methods})
+        c.detail = (f"{len(examples)} example-level events of {len(self.example)} partners "
+                    f"(replayed by {', '.join(used) or '-'}), {len(clients)} client-level "
+                    "events")
 
     # -- summary.json -------------------------------------------------------------------
     def _load_summary(self) -> dict[str, Any] | None:
@@ -611,14 +626,18 @@ def render_verdict(result: VerifyResult) -> str:
     for name, status, text in rows:
         out.append(f"  {name:<{w0}}  {status:<6}  {text}")
     if result.example_level:
-        out += ["", "  example-level epsilon (final, delta from the ledger):",
-                f"  {'partner':<16}  {'claimed':>10}  {'replay RDP':>10}  {'replay PLD':>10}"]
+        out += ["", "  example-level epsilon (final, delta from the ledger; 'replay' is the "
+                "independent check of the claim: PRV for PLD claims, RDP for RDP claims):",
+                f"  {'partner':<16}  {'claimed':>10}  {'replay':>12}  {'PLD':>10}  "
+                f"{'RDP':>10}"]
         for p, rep in sorted(result.example_level.items()):
             claimed = result.claimed_example.get(p)
             pld_eps = "-" if rep.pld_epsilon is None else f"{rep.pld_epsilon:.4f}"
-            out.append(f"  {p:<16}  {_fmt(claimed):>10}  {rep.final:>10.4f}  {pld_eps:>10}")
+            replay = f"{rep.final:.4f} {rep.method}"
+            out.append(f"  {p:<16}  {_fmt(claimed):>10}  {replay:>12}  {pld_eps:>10}  "
+                       f"{rep.final_rdp:>10.4f}")
     if result.client_level is not None and result.client_level.final is not None:
-        out.append(f"  client-level epsilon (replay RDP): {result.client_level.final:.4f}")
+        out.append(f"  client-level epsilon (replay): {result.client_level.final:.4f}")
     out.append("")
     first = result.first_problem
     if first is None:

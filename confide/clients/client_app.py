@@ -143,7 +143,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
             {"round": server_round, "partner": state.pseudonym,
              "noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
              "steps": event.steps, "delta": cfg.delta, "epsilon": epsilon,
-             "accountant": "rdp"}, state.signing_key).to_dict())
+             "accountant": state.accountant.accountant}, state.signing_key).to_dict())
     log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
         state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
     content = RecordDict({
@@ -179,9 +179,11 @@ def _noise_multiplier(cfg: RunConfig, state: NodeState, sample_rate: float, step
         return cfg.noise_multiplier
     if state.noise_multiplier is None or state.noise_run != run_key:
         # Calibrated once per run over all its planned rounds (as if sampled every round:
-        # the conservative choice when fraction-train < 1), then kept fixed for that run.
+        # the conservative choice when fraction-train < 1), then kept fixed for that run;
+        # with the node's own (tight, PLD) accountant, the one its claims and guard use.
         state.noise_multiplier = calibrate_noise(cfg.target_epsilon, cfg.delta, sample_rate,
-                                                 steps * cfg.rounds)
+                                                 steps * cfg.rounds,
+                                                 accountant=state.accountant.accountant)
         state.noise_run = run_key
     return state.noise_multiplier
 

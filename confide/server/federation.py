@@ -44,6 +44,7 @@ from confide.server.run_folder import CheckpointError, RunFolder
 from confide.server.secure_round import SecureRounds
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
+from confide.strategies.server_optimizer import ServerOptimizer
 from confide.task import federated_data, model_spec
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -107,7 +108,11 @@ class Federation:
         inner = DeltaFedAvg(fraction_train=self.cfg.fraction_train,
                             min_train_nodes=self.cfg.min_clients,
                             min_available_nodes=self.cfg.min_clients,
-                            server_learning_rate=self.cfg.server_learning_rate)
+                            server_optimizer=ServerOptimizer(
+                                self.cfg.server_optimizer,
+                                learning_rate=self.cfg.server_learning_rate,
+                                momentum=self.cfg.server_momentum,
+                                beta2=self.cfg.server_beta2, tau=self.cfg.server_tau))
         self.inner = inner
         self.strategy: DeltaFedAvg | ClientLevelDp = inner
         if self.cfg.client_dp:
@@ -155,6 +160,10 @@ class Federation:
         self.client_dp_epsilon = state.get("client_dp_epsilon")
         if isinstance(self.strategy, ClientLevelDp) and "client_dp_accountant" in state:
             self.strategy.load_state_dict(state["client_dp_accountant"])
+        if "server_optimizer" in state:  # same moments as before the crash
+            self.inner.optimizer.load_state_dict({
+                "meta": state["server_optimizer"],
+                "arrays": self.folder.load_optimizer_arrays(state)})
         self._secure_state = state.get("secure_aggregation", {})
         random.setstate(ast.literal_eval(state["python_random"]))
         self.rounds_completed = round_
@@ -223,7 +232,8 @@ class Federation:
         self.folder.append_metrics(row)
         self.rounds_completed = server_round
         self.last_metrics = row
-        self.folder.save_checkpoint(server_round, self.global_state, self.server_state())
+        self.folder.save_checkpoint(server_round, self.global_state, self.server_state(),
+                                    self.inner.optimizer.state_dict()["arrays"])
         if self.on_round:
             self.on_round(row)
         crash_after = os.environ.get(CRASH_AFTER_ROUND_ENV)
@@ -364,6 +374,7 @@ class Federation:
         }
         if isinstance(self.strategy, ClientLevelDp):
             state["client_dp_accountant"] = self.strategy.state_dict()
+        state["server_optimizer"] = self.inner.optimizer.state_dict()["meta"]
         if self.secure is not None:
             state["secure_aggregation"] = self.secure.state_dict()
         return state

@@ -21,6 +21,7 @@ from confide.clients.node_state import atomic_write_text
 from confide.config import RunConfig
 
 WEIGHTS_FILE = "weights.safetensors"
+OPTIMIZER_PREFIX = "server_optimizer_round"
 
 
 class CheckpointError(RuntimeError):
@@ -131,17 +132,30 @@ class RunFolder:
 
     # -- checkpoint ------------------------------------------------------------------
     def save_checkpoint(self, round_: int, state: dict[str, np.ndarray],
-                        server_state: dict[str, Any]) -> None:
-        """Weights first, then the JSON that names them: the JSON is the commit point."""
+                        server_state: dict[str, Any],
+                        optimizer_arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Weights (and server-optimizer moments) first, then the JSON that names them:
+        the JSON is the commit point."""
         weights = self.checkpoint_dir / f"global_round{round_}.safetensors"
         tmp = weights.with_suffix(".tmp")
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
         os.replace(tmp, weights)
         server_state = {**server_state, "round": round_, "weights": weights.name}
+        if optimizer_arrays:
+            # moments are as large as the weights: binary, not JSON
+            moments = self.checkpoint_dir / f"{OPTIMIZER_PREFIX}{round_}.safetensors"
+            tmp = moments.with_suffix(".tmp")
+            save_file({k: np.ascontiguousarray(v) for k, v in optimizer_arrays.items()},
+                      str(tmp))
+            os.replace(tmp, moments)
+            server_state["optimizer_arrays"] = moments.name
         atomic_write_text(self.checkpoint_dir / "server_state.json",
                           json.dumps(server_state, sort_keys=True))
         for old in self.checkpoint_dir.glob("global_round*.safetensors"):
             if old != weights:
+                old.unlink()
+        for old in self.checkpoint_dir.glob(f"{OPTIMIZER_PREFIX}*.safetensors"):
+            if old.name != server_state.get("optimizer_arrays"):
                 old.unlink()
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
@@ -155,6 +169,17 @@ class RunFolder:
             raise CheckpointError(f"checkpoint in {self.checkpoint_dir} is corrupted: {exc}") \
                 from None
         return int(server_state["round"]), dict(weights), server_state
+
+    def load_optimizer_arrays(self, server_state: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The server-optimizer moments a checkpoint names ({} when it names none)."""
+        name = server_state.get("optimizer_arrays")
+        if not name:
+            return {}
+        try:
+            return dict(load_file(str(self.checkpoint_dir / name)))
+        except Exception as exc:
+            raise CheckpointError(f"server-optimizer state {name} in {self.checkpoint_dir} "
+                                  f"is unreadable: {exc}") from None
 
 
 def load_trained_model(run_dir: str | Path):

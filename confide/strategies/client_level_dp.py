@@ -3,10 +3,11 @@
 Fixed clipping (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
 Models"): each node's delta is clipped to L2 norm C, the clipped deltas are averaged with
 equal weights (so one client changes the mean by at most C / n), and Gaussian noise with
-standard deviation sigma * C / n is added. Accounting uses Flower's RDP accountant
-(`flwr.supercore.privacy_accounting`) without sampling amplification, the conservative
-choice when the server samples a fixed number of clients. The trust in the server that
-this needs is removed by distributed DP inside secure aggregation.
+standard deviation sigma * C / n is added. Accounting is tight: the composition of the
+rounds' Gaussian releases by PLD (confide.privacy.accountant), without sampling
+amplification, the conservative choice when the server samples a fixed number of clients
+(the audit replays it with the closed form of composed Gaussians). The trust in the server
+that this needs is removed by distributed DP inside secure aggregation.
 """
 
 from __future__ import annotations
@@ -17,14 +18,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from confide.privacy.accountant import PLD, gaussian_releases_epsilon
 from confide.strategies.delta_fedavg import DeltaFedAvg
 
 MECHANISM = "gaussian_fixed_clipping"
@@ -45,10 +40,8 @@ class ClientLevelDp(Strategy):
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
         self.population = population
-        self.accountant = RdpAccountant(PrivacyConfig(
-            target_delta=delta, population_size=population,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        self.delta = delta
+        self.released: list[float] = []  # noise multiplier of each release (the events)
         self.rng = np.random.default_rng(seed)
         self.last_event: dict[str, float | int | str] | None = None
 
@@ -68,23 +61,25 @@ class ClientLevelDp(Strategy):
         mean = {k: sum(c[k].astype(np.float64) for c in clipped) / n
                 + self.rng.normal(0.0, std, size=ref.shape)
                 for k, ref in self.strategy.global_state.items()}
-        self.accountant.compose(GaussianPrivacyEvent(
-            noise_multiplier=self.noise_multiplier, sample_size=n,
-            population_size=self.population))
+        self.released.append(self.noise_multiplier)
         self.last_event = {"mechanism": MECHANISM, "noise_multiplier": self.noise_multiplier,
                            "clipping_norm": self.clipping_norm, "population": self.population,
-                           "sampled": n, "sample_rate": 1.0}
+                           "sampled": n, "sample_rate": 1.0, "accountant": PLD}
         metrics = MetricRecord({"num-aggregated": n})
         return self.strategy.apply(mean), metrics
 
     def epsilon(self) -> float:
-        return float(self.accountant.get_privacy_spent().epsilon)
+        return gaussian_releases_epsilon(self.released, self.delta)
 
     def state_dict(self) -> dict[str, object]:
-        return self.accountant.state_dict()
+        return {"accountant": PLD, "released": list(self.released)}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        self.accountant.load_state_dict(state)
+        released = state.get("released")
+        if state.get("accountant") != PLD or not isinstance(released, list):
+            raise ValueError("the checkpoint's client-level accountant state is from another "
+                             "version (no recorded releases); start a new run")
+        self.released = [float(x) for x in released]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

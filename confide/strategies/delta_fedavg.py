@@ -2,8 +2,8 @@
 
 Nodes send `new - global` for the trainable parameters only. The server takes the
 example-weighted mean of the deltas and moves the global weights by
-`server_learning_rate * mean_delta` (FedAvg when the rate is 1; Reddi et al. 2021's
-FedOpt family generalises the server step).
+`server_learning_rate * mean_delta` (FedAvg when the rate is 1), or, with a
+`ServerOptimizer`, by one FedAvgM / FedAdam / FedYogi step (Reddi et al. 2021's FedOpt).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from confide import records as R
+from confide.strategies.server_optimizer import ServerOptimizer
 
 
 class UpdateRejected(ValueError):
@@ -58,15 +59,23 @@ class DeltaFedAvg(FedAvg):
     """FedAvg whose nodes send deltas; aggregate_train returns the new global weights."""
 
     def __init__(self, *, fraction_train: float = 1.0, min_train_nodes: int = 1,
-                 min_available_nodes: int = 1, server_learning_rate: float = 1.0) -> None:
+                 min_available_nodes: int = 1, server_learning_rate: float = 1.0,
+                 server_optimizer: ServerOptimizer | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=0,
                          min_available_nodes=min_available_nodes,
                          weighted_by_key=R.NUM_EXAMPLES, arrayrecord_key=R.ARRAYS,
                          configrecord_key=R.CONFIG)
-        self.server_learning_rate = server_learning_rate
+        # every path that moves the global weights (plain, client-level DP, secure sum)
+        # goes through `apply`, hence through this one optimizer and its moments
+        self.optimizer = server_optimizer or ServerOptimizer(
+            "sgd", learning_rate=server_learning_rate)
         self.global_state: dict[str, np.ndarray] = {}
         self.rejected: list[tuple[int, str]] = []
+
+    @property
+    def server_learning_rate(self) -> float:
+        return self.optimizer.learning_rate  # one source of truth: the optimizer's
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -99,9 +108,8 @@ class DeltaFedAvg(FedAvg):
                 for name in self.global_state}
 
     def apply(self, mean_delta: dict[str, np.ndarray]) -> ArrayRecord:
-        new = {k: (v + self.server_learning_rate * mean_delta[k]).astype(np.float32)
-               for k, v in self.global_state.items()}
-        return R.to_array_record(new)
+        new = self.optimizer.step(self.global_state, mean_delta)
+        return R.to_array_record({k: v.astype(np.float32) for k, v in new.items()})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

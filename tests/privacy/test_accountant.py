@@ -9,16 +9,44 @@ from confide.privacy.accountant import (
     PartnerAccountant,
     SampledGaussianEvent,
     calibrate_noise,
+    gaussian_releases_epsilon,
+    pld_epsilon,
     rdp_epsilon,
 )
+from confide.privacy.replay import gaussian_epsilon, prv_epsilon
 
 
 def test_epsilon_is_cumulative_and_monotone() -> None:
     acc = PartnerAccountant(delta=1e-5, max_epsilon=100)
+    assert acc.accountant == "pld"
     eps = [acc.record(SampledGaussianEvent(1.0, 0.05, 20, r)) for r in range(1, 6)]
     assert all(b > a for a, b in itertools.pairwise(eps))
-    # composing five rounds equals one event with all steps (RDP composes additively)
-    assert eps[-1] == pytest.approx(rdp_epsilon([SampledGaussianEvent(1.0, 0.05, 100)], 1e-5))
+    # composing five rounds equals one event with all steps
+    assert eps[-1] == pytest.approx(pld_epsilon([SampledGaussianEvent(1.0, 0.05, 100)], 1e-5),
+                                    rel=1e-3)
+    assert acc.epsilon_rdp() == pytest.approx(
+        rdp_epsilon([SampledGaussianEvent(1.0, 0.05, 100)], 1e-5))
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), [
+    (1.2, 0.43, 21), (1.0, 0.064, 32), (0.9, 0.21, 45), (5.0, 1.0, 10), (1.0, 0.01, 3000)])
+def test_pld_claim_is_tight_and_matches_an_independent_prv_accountant(
+        sigma: float, q: float, steps: int) -> None:
+    """The claim (dp-accounting PLD) agrees with Opacus' PRV (another algorithm, another
+    code base) within 1%, never undercuts PRV's certified lower bound, and is below RDP."""
+    claim = pld_epsilon([SampledGaussianEvent(sigma, q, steps)], 1e-5)
+    low, estimate, high = prv_epsilon(((q, sigma, steps),), 1e-5)
+    assert claim == pytest.approx(estimate, rel=0.01)
+    assert low <= claim <= high * 1.001
+    assert claim < rdp_epsilon([SampledGaussianEvent(sigma, q, steps)], 1e-5)
+
+
+def test_client_level_gaussian_releases_match_the_closed_form() -> None:
+    # T Gaussian releases of noise sigma are one Gaussian of noise sigma / sqrt(T).
+    for sigmas in ([1.0] * 3, [0.5] * 10, [5.0], [1.0, 2.0, 0.8]):
+        mu = math.sqrt(sum(1 / s ** 2 for s in sigmas))
+        assert gaussian_releases_epsilon(sigmas, 1e-5) == pytest.approx(
+            gaussian_epsilon(mu, 1e-5), rel=1e-3)
 
 
 def test_matches_opacus_rdp_accountant() -> None:
@@ -51,6 +79,11 @@ def test_integer_orders_agree_with_dp_accounting_where_fractional_opacus_underst
 
 
 def test_budget_guard_refuses_before_spending() -> None:
+    # The guard decides with the claim's accountant: with PLD, 7 rounds fit where RDP
+    # would have allowed only 5.
+    assert pld_epsilon([SampledGaussianEvent(1.5, 0.05, 140)], 1e-5) <= 2.0 < pld_epsilon(
+        [SampledGaussianEvent(1.5, 0.05, 160)], 1e-5)
+    assert rdp_epsilon([SampledGaussianEvent(1.5, 0.05, 120)], 1e-5) > 2.0
     acc = PartnerAccountant(delta=1e-5, max_epsilon=2.0)
     ev = SampledGaussianEvent(1.5, 0.05, 20, 1)
     first = acc.check(ev)
@@ -66,7 +99,7 @@ def test_budget_guard_refuses_before_spending() -> None:
             assert "max-epsilon 2.0000" in str(exc)
             continue
         acc.record(ev)
-    assert refused == 18 - 4  # rounds 2..5 fit (eps 1.88 at 5 rounds), the rest refused
+    assert refused == 18 - 6  # rounds 2..7 fit, the rest refused
     assert acc.epsilon() <= 2.0 and acc.epsilon() >= first
 
 
@@ -81,7 +114,23 @@ def test_state_dict_roundtrip_keeps_history_and_refuses_other_delta() -> None:
 
 
 def test_calibration_hits_target() -> None:
-    sigma = calibrate_noise(3.0, 1e-5, 0.05, 200)
+    sigma = calibrate_noise(3.0, 1e-5, 0.05, 200, accountant="rdp")
     eps = rdp_epsilon([SampledGaussianEvent(sigma, 0.05, 200)], 1e-5)
-    assert eps <= 3.0 and eps > 2.9
+    assert eps <= 3.0 and eps > 2.98
     assert math.isinf(rdp_epsilon([SampledGaussianEvent(0.0, 0.05, 1)], 1e-5))
+    assert math.isinf(pld_epsilon([SampledGaussianEvent(0.0, 0.05, 1)], 1e-5))
+
+
+@pytest.mark.parametrize(("target", "q", "steps"), [
+    (8.0, 0.43, 21), (8.0, 0.064, 32), (3.0, 0.21, 15), (8.0, 1.0, 30), (1.0, 0.01, 2000)])
+def test_tight_calibration_needs_less_noise_and_replays_independently(
+        target: float, q: float, steps: int) -> None:
+    """PLD calibration: sigma below RDP's for the same target; the resulting claim is at
+    most the target, within 0.5% of it, and an independent PRV replay agrees within 1%."""
+    sigma = calibrate_noise(target, 1e-5, q, steps)
+    sigma_rdp = calibrate_noise(target, 1e-5, q, steps, accountant="rdp")
+    assert sigma < sigma_rdp * 0.97
+    claim = pld_epsilon([SampledGaussianEvent(sigma, q, steps)], 1e-5)
+    assert target * 0.995 < claim <= target
+    low, estimate, _ = prv_epsilon(((q, sigma, steps),), 1e-5)
+    assert claim == pytest.approx(estimate, rel=0.01) and claim >= low

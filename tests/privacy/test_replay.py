@@ -80,18 +80,25 @@ def test_integer_orders_agree_even_at_large_q_small_sigma() -> None:
         logging.disable(logging.NOTSET)
 
 
-def test_replay_matches_the_partners_opacus_accountant_cumulatively() -> None:
-    acc = PartnerAccountant(DELTA, 100.0)
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_replay_matches_the_partners_accountant_cumulatively(accountant: str) -> None:
+    """PLD claims (today's partners) are replayed by PRV, RDP claims (runs of earlier
+    versions) by dp-accounting's RDP; both agree with the partner within 1%."""
+    acc = PartnerAccountant(DELTA, 100.0, accountant)
     events, claimed = [], []
     for r, (q, sigma, steps) in enumerate([(0.02, 1.1, 50), (0.05, 1.3, 20), (0.02, 1.1, 80)], 1):
         claimed.append(acc.record(SampledGaussianEvent(sigma, q, steps, r)))
         events.append(ExampleDpEvent(round=r, partner="p", noise_multiplier=sigma,
                                      sample_rate=q, steps=steps, delta=DELTA,
-                                     epsilon_claimed=claimed[-1]))
+                                     epsilon_claimed=claimed[-1], accountant=accountant))
     rep = replay_example_level(events)["p"]
+    assert rep.methods == ["prv" if accountant == "pld" else "rdp"] * 3
     assert rep.epsilons == pytest.approx(claimed, rel=0.01)
-    assert rep.pld_epsilon is not None and rep.pld_epsilon < rep.final  # PLD is tighter
+    assert rep.pld_epsilon is not None and rep.pld_epsilon < rep.final_rdp  # PLD is tighter
     assert rep.after_round(2) == rep.epsilons[1]
+    if accountant == "pld":
+        assert all(low is not None and low <= c for low, c in zip(rep.lower_bounds, claimed,
+                                                                  strict=True))
 
 
 @pytest.mark.parametrize(("sampled", "population", "sigma"), [(10, 100, 1.0), (3, 3, 1.5),
@@ -108,6 +115,27 @@ def test_client_level_matches_flwr_rdp_accountant(sampled: int, population: int,
                                     noise_multiplier=sigma, clipping_norm=1.0,
                                     population=population, sampled=sampled, delta=DELTA))
     assert replay_client_level(events).epsilons == pytest.approx(claimed, rel=0.01)
+
+
+def test_client_level_pld_claims_replay_with_the_closed_form() -> None:
+    """The strategy's tight (PLD) claim replays through the exact composed-Gaussian
+    formula, a different code path, within 1%; and it is below flwr's RDP figure."""
+    from confide.strategies.client_level_dp import ClientLevelDp
+    from confide.strategies.delta_fedavg import DeltaFedAvg
+
+    strategy = ClientLevelDp(DeltaFedAvg(), noise_multiplier=0.8, clipping_norm=1.0,
+                             population=20, delta=DELTA)
+    events, claimed = [], []
+    for r in range(1, 5):
+        strategy.released.append(0.8)
+        claimed.append(strategy.epsilon())
+        events.append(ClientDpEvent(round=r, mechanism=GAUSSIAN_FIXED_CLIPPING,
+                                    noise_multiplier=0.8, clipping_norm=1.0, population=20,
+                                    sampled=4, delta=DELTA,
+                                    params={"sample_rate": 1.0, "accountant": "pld"}))
+    assert replay_client_level(events).epsilons == pytest.approx(claimed, rel=0.01)
+    rdp_events = [ClientDpEvent(**{**vars(e), "params": {"sample_rate": 1.0}}) for e in events]
+    assert replay_client_level(rdp_events).final > claimed[-1]
 
 
 def test_client_mechanism_registry_dispatch_and_unknown() -> None:

@@ -62,10 +62,18 @@ def test_client_level_dp_clips_and_noises_with_the_right_scale() -> None:
     assert w.std() == pytest.approx(0.5 * 1.0 / 4, rel=0.03)
     assert dp.last_event == {"mechanism": "gaussian_fixed_clipping", "noise_multiplier": 0.5,
                              "clipping_norm": 1.0, "population": 10, "sampled": 4,
-                             "sample_rate": 1.0}
+                             "sample_rate": 1.0, "accountant": "pld"}
     eps1 = dp.epsilon()
     dp.aggregate_train(2, [reply(i, big, 1) for i in range(4)])
     assert dp.epsilon() > eps1 > 0
+    # tight: two releases at sigma 0.5 are one Gaussian release at sigma 0.5 / sqrt(2)
+    from confide.privacy.replay import gaussian_epsilon
+
+    assert dp.epsilon() == pytest.approx(gaussian_epsilon(np.sqrt(2) / 0.5, 1e-5), rel=1e-3)
+    restored = ClientLevelDp(inner, noise_multiplier=0.5, clipping_norm=1.0, population=10,
+                             delta=1e-5)
+    restored.load_state_dict(dp.state_dict())
+    assert restored.epsilon() == dp.epsilon()
 
 
 def test_clip_l2_keeps_small_updates() -> None:

@@ -3,7 +3,11 @@ import math
 import numpy as np
 import pytest
 
+from confide import records as R
+from confide.strategies.client_level_dp import ClientLevelDp
+from confide.strategies.delta_fedavg import DeltaFedAvg
 from confide.strategies.server_optimizer import ServerOptimizer
+from tests.strategies.conftest import reply
 
 
 def state() -> dict[str, np.ndarray]:
@@ -100,3 +104,24 @@ def test_state_round_trips_and_resume_continues_identically(kind: str) -> None:
 def test_bad_settings_are_refused(kwargs: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         ServerOptimizer(**kwargs)
+
+
+def test_delta_fedavg_and_client_level_dp_step_through_the_optimizer() -> None:
+    d = {"w": np.array([0.5, -2.0, 1.0], np.float32), "b": np.array([0.1], np.float32)}
+    plain = DeltaFedAvg(server_learning_rate=0.5)  # default: sgd, momentum 0
+    plain.global_state = state()
+    arrays, _ = plain.aggregate_train(1, [reply(1, d, 3)])
+    for k, v in R.from_array_record(arrays).items():  # the pre-optimizer FedAvg expression
+        expected = (state()[k] + 0.5 * d[k].astype(np.float64)).astype(np.float32)
+        assert v.tobytes() == expected.tobytes()
+
+    adam = ServerOptimizer("adam", learning_rate=0.1, momentum=0.9)
+    inner = DeltaFedAvg(server_optimizer=adam)
+    inner.global_state = state()
+    dp = ClientLevelDp(inner, noise_multiplier=1e-9, clipping_norm=100.0, population=2,
+                       delta=1e-5, seed=0)
+    arrays, _ = dp.aggregate_train(1, [reply(1, d, 1)])
+    assert adam.steps == 1 and set(adam.m) == {"w", "b"}
+    expected = ServerOptimizer("adam", learning_rate=0.1, momentum=0.9).step(state(), d)
+    for k, v in R.from_array_record(arrays).items():
+        np.testing.assert_allclose(v, expected[k], rtol=1e-5)
