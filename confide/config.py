@@ -73,8 +73,12 @@ SCHEMA: dict[str, KeySpec] = {
     "lora-rank": KeySpec(int, "1 <= r <= 256", _range(1, 256), "LoRA rank"),
     "lora-alpha": KeySpec(float, "x > 0", _range(0, lo_open=True), "LoRA alpha"),
     "lora-dropout": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True), "LoRA dropout"),
-    "lora-targets": KeySpec(str, "comma-separated module names, e.g. 'query,value'",
+    "lora-targets": KeySpec(str, "comma-separated module names, e.g. 'query,value', or "
+                            "'all-linear' (every encoder Linear layer)",
                             lambda v: bool(v.strip()), "modules that get LoRA adapters"),
+    "lora-freeze-a": KeySpec(bool, "true or false", _any,
+                             "FFA-LoRA: keep the LoRA A matrices at their seeded "
+                             "initialisation and train only B (half the noise dimension)"),
     "pooling": KeySpec(str, "'auto', 'mean' or 'cls'", _one_of("auto", "mean", "cls"),
                        "sentence representation the head reads ('auto': mean for "
                        "sentence-transformers models and tiny, else CLS + pooler)"),
@@ -186,6 +190,7 @@ class RunConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "query,value"
+    lora_freeze_a: bool = False
     pooling: str = "auto"
     max_length: int = 64
     data: str = ""

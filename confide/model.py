@@ -90,6 +90,8 @@ class ModelSpec:
     lora_targets: str = "query,value"
     seed: int = 42
     pooling: str = "auto"  # "auto" | "mean" | "cls"
+    # FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded initialisation, only B trains
+    lora_freeze_a: bool = False
 
 
 class MeanPoolClassifier(nn.Module):
@@ -195,10 +197,25 @@ def _head_parameter_names(model: nn.Module) -> set[str]:
 
 
 
+ALL_LINEAR = "all-linear"
+
+
+def _all_linear_targets(model: nn.Module, head: set[str]) -> list[str]:
+    """Full names of the encoder's Linear layers (for BERT: query, key, value and the dense
+    layers), without the head. peft's own 'all-linear' cannot be used: on a model that is
+    not a transformers PreTrainedModel (our mean-pooling classifier) it also wraps the
+    classifier, and under CLS pooling it wraps the pooler, both of which train in full."""
+    return sorted(name for name, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and f"{name}.weight" not in head)
+
+
 def _add_lora(model: nn.Module, spec: ModelSpec, head: set[str]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    targets = [t.strip() for t in spec.lora_targets.split(",") if t.strip()]
+    if spec.lora_targets.strip().lower() == ALL_LINEAR:
+        targets = _all_linear_targets(model, head)
+    else:
+        targets = [t.strip() for t in spec.lora_targets.split(",") if t.strip()]
     config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
                         lora_dropout=spec.lora_dropout, target_modules=targets, bias="none")
     try:
@@ -210,6 +227,11 @@ def _add_lora(model: nn.Module, spec: ModelSpec, head: set[str]) -> nn.Module:
     for name, p in peft_model.named_parameters():
         if _strip_peft_prefix(name) in head:
             p.requires_grad_(True)
+        elif spec.lora_freeze_a and ".lora_A." in name:
+            # FFA-LoRA: A is fixed (seeded, so identical on every node, and covered by the
+            # frozen digest); with A shared the mean of the B updates is exactly the mean of
+            # the products B A, and DP noise is spread over half the coordinates.
+            p.requires_grad_(False)
     return peft_model
 
 
