@@ -68,8 +68,9 @@ SCHEMA: dict[str, KeySpec] = {
     # Model
     "model": KeySpec(str, "'minilm', 'tiny' or a local Hugging Face model folder", _any,
                      "shared transformer"),
-    "fine-tune": KeySpec(str, "'lora', 'full' or 'head'", _one_of("lora", "full", "head"),
-                         "which parameters train (and travel)"),
+    "fine-tune": KeySpec(str, "'lora', 'full', 'head' or 'bitfit'",
+                         _one_of("lora", "full", "head", "bitfit"),
+                         "which parameters train (and travel); bitfit: bias terms + head"),
     "lora-rank": KeySpec(int, "1 <= r <= 256", _range(1, 256), "LoRA rank"),
     "lora-alpha": KeySpec(float, "x > 0", _range(0, lo_open=True), "LoRA alpha"),
     "lora-dropout": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True), "LoRA dropout"),

@@ -175,10 +175,17 @@ def build_model(spec: ModelSpec) -> nn.Module:
         for name, p in model.named_parameters():
             if name in head:
                 p.requires_grad_(True)
+    elif spec.fine_tune == "bitfit":
+        # BitFit (Ben Zaken et al. 2022): every bias term (attention, MLP, LayerNorm) plus
+        # the head; about 0.1% of the encoder, so DP noise has few coordinates to land on.
+        model.requires_grad_(False)
+        for name, p in model.named_parameters():
+            if name in head or name.endswith(".bias"):
+                p.requires_grad_(True)
     elif spec.fine_tune == "lora":
         model = _add_lora(model, spec, head)
     else:
-        raise ModelError(f"fine-tune = {spec.fine_tune!r}; allowed: lora, full, head")
+        raise ModelError(f"fine-tune = {spec.fine_tune!r}; allowed: lora, full, head, bitfit")
     return model
 
 

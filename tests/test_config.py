@@ -17,7 +17,7 @@ def test_defaults_validate_and_roundtrip_through_toml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("key", "value", "needle"), [
     ("rounds", 0, "rounds = 0 is out of range; allowed: integer >= 1"),
     ("delta", 1.5, "delta = 1.5 is out of range; allowed: 0 < x < 1"),
-    ("fine-tune", "adapter", "allowed: 'lora', 'full' or 'head'"),
+    ("fine-tune", "adapter", "allowed: 'lora', 'full', 'head' or 'bitfit'"),
     ("target-epsilon", "abc", "target-epsilon = 'abc' is not a valid float"),
     ("example-dp", "maybe", "example-dp = 'maybe' is not a valid bool"),
     ("max-grad-norm", float("nan"), "max-grad-norm = nan is out of range"),

@@ -91,3 +91,18 @@ def test_all_linear_on_the_default_minilm_and_through_the_config() -> None:
     b_per_layer = rank * (4 * hidden + inter + hidden)
     assert count_trainable(model) == 6 * b_per_layer + hidden * 2 + 2
     assert not np.isnan(next(iter(trainable_state(model).values()))).any()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_bitfit_trains_exactly_the_biases_and_the_head(pooling: str) -> None:
+    model = build_model(ModelSpec("tiny", 2, fine_tune="bitfit", pooling=pooling))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    head = {n for n, _ in model.named_parameters()
+            if n.startswith(("classifier.", "bert.pooler."))}
+    expected = {n for n, _ in model.named_parameters() if n.endswith(".bias")} | head
+    assert trainable == expected
+    assert head and head <= trainable  # the head's weight matrix trains, not only its bias
+    assert not any("embeddings.word_embeddings" in n for n in trainable)
+    assert any("LayerNorm.bias" in n for n in trainable)
+    full = build_model(ModelSpec("tiny", 2, fine_tune="full", pooling=pooling))
+    assert count_trainable(model) < count_trainable(full) / 20

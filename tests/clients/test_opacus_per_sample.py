@@ -103,7 +103,7 @@ def assert_close_per_sample(got: dict[str, torch.Tensor], ref: dict[str, torch.T
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-@pytest.mark.parametrize("fine_tune", ["full", "lora", "head"])
+@pytest.mark.parametrize("fine_tune", ["full", "lora", "head", "bitfit"])
 def test_tiny_per_sample_grads_match_per_example_backward(fine_tune: str, pooling: str) -> None:
     model = build_model(ModelSpec("tiny", 2, fine_tune=fine_tune, pooling=pooling))
     perturb_lora_b(model)
@@ -118,6 +118,9 @@ def test_tiny_per_sample_grads_match_per_example_backward(fine_tune: str, poolin
         assert pos.shape[0] == len(LENGTHS)
         # Examples of different lengths touch different position rows: not one shared sum.
         assert float(pos[2, 3:].abs().max()) == 0.0 and float(pos[0, 3:].abs().max()) > 0
+    if fine_tune == "bitfit":  # biases of Linear and LayerNorm layers, and the head
+        assert any("LayerNorm.bias" in n for n in got) and any("query.bias" in n for n in got)
+        assert all(n.endswith(".bias") or "classifier." in n or "pooler." in n for n in got)
     if fine_tune == "lora":
         names = set(got)
         assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
