@@ -71,6 +71,9 @@ SCHEMA: dict[str, KeySpec] = {
     "fine-tune": KeySpec(str, "'lora', 'full', 'head' or 'bitfit'",
                          _one_of("lora", "full", "head", "bitfit"),
                          "which parameters train (and travel); bitfit: bias terms + head"),
+    "freeze-embeddings": KeySpec(bool, "true or false", _any,
+                                 "fine-tune = 'full': keep the word/position/token-type "
+                                 "embeddings frozen"),
     "lora-rank": KeySpec(int, "1 <= r <= 256", _range(1, 256), "LoRA rank"),
     "lora-alpha": KeySpec(float, "x > 0", _range(0, lo_open=True), "LoRA alpha"),
     "lora-dropout": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True), "LoRA dropout"),
@@ -129,6 +132,10 @@ SCHEMA: dict[str, KeySpec] = {
     "delta": KeySpec(float, "0 < x < 1", _range(0, 1, lo_open=True, hi_open=True),
                      "delta of (epsilon, delta)-DP"),
     "max-grad-norm": KeySpec(float, "x > 0", _range(0, lo_open=True), "per-sample clip norm"),
+    "grad-sample-mode": KeySpec(str, "'auto', 'hooks' or 'ghost'",
+                                _one_of("auto", "hooks", "ghost"),
+                                "how per-example gradients are clipped: 'auto' = ghost "
+                                "clipping for fine-tune = 'full', hooks otherwise"),
     # Server
     "server-learning-rate": KeySpec(float, "0 < x <= 10", _range(0, 10, lo_open=True),
                                     "step size applied to the averaged delta"),
@@ -187,6 +194,7 @@ class RunConfig:
     seed: int = 42
     model: str = "minilm"
     fine_tune: str = "lora"
+    freeze_embeddings: bool = False
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -216,6 +224,7 @@ class RunConfig:
     max_epsilon: float = 10.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    grad_sample_mode: str = "auto"
     server_learning_rate: float = 1.0
     server_optimizer: str = "sgd"
     server_momentum: float = 0.0

@@ -16,7 +16,8 @@ def model_spec(cfg: RunConfig, num_labels: int) -> ModelSpec:
     return ModelSpec(model=cfg.model, num_labels=num_labels, fine_tune=cfg.fine_tune,
                      lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                      lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
-                     seed=cfg.seed, pooling=cfg.pooling, lora_freeze_a=cfg.lora_freeze_a)
+                     seed=cfg.seed, pooling=cfg.pooling, lora_freeze_a=cfg.lora_freeze_a,
+                     freeze_embeddings=cfg.freeze_embeddings)
 
 
 @lru_cache(maxsize=2)

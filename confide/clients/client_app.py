@@ -28,6 +28,7 @@ from confide.clients.node_state import (
     node_state_dir,
     save_node_state,
 )
+from confide.clients.opacus_compat import resolve_grad_sample_mode
 from confide.config import RunConfig, from_flat_record
 from confide.data import TextDataset, read_text_file
 from confide.encoding import encode
@@ -127,7 +128,8 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         weight_decay=cfg.weight_decay, device=device,
         head_learning_rate=cfg.head_learning_rate or None,
         seed=cfg.seed * 100_003 + server_round * 1009 + _partition_id(context),
-        dp=cfg.example_dp, round_id=server_round)
+        dp=cfg.example_dp, round_id=server_round,
+        grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune))
     delta = compute_delta(trainable_state(model), global_state)
     for name, value in delta.items():
         if not np.all(np.isfinite(value)):

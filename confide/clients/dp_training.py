@@ -13,6 +13,12 @@ std `noise_multiplier * max_grad_norm` added to the sum, divided by the expected
 batches of at most `physical_batch_size` by Opacus' `BatchMemoryManager`; the noise is
 added once per logical batch, including empty ones (an empty Poisson batch must still
 produce a noisy step, otherwise "no update" would reveal that it was empty).
+
+`grad_sample_mode="ghost"` (ghost clipping, Li et al. 2022; Opacus' fast gradient clipping)
+computes the per-example norms without materialising per-example gradients, then a second
+backward of the loss reweighted by the clip factors gives the sum of clipped gradients. The
+mechanism is the same: same clip factor min(1, C / (norm + 1e-6)), same noise on the sum,
+same divisor, same sampler and steps; only the way the clipped sum is computed differs.
 """
 
 from __future__ import annotations
@@ -162,12 +168,26 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
     from opacus.optimizers import DPOptimizer
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="mean", strict=True,
-                           force_functorch=mode == "functorch")
     noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
-    dp_opt = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch, loss_reduction="mean",
-                         generator=noise_gen)
+    ghost = mode == "ghost"
+    if ghost:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        gsm: GradSampleModule = GradSampleModuleFastGradientClipping(
+            wrapper, batch_first=True, max_grad_norm=max_grad_norm, use_ghost_clipping=True,
+            loss_reduction="mean", strict=True)
+        dp_opt: DPOptimizer = DPOptimizerFastGradientClipping(
+            base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
+        criterion = DPLossFastGradientClipping(gsm, dp_opt, nn.CrossEntropyLoss(), "mean")
+    else:
+        gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="mean", strict=True,
+                               force_functorch=mode == "functorch")
+        dp_opt = DPOptimizer(base, noise_multiplier=noise_multiplier,
+                             max_grad_norm=max_grad_norm, expected_batch_size=expected_batch,
+                             loss_reduction="mean", generator=noise_gen)
     _check_optimizer_params(dp_opt.params, params)
     taken, loss_sum, seen, phys = 0, 0.0, 0, 0
     try:
@@ -180,8 +200,27 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                     # No backward: give the optimizer zero per-sample rows so it still
                     # clips nothing, adds noise and steps (Opacus would raise otherwise).
                     for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype,
-                                                    device=p.device)
+                        if ghost:  # ghost accumulates p.grad, the clipped sum: here 0
+                            p.grad = torch.zeros_like(p)
+                        else:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype,
+                                                        device=p.device)
+                elif ghost:
+                    batch = _to_batch(input_ids, attention_mask, labels, device)
+                    logits = gsm(batch["input_ids"], batch["attention_mask"])
+                    dp_loss = criterion(logits.float(), batch["labels"])
+                    mean_loss = dp_loss.detach()
+                    _check_finite(mean_loss, where, taken + 1, phys)
+                    gsm.per_sample_gradient_norms = None  # never check a stale batch's
+                    dp_loss.backward()  # norms, clip factors, reweighted second backward
+                    norms = getattr(gsm, "_per_sample_gradient_norms", None)
+                    if norms is None or tuple(norms.shape) != (rows,):
+                        raise OpacusCompatError(
+                            f"{where}: ghost clipping gave per-example norms of shape "
+                            f"{None if norms is None else tuple(norms.shape)} for {rows} "
+                            "rows: it would clip a sum over examples, not one example")
+                    loss_sum += mean_loss.item() * rows
+                    seen += rows
                 else:
                     batch = _to_batch(input_ids, attention_mask, labels, device)
                     logits = gsm(batch["input_ids"], batch["attention_mask"])

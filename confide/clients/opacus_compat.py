@@ -29,7 +29,9 @@ layer under vmap; `hooks` only adds per-sample outer products for the few small 
 layers (LoRA A/B, pooler, classifier). Opacus hooks only modules that hold trainable
 parameters, so the frozen encoder pays nothing beyond ordinary backward. In `full` mode
 ghost is faster (2.1x vs 4.4x): hooks materialise a [B, 30522, 384] word-embedding
-grad_sample. train_dp does not support ghost yet.
+grad_sample. So `auto` (the config default) picks ghost for `full` and hooks otherwise;
+train_dp runs ghost through Opacus' fast-gradient-clipping module, optimizer and loss with
+the same mechanism (same clip formula, noise std and divisor) as hooks.
 """
 
 from __future__ import annotations
@@ -40,18 +42,27 @@ import torch
 from torch import nn
 
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
-SUPPORTED_GRAD_SAMPLE_MODES = ("hooks", "functorch")
+SUPPORTED_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 # Attributes Opacus monkey-patches onto parameters/modules; all must be gone after a round so
 # the next round can wrap the same model again (or a checkpoint does not carry them).
 _PARAM_ATTRS = ("grad_sample", "_current_grad_sample", "summed_grad", "_forward_counter",
-                "_processed")
+                "_processed", "_norm_sample")
 _MODULE_ATTRS = ("autograd_grad_sample_hooks", "activations", "max_batch_len",
                  "ft_compute_sample_grad")
 
 
 class OpacusCompatError(RuntimeError):
     """The model or its per-sample gradients are not safe for DP-SGD."""
+
+
+def resolve_grad_sample_mode(mode: str, fine_tune: str) -> str:
+    """'auto' -> ghost for full fine-tuning (hooks would materialise a per-sample copy of
+    every weight, the word embeddings first), hooks for the small trainable sets (LoRA, head,
+    BitFit), where ghost's second backward through the frozen encoder is the larger cost."""
+    if mode == "auto":
+        return "ghost" if fine_tune == "full" else "hooks"
+    return mode
 
 
 def explicit_position_inputs(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,7 +107,8 @@ class RunFolder:
         info = {"model": cfg.model, "fine-tune": cfg.fine_tune, "lora-rank": cfg.lora_rank,
                 "lora-alpha": cfg.lora_alpha, "lora-targets": cfg.lora_targets,
                 "num-labels": cfg.num_labels, "seed": cfg.seed, "pooling": cfg.pooling,
-                "lora-dropout": cfg.lora_dropout, "lora-freeze-a": cfg.lora_freeze_a, **extra,
+                "lora-dropout": cfg.lora_dropout, "lora-freeze-a": cfg.lora_freeze_a,
+                "freeze-embeddings": cfg.freeze_embeddings, **extra,
                 "load": "confide.server.run_folder.load_trained_model(run_dir)"}
         atomic_write_text(self.model_dir / "model_info.json", json.dumps(info, indent=2))
         return path
@@ -193,7 +194,8 @@ def load_trained_model(run_dir: str | Path):
                      lora_alpha=info["lora-alpha"], lora_targets=info["lora-targets"],
                      lora_dropout=info["lora-dropout"], seed=info["seed"],
                      pooling=info["pooling"],
-                     lora_freeze_a=bool(info.get("lora-freeze-a", False)))
+                     lora_freeze_a=bool(info.get("lora-freeze-a", False)),
+                     freeze_embeddings=bool(info.get("freeze-embeddings", False)))
     model = build_model(spec)
     load_trainable_state(model, load_file(str(folder.model_dir / WEIGHTS_FILE)))
     return model
