@@ -175,6 +175,10 @@ SCHEMA: dict[str, KeySpec] = {
                              "protocol stage at which injected dropouts happen"),
     "verify-secagg": KeySpec(bool, "true or false", _any,
                              "simulation only: also compute the plaintext sum, record error"),
+    # Pre-flight check (never changes privacy settings)
+    "preflight": KeySpec(str, "'warn', 'error' or 'off'", _one_of("warn", "error", "off"),
+                         "before round 1, estimate noise vs largest signal of the aggregate; "
+                         "'warn' logs a configuration that cannot learn, 'error' refuses it"),
     # Output
     "out": KeySpec(str, "a folder path ('' = runs/<time>)", _any, "run folder"),
     "resume": KeySpec(bool, "true or false", _any,
@@ -242,6 +246,7 @@ class RunConfig:
     dropout_rate: float = 0.0
     dropout_stage: str = "masked-input"
     verify_secagg: bool = False
+    preflight: str = "warn"
     out: str = ""
     resume: bool = False
     eval_batch_size: int = 128

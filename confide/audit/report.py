@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 from confide.audit.verify import METRICS_FILE, VerifyResult, render_verdict, verify_run
 from confide.privacy import ledger_events as ev
 
+PREFLIGHT_HEADER = ["mechanism", "verdict", "noise/signal per round", "why", "would help"]
 SYNTHETIC_NOTE = ("Trained on the SYNTHETIC demo corpus (generated template reviews, not "
                   "real data).")
 
@@ -146,6 +147,22 @@ class RunReport:
         except (OSError, ValueError):
             return False
 
+    def preflight(self) -> tuple[str, str, list[list[str]]] | None:
+        """(verdict, note, rows) of the pre-flight check in summary.json; None when the run
+        has none (preflight = 'off', or an older run)."""
+        try:
+            pre = json.loads((self.run_dir / "summary.json").read_text()).get("preflight")
+        except (OSError, ValueError):
+            return None
+        if not isinstance(pre, dict):
+            return None
+        rows = [[str(m.get("mechanism")), str(m.get("verdict")), _num(m.get("ratio")),
+                 str(m.get("reason", "")), "; ".join(m.get("suggestions") or []) or "-"]
+                for m in pre.get("mechanisms") or []]
+        note = (f"d = {pre.get('trainable_parameters')}, {pre.get('partners_per_round')} "
+                f"partners per round, {pre.get('rounds')} rounds; {pre.get('note', '')}")
+        return str(pre.get("verdict")), note, rows
+
     # -- output -------------------------------------------------------------------------
     def html(self) -> str:
         r = self.result
@@ -164,6 +181,9 @@ class RunReport:
               if self.synthetic() else []),
             f"<h2>Verification: <span style='color:{colour}'>{verdict}</span></h2>",
             f"<pre>{_e(render_verdict(r))}</pre>"]
+        if (pre := self.preflight()) is not None:
+            parts.append(f"<h2>Pre-flight check: {_e(pre[0])}</h2><p>{_e(pre[1])}</p>"
+                         + _html_table(PREFLIGHT_HEADER, pre[2]))
         for fig in self.figures():
             data = base64.b64encode(fig.png).decode("ascii")
             parts.append(f"<h2>{_e(fig.title)}</h2><img alt='{fig.name}' "
@@ -187,6 +207,9 @@ class RunReport:
                  *([f"**{SYNTHETIC_NOTE}**", ""] if self.synthetic() else []),
                  f"## Verification: **{'PASS' if r.ok else 'FAIL'}**", "", "```",
                  render_verdict(r), "```", ""]
+        if (pre := self.preflight()) is not None:
+            lines += [f"## Pre-flight check: {pre[0]}", "", pre[1], "",
+                      *_md_table(PREFLIGHT_HEADER, pre[2]), ""]
         asset_dir.mkdir(parents=True, exist_ok=True)
         for fig in self.figures():
             path = asset_dir / f"{fig.name}.png"

@@ -39,15 +39,18 @@ from confide.model import (
 )
 from confide.privacy import ledger_events as E
 from confide.privacy.ledger import Ledger
+from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal_message
+from confide.privacy.preflight import check as preflight_check
 from confide.privacy.receipts import Receipt, verify_receipt
 from confide.server.run_folder import CheckpointError, RunFolder
-from confide.server.secure_round import SecureRounds
+from confide.server.secure_round import SecureRounds, is_simulation
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
 from confide.strategies.server_optimizer import ServerOptimizer
 from confide.task import federated_data, model_spec
 
 RoundCallback = Callable[[dict[str, Any]], None]
+PreflightCallback = Callable[[PreflightReport], None]
 CRASH_AFTER_ROUND_ENV = "CONFIDE_FAULT_CRASH_AFTER_ROUND"
 CRASH_RUN_DIR_ENV = "CONFIDE_FAULT_CRASH_RUN_DIR"  # optional: only the run in this folder
 
@@ -86,12 +89,15 @@ class Federation:
     """State of one run on the server side."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, out_dir: Path,
-                 on_round: RoundCallback | None = None, timeout: float = 3600.0) -> None:
+                 on_round: RoundCallback | None = None, timeout: float = 3600.0,
+                 on_preflight: PreflightCallback | None = None) -> None:
         self.grid = grid
         evaluation, num_labels = resolve_evaluation(cfg)
         self.cfg = cfg.replace(num_labels=num_labels)
         self.folder = RunFolder(out_dir)
         self.on_round = on_round
+        self.on_preflight = on_preflight  # a driver shows the report itself (else: logged)
+        self.preflight: PreflightReport | None = None
         self.timeout = timeout
         self.evaluation = evaluation
         self.spec = model_spec(self.cfg, num_labels)
@@ -127,12 +133,14 @@ class Federation:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         if self.cfg.resume:
+            self.run_preflight(refuse=False)  # budget is already being spent: report only
             self.resume()
             return
         random.seed(self.cfg.seed)  # Flower's node sampling uses `random`
         if self.folder.ledger.exists():
             raise FileExistsError(f"{self.folder.root} already holds a run; use resume = true "
                                   "to continue it or choose another out folder")
+        self.run_preflight()  # before the run folder and ledger exist: nothing is spent
         self.folder.create(self.cfg)
         self.ledger = Ledger.create(self.folder.ledger, self.folder.ledger_signing_key())
         self.ledger.append(E.RUN_STARTED, E.RunStarted(
@@ -143,6 +151,25 @@ class Federation:
         log(INFO, "Confide: %s, %d trainable parameters (%s), %d evaluation rows%s",
             self.cfg.model, count_trainable(self.model), self.cfg.fine_tune,
             len(self.evaluation), " [SYNTHETIC demo data]" if self.evaluation.synthetic else "")
+
+    def run_preflight(self, *, refuse: bool = True) -> None:
+        """Before round 1: noise vs the largest possible signal of the aggregated update
+        (confide.privacy.preflight). Logged (WARNING when the run is weak or cannot learn);
+        with preflight = 'error' a run that cannot learn is refused before any message is
+        sent. Never changes a privacy setting."""
+        if self.cfg.preflight == "off":
+            return
+        # partners' row counts: only the simulation's server can see the split
+        rows = ([len(p) for p in federated_data(self.cfg).partitions]
+                if is_simulation(self.grid) else None)
+        report = preflight_check(self.cfg, count_trainable(self.model), rows)
+        self.preflight = report
+        if self.on_preflight is not None:
+            self.on_preflight(report)
+        else:
+            log(WARNING if report.needs_attention else INFO, "%s", "\n".join(report.lines()))
+        if refuse and report.cannot_learn and self.cfg.preflight == "error":
+            raise PreflightRefused(refusal_message(report))
 
     def resume(self) -> None:
         """Continue from the last checkpointed round: same ledger chain (verified first),
@@ -400,6 +427,7 @@ class Federation:
             "synthetic_data": self.evaluation.synthetic,
             "bytes_uploaded_total": sum(r["bytes_uploaded"] for r in self.folder.read_metrics()),
             "trainable_parameters": int(sum(v.size for v in self.global_state.values())),
+            "preflight": self.preflight.to_json() if self.preflight else None,
         }
 
     def finish(self) -> dict[str, Any]:

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import time
+from logging import ERROR
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from confide.config import RunConfig, from_flat_record
-from confide.server.federation import Federation, RoundCallback
+from confide.privacy.preflight import PreflightRefused
+from confide.server.federation import Federation, PreflightCallback, RoundCallback
 
 
 def default_out_dir(cfg: RunConfig, run_id: int | None = None) -> Path:
@@ -20,15 +23,18 @@ def default_out_dir(cfg: RunConfig, run_id: int | None = None) -> Path:
     return Path("runs") / (f"{stamp}-{run_id}" if run_id is not None else stamp)
 
 
-def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None = None
-                    ) -> ServerApp:
+def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None = None,
+                    on_preflight: PreflightCallback | None = None) -> ServerApp:
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or from_flat_record(dict(context.run_config))
-        Federation(grid, run_cfg, default_out_dir(run_cfg, context.run_id),
-                   on_round=on_round).run()
+        try:
+            Federation(grid, run_cfg, default_out_dir(run_cfg, context.run_id),
+                       on_round=on_round, on_preflight=on_preflight).run()
+        except PreflightRefused as exc:  # a plain message, not a traceback: nothing ran
+            log(ERROR, "Confide: %s", exc)
 
     return server_app
 

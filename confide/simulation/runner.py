@@ -13,8 +13,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from confide.config import RunConfig
+from confide.privacy.preflight import PreflightRefused, PreflightReport, check, refusal_message
 from confide.server.server_app import default_out_dir, make_server_app
-from confide.task import federated_data
+from confide.task import federated_data, model_spec
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -52,6 +53,11 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
     console.print(f"Confide simulation: {cfg.clients} partners, {cfg.rounds} rounds, model "
                   f"{cfg.model} ({cfg.fine_tune}), example-level DP "
                   f"{'on' if cfg.example_dp else 'OFF'}, run folder {out}")
+    report = preflight(cfg, [len(p) for p in fed.partitions])
+    if report is not None:
+        if report.cannot_learn and cfg.preflight == "error":
+            raise PreflightRefused(refusal_message(report))  # before Ray: nothing spent
+        show_preflight(console, report)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
@@ -67,7 +73,9 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
                 f"max eps {worst:.2f} aggregated {row['num_clients_aggregated']}"
                 f"/{row['num_clients_sampled']}"))
 
-        run_simulation(server_app=make_server_app(cfg, on_round=on_round),
+        # on_preflight: the report is shown above already, the ServerApp only records it
+        run_simulation(server_app=make_server_app(cfg, on_round=on_round,
+                                                  on_preflight=lambda _: None),
                        client_app=client_app, num_supernodes=cfg.clients,
                        backend_config=backend_config(cfg), verbose_logging=verbose)
     summary_path = out / "summary.json"
@@ -75,7 +83,34 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log")
     summary = json.loads(summary_path.read_text())
     console.print(final_table(out, summary))
+    if report is not None and report.needs_attention:  # the warning has scrolled away
+        console.print(report.headline(), style="bold red" if report.cannot_learn
+                      else "yellow", markup=False, highlight=False)
     return out, summary
+
+
+def preflight(cfg: RunConfig, partition_rows: list[int]) -> PreflightReport | None:
+    """The pre-flight check in this process, before Ray starts, so 'error' refuses with a
+    plain message (the ServerApp repeats it for summary.json; calibrations are cached)."""
+    if cfg.preflight == "off":
+        return None
+    from confide.model import build_model, count_trainable
+    from confide.server.federation import resolve_evaluation
+
+    _, num_labels = resolve_evaluation(cfg)
+    d = count_trainable(build_model(model_spec(cfg, num_labels)))
+    return check(cfg, d, partition_rows)
+
+
+def show_preflight(console: Console, report: PreflightReport) -> None:
+    """One dim line when the configuration can learn; the numbers, the reason and what
+    would help, in colour, when it is weak or cannot learn."""
+    if not report.needs_attention:
+        console.print(report.headline(), style="dim", markup=False, highlight=False)
+        return
+    style = "bold red" if report.cannot_learn else "yellow"
+    for i, line in enumerate(report.lines()):
+        console.print(line, style=style if i == 0 else None, markup=False, highlight=False)
 
 
 def final_table(out: Path, summary: dict[str, Any]) -> Group:

@@ -1,0 +1,141 @@
+"""The pre-flight check's numbers: noise vs the largest possible signal of the aggregate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from confide.clients.secure_client import session_config
+from confide.config import ConfigError, RunConfig, build_config
+from confide.privacy import preflight as P
+
+D_MINILM_LORA = 74_498  # all-MiniLM-L6-v2, LoRA rank 8 on query,value + the 2-class head
+
+
+def hopeless_distributed() -> RunConfig:
+    # the issue's example: 10 partners, distributed DP at multiplier 1, clip 1
+    return build_config({"clients": 10, "secure-aggregation": True, "distributed-dp": True,
+                         "client-dp-noise-multiplier": 1.0, "client-dp-clipping-norm": 1.0,
+                         "noise-multiplier": 1.0})
+
+
+def test_hopeless_distributed_dp_cannot_learn_and_says_what_would_help() -> None:
+    report = P.check(hopeless_distributed(), D_MINILM_LORA, [300] * 10)
+    assert report.verdict == P.CANNOT_LEARN and report.cannot_learn
+    ddp = next(m for m in report.mechanisms if m.mechanism == "distributed-dp")
+    # noise calibrated for m = 6 survivors of 10 (threshold 0.5 of k + 1 = 9): sigma C/sqrt(m)
+    # per client, so the mean of all 10 has std sigma C/sqrt(60): at least sigma*sqrt(d)/n
+    assert ddp.min_survivors == 6
+    assert ddp.ratio == pytest.approx(math.sqrt(D_MINILM_LORA / 60))
+    assert ddp.ratio > math.sqrt(D_MINILM_LORA) / 10 > 27  # the issue's ~27x
+    assert ddp.ratio_if_min_survivors == pytest.approx(math.sqrt(D_MINILM_LORA) / 6)
+    assert ddp.verdict == P.CANNOT_LEARN
+    text = "\n".join(report.lines())
+    assert "35.2x the largest possible signal" in text
+    assert "with 100 partners per round the ratio would be" in text
+    assert "example-level DP instead" in text and "a larger budget" in text
+    assert "fewer trainable parameters" in text and "preflight = 'off'" in text
+    # the suggested number of partners does bring the ratio to about 1
+    needed = int(next(s for s in ddp.suggestions if s.startswith("more partners"))
+                 .split("about ")[1].split(" ")[0].replace(",", ""))
+    cfg = hopeless_distributed()
+    m = P.min_survivors(cfg, needed, D_MINILM_LORA)
+    assert math.sqrt(D_MINILM_LORA / (m * needed)) <= 1.0
+
+
+def test_good_example_dp_is_ok_and_quiet() -> None:
+    # example DP, epsilon 8 (calibrated as the node does), 300 rows per partner, LoRA on the
+    # default d, batch 64: each round's mean is signal-dominated
+    cfg = build_config({"clients": 10, "target-epsilon": 8.0, "batch-size": 64})
+    report = P.check(cfg, D_MINILM_LORA, [300] * 10)
+    assert report.verdict == P.OK and not report.needs_attention
+    (ex,) = report.mechanisms
+    assert ex.mechanism == "example-dp" and ex.suggestions == ()
+    assert ex.expected_batch == pytest.approx(64) and ex.steps_per_round == 5
+    assert 0.3 < ex.noise_multiplier < 2  # calibrated by confide.privacy.accountant
+    assert ex.ratio == pytest.approx(ex.ratio_per_step / math.sqrt(5) / math.sqrt(10))
+    assert ex.ratio < 1
+    assert report.lines()[0].startswith("pre-flight: OK")
+
+
+def test_example_dp_weighting_follows_the_servers_mean() -> None:
+    sizes = [400, 100, 40]
+    cfg = build_config({"clients": 3, "noise-multiplier": 1.0, "batch-size": 20})
+    report = P.check(cfg, 10_000, sizes)
+    per = []
+    for rows in sizes:
+        q = min(1.0, 20 / rows)
+        steps = max(1, round(1.0 / q))
+        per.append(1.0 * math.sqrt(10_000) / (q * rows * math.sqrt(steps)))
+    weighted = math.sqrt(sum((n * r) ** 2 for n, r in zip(sizes, per, strict=True))) / sum(sizes)
+    assert report.mechanisms[0].ratio == pytest.approx(weighted)
+    # inside secure aggregation every survivor has weight 1
+    secure = P.check(cfg.replace(secure_aggregation=True), 10_000, sizes)
+    assert secure.mechanisms[0].ratio == pytest.approx(
+        math.sqrt(sum(r ** 2 for r in per)) / 3)
+
+
+def test_client_level_dp_ratio_and_partners_per_round() -> None:
+    cfg = build_config({"clients": 20, "fraction-train": 0.5, "client-dp": True,
+                        "client-dp-noise-multiplier": 0.8, "example-dp": False})
+    report = P.check(cfg, 40_000, None)
+    (cdp,) = report.mechanisms
+    assert report.partners_per_round == 10 and cdp.mechanism == "client-dp"
+    assert cdp.ratio == pytest.approx(0.8 * 200 / 10)
+    assert cdp.verdict == P.CANNOT_LEARN  # 16 per round, 9.2 over 3 rounds
+    assert any("about 160 bring it to 1" in s for s in cdp.suggestions)
+    # many rounds can average a moderately noisy round: weak, not hopeless
+    weak = P.check(cfg.replace(client_dp_noise_multiplier=0.1, rounds=10), 40_000, None)
+    assert weak.verdict == P.WEAK and weak.mechanisms[0].ratio == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("ratio", "rounds", "verdict"), [
+    (0.9, 3, P.OK), (1.0, 1, P.OK), (2.0, 3, P.WEAK), (5.0, 3, P.WEAK), (6.0, 3, P.CANNOT_LEARN),
+    (10.0, 100, P.WEAK), (None, 3, P.UNKNOWN)])
+def test_verdict_thresholds(ratio: float | None, rounds: int, verdict: str) -> None:
+    assert P._verdict(ratio, rounds) == verdict
+
+
+def test_deployment_without_row_counts_reports_what_it_can() -> None:
+    report = P.check(hopeless_distributed(), D_MINILM_LORA, None)
+    ex = next(m for m in report.mechanisms if m.mechanism == "example-dp")
+    assert ex.verdict == P.UNKNOWN and ex.ratio is None and ex.unknown
+    assert "not known to the server" in ex.reason
+    assert report.verdict == P.CANNOT_LEARN  # the distributed-DP part needs no row counts
+    assert not report.partition_rows_known
+    only_example = P.check(RunConfig(), D_MINILM_LORA, None)
+    assert only_example.verdict == P.UNKNOWN and not only_example.needs_attention
+
+
+@pytest.mark.parametrize(("n", "threshold", "neighbours"), [
+    (2, 0.5, 0), (3, 0.5, 0), (10, 0.5, 0), (10, 0.9, 0), (17, 0.3, 4), (50, 0.5, 0)])
+def test_min_survivors_matches_the_secure_round(n: int, threshold: float,
+                                                neighbours: int) -> None:
+    cfg = build_config({"clients": n, "secure-aggregation": True, "distributed-dp": True,
+                        "secagg-threshold": threshold, "secagg-neighbours": neighbours})
+    session = session_config(cfg, session_id=bytes(16), num_clients=n, vector_length=100)
+    assert P.min_survivors(cfg, n, 100) == session.min_survivors
+
+
+def test_no_noise_no_mechanisms_and_json() -> None:
+    report = P.check(build_config({"example-dp": False}), 1000, [10, 10])
+    assert report.verdict == P.OK and report.mechanisms == ()
+    data = report.to_json()
+    assert json.loads(json.dumps(data, allow_nan=False)) == data
+    full = P.check(hopeless_distributed(), D_MINILM_LORA, [300] * 10).to_json()
+    assert full["verdict"] == "cannot-learn" and full["mode"] == "warn"
+    assert full["mechanisms"][1]["mechanism"] == "distributed-dp"
+    json.dumps(full, allow_nan=False)
+    assert P._json_safe({"x": [math.inf, 1.0]}) == {"x": [None, 1.0]}
+
+
+def test_refusal_message_and_config_key() -> None:
+    assert RunConfig().preflight == "warn"
+    assert build_config({"preflight": "error"}).preflight == "error"
+    with pytest.raises(ConfigError, match="allowed: 'warn', 'error' or 'off'"):
+        build_config({"preflight": "loud"})
+    msg = P.refusal_message(P.check(hopeless_distributed(), D_MINILM_LORA, [300] * 10))
+    assert "cannot learn" in msg and "no privacy budget was spent" in msg
+    assert issubclass(P.PreflightRefused, ConfigError)  # the CLI prints it without traceback
