@@ -498,6 +498,13 @@ class RunVerifier:
         for p, value in stated.items():
             if p not in self.example and value not in (0, 0.0, None):
                 c.add(f"privacy.example_level names partner {p}, absent from the ledger")
+        # The RDP second opinion, where the summary states one, must be RDP's figure too.
+        for p, value in (priv.get("example_level_rdp") or {}).items():
+            rep = self.example.get(p)
+            if rep is not None and (not isinstance(value, int | float)
+                                    or not close(float(value), rep.final_rdp)):
+                c.add(f"privacy.example_level_rdp[{p}] = {value!r}, RDP replay "
+                      f"{rep.final_rdp:.6g}")
         final_client = self.client.final if self.client else None
         stated_client = priv.get("client_level_epsilon")
         if not self.client_replay_failed and not close(stated_client, final_client):

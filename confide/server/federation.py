@@ -38,6 +38,13 @@ from confide.model import (
     trainable_state,
 )
 from confide.privacy import ledger_events as E
+from confide.privacy.accountant import (
+    ACCOUNTANT_NAMES,
+    PLD,
+    RDP,
+    SampledGaussianEvent,
+    rdp_epsilon,
+)
 from confide.privacy.ledger import Ledger
 from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal_message
 from confide.privacy.preflight import check as preflight_check
@@ -61,7 +68,11 @@ class PartnerRecord:
 
     pseudonym: str
     public_key: str
-    epsilon: float = 0.0
+    epsilon: float = 0.0  # cumulative, as claimed (signed) by the partner
+    epsilon_rdp: float = 0.0  # the RDP second opinion on the same events (server-computed)
+    accountant: str = "pld"  # which analysis the partner's claims use
+    # (noise multiplier, sample rate, steps) of each round it trained in, from its receipts
+    mechanisms: list[list[float]] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)
 
@@ -246,6 +257,8 @@ class Federation:
             "round": server_round, "num_clients_sampled": len(sampled),
             "num_clients_aggregated": len(aggregated), "accuracy": accuracy, "loss": loss,
             "epsilon_example_level": {p.pseudonym: p.epsilon for p in self.partners.values()},
+            "epsilon_example_level_rdp": {p.pseudonym: p.epsilon_rdp
+                                          for p in self.partners.values()},
             "epsilon_client_level": self.client_dp_epsilon, "bytes_uploaded": uploaded,
             "seconds": time.perf_counter() - t0,
             "refused": [p.pseudonym for p in self.partners.values()
@@ -365,7 +378,12 @@ class Federation:
                 server_round, partner.pseudonym, exc)
             return False
         partner.epsilon = float(claim["epsilon"])
-        self.ledger.append(E.ExampleDpEvent.from_receipt(receipt))
+        event = E.ExampleDpEvent.from_receipt(receipt)
+        partner.accountant = event.accountant
+        partner.mechanisms.append([event.noise_multiplier, event.sample_rate, event.steps])
+        partner.epsilon_rdp = rdp_epsilon(
+            [SampledGaussianEvent(s, q, int(k)) for s, q, k in partner.mechanisms], event.delta)
+        self.ledger.append(event)
         return True
 
     def _record_client_dp(self, server_round: int) -> None:
@@ -380,7 +398,8 @@ class Federation:
             clipping_norm=float(ev["clipping_norm"]), population=int(ev["population"]),
             sampled=int(ev["sampled"]), delta=self.cfg.delta,
             epsilon_claimed=self.client_dp_epsilon,
-            params={"sample_rate": float(ev["sample_rate"])}).to_payload())
+            params={"sample_rate": float(ev["sample_rate"]),
+                    "accountant": str(ev["accountant"])}).to_payload())
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self) -> tuple[float, float]:
@@ -414,11 +433,18 @@ class Federation:
             "privacy": {
                 "delta": self.cfg.delta,
                 "example_level": {p.pseudonym: p.epsilon for p in self.partners.values()},
+                # The same events read by RDP: a looser second opinion, never the claim.
+                "example_level_rdp": {p.pseudonym: p.epsilon_rdp
+                                      for p in self.partners.values()},
                 "client_level_epsilon": self.client_dp_epsilon,
-                "accountant": "RDP, integer orders (Opacus analysis), per partner; "
-                              "client level: " + (
-                    "rdp of the distributed discrete Gaussian (Kairouz-Liu-Steinke 2021)"
-                    if self.cfg.distributed_dp else "rdp (flwr)"),
+                "accountant": self._accountant_summary(),
+                "accountants": {
+                    "example_level": sorted({p.accountant for p in self.partners.values()})
+                    or ([PLD] if self.cfg.example_dp else []),
+                    "example_level_second_opinion": RDP,
+                    "client_level": (RDP if self.cfg.distributed_dp else PLD)
+                    if self.cfg.client_dp or self.cfg.distributed_dp else None,
+                },
                 "adjacency": "add/remove one record (example level); add/remove one "
                              "client (client level)",
             },
@@ -429,6 +455,19 @@ class Federation:
             "trainable_parameters": int(sum(v.size for v in self.global_state.values())),
             "preflight": self.preflight.to_json() if self.preflight else None,
         }
+
+    def _accountant_summary(self) -> str:
+        kinds = sorted({p.accountant for p in self.partners.values()}) or [PLD]
+        text = "example level, per partner: " + "; ".join(ACCOUNTANT_NAMES.get(k, k)
+                                                        for k in kinds)
+        text += "; RDP (integer orders) as second opinion"
+        if self.cfg.distributed_dp:
+            text += ("; client level: RDP of the distributed discrete Gaussian "
+                     "(Kairouz-Liu-Steinke 2021; no tight accountant covers sums of "
+                     "discrete Gaussians)")
+        elif self.cfg.client_dp:
+            text += "; client level: PLD of the composed Gaussian releases (tight)"
+        return text
 
     def finish(self) -> dict[str, Any]:
         assert self.ledger is not None

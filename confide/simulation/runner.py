@@ -129,14 +129,18 @@ def final_table(out: Path, summary: dict[str, Any]) -> Group:
                        f"{r['num_clients_aggregated']}/{r['num_clients_sampled']}", span,
                        "-" if client is None else f"{client:.2f}", f"{r['bytes_uploaded']:,}")
     partners = Table(title="Example-level epsilon per partner (cumulative over the run)")
-    for name in ("partner", "epsilon", "rounds trained", "refused (budget)"):
+    for name in ("partner", "epsilon (PLD)", "RDP, 2nd opinion", "rounds trained",
+                 "refused (budget)"):
         partners.add_column(name, justify="right")
     priv = summary["privacy"]
+    second = priv.get("example_level_rdp") or {}
     for p, eps in sorted(priv["example_level"].items()):
         trained = sum(1 for r in rows if p in r["epsilon_example_level"]
                       and p not in r.get("refused", []))
         refused = [str(r["round"]) for r in rows if p in r.get("refused", [])]
-        partners.add_row(p, f"{eps:.3f}", str(trained), ", ".join(refused) or "-")
+        rdp = second.get(p)
+        partners.add_row(p, f"{eps:.3f}", "-" if rdp is None else f"{rdp:.3f}", str(trained),
+                         ", ".join(refused) or "-")
     partners.caption = (f"delta = {priv['delta']}; example-level DP per partner, add/remove-one-"
                         f"record adjacency, cumulative over the run; {priv['accountant']}. "
                         f"Check it: confide audit verify {out}")

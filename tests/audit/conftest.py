@@ -30,7 +30,8 @@ DELTA = 1e-5
 ROUNDS = 3
 # (sample_rate, noise_multiplier, steps) per partner; partner 2 refuses round 3.
 PARTNER_PARAMS = [(0.02, 1.1, 50), (0.05, 1.3, 20), (0.01, 0.9, 100)]
-MAX_EPSILON = [10.0, 10.0, 1.9]
+# Budgets such that partner 2 refuses round 3 under either accountant of its claims.
+MAX_EPSILON = {"pld": [10.0, 10.0, 1.3], "rdp": [10.0, 10.0, 1.9]}
 CLIENT_SIGMA, CLIENT_CLIP = 1.5, 1.0
 CONFIG = {"rounds": ROUNDS, "clients": 3, "example-dp": True, "delta": DELTA,
           "client-dp": True, "client-dp-noise-multiplier": CLIENT_SIGMA,
@@ -52,14 +53,16 @@ def _weights(r: int) -> dict[str, np.ndarray]:
             "lora_B": rng.normal(size=(8, 4)).astype(np.float32)}
 
 
-def build_run(run_dir: Path, *, rounds: int = ROUNDS, seed: int = 7) -> RunInfo:
-    """Write the whole run folder; the claimed epsilons come from Opacus (the partners'
-    accountant) and flwr's RdpAccountant (client level), as in a real run."""
+def build_run(run_dir: Path, *, rounds: int = ROUNDS, seed: int = 7,
+              accountant: str = "pld") -> RunInfo:
+    """Write the whole run folder; the claimed epsilons come from the partners' accountant
+    (PLD today; accountant="rdp" writes a run as earlier versions did) and flwr's
+    RdpAccountant (client level, as earlier versions did)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     server_key = Ed25519PrivateKey.generate()
     keys = [Ed25519PrivateKey.generate() for _ in PARTNER_PARAMS]
     names = [pseudonym_of(k) for k in keys]
-    accountants = [PartnerAccountant(DELTA, m) for m in MAX_EPSILON]
+    accountants = [PartnerAccountant(DELTA, m, accountant) for m in MAX_EPSILON[accountant]]
     client_acc = FlwrRdp(PrivacyConfig(DELTA, len(keys), NeighboringRelation.ADD_OR_REMOVE_ONE,
                                        SamplingMethod.POISSON))
     blob = json.dumps(CONFIG, sort_keys=True, separators=(",", ":")).encode()
@@ -88,7 +91,7 @@ def build_run(run_dir: Path, *, rounds: int = ROUNDS, seed: int = 7) -> RunInfo:
             eps = acc.record(event)
             receipt = sign_receipt({"round": r, "partner": name, "noise_multiplier": sigma,
                                     "sample_rate": q, "steps": steps, "delta": DELTA,
-                                    "epsilon": eps, "accountant": "rdp"}, key)
+                                    "epsilon": eps, "accountant": acc.accountant}, key)
             led.append(ev.ExampleDpEvent.from_receipt(receipt))
             aggregated.append(name)
         client_acc.compose(GaussianPrivacyEvent(CLIENT_SIGMA, len(aggregated), len(keys)))
@@ -123,7 +126,7 @@ def build_run(run_dir: Path, *, rounds: int = ROUNDS, seed: int = 7) -> RunInfo:
                            "example_level": {n: a.epsilon() for n, a in
                                              zip(names, accountants, strict=True)},
                            "client_level_epsilon": metrics[-1]["epsilon_client_level"],
-                           "accountant": "rdp"},
+                           "accountant": accountant},
                "secure_aggregation": True, "distributed_dp": False}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunInfo(run_dir, server_key, keys, names)

@@ -61,6 +61,38 @@ def test_consistent_run_passes(template_run: RunInfo) -> None:
     assert all(c.status == "PASS" for c in result.checks)
     assert "VERDICT: PASS" in render_verdict(result)
     assert main([str(template_run.dir)]) == 0
+    # today's partners claim PLD: each claim replays through PRV, below the RDP opinion
+    for rep in result.example_level.values():
+        assert set(rep.methods) == {"prv"}
+        assert rep.final == pytest.approx(result.claimed_example[rep.partner], rel=0.01)
+        assert rep.final < rep.final_rdp
+
+
+def test_run_of_the_previous_version_with_rdp_claims_still_verifies(tmp_path: Path) -> None:
+    info = build_run(tmp_path / "run", accountant="rdp")
+    result = verify_run(info.dir)
+    assert result.ok, render_verdict(result)
+    assert all(set(rep.methods) == {"rdp"} for rep in result.example_level.values())
+
+
+def test_claim_below_the_independent_replay_is_detected(tmp_path: Path) -> None:
+    """A partner whose PLD claims are 2% low (an optimistic accountant) fails the
+    independent PRV replay, entry by entry."""
+    from confide.privacy.accountant import PartnerAccountant
+
+    original = PartnerAccountant.record
+
+    def optimistic(self: PartnerAccountant, event):  # type: ignore[no-untyped-def]
+        return 0.98 * original(self, event)
+
+    PartnerAccountant.record = optimistic  # type: ignore[method-assign]
+    try:
+        info = build_run(tmp_path / "run")
+    finally:
+        PartnerAccountant.record = original  # type: ignore[method-assign]
+    result = verify_run(info.dir)
+    assert not result.ok
+    assert "independent prv replay" in str(result.check("replay").problems[0])
 
 
 def _field_cases() -> list[tuple[int, str, str | None]]:
