@@ -53,7 +53,10 @@ def run_round(
     drop: Mapping[str, Sequence[int]] | None = None,
     serialize: bool = True,
     trace: RoundTrace | None = None,
+    encoded: Mapping[int, np.ndarray] | None = None,
 ) -> tuple[SecAggResult, SecAggServer]:
+    """``encoded``: per client, a ring vector encoded by the caller (shared-noise mode);
+    it replaces that client's update."""
     drop = {k: set(v) for k, v in (drop or {}).items()}
     trace = trace if trace is not None else RoundTrace()
     server = SecAggServer(config, round_number)
@@ -85,7 +88,8 @@ def run_round(
             continue
         w = 1.0 if weights is None else weights[cid]
         t0 = time.perf_counter()
-        msg = clients[cid].masked_input(_wire(requests[cid], serialize, trace), updates[cid], w)
+        msg = clients[cid].masked_input(_wire(requests[cid], serialize, trace), updates[cid], w,
+                                         encoded=None if encoded is None else encoded[cid])
         trace.add("client masked_input", time.perf_counter() - t0)
         wired = _wire(msg, serialize, trace, cid)
         t0 = time.perf_counter()

@@ -290,12 +290,16 @@ class SecAggClient:
     def masked_input(
         self,
         request: MaskedInputRequest,
-        update: np.ndarray,
+        update: np.ndarray | None,
         weight: float = 1.0,
         *,
         keep_encoded: bool = False,
+        encoded: np.ndarray | None = None,
     ) -> MaskedInput:
-        """Stage 2: decrypt neighbours' shares, encode (clip, quantize, noise) and mask."""
+        """Stage 2: decrypt neighbours' shares, encode (clip, quantize, noise) and mask.
+
+        ``encoded``: a ring vector the caller already encoded (shared-noise example-level DP,
+        :mod:`.shared_noise`, rounds each example itself); it replaces ``update``."""
         self._expect(ClientStage.MASKED_INPUT, "send a masked input")
         _check_context(request, self.config, self.round, MaskedInputRequest)
         cfg = self.config
@@ -344,10 +348,20 @@ class SecAggClient:
             raise SecAggAbort(
                 STAGE_MASKED_INPUT, len(held) + 1, cfg.threshold, f"live neighbourhood of {me}"
             )
-        encoder = UpdateEncoder(cfg)
-        encoded = encoder.encode(
-            update, weight, noise_stream=self._noise_stream, rounding_stream=self._rounding_stream
-        )
+        if encoded is not None:
+            if not isinstance(encoded, np.ndarray) or encoded.dtype != np.dtype(cfg.dtype) \
+                    or encoded.shape != (cfg.encoded_length,):
+                raise SecAggValidationError(
+                    f"pre-encoded input must be a {np.dtype(cfg.dtype)} vector of length"
+                    f" {cfg.encoded_length}"
+                )
+        elif update is None:
+            raise SecAggValidationError("masked_input needs an update or an encoded vector")
+        else:
+            encoded = UpdateEncoder(cfg).encode(
+                update, weight, noise_stream=self._noise_stream,
+                rounding_stream=self._rounding_stream,
+            )
         assert self._own_shares is not None
         held[me] = self._own_shares
         self._held = held
