@@ -136,6 +136,14 @@ SCHEMA: dict[str, KeySpec] = {
                                 _one_of("auto", "hooks", "ghost"),
                                 "how per-example gradients are clipped: 'auto' = ghost "
                                 "clipping for fine-tune = 'full', hooks otherwise"),
+    "example-dp-noise": KeySpec(str, "'local' or 'shared'", _one_of("local", "shared"),
+                                "where the DP-SGD noise is added: 'local' = each partner "
+                                "adds all of it to its own update; 'shared' = each partner "
+                                "adds a share inside the secure sum (needs "
+                                "secure-aggregation; one noisy gradient per round)"),
+    "dp-colluders": KeySpec(int, "integer >= 0", _range(0),
+                            "example-dp-noise = 'shared': partners assumed to collude with "
+                            "the server (their noise shares are not counted)"),
     # Server
     "server-learning-rate": KeySpec(float, "0 < x <= 10", _range(0, 10, lo_open=True),
                                     "step size applied to the averaged delta"),
@@ -229,6 +237,8 @@ class RunConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "auto"
+    example_dp_noise: str = "local"
+    dp_colluders: int = 0
     server_learning_rate: float = 1.0
     server_optimizer: str = "sgd"
     server_momentum: float = 0.0
@@ -262,11 +272,37 @@ class RunConfig:
         if self.distributed_dp and not self.secure_aggregation:
             raise ConfigError("distributed-dp needs secure-aggregation = true "
                               "(the noise is only private inside the secure sum)")
+        if self.example_dp_noise == "shared":
+            self._check_shared_noise()
         if self.min_clients > self.clients:
             raise ConfigError(f"min-clients ({self.min_clients}) exceeds clients "
                               f"({self.clients}); allowed: 1 <= min-clients <= clients")
         if self.physical_batch_size > self.batch_size and not self.example_dp:
             object.__setattr__(self, "physical_batch_size", self.batch_size)
+
+    def _check_shared_noise(self) -> None:
+        """Shared noise is private only inside the secure sum, and its guarantee is that of
+        one noisy gradient per round (confide.privacy.secagg.shared_noise)."""
+        why = "example-dp-noise = 'shared'"
+        if not self.secure_aggregation:
+            raise ConfigError(f"{why} needs secure-aggregation = true: each partner adds only "
+                              "a share of the noise, so its update is private only inside the "
+                              "secure sum; use example-dp-noise = 'local' without secure "
+                              "aggregation")
+        if not self.example_dp:
+            raise ConfigError(f"{why} needs example-dp = true")
+        if self.distributed_dp:
+            raise ConfigError(f"{why} and distributed-dp = true exclude each other: both put "
+                              "noise into the same secure sum with different clipping "
+                              "(per record vs per client); choose one")
+        if self.local_epochs != 1.0:
+            raise ConfigError(f"{why} takes exactly one noisy gradient per round (local "
+                              "steps on a share of the noise would not be private); "
+                              f"local-epochs = {self.local_epochs} is not allowed, leave it 1")
+        if self.grad_sample_mode == "ghost":
+            raise ConfigError(f"{why} rounds each per-example gradient and needs them "
+                              "materialised: grad-sample-mode = 'ghost' is not supported, use "
+                              "'auto' or 'hooks'")
 
     # -- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -83,3 +83,23 @@ def test_flower_app_config_in_pyproject_matches_the_defaults() -> None:
     # `flwr run --run-config` may only override keys listed there: all of them must be
     assert build_config(app_config) == RunConfig()
     assert set(app_config) == set(SCHEMA)
+
+
+def test_shared_example_noise_needs_secure_aggregation_and_one_gradient_per_round() -> None:
+    import pytest
+
+    from confide.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="needs secure-aggregation = true"):
+        build_config({"example-dp-noise": "shared"})
+    ok = build_config({"example-dp-noise": "shared", "secure-aggregation": True,
+                       "dp-colluders": 1})
+    assert ok.example_dp_noise == "shared" and ok.dp_colluders == 1
+    for bad, why in (({"distributed-dp": True}, "exclude each other"),
+                     ({"local-epochs": 2.0}, "one noisy gradient per round"),
+                     ({"example-dp": False}, "needs example-dp"),
+                     ({"grad-sample-mode": "ghost"}, "ghost")):
+        with pytest.raises(ConfigError, match=why):
+            build_config({"example-dp-noise": "shared", "secure-aggregation": True, **bad})
+    with pytest.raises(ConfigError, match="example-dp-noise"):
+        build_config({"example-dp-noise": "central"})
