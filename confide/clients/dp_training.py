@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -389,3 +390,84 @@ def iter_batches(dataset: Mapping[str, torch.Tensor], batch_size: int,
     for s in range(0, len(labels), batch_size):
         yield _to_batch(input_ids[s:s + batch_size], attention_mask[s:s + batch_size],
                         labels[s:s + batch_size], torch.device(device))
+
+
+# -- shared-noise mode: one clipped per-example gradient sum per round ----------------------
+
+@dataclass(frozen=True)
+class ExampleGradientsResult:
+    sampled: int  # examples in this round's Poisson sample (stays on the node)
+    sample_rate: float
+    mean_loss: float
+    seconds: float
+
+
+def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
+                              sample_rate: float, max_grad_norm: float,
+                              physical_batch_size: int, on_rows: Callable[[Any], None],
+                              device: str | torch.device = "cpu", seed: int = 0,
+                              private_randomness: bool = True,
+                              round_id: int | None = None) -> ExampleGradientsResult:
+    """One Poisson sample at rate `sample_rate` of `dataset`, and for every sampled example
+    its gradient clipped to `max_grad_norm`, passed to `on_rows` as a float64 numpy array
+    [rows, d] per physical batch (the trainable parameters flattened in sorted-name order,
+    the order of `secure_client.flatten`, so the server can unflatten the sum). The model is not
+    updated: the caller (the secure sum) adds the noise, the server takes the step.
+
+    Per-example gradients are Opacus' (`GradSampleModule`, hooks, through the same
+    `make_opacus_ready` wrapper and `check_grad_samples` guard as `train_dp`), clipped with
+    Opacus' formula min(1, C / (norm + 1e-6)). `private_randomness` draws the sample from OS
+    entropy (the seed is known to the server; a known sample voids amplification).
+    """
+    from opacus.grad_sample import GradSampleModule
+
+    start = time.perf_counter()
+    where = f"round {round_id}" if round_id is not None else "this round"
+    tensors = _check_dataset(dataset, "train")
+    if not 0 < sample_rate <= 1:
+        raise DPTrainingError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        raise DPTrainingError(f"max_grad_norm must be > 0 (got {max_grad_norm})")
+    dev = torch.device(device)
+    model.to(dev)
+    strip_opacus_state(model)
+    was_training = model.training
+    wrapper = make_opacus_ready(model)
+    params = trainable_parameters(model)
+    by_name = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad),
+                     key=lambda item: item[0])
+    ordered = [p for _, p in by_name]
+    loader = _poisson_loader(tensors, sample_rate, 1,
+                             secrets.randbits(63) if private_randomness else seed)
+    gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="sum", strict=True)
+    sampled, loss_sum = 0, 0.0
+    try:
+        for input_ids, attention_mask, labels in loader:
+            for s in range(0, len(labels), max(1, physical_batch_size)):
+                batch = _to_batch(input_ids[s:s + physical_batch_size],
+                                  attention_mask[s:s + physical_batch_size],
+                                  labels[s:s + physical_batch_size], dev)
+                rows = len(batch["labels"])
+                logits = gsm(batch["input_ids"], batch["attention_mask"])
+                loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+                _check_finite(loss, where, 1, s // physical_batch_size + 1)
+                loss.backward()
+                check_grad_samples(params, rows)
+                flat = torch.cat([p.grad_sample.reshape(rows, -1).double() for p in ordered],
+                                 dim=1)
+                norms = flat.norm(2, dim=1)
+                factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' formula
+                on_rows((flat * factor[:, None]).cpu().numpy())
+                for p in params:
+                    p.grad_sample = None
+                    p.grad = None
+                loss_sum += loss.item()
+                sampled += rows
+    finally:
+        gsm.to_standard_module()
+        strip_opacus_state(model)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return ExampleGradientsResult(sampled=sampled, sample_rate=sample_rate,
+                                  mean_loss=loss_sum / sampled if sampled else float("nan"),
+                                  seconds=time.perf_counter() - start)
