@@ -46,10 +46,13 @@ from confide.privacy.ledger import (
     verify_chain,
 )
 from confide.privacy.receipts import ReceiptError, mismatches, verify_receipt
+from confide.privacy.refusals import mechanisms, refusal_mismatches, verify_refusal
 from confide.privacy.replay import (
     ClientReplay,
     PartnerReplay,
     UnknownMechanism,
+    _cumulative_rdp,
+    prv_epsilon,
     replay_client_level,
     replay_example_level,
 )
@@ -179,6 +182,7 @@ class RunVerifier:
         self.client: ClientReplay | None = None
         self.claimed_final: dict[str, float] = {}
         self.client_replay_failed = False  # then client epsilons are not compared again
+        self.run_key: str | None = None  # the ledger key: the run a signed refusal names
 
     # -- driver -------------------------------------------------------------------------
     def run(self) -> VerifyResult:
@@ -250,6 +254,7 @@ class RunVerifier:
         if started:
             start = started[0][1]
             self.config, self.delta = start.config, start.delta
+            self.run_key = start.ledger_public_key
             # The rule of confide.config.RunConfig.digest() (`resume` left out: a resumed
             # run is the same run).
             hashed = {k: v for k, v in start.config.items() if k != "resume"}
@@ -365,6 +370,9 @@ class RunVerifier:
                     if p not in trained:
                         c.add(f"partner {p}'s update is in round {r}'s aggregate without an "
                               "example_dp event", at)
+            configured = next((e for i, e in self.events if i == att.configured_at
+                               and isinstance(e, ev.RoundConfigured)), None)
+            self._check_shared_noise(r, kinds, c, configured)
             if client_dp and len(kinds.get(ev.CLIENT_DP, [])) != 1:
                 c.add(f"round {r} has {len(kinds.get(ev.CLIENT_DP, []))} client_dp entries, "
                       "expected 1 (client-level DP is enabled)", at)
@@ -373,6 +381,46 @@ class RunVerifier:
                       "secure_aggregation entries, expected 1", at)
         c.detail = (f"rounds 1..{self.rounds_completed}; example-dp={example_dp}, "
                     f"client-dp={client_dp}, secure-aggregation={secagg}")
+
+    def _check_shared_noise(self, r: int, kinds: dict[str, list[tuple[int, ev.LedgerEvent]]],
+                            c: CheckResult, configured: ev.RoundConfigured | None) -> None:
+        """Shared-noise rounds (example-dp-noise = 'shared'): every example_dp says so, with
+        the run's dp-colluders c and m = min_survivors - c honest noise shares, min_survivors
+        = ceil(n t / (k + 1)) recomputed from the round's cohort n and the recorded SecAgg
+        threshold t and neighbours k; a released sum has at least min_survivors inputs."""
+        shared = _cfg(self.config, "example-dp-noise", "local") == "shared"
+        colluders = int(_cfg(self.config, "dp-colluders", 0))
+        secure = [e for _, e in kinds.get(ev.SECURE_AGGREGATION, [])
+                  if isinstance(e, ev.SecureAggregationEvent)]
+        min_survivors = None
+        if secure and configured is not None:
+            n, t, k = len(configured.sampled), secure[-1].threshold, secure[-1].neighbours
+            min_survivors = math.ceil(n * t / (min(k, n - 1) + 1)) if n > 1 else None
+        for i, e in kinds.get(ev.EXAMPLE_DP, []):
+            assert isinstance(e, ev.ExampleDpEvent)
+            if (e.noise == "shared") != shared:
+                c.add(f"example_dp of partner {e.partner} round {r} has noise = {e.noise!r}, "
+                      f"but the run's example-dp-noise is "
+                      f"{_cfg(self.config, 'example-dp-noise', 'local')!r}", i)
+                continue
+            if not shared:
+                continue
+            if e.colluders != colluders:
+                c.add(f"example_dp of partner {e.partner} round {r}: colluders {e.colluders}, "
+                      f"the run's dp-colluders is {colluders}", i)
+            if min_survivors is None:
+                c.add(f"shared-noise example_dp of partner {e.partner} round {r} without a "
+                      "secure_aggregation event to check its noise shares against", i)
+            elif e.noise_shares != min_survivors - colluders:
+                c.add(f"example_dp of partner {e.partner} round {r}: {e.noise_shares} noise "
+                      f"shares accounted, but min_survivors {min_survivors} - colluders "
+                      f"{colluders} = {min_survivors - colluders}", i)
+        if shared and min_survivors is not None:
+            for e in secure:
+                if e.aborted is None and len(e.participants) < min_survivors:
+                    c.add(f"round {r}: secure sum released with {len(e.participants)} inputs "
+                          f"< min_survivors {min_survivors}: fewer noise shares than "
+                          "accounted")
 
     # -- receipts -----------------------------------------------------------------------
     def _check_receipts(self) -> None:
@@ -392,6 +440,21 @@ class RunVerifier:
                 continue
             if bad:
                 c.add(f"ledger differs from the partner's signed receipt: {'; '.join(bad)}", i)
+            count += 1
+        for i, e in self.events:
+            if not isinstance(e, ev.BudgetRefusal) or e.receipt is None:
+                continue  # refusals of earlier versions carry no signature
+            try:
+                rec = verify_refusal(e.receipt)
+            except ReceiptError as exc:
+                c.add(f"signed refusal of partner {e.partner} round {e.round}: {exc}", i)
+                continue
+            bad = refusal_mismatches(rec, e.to_payload())
+            if self.run_key is not None and rec.payload.get("run") != self.run_key:
+                bad.append("it is signed for another run")
+            if bad:
+                c.add(f"budget refusal differs from the partner's signed refusal: "
+                      f"{'; '.join(bad)}", i)
             count += 1
         c.detail = f"{count} receipts valid"
 
@@ -429,9 +492,13 @@ class RunVerifier:
                 c.add(str(exc), clients[0][0])
         current: dict[str, float] = {}
         current_client: float | None = None
+        # this run's (sigma, q, steps, round) per partner so far, for signed refusals
+        history: dict[str, list[tuple[float, float, int, int]]] = {}
         for i, e in self.events:
             if isinstance(e, ev.ExampleDpEvent):
                 current[e.partner] = per_event[i]
+                history.setdefault(e.partner, []).append(
+                    (e.noise_multiplier, e.sample_rate, e.steps, e.round))
                 self.claimed_final[e.partner] = e.epsilon_claimed
                 method = methods[i]
                 if not close(e.epsilon_claimed, per_event[i]):
@@ -450,7 +517,9 @@ class RunVerifier:
                           f"{e.epsilon_claimed:.6g}, replay {client_eps[i]:.6g}", i)
             elif isinstance(e, ev.BudgetRefusal):
                 spent = current.get(e.partner, 0.0)
-                if not close(e.spent_epsilon, spent):
+                if e.receipt is not None:  # signed lifetime spend (multi-run partners)
+                    self._check_lifetime_refusal(c, i, e, spent, history.get(e.partner, []))
+                elif not close(e.spent_epsilon, spent):  # earlier versions: this run only
                     c.add(f"budget refusal of {e.partner}: spent epsilon {e.spent_epsilon:.6g}, "
                           f"replay {spent:.6g}", i)
                 if not e.would_be_epsilon > e.max_epsilon:
@@ -464,6 +533,55 @@ class RunVerifier:
         c.detail = (f"{len(examples)} example-level events of {len(self.example)} partners "
                     f"(replayed by {', '.join(used) or '-'}), {len(clients)} client-level "
                     "events")
+
+    def _check_lifetime_refusal(self, c: CheckResult, i: int, e: ev.BudgetRefusal,
+                                run_spent: float,
+                                run_events: list[tuple[float, float, int, int]]) -> None:
+        """A signed refusal states the partner's lifetime spend and the events behind it
+        (earlier runs included). Replay those events independently; the stated spend must
+        equal the replay, cover this run's replay (a lower bound of it), and its events
+        must include every event this ledger records for the partner in this run."""
+        try:
+            rec = verify_refusal(e.receipt or {})
+        except ReceiptError:
+            return  # the receipts check names it
+        pay = rec.payload
+        events = pay["lifetime_events"]
+        delta = self.delta if self.delta is not None else float(pay["delta"])
+        lifetime = self._replay_events(mechanisms(events), str(pay["accountant"]), delta)
+        would_be = self._replay_events(mechanisms([*events, pay["planned"]]),
+                                       str(pay["accountant"]), delta)
+        who = f"budget refusal of {e.partner}"
+        if not close(e.spent_epsilon, lifetime[1]):
+            c.add(f"{who}: stated lifetime spend {e.spent_epsilon:.6g}, replay of its signed "
+                  f"events {lifetime[1]:.6g}", i)
+        elif lifetime[0] is not None and e.spent_epsilon < lifetime[0] * (1 - 1e-6):
+            c.add(f"{who}: stated lifetime spend {e.spent_epsilon:.6g} is below the PRV lower "
+                  f"bound {lifetime[0]:.6g}", i)
+        if not close(e.would_be_epsilon, would_be[1]):
+            c.add(f"{who}: would-be epsilon {e.would_be_epsilon:.6g}, replay {would_be[1]:.6g}",
+                  i)
+        if e.spent_epsilon < run_spent * (1 - REL_TOLERANCE):
+            c.add(f"{who}: stated lifetime spend {e.spent_epsilon:.6g} is below this run's "
+                  f"replay {run_spent:.6g}", i)
+        signed_here = [(float(x["noise_multiplier"]), float(x["sample_rate"]), int(x["steps"]),
+                        int(x.get("round", 0))) for x in events
+                       if x.get("run") == self.run_key]
+        for ev_ in run_events:
+            if ev_ in signed_here:
+                signed_here.remove(ev_)
+            else:
+                c.add(f"{who}: its signed lifetime events omit this run's round {ev_[3]} "
+                      "(the stated spend leaves out budget this ledger records)", i)
+                break
+
+    def _replay_events(self, params: tuple[tuple[float, float, int], ...], accountant: str,
+                       delta: float) -> tuple[float | None, float]:
+        """(PRV lower bound or None, independent estimate) of a composition."""
+        if accountant == "pld":
+            low, est, _ = prv_epsilon(params, delta)
+            return low, est
+        return None, (_cumulative_rdp(params, delta)[-1] if params else 0.0)
 
     # -- summary.json -------------------------------------------------------------------
     def _load_summary(self) -> dict[str, Any] | None:

@@ -200,12 +200,37 @@ class ExampleDpEvent(LedgerEvent):
     epsilon_claimed: float  # cumulative, as the partner's own (Opacus RDP) accountant says
     accountant: str = "rdp"
     receipt: dict[str, Any] | None = None  # Receipt.to_dict(), signed by the partner
+    # Shared noise (example-dp-noise = 'shared'; absent in older ledgers = 'local'): the
+    # partner added only a share of the noise inside the secure sum; `noise_multiplier` is
+    # the total effective one, carried by at least `noise_shares` = m honest shares
+    # (min_survivors - `colluders`); `tv_slack`: this round's TV distance to the continuous
+    # Gaussian mechanism (confide.privacy.secagg.shared_noise), added to delta.
+    noise: str = "local"
+    noise_shares: int | None = None
+    colluders: int | None = None
+    tv_slack: float | None = None
+
+    def to_payload(self) -> dict[str, Any]:
+        out = super().to_payload()
+        if self.noise == "local":  # payloads of local-noise events stay as they always were
+            for key in ("noise", "noise_shares", "colluders", "tv_slack"):
+                out.pop(key)
+        return out
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> ExampleDpEvent:
         k = cls.TYPE
         receipt = payload.get("receipt")
-        return cls(
+        noise = _str(k, "noise", payload.get("noise", "local"))
+        if noise not in ("local", "shared"):
+            raise PayloadError(f"{k}.noise = {noise!r} is not 'local' or 'shared'")
+        shared = {}
+        if noise == "shared":
+            shared = {"noise_shares": _int(k, "noise_shares", _get(k, payload, "noise_shares"),
+                                           lo=1),
+                      "colluders": _int(k, "colluders", _get(k, payload, "colluders")),
+                      "tv_slack": _float(k, "tv_slack", _get(k, payload, "tv_slack"))}
+        return cls(noise=noise, **shared,  # type: ignore[arg-type]
             round=_int(k, "round", _get(k, payload, "round"), lo=1),
             partner=_str(k, "partner", _get(k, payload, "partner")),
             noise_multiplier=_float(k, "noise_multiplier", _get(k, payload, "noise_multiplier")),
@@ -297,20 +322,25 @@ class BudgetRefusal(LedgerEvent):
     TYPE: ClassVar[str] = BUDGET_REFUSAL
     round: int
     partner: str
-    spent_epsilon: float
+    spent_epsilon: float  # the partner's lifetime spend (all runs) when it has a receipt
     max_epsilon: float
     would_be_epsilon: float
+    # confide.privacy.refusals: the refusal signed by the partner, stating its lifetime
+    # spend and the events behind it. None in ledgers of earlier versions.
+    receipt: dict[str, Any] | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> BudgetRefusal:
         k = cls.TYPE
+        receipt = payload.get("receipt")
         return cls(round=_int(k, "round", _get(k, payload, "round"), lo=1),
                    partner=_str(k, "partner", _get(k, payload, "partner")),
                    spent_epsilon=_float(k, "spent_epsilon", _get(k, payload, "spent_epsilon"),
                                         allow_inf=True),
                    max_epsilon=_float(k, "max_epsilon", _get(k, payload, "max_epsilon")),
                    would_be_epsilon=_float(k, "would_be_epsilon",
-                                           _get(k, payload, "would_be_epsilon"), allow_inf=True))
+                                           _get(k, payload, "would_be_epsilon"), allow_inf=True),
+                   receipt=None if receipt is None else _dict(k, "receipt", receipt))
 
 
 @dataclass(frozen=True)

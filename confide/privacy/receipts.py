@@ -31,7 +31,8 @@ SIGNED_FIELDS: dict[str, str] = {
     "round": "round", "partner": "partner", "noise_multiplier": "noise_multiplier",
     "sample_rate": "sample_rate", "steps": "steps", "delta": "delta",
     "epsilon": "epsilon_claimed", "epsilon_claimed": "epsilon_claimed",
-    "accountant": "accountant"}
+    "accountant": "accountant", "noise": "noise", "noise_shares": "noise_shares",
+    "colluders": "colluders", "tv_slack": "tv_slack"}
 REQUIRED_FIELDS = ("round", "partner", "noise_multiplier", "sample_rate", "steps", "delta")
 
 
