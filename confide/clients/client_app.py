@@ -21,7 +21,7 @@ from flwr.common.logger import log
 
 from confide import records as R
 from confide.clients import secure_client
-from confide.clients.dp_training import train_dp
+from confide.clients.dp_training import clipped_example_gradients, train_dp
 from confide.clients.node_state import (
     NodeState,
     load_node_state,
@@ -44,6 +44,8 @@ from confide.model import (
 )
 from confide.privacy.accountant import BudgetExhausted, SampledGaussianEvent, calibrate_noise
 from confide.privacy.receipts import sign_receipt
+from confide.privacy.secagg import SecAggRefusal
+from confide.privacy.secagg.shared_noise import ExampleSumEncoder, SharedNoiseConfig
 from confide.task import federated_data, model_spec
 
 app = ClientApp()
@@ -72,6 +74,12 @@ def train(msg: Message, context: Context) -> Message:
         return dropped
     data = _partner_data(cfg, context)
     run_key = str(config_record.get(R.RUN_KEY, ""))
+    if secure and cfg.example_dp_noise == "shared":
+        # one clipped per-example gradient sum + a share of the noise, into the secure sum
+        reply, encoded = _shared_round(msg, cfg, server_round, run_key, data, state, context)
+        state.mark_handled(message_id)
+        save_node_state(context, state, state_dir)
+        return secure_client.secure_reply(msg, context, cfg, reply, None, encoded=encoded)
     reply = _train_round(msg, cfg, server_round, run_key, data, state, context)
     state.mark_handled(message_id)
     save_node_state(context, state, state_dir)
@@ -92,7 +100,15 @@ def secagg_stage(msg: Message, context: Context) -> Message:
     cfg = from_flat_record(dict(msg.content[R.CONFIG]))
     if (dropped := secure_client.injected_dropout(msg, context, cfg)) is not None:
         return dropped
-    return secure_client.secure_reply(msg, context, cfg, None, None)
+    extra = None
+    down = msg.content.config_records.get(secure_client.SECAGG)
+    if down is not None and bool(down.get(secure_client.SHARED_INFO, False)):
+        # shared noise: the server calibrates one sigma for the run from every partner's
+        # sampling rate, and divides the sum by sum_i q_i n_i (so it learns n_i)
+        n = len(_partner_data(cfg, context))
+        extra = {secure_client.SHARED_INFO: json.dumps(
+            {"examples": n, "sample_rate": min(1.0, cfg.batch_size / n)})}
+    return secure_client.secure_reply(msg, context, cfg, None, None, extra_up=extra)
 
 
 def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
@@ -159,6 +175,76 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         R.RECEIPT: ConfigRecord({R.RECEIPT_JSON: receipt_json}),
     })
     return Message(content=content, reply_to=msg)
+
+
+def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
+                  data: TextDataset, state: NodeState, context: Context
+                  ) -> tuple[Message, np.ndarray | None]:
+    """Shared-noise example-level DP (confide.privacy.secagg.shared_noise): one Poisson
+    sample at rate q = min(1, batch-size / n), per-example gradients clipped to
+    max-grad-norm, each rounded, summed, plus this node's share of the noise. The node
+    recomputes every derived parameter itself and checks the server's against its own
+    session and run configuration; its budget guard uses the effective multiplier."""
+    down = msg.content.config_records[secure_client.SECAGG]
+    key = f"{secure_client.SHARED}/{server_round}"
+    if key not in down:
+        raise NodeConfigError(f"round {server_round}: no shared-noise parameters in the "
+                              "message (server and node disagree on example-dp-noise)")
+    shared = SharedNoiseConfig.from_json(str(down[key]))
+    session = secure_client.ClientStore(context).get(server_round).config
+    problems = [f"{name} {got} != {want}" for name, got, want in (
+        ("colluders", shared.colluders, cfg.dp_colluders),
+        ("clip", shared.clip, cfg.max_grad_norm),
+        ("min_survivors", shared.min_survivors, session.min_survivors),
+        ("num_clients", shared.num_clients, session.num_clients),
+        ("bits", shared.bits, session.bits),
+        ("vector_length", shared.vector_length, session.vector_length)) if got != want]
+    if problems:
+        raise SecAggRefusal(f"round {server_round}: shared-noise parameters differ from this "
+                            f"node's session and run configuration: {'; '.join(problems)}")
+    n = len(data)
+    sample_rate = min(1.0, cfg.batch_size / n)
+    sigma = shared.effective_noise_multiplier
+    planned = SampledGaussianEvent(sigma, sample_rate, 1, server_round, run_key)
+    try:
+        state.accountant.check(planned)
+    except BudgetExhausted as exc:
+        log(WARNING, "partner %s refuses round %d: %s", state.pseudonym, server_round, exc)
+        return _status_reply(msg, state, R.BUDGET_EXHAUSTED, str(exc), spent=exc.spent,
+                             would_be=exc.would_be, max_epsilon=exc.max_epsilon), None
+
+    spec = model_spec(cfg, _num_labels(cfg))
+    model = _cached_model(spec)
+    if msg.content[R.CONFIG].get(R.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
+        raise NodeConfigError("this node's frozen base model differs from the server's "
+                              "(different model files or versions?)")
+    load_trainable_state(model, {k: v.numpy() for k, v in msg.content[R.ARRAYS].items()})
+    device = resolve_device(str(context.node_config.get("device", cfg.device)))
+    encoder = ExampleSumEncoder(shared)
+    result = clipped_example_gradients(
+        model, _encoded(cfg, data), sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm,
+        physical_batch_size=cfg.physical_batch_size, on_rows=encoder.add_examples,
+        device=device, round_id=server_round)
+    encoded = encoder.encode()
+    event = SampledGaussianEvent(sigma, sample_rate, 1, server_round, run_key)
+    epsilon = state.accountant.record(event)
+    receipt_json = json.dumps(sign_receipt(
+        {"round": server_round, "partner": state.pseudonym, "noise_multiplier": sigma,
+         "sample_rate": sample_rate, "steps": 1, "delta": cfg.delta, "epsilon": epsilon,
+         "accountant": state.accountant.accountant, "noise": "shared",
+         "noise_shares": shared.m, "colluders": shared.colluders,
+         "tv_slack": shared.tv_slack()}, state.signing_key).to_dict())
+    log(INFO, "partner %s round %d: %d examples, shared noise sigma %.3f over m=%d shares, "
+        "epsilon %.3f", state.pseudonym, server_round, n, sigma, shared.m, epsilon)
+    # no training loss in the metrics: the loss of this round's sample is not private
+    content = RecordDict({
+        R.METRICS: MetricRecord({
+            R.NUM_EXAMPLES: n, R.EPSILON: epsilon, R.STEPS: 1, R.SAMPLE_RATE: sample_rate,
+            R.NOISE_MULTIPLIER: sigma, R.TRAIN_SECONDS: result.seconds}),
+        R.STATUS: _status(state, R.OK, ""),
+        R.RECEIPT: ConfigRecord({R.RECEIPT_JSON: receipt_json}),
+    })
+    return Message(content=content, reply_to=msg), encoded
 
 
 def _status(state: NodeState, code: str, detail: str, **extra: float) -> ConfigRecord:

@@ -121,6 +121,10 @@ def check_session_config(config: SecAggConfig, cfg: RunConfig) -> None:
                             f"client-dp-clipping-norm {cfg.client_dp_clipping_norm}")
 
 
+SHARED = "shared"  # down: shared/<q> = SharedNoiseConfig JSON of round q (shared noise)
+SHARED_INFO = "shared-info"  # down: True asks the node for its rows and rate; up: that JSON
+
+
 # -- the node's clients, persisted in Context.state -----------------------------------------
 class ClientStore:
     """SecAggClient objects of this node keyed by secure round, kept in Context.state."""
@@ -184,15 +188,19 @@ def injected_dropout(msg: Message, context: Context, cfg: RunConfig) -> Message 
 
 
 def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message | None,
-                 delta: Mapping[str, np.ndarray] | None) -> Message:
+                 delta: Mapping[str, np.ndarray] | None, *, encoded: np.ndarray | None = None,
+                 extra_up: Mapping[str, object] | None = None) -> Message:
     """Answer every secure-aggregation part of `msg`. `plain` is the local training reply
     (status, metrics, DP receipt; None for key/unmask-only messages) whose plaintext delta
     is replaced by the masked vector; `delta` is that delta (None when the node did not
-    train, e.g. it refused for budget: it still does the key stages of later rounds)."""
+    train, e.g. it refused for budget: it still does the key stages of later rounds).
+    `encoded`: shared-noise mode, the ring vector (clipped per-example gradient sum plus
+    this node's noise share) that replaces the delta. `extra_up`: further answers (the
+    shared-noise info exchange)."""
     down = msg.content.config_records[SECAGG]
     store = ClientStore(context)
     store.prune(int(down[ROUND]))
-    up: dict[str, object] = {}
+    up: dict[str, object] = dict(extra_up or {})
     content = RecordDict()
     if plain is not None and not plain.has_error():
         for name, record in plain.content.items():
@@ -238,15 +246,16 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
     for q in _rounds(down, MASKED_REQUEST):
         def masked(q: int = q) -> None:
             client = store.get(q)
-            if delta is None:  # did not train this round: a dropout for the protocol
+            if delta is None and encoded is None:  # did not train: a dropout for the protocol
                 store.drop(q)
                 return
             request = MaskedInputRequest.from_bytes(bytes(down[f"{MASKED_REQUEST}/{q}"]))  # type: ignore[arg-type]
             verify = bool(down.get(VERIFY_FLAG, False)) and simulation
             # uniform weight 1: each surviving client counts once (DP-FedAvg's bounded
             # contribution; example counts would need a public cap and widen sensitivity)
-            out = client.masked_input(request, flatten(delta), 1.0,  # type: ignore[arg-type]
-                                      keep_encoded=verify)
+            out = client.masked_input(request,
+                                      None if delta is None else flatten(delta),
+                                      1.0, keep_encoded=verify, encoded=encoded)
             content[MASKED] = ArrayRecord({"vector": Array(out.vector)})
             up[MASKED_ROUND] = q
             up[MASKED_SENDER] = out.sender

@@ -59,6 +59,7 @@ from confide.privacy.secagg import (
 )
 from confide.privacy.secagg import Message as SecAggMessage
 from confide.privacy.secagg.masking import reduce_mod
+from confide.privacy.secagg.shared_noise import SharedNoiseConfig, decode_sum
 from confide.strategies.delta_fedavg import arrays_to_numpy
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class Session:
     requests: dict[int, MaskedInputRequest] = field(default_factory=dict)  # by client id
     aborted: str | None = None
     rejected: dict[int, str] = field(default_factory=dict)  # node -> reason
+    shared: SharedNoiseConfig | None = None  # shared-noise example-level DP parameters
 
     @property
     def nodes(self) -> dict[int, int]:
@@ -123,6 +125,10 @@ class SecureRounds:
         self.sessions: dict[int, Session] = {}
         self.accountant = DistributedDGAccountant()
         self.uploaded = 0
+        # shared-noise example-level DP: one sigma per run; each node's (rows, rate)
+        self.shared_mode = cfg.example_dp_noise == "shared"
+        self.shared_sigma: float | None = None
+        self.partner_info: dict[int, tuple[int, float]] = {}
 
     # -- cohorts and sessions ----------------------------------------------------------
     def _nodes(self) -> list[int]:
@@ -291,6 +297,8 @@ class SecureRounds:
         assert fed.ledger is not None
         self.uploaded = 0
         config = ConfigRecord({**dict(config), R.ROUND: server_round})
+        if self.shared_mode:
+            self._shared_info(config, server_round)
         if server_round not in self.sessions:
             self.setup(server_round, config)
         cur = self.sessions[server_round]
@@ -308,6 +316,10 @@ class SecureRounds:
                 parts.setdefault(nodes[cid], {})[f"{S.MASKED_REQUEST}/{server_round}"] = \
                     request.to_bytes()
                 train.add(nodes[cid])
+        if self.shared_mode and cur.aborted is None and train:
+            cur.shared = self._shared_config(cur, config)
+            for node in train:
+                parts[node][f"{S.SHARED}/{server_round}"] = cur.shared.to_json()
         if nxt is not None and nxt.aborted is None and nxt.directory is not None:
             for node in nxt.ids:
                 parts.setdefault(node, {})[f"{S.KEY_DIRECTORY}/{nxt.round}"] = \
@@ -367,7 +379,22 @@ class SecureRounds:
         partner = fed._reply_partner
         nodes = cur.nodes
         survivors = [nodes[c] for c in result.survivors] if result is not None else []
-        if result is not None and survivors:
+        if result is not None and survivors and cur.shared is not None:
+            # shared noise: the noisy clipped-gradient sum over the expected total batch
+            # sum_i q_i n_i (public: the partners' rows and rates), then one server-optimizer
+            # step along minus that gradient (post-processing)
+            expected = sum(self.partner_info[n][0] * self.partner_info[n][1]
+                           for n in survivors)
+            gradient = decode_sum(result.ring_sum, cur.shared) / expected
+            fed.inner.global_state = fed.global_state
+            fed.global_state = arrays_to_numpy(fed.inner.apply(
+                S.unflatten(-gradient, self.reference)))
+            aggregated = [partner.get(n, f"node-{n}") for n in survivors]
+            extra.update({"shared_noise_multiplier": cur.shared.effective_noise_multiplier,
+                          "shared_noise_shares": cur.shared.m,
+                          "shared_expected_batch": expected,
+                          "secagg_quantization_step": 1.0 / cur.shared.scale})
+        elif result is not None and survivors:
             mean = result.weighted_sum / len(survivors)  # weight 1 each; the count is public
             fed.inner.global_state = fed.global_state
             fed.global_state = arrays_to_numpy(fed.inner.apply(
@@ -432,6 +459,60 @@ class SecureRounds:
                     "min_survivors": session.config.min_survivors,
                     "noise_stddev": session.config.noise_stddev,
                     "bits": session.config.bits}).to_payload())
+
+    # -- shared-noise example-level DP ----------------------------------------------------
+    def _shared_info(self, config: ConfigRecord, server_round: int) -> None:
+        """Ask connected nodes whose rows and rate are unknown (`train.secagg` exchange, at
+        the start of a run or for a newcomer) and calibrate the run's sigma once: PLD, so that
+        the partner with the highest sampling rate reaches target-epsilon after all rounds,
+        one step per round (as if sampled every round). A node re-checks its own epsilon for
+        that sigma before each round and refuses when over budget."""
+        from confide.privacy.accountant import calibrate_noise
+
+        missing = [n for n in self._nodes() if n not in self.partner_info]
+        if missing:
+            parts: dict[int, dict[str, Any]] = {n: {S.SHARED_INFO: True} for n in missing}
+            for reply in self._exchange(server_round, config, parts):
+                up = reply.content.config_records.get(S.SECAGG_UP) \
+                    if not reply.has_error() else None
+                if up is None or S.SHARED_INFO not in up:
+                    continue
+                try:
+                    info = json.loads(str(up[S.SHARED_INFO]))
+                    rows, rate = int(info["examples"]), float(info["sample_rate"])
+                    if rows < 1 or not 0 < rate <= 1:
+                        raise ValueError(f"rows {rows}, rate {rate}")
+                except (ValueError, KeyError, TypeError) as exc:
+                    log(WARNING, "node %s: unusable shared-noise info: %s",
+                        reply.metadata.src_node_id, exc)
+                    continue
+                self.partner_info[reply.metadata.src_node_id] = (rows, rate)
+        if self.shared_sigma is None and self.partner_info:
+            cfg = self.fed.cfg
+            q_max = max(rate for _, rate in self.partner_info.values())
+            self.shared_sigma = cfg.noise_multiplier if cfg.noise_multiplier > 0 else \
+                calibrate_noise(cfg.target_epsilon, cfg.delta, q_max, cfg.rounds)
+            log(INFO, "shared noise: sigma %.4f (highest sampling rate %.4g, %d rounds, "
+                "target epsilon %g)", self.shared_sigma, q_max, cfg.rounds, cfg.target_epsilon)
+
+    def _shared_config(self, session: Session, config: ConfigRecord) -> SharedNoiseConfig:
+        if self.shared_sigma is None or any(n not in self.partner_info for n in session.ids):
+            self._shared_info(config, session.round)
+        if self.shared_sigma is None:
+            raise RuntimeError("shared noise: no node reported its rows and sampling rate")
+        unknown = [n for n in session.ids if n not in self.partner_info]
+        if unknown:
+            raise RuntimeError(f"shared noise: nodes {unknown} did not report their rows")
+        cfg, sc = self.fed.cfg, session.config
+        try:
+            return SharedNoiseConfig(
+                clip=cfg.max_grad_norm, noise_multiplier=self.shared_sigma,
+                num_clients=sc.num_clients, min_survivors=int(sc.min_survivors),  # type: ignore[arg-type]
+                colluders=cfg.dp_colluders,
+                max_examples=sum(self.partner_info[n][0] for n in session.ids),
+                vector_length=self.vector_length, bits=sc.bits)
+        except SecAggError as exc:
+            raise ConfigError(f"example-dp-noise = 'shared': {exc}") from None
 
     # -- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
