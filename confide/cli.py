@@ -1,4 +1,4 @@
-"""`confide` command line: simulate, audit."""
+"""`confide` command line: simulate, audit, generate, export, predict."""
 
 from __future__ import annotations
 
@@ -69,6 +69,44 @@ def _audit_parser(sub: Any) -> None:
     e.add_argument("--out", default="")
 
 
+def _use_parsers(sub: Any) -> None:
+    """Using a finished run's model (confide.tasks.use)."""
+    g = sub.add_parser("generate", help="completions from a causal-lm run's final model")
+    g.add_argument("run_dir")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompts", help="file: one prompt per line, or a CSV/JSONL prompt column")
+    g.add_argument("--max-new-tokens", type=int, default=0, help="default: the run's")
+    g.add_argument("--device", default="cpu")
+    x = sub.add_parser("export", help="write a standard Hugging Face folder (LoRA merged)")
+    x.add_argument("run_dir")
+    x.add_argument("dest")
+    pr = sub.add_parser("predict", help="predictions of a classification run (CSV)")
+    pr.add_argument("run_dir")
+    pr.add_argument("--data", required=True, help="CSV/JSONL file with a text column")
+    pr.add_argument("--out", help="default RUN_DIR/predictions.csv")
+
+
+def _use(args: argparse.Namespace) -> int:
+    from confide.tasks import use
+
+    if args.command == "generate":
+        prompts = args.prompt or use.read_prompts(Path(args.prompts))
+        for prompt, text in zip(prompts, use.generate_from_run(
+                Path(args.run_dir), prompts, max_new_tokens=args.max_new_tokens,
+                device=args.device), strict=True):
+            print(f"prompt: {prompt}\ncompletion: {text}\n")
+        return 0
+    if args.command == "export":
+        dest = use.export_run(Path(args.run_dir), Path(args.dest))
+        print(f"exported to {dest}")
+        return 0
+    out = use.predict_run(Path(args.run_dir), Path(args.data),
+                          Path(args.out) if args.out else None)
+    print(f"predictions written: {out}")
+    return 0
+
+
 def _deploy_parser(sub: Any) -> None:
     from confide.deploy.commands import add_parser
 
@@ -80,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _audit_parser(sub)
+    _use_parsers(sub)
     _deploy_parser(sub)
     args = parser.parse_args(argv)
     try:
@@ -91,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "audit":
             return _audit(args)
+        if args.command in ("generate", "export", "predict"):
+            return _use(args)
         if args.command == "deploy":
             from confide.deploy.commands import run as deploy_run
 

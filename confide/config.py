@@ -66,8 +66,12 @@ SCHEMA: dict[str, KeySpec] = {
                            "fewest replies a round needs to be aggregated"),
     "seed": KeySpec(int, "integer >= 0", _range(0), "seed for sampling, splits and init"),
     # Model
-    "model": KeySpec(str, "'minilm', 'tiny' or a local Hugging Face model folder", _any,
-                     "shared transformer"),
+    "task": KeySpec(str, "'classification' or 'causal-lm'",
+                    _one_of("classification", "causal-lm"),
+                    "what the model learns: text,label classification or prompt,completion "
+                    "language modelling"),
+    "model": KeySpec(str, "'minilm', 'tiny', 'smollm2' (causal-lm) or a local Hugging Face "
+                     "model folder", _any, "shared transformer"),
     "fine-tune": KeySpec(str, "'lora', 'full', 'head' or 'bitfit'",
                          _one_of("lora", "full", "head", "bitfit"),
                          "which parameters train (and travel); bitfit: bias terms + head"),
@@ -105,6 +109,11 @@ SCHEMA: dict[str, KeySpec] = {
                                   "cap on the training rows read (for quick experiments)"),
     "max-eval-examples": KeySpec(int, "0 (all) or integer >= 1", _range(0),
                                  "cap on the evaluation rows read"),
+    "prompt-column": KeySpec(str, "a column name", lambda v: bool(v),
+                             "task = 'causal-lm': column holding the prompt"),
+    "completion-column": KeySpec(str, "a column name", lambda v: bool(v),
+                                 "task = 'causal-lm': column holding the completion (the "
+                                 "loss covers its tokens only)"),
     # Local training
     "local-epochs": KeySpec(float, "0 < x <= 100", _range(0, 100, lo_open=True),
                             "passes over the local data per round (fractional allowed)"),
@@ -192,6 +201,14 @@ SCHEMA: dict[str, KeySpec] = {
     "resume": KeySpec(bool, "true or false", _any,
                       "continue the run in `out` from its last checkpointed round"),
     "eval-batch-size": KeySpec(int, "1 <= n <= 4096", _range(1, 4096), "evaluation batch"),
+    "generate-every": KeySpec(int, "0 (only after the last round) or integer >= 1", _range(0),
+                              "task = 'causal-lm': greedy generation with BLEU and ROUGE-L "
+                              "every k rounds (always after the last)"),
+    "generate-prompts": KeySpec(int, "0 (all) or integer >= 1", _range(0),
+                                "task = 'causal-lm': distinct evaluation prompts generated "
+                                "for BLEU and ROUGE-L"),
+    "max-new-tokens": KeySpec(int, "1 <= n <= 1024", _range(1, 1024),
+                              "task = 'causal-lm': longest generated completion"),
 }
 
 
@@ -204,6 +221,7 @@ class RunConfig:
     fraction_train: float = 1.0
     min_clients: int = 1
     seed: int = 42
+    task: str = "classification"
     model: str = "minilm"
     fine_tune: str = "lora"
     freeze_embeddings: bool = False
@@ -222,6 +240,8 @@ class RunConfig:
     num_labels: int = 0
     max_train_examples: int = 0
     max_eval_examples: int = 0
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
     local_epochs: float = 1.0
     batch_size: int = 64
     physical_batch_size: int = 64
@@ -260,6 +280,9 @@ class RunConfig:
     out: str = ""
     resume: bool = False
     eval_batch_size: int = 128
+    generate_every: int = 0
+    generate_prompts: int = 50
+    max_new_tokens: int = 64
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

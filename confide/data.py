@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,14 +180,19 @@ def _parse_label(path: Path, row: int, value: object, num_labels: int) -> int:
     return value
 
 
-def read_partner_folder(folder: str | Path, *, num_labels: int = 0, max_rows: int = 0
-                        ) -> list[TextDataset]:
+# (path, num_labels=, max_rows=) -> dataset: read_text_file, or a task's own reader
+Reader = Callable[..., TextDataset]
+
+
+def read_partner_folder(folder: str | Path, *, num_labels: int = 0, max_rows: int = 0,
+                        reader: Reader | None = None) -> list[TextDataset]:
     """One file per partner, in file-name order."""
+    read = reader or read_text_file
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES)
     if not files:
         raise DataError(f"{folder}: no {'/'.join(SUPPORTED_SUFFIXES)} files for partners")
-    return [read_text_file(f, num_labels=num_labels, max_rows=max_rows) for f in files]
+    return [read(f, num_labels=num_labels, max_rows=max_rows) for f in files]
 
 
 # -- partitioning -------------------------------------------------------------------------
@@ -305,9 +310,14 @@ class FederatedData:
 
 def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner: str,
                         seed: int, alpha: float, column: str, num_labels: int,
-                        max_train: int = 0, max_eval: int = 0) -> FederatedData:
-    """Training partitions for `clients` partners and a central evaluation set."""
+                        max_train: int = 0, max_eval: int = 0,
+                        reader: Reader | None = None) -> FederatedData:
+    """Training partitions for `clients` partners and a central evaluation set (files read
+    by `reader`, default `read_text_file`: a task may bring its own)."""
+    read = reader or read_text_file
     synthetic = not data
+    if synthetic and reader is not None:
+        raise DataError("this task has no synthetic demo corpus: give data (and eval-data)")
     if synthetic:
         full = synthetic_sentiment(max(2000, 400 * clients), seed=seed)
         held = max(300, len(full) // 6)
@@ -318,7 +328,8 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
     else:
         path = Path(data)
         if path.is_dir():
-            parts = read_partner_folder(path, num_labels=num_labels, max_rows=max_train)
+            parts = read_partner_folder(path, num_labels=num_labels, max_rows=max_train,
+                                        reader=reader)
             if len(parts) != clients:
                 raise DataError(f"{path}: holds {len(parts)} partner files but clients = "
                                 f"{clients}; they must match")
@@ -326,7 +337,7 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
                 raise DataError(f"{path}: a folder of partner files needs eval-data (a "
                                 "separate evaluation file; partners' rows stay theirs)")
         else:
-            train = read_text_file(path, num_labels=num_labels, max_rows=max_train)
+            train = read(path, num_labels=num_labels, max_rows=max_train)
             if not eval_data:
                 # No evaluation file: hold out a seeded 20% (at most 2000 rows) of this file
                 # before partitioning, so evaluation never sees a training row.
@@ -338,7 +349,7 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
             parts = partition(train, clients, partitioner, seed=seed, alpha=alpha,
                               column=column)
         if eval_data:
-            evaluation = read_text_file(eval_data, num_labels=num_labels, max_rows=max_eval)
+            evaluation = read(eval_data, num_labels=num_labels, max_rows=max_eval)
     if max_eval and len(evaluation) > max_eval:
         evaluation = evaluation.subset(range(max_eval))
     inferred = max(max(p.num_labels for p in parts), evaluation.num_labels)

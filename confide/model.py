@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from transformers.utils import logging as hf_logging
 # Load reports and progress bars are noise in a federation's log; errors still show.
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
+# peft calls a transformers API that warns of its own rename on every LoRA build
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 TINY = "tiny"
 MINILM = "minilm"
@@ -94,6 +97,7 @@ class ModelSpec:
     lora_freeze_a: bool = False
     # full fine-tuning only: word/position/token-type embeddings stay at the checkpoint
     freeze_embeddings: bool = False
+    task: str = "classification"  # or "causal-lm" (confide.tasks.causal_lm builds it)
 
 
 class MeanPoolClassifier(nn.Module):
@@ -151,6 +155,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
     Seeded so that randomly initialised parts (classifier head, pooler if absent from the
     checkpoint, LoRA A matrices, the whole tiny model) agree across nodes.
     """
+    if spec.task == "causal-lm":
+        from confide.tasks.causal_lm import build_causal_lm
+
+        return build_causal_lm(spec)
     torch.manual_seed(spec.seed)
     pooling = resolve_pooling(spec)
     if spec.model == TINY:

@@ -30,14 +30,12 @@ from confide.clients.node_state import (
 )
 from confide.clients.opacus_compat import resolve_grad_sample_mode
 from confide.config import RunConfig, from_flat_record
-from confide.data import TextDataset, read_text_file
-from confide.encoding import encode
+from confide.data import TextDataset
 from confide.model import (
     ModelSpec,
     build_model,
     compute_delta,
     frozen_digest,
-    load_tokenizer,
     load_trainable_state,
     resolve_device,
     trainable_state,
@@ -46,7 +44,8 @@ from confide.privacy.accountant import BudgetExhausted, SampledGaussianEvent, ca
 from confide.privacy.receipts import sign_receipt
 from confide.privacy.secagg import SecAggRefusal
 from confide.privacy.secagg.shared_noise import ExampleSumEncoder, SharedNoiseConfig
-from confide.task import federated_data, model_spec
+from confide.task import data_reader_config, federated_data, model_spec
+from confide.tasks import get_task
 
 app = ClientApp()
 
@@ -145,7 +144,8 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         head_learning_rate=cfg.head_learning_rate or None,
         seed=cfg.seed * 100_003 + server_round * 1009 + _partition_id(context),
         dp=cfg.example_dp, round_id=server_round,
-        grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune))
+        grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune),
+        objective=get_task(cfg).objective)
     delta = compute_delta(trainable_state(model), global_state)
     for name, value in delta.items():
         if not np.all(np.isfinite(value)):
@@ -224,7 +224,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     result = clipped_example_gradients(
         model, _encoded(cfg, data), sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm,
         physical_batch_size=cfg.physical_batch_size, on_rows=encoder.add_examples,
-        device=device, round_id=server_round)
+        device=device, round_id=server_round, objective=get_task(cfg).objective)
     encoded = encoder.encode()
     event = SampledGaussianEvent(sigma, sample_rate, 1, server_round, run_key)
     epsilon = state.accountant.record(event)
@@ -299,7 +299,8 @@ def _partner_data(cfg: RunConfig, context: Context) -> TextDataset:
     """Deployment: the node's own `data-path`. Simulation: its partition of the run data."""
     path = context.node_config.get("data-path")
     if path:
-        return _read_cached(str(path), cfg.num_labels, cfg.max_train_examples)
+        return _read_cached(str(path), cfg.num_labels, cfg.max_train_examples,
+                            data_reader_config(cfg))
     pid = _partition_id(context)
     # Flower's simulation says how many virtual partners there are; `clients` may differ
     # (e.g. `flwr run .` with the engine's default number of SuperNodes).
@@ -311,8 +312,11 @@ def _partner_data(cfg: RunConfig, context: Context) -> TextDataset:
 
 
 @lru_cache(maxsize=4)
-def _read_cached(path: str, num_labels: int, max_rows: int) -> TextDataset:
-    return read_text_file(Path(path), num_labels=num_labels, max_rows=max_rows)
+def _read_cached(path: str, num_labels: int, max_rows: int,
+                 reader_cfg: RunConfig | None = None) -> TextDataset:
+    # the task reads its own file format (text,label or prompt,completion)
+    return get_task(reader_cfg or RunConfig()).read(Path(path), num_labels=num_labels,
+                                                    max_rows=max_rows)
 
 
 def _simulation_partitions(cfg: RunConfig) -> list[TextDataset]:
@@ -342,8 +346,8 @@ _ENCODED: dict[tuple, dict] = {}
 
 
 def _encoded(cfg: RunConfig, data: TextDataset) -> dict:
-    key = (cfg.model, cfg.max_length, data.source, len(data))
+    key = (cfg.task, cfg.model, cfg.max_length, data.source, len(data))
     if key not in _ENCODED:
         _ENCODED.clear()
-        _ENCODED[key] = encode(data, load_tokenizer(cfg.model), cfg.max_length)
+        _ENCODED[key] = dict(get_task(cfg).encode(data))
     return _ENCODED[key]

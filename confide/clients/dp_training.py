@@ -46,6 +46,7 @@ from confide.clients.opacus_compat import (
     strip_opacus_state,
     trainable_parameters,
 )
+from confide.tasks.base import Objective, PerExampleCriterion
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 _KEYS = ("input_ids", "attention_mask", "labels")
@@ -77,7 +78,8 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
              private_randomness: bool | None = None,
              grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
              round_id: int | None = None,
-             head_learning_rate: float | None = None) -> TrainResult:
+             head_learning_rate: float | None = None,
+             objective: Objective | None = None) -> TrainResult:
     """Train `model`'s trainable parameters in place for `epochs` passes (in expectation).
 
     steps = max(1, round(epochs / q)) with q = min(1, batch_size / n). With dp=False the
@@ -89,8 +91,12 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
     server knows; noise derived from it could be regenerated and subtracted, and a known
     batch selection voids the amplification by subsampling that the accountant assumes.
     Pass False only for tests and baselines that need bit-for-bit repeatable runs.
+
+    `objective` (the task's forward pass and per-example loss; default: classification)
+    is what is clipped: each example's gradient is that of its own loss alone.
     """
     start = time.perf_counter()
+    obj = objective or _default_objective()
     where = f"round {round_id}" if round_id is not None else "this round"
     tensors = _check_dataset(dataset, "train")
     n = len(tensors[2])
@@ -108,7 +114,7 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
     model.to(dev)
     strip_opacus_state(model)  # a crashed earlier call may have left hooks behind
     was_training = model.training
-    wrapper = make_opacus_ready(model)
+    wrapper = make_opacus_ready(model, None if objective is None else objective.forward)
     params = trainable_parameters(model)
     base = _make_optimizer(optimizer, _param_groups(model, learning_rate, head_learning_rate),
                            learning_rate, weight_decay)
@@ -119,10 +125,10 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
                 wrapper, base, loader, params, noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm, expected_batch=sample_rate * n,
                 physical=physical_batch_size, mode=grad_sample_mode, noise_seed=noise_seed,
-                device=dev, where=where)
+                device=dev, where=where, objective=obj)
         else:
             taken, loss_sum, seen = _train_plain(wrapper, base, loader, params,
-                                                 physical_batch_size, dev, where)
+                                                 physical_batch_size, dev, where, obj)
     finally:
         strip_opacus_state(model)
         model.zero_grad(set_to_none=True)
@@ -163,8 +169,8 @@ def evaluate(model: nn.Module, dataset: Mapping[str, torch.Tensor], batch_size: 
 def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimizer,
                    loader: DataLoader, params: list[nn.Parameter], *, noise_multiplier: float,
                    max_grad_norm: float, expected_batch: float, physical: int, mode: str,
-                   noise_seed: int, device: torch.device, where: str
-                   ) -> tuple[int, float, int]:
+                   noise_seed: int, device: torch.device, where: str,
+                   objective: Objective) -> tuple[int, float, int]:
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -182,7 +188,8 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
         dp_opt: DPOptimizer = DPOptimizerFastGradientClipping(
             base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
-        criterion = DPLossFastGradientClipping(gsm, dp_opt, nn.CrossEntropyLoss(), "mean")
+        criterion = DPLossFastGradientClipping(gsm, dp_opt, PerExampleCriterion(objective),
+                                               "mean")
     else:
         gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="mean", strict=True,
                                force_functorch=mode == "functorch")
@@ -225,7 +232,9 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                 else:
                     batch = _to_batch(input_ids, attention_mask, labels, device)
                     logits = gsm(batch["input_ids"], batch["attention_mask"])
-                    loss = F.cross_entropy(logits.float(), batch["labels"])
+                    # mean of per-example losses: Opacus (loss_reduction="mean") rescales
+                    # by the batch size, so each grad_sample is one example's gradient
+                    loss = objective.per_example_loss(logits, batch["labels"]).mean()
                     _check_finite(loss, where, taken + 1, phys)
                     loss.backward()
                     check_grad_samples(params, rows)
@@ -242,7 +251,8 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
 
 def _train_plain(wrapper: ExplicitInputsClassifier, opt: torch.optim.Optimizer,
                  loader: DataLoader, params: list[nn.Parameter], physical: int,
-                 device: torch.device, where: str) -> tuple[int, float, int]:
+                 device: torch.device, where: str, objective: Objective
+                 ) -> tuple[int, float, int]:
     taken, loss_sum, seen = 0, 0.0, 0
     for input_ids, attention_mask, labels in loader:
         taken += 1
@@ -255,7 +265,7 @@ def _train_plain(wrapper: ExplicitInputsClassifier, opt: torch.optim.Optimizer,
                               labels[s:s + physical], device)
             logits = wrapper(batch["input_ids"], batch["attention_mask"])
             # Summed per chunk, divided by the logical size: the exact mean over the batch.
-            loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            loss = objective.per_example_loss(logits, batch["labels"]).sum()
             _check_finite(loss, where, taken, s // physical + 1)
             (loss / rows).backward()
             loss_sum += loss.item()
@@ -300,6 +310,8 @@ def _to_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: tor
     # attention mask they change no real token's output, and attention cost is O(L^2).
     used = attention_mask.any(dim=0).nonzero()
     length = int(used.max()) + 1 if len(used) else 1
+    if labels.dim() == 2:  # token labels (causal LM): same columns as the inputs
+        labels = labels[:, :length].contiguous()
     return {"input_ids": input_ids[:, :length].contiguous().to(device),
             "attention_mask": attention_mask[:, :length].contiguous().to(device),
             "labels": labels.to(device)}
@@ -377,6 +389,12 @@ def _check_optimizer_params(updated: Sequence[nn.Parameter], trainable: Sequence
                                 "parameters")
 
 
+def _default_objective() -> Objective:
+    from confide.tasks.classification import CLASSIFICATION_OBJECTIVE
+
+    return CLASSIFICATION_OBJECTIVE
+
+
 def _check_finite(loss: torch.Tensor, where: str, step: int, chunk: int) -> None:
     if not torch.isfinite(loss):
         raise DPTrainingError(f"{where}, step {step} (physical batch {chunk}): training loss "
@@ -407,7 +425,8 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
                               physical_batch_size: int, on_rows: Callable[[Any], None],
                               device: str | torch.device = "cpu", seed: int = 0,
                               private_randomness: bool = True,
-                              round_id: int | None = None) -> ExampleGradientsResult:
+                              round_id: int | None = None,
+                              objective: Objective | None = None) -> ExampleGradientsResult:
     """One Poisson sample at rate `sample_rate` of `dataset`, and for every sampled example
     its gradient clipped to `max_grad_norm`, passed to `on_rows` as a float64 numpy array
     [rows, d] per physical batch (the trainable parameters flattened in sorted-name order,
@@ -432,7 +451,8 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     model.to(dev)
     strip_opacus_state(model)
     was_training = model.training
-    wrapper = make_opacus_ready(model)
+    wrapper = make_opacus_ready(model, None if objective is None else objective.forward)
+    obj = objective or _default_objective()
     params = trainable_parameters(model)
     by_name = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad),
                      key=lambda item: item[0])
@@ -449,7 +469,7 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
                                   labels[s:s + physical_batch_size], dev)
                 rows = len(batch["labels"])
                 logits = gsm(batch["input_ids"], batch["attention_mask"])
-                loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+                loss = obj.per_example_loss(logits, batch["labels"]).sum()
                 _check_finite(loss, where, 1, s // physical_batch_size + 1)
                 loss.backward()
                 check_grad_samples(params, rows)

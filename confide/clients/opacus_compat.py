@@ -36,7 +36,7 @@ the same mechanism (same clip formula, noise std and divisor) as hooks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -78,21 +78,31 @@ class ExplicitInputsClassifier(nn.Module):
     """`forward(input_ids, attention_mask) -> logits`, always with explicit [B, L] ids.
 
     Holds the original model as `.model`, so its parameters are the very same tensors:
-    training through the wrapper trains the caller's model in place.
+    training through the wrapper trains the caller's model in place. `forward_fn` (a task
+    objective's forward, e.g. a causal LM's, which takes no token_type_ids) replaces the
+    classifier call; it must pass explicit [B, L] ids for the same reason.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module,
+                 forward_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+                 | None = None) -> None:
         super().__init__()
         self.model = model
+        self.forward_fn = forward_fn
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.forward_fn is not None:
+            return self.forward_fn(self.model, input_ids, attention_mask)
         position_ids, token_type_ids = explicit_position_inputs(input_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, token_type_ids=token_type_ids)
         return out.logits if hasattr(out, "logits") else out[0]
 
 
-def make_opacus_ready(model: nn.Module) -> ExplicitInputsClassifier:
+def make_opacus_ready(model: nn.Module,
+                      forward_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor],
+                                           torch.Tensor] | None = None
+                      ) -> ExplicitInputsClassifier:
     """Wrap `model` for Opacus: explicit ids, train mode, and a check that it has something
     to train and nothing Opacus cannot give per-sample gradients for."""
     from opacus.validators import ModuleValidator
@@ -100,7 +110,7 @@ def make_opacus_ready(model: nn.Module) -> ExplicitInputsClassifier:
     model.train()  # Opacus refuses (and hooks misbehave on) a model in eval mode.
     if not any(p.requires_grad for p in model.parameters()):
         raise OpacusCompatError("the model has no trainable parameters")
-    wrapper = ExplicitInputsClassifier(model)
+    wrapper = ExplicitInputsClassifier(model, forward_fn)
     errors = ModuleValidator.validate(wrapper, strict=False)
     if errors:
         raise OpacusCompatError(f"model is not Opacus-compatible: {errors[:3]}")

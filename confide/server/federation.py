@@ -26,13 +26,11 @@ from flwr.serverapp import Grid
 import confide
 from confide import records as R
 from confide.config import RunConfig
-from confide.data import TextDataset, read_text_file
-from confide.encoding import encode
+from confide.data import TextDataset
 from confide.model import (
     build_model,
     count_trainable,
     frozen_digest,
-    load_tokenizer,
     load_trainable_state,
     resolve_device,
     trainable_state,
@@ -55,6 +53,8 @@ from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
 from confide.strategies.server_optimizer import ServerOptimizer
 from confide.task import federated_data, model_spec
+from confide.tasks import get_task
+from confide.tasks.base import Evaluation
 
 RoundCallback = Callable[[dict[str, Any]], None]
 PreflightCallback = Callable[[PreflightReport], None]
@@ -86,8 +86,8 @@ def resolve_evaluation(cfg: RunConfig) -> tuple[TextDataset, int]:
     if not cfg.eval_data:
         raise ValueError("eval-data is required unless data is one file the server can read "
                          "(then 20% of it is held out for evaluation)")
-    evaluation = read_text_file(cfg.eval_data, num_labels=cfg.num_labels,
-                                max_rows=cfg.max_eval_examples)
+    evaluation = get_task(cfg).read(cfg.eval_data, num_labels=cfg.num_labels,
+                                    max_rows=cfg.max_eval_examples)
     labels = cfg.num_labels
     if not labels:
         labels = evaluation.num_labels
@@ -116,8 +116,8 @@ class Federation:
         self.device = resolve_device(self.cfg.device)
         self.frozen_digest = frozen_digest(self.model)
         self.global_state = dict(trainable_state(self.model))
-        self.eval_tensors = encode(evaluation, load_tokenizer(self.cfg.model),
-                                   self.cfg.max_length)
+        # the task evaluates (accuracy/loss; perplexity and generation for causal-lm)
+        self.evaluator = get_task(self.cfg).evaluator(evaluation)
         self.partners: dict[str, PartnerRecord] = {}
         self.client_dp_epsilon: float | None = None
         self.rounds_completed = 0
@@ -249,7 +249,10 @@ class Federation:
         if not aggregated:
             log(WARNING, "round %d: no update could be aggregated; global model unchanged",
                 server_round)
-        accuracy, loss = self.evaluate()
+        evaluation = self.evaluate(server_round)
+        accuracy, loss = evaluation.metrics["accuracy"], evaluation.metrics["loss"]
+        if evaluation.examples:
+            self.folder.append_examples(evaluation.examples)
         digest = E.weights_digest(self.global_state)
         self.ledger.append(E.MODEL_DIGEST, E.ModelDigest(round=server_round,
                                                          sha256=digest).to_payload())
@@ -261,6 +264,7 @@ class Federation:
                                           for p in self.partners.values()},
             "epsilon_client_level": self.client_dp_epsilon, "bytes_uploaded": uploaded,
             "seconds": time.perf_counter() - t0,
+            **{k: v for k, v in evaluation.metrics.items() if k not in ("accuracy", "loss")},
             "refused": [p.pseudonym for p in self.partners.values()
                         if server_round in p.refused],
             **extra,
@@ -402,13 +406,10 @@ class Federation:
                     "accountant": str(ev["accountant"])}).to_payload())
 
     # -- evaluation ------------------------------------------------------------------
-    def evaluate(self) -> tuple[float, float]:
-        from confide.clients.dp_training import evaluate
-
+    def evaluate(self, server_round: int = 0) -> Evaluation:
         load_trainable_state(self.model, self.global_state)
-        accuracy, loss = evaluate(self.model, self.eval_tensors, self.cfg.eval_batch_size,
-                                  self.device)
-        return float(accuracy), float(loss)
+        return self.evaluator(self.model, self.device, round_=server_round,
+                              final=server_round == self.cfg.rounds)
 
     # -- end -------------------------------------------------------------------------
     def server_state(self) -> dict[str, Any]:
@@ -429,7 +430,8 @@ class Federation:
         return {
             "rounds_completed": self.rounds_completed,
             "final_metrics": {"accuracy": self.last_metrics.get("accuracy"),
-                              "loss": self.last_metrics.get("loss")},
+                              "loss": self.last_metrics.get("loss"),
+                              **self._latest_task_metrics()},
             "privacy": {
                 "delta": self.cfg.delta,
                 "example_level": {p.pseudonym: p.epsilon for p in self.partners.values()},
@@ -455,6 +457,16 @@ class Federation:
             "trainable_parameters": int(sum(v.size for v in self.global_state.values())),
             "preflight": self.preflight.to_json() if self.preflight else None,
         }
+
+    def _latest_task_metrics(self) -> dict[str, Any]:
+        """A task's own metrics (e.g. perplexity, bleu, rouge_l), latest value of each:
+        generation metrics are not computed every round."""
+        latest: dict[str, Any] = {}
+        for row in self.folder.read_metrics():
+            for key in getattr(self.evaluator, "metric_names", ()):
+                if row.get(key) is not None:
+                    latest[key] = row[key]
+        return latest
 
     def _accountant_summary(self) -> str:
         kinds = sorted({p.accountant for p in self.partners.values()}) or [PLD]

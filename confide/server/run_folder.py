@@ -56,6 +56,11 @@ class RunFolder:
         return self.root / "report.html"
 
     @property
+    def examples(self) -> Path:
+        """Evaluation examples a task writes (causal-lm: generations with references)."""
+        return self.root / "examples.jsonl"
+
+    @property
     def model_dir(self) -> Path:
         return self.root / "model"
 
@@ -84,6 +89,10 @@ class RunFolder:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def append_examples(self, rows: list[dict[str, Any]]) -> None:
+        with self.examples.open("a") as fh:
+            fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.exists():
             return []
@@ -104,7 +113,9 @@ class RunFolder:
         self.model_dir.mkdir(exist_ok=True)
         path = self.model_dir / WEIGHTS_FILE
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path))
-        info = {"model": cfg.model, "fine-tune": cfg.fine_tune, "lora-rank": cfg.lora_rank,
+        info = {"task": cfg.task, "max-length": cfg.max_length,
+                "max-new-tokens": cfg.max_new_tokens, "model": cfg.model,
+                "fine-tune": cfg.fine_tune, "lora-rank": cfg.lora_rank,
                 "lora-alpha": cfg.lora_alpha, "lora-targets": cfg.lora_targets,
                 "num-labels": cfg.num_labels, "seed": cfg.seed, "pooling": cfg.pooling,
                 "lora-dropout": cfg.lora_dropout, "lora-freeze-a": cfg.lora_freeze_a,
@@ -189,13 +200,19 @@ def load_trained_model(run_dir: str | Path):
 
     folder = RunFolder(Path(run_dir))
     info = json.loads((folder.model_dir / "model_info.json").read_text())
+    targets = info["lora-targets"]
+    if info.get("task") == "causal-lm":  # the classification default maps per family
+        from confide.tasks.causal_lm import lora_targets_for
+
+        targets = lora_targets_for(info["model"], targets)
     spec = ModelSpec(model=info["model"], num_labels=info["num-labels"],
                      fine_tune=info["fine-tune"], lora_rank=info["lora-rank"],
-                     lora_alpha=info["lora-alpha"], lora_targets=info["lora-targets"],
+                     lora_alpha=info["lora-alpha"], lora_targets=targets,
                      lora_dropout=info["lora-dropout"], seed=info["seed"],
                      pooling=info["pooling"],
                      lora_freeze_a=bool(info.get("lora-freeze-a", False)),
-                     freeze_embeddings=bool(info.get("freeze-embeddings", False)))
+                     freeze_embeddings=bool(info.get("freeze-embeddings", False)),
+                     task=info.get("task", "classification"))
     model = build_model(spec)
     load_trainable_state(model, load_file(str(folder.model_dir / WEIGHTS_FILE)))
     return model

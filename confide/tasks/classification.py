@@ -1,0 +1,84 @@
+"""Sequence classification (`text,label` files): today's code paths behind the task
+interface."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from confide.clients.opacus_compat import explicit_position_inputs
+from confide.data import TextDataset, read_text_file
+from confide.encoding import encode
+from confide.model import ModelSpec, load_tokenizer
+from confide.tasks.base import Evaluation, Evaluator, Objective, Task
+
+CLASSIFICATION = "classification"
+
+
+class ClassificationObjective(Objective):
+    def forward(self, model: nn.Module, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        # Explicit [B, L] ids: BERT's implicit [1, L] position buffer would give Opacus a
+        # gradient summed over the batch (see confide.clients.opacus_compat).
+        position_ids, token_type_ids = explicit_position_inputs(input_ids)
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids, token_type_ids=token_type_ids)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    def per_example_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+CLASSIFICATION_OBJECTIVE = ClassificationObjective()
+
+
+class _ClassificationEvaluator(Evaluator):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], batch_size: int) -> None:
+        self.tensors = tensors
+        self.batch_size = batch_size
+
+    def __call__(self, model: nn.Module, device: torch.device, *, round_: int,
+                 final: bool) -> Evaluation:
+        from confide.clients.dp_training import evaluate
+
+        accuracy, loss = evaluate(model, self.tensors, self.batch_size, device)
+        return Evaluation({"accuracy": float(accuracy), "loss": float(loss)})
+
+
+class ClassificationTask(Task):
+    name = CLASSIFICATION
+
+    @property
+    def objective(self) -> Objective:
+        return CLASSIFICATION_OBJECTIVE
+
+    def read(self, path: str | Path, *, num_labels: int = 0, max_rows: int = 0
+             ) -> TextDataset:
+        return read_text_file(path, num_labels=num_labels, max_rows=max_rows)
+
+    def model_spec(self, num_labels: int) -> ModelSpec:
+        c = self.cfg
+        return ModelSpec(model=c.model, num_labels=num_labels, fine_tune=c.fine_tune,
+                         lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+                         lora_dropout=c.lora_dropout, lora_targets=c.lora_targets,
+                         seed=c.seed, pooling=c.pooling, lora_freeze_a=c.lora_freeze_a,
+                         freeze_embeddings=c.freeze_embeddings)
+
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.cfg.model)
+
+    def encode(self, data: TextDataset) -> Mapping[str, torch.Tensor]:
+        return encode(data, self.tokenizer(), self.cfg.max_length)
+
+    def evaluator(self, evaluation: TextDataset) -> Evaluator:
+        return _ClassificationEvaluator(self.encode(evaluation), self.cfg.eval_batch_size)
+
+    def export(self, model: nn.Module, dest: Path) -> Path:
+        from confide.tasks.export import export_classifier
+
+        return export_classifier(model, self.tokenizer(), dest)

@@ -1,0 +1,106 @@
+"""Exporting a trained model as a standard Hugging Face folder (LoRA merged in)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The plain transformers model with any LoRA adapters merged into its weights."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    return model
+
+
+def _prepare(dest: Path) -> Path:
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} is not empty; export needs a new or empty folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+def export_causal_lm(model: nn.Module, tokenizer: Any, dest: Path) -> Path:
+    """AutoModelForCausalLM.from_pretrained(dest) loads the result."""
+    dest = _prepare(dest)
+    plain = merged(model)
+    plain.config.use_cache = True  # training switched the KV cache off; generation wants it
+    plain.save_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+    return dest
+
+
+MEAN_POOL_CODE = '''"""Confide's mean-pooling sequence classifier (encoder, masked mean, head)."""
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, BertConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class ConfideMeanPoolConfig(BertConfig):
+    model_type = "confide-mean-pool"
+
+
+class ConfideMeanPoolClassifier(PreTrainedModel):
+    config_class = ConfideMeanPoolConfig
+    base_model_prefix = "encoder"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.encoder = AutoModel.from_config(BertConfig(**config.to_dict()),
+                                             add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
+                position_ids=None, labels=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids,
+                              position_ids=position_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        logits = self.classifier((states * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+'''
+
+
+def export_classifier(model: nn.Module, tokenizer: Any, dest: Path) -> Path:
+    """AutoModelForSequenceClassification.from_pretrained(dest) loads the result (with
+    trust_remote_code=True for mean pooling, whose head transformers has no class for)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from confide.model import MeanPoolClassifier
+
+    dest = _prepare(dest)
+    plain = merged(model)
+    if not isinstance(plain, MeanPoolClassifier):
+        plain.save_pretrained(str(dest))
+        tokenizer.save_pretrained(str(dest))
+        return dest
+    config = plain.encoder.config.to_dict()
+    config.update({"model_type": "confide-mean-pool",
+                   "architectures": ["ConfideMeanPoolClassifier"],
+                   "num_labels": plain.num_labels,
+                   "auto_map": {
+                       "AutoConfig": "modeling_confide.ConfideMeanPoolConfig",
+                       "AutoModelForSequenceClassification":
+                           "modeling_confide.ConfideMeanPoolClassifier"}})
+    config.pop("id2label", None)
+    config.pop("label2id", None)
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    (dest / "modeling_confide.py").write_text(MEAN_POOL_CODE)
+    state = {k: v.detach().contiguous().to(torch.float32) for k, v in plain.state_dict().items()}
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(dest))
+    return dest
