@@ -42,6 +42,7 @@ from confide.model import (
 )
 from confide.privacy.accountant import BudgetExhausted, SampledGaussianEvent, calibrate_noise
 from confide.privacy.receipts import sign_receipt
+from confide.privacy.refusals import event_dict, sign_refusal
 from confide.privacy.secagg import SecAggRefusal
 from confide.privacy.secagg.shared_noise import ExampleSumEncoder, SharedNoiseConfig
 from confide.task import data_reader_config, federated_data, model_spec
@@ -122,9 +123,21 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
             state.accountant.check(planned)
         except BudgetExhausted as exc:
             log(WARNING, "partner %s refuses round %d: %s", state.pseudonym, server_round, exc)
-            return _status_reply(msg, state, R.BUDGET_EXHAUSTED, str(exc),
-                                 spent=exc.spent, would_be=exc.would_be,
-                                 max_epsilon=exc.max_epsilon)
+            # The spend is the node's lifetime one (earlier runs included): signed, with
+            # the events behind it, so the run's audit can check a refusal it cannot replay.
+            refusal = sign_refusal(
+                round_=server_round, run=run_key, delta=cfg.delta,
+                accountant=state.accountant.accountant, spent_epsilon=exc.spent,
+                would_be_epsilon=exc.would_be, max_epsilon=exc.max_epsilon,
+                lifetime_events=[event_dict(e.noise_multiplier, e.sample_rate, e.steps,
+                                            e.round, e.run) for e in state.accountant.history],
+                planned=event_dict(noise, sample_rate, steps, server_round, run_key),
+                private_key=state.signing_key)
+            reply = _status_reply(msg, state, R.BUDGET_EXHAUSTED, str(exc),
+                                  spent=exc.spent, would_be=exc.would_be,
+                                  max_epsilon=exc.max_epsilon)
+            reply.content[R.RECEIPT] = ConfigRecord({R.RECEIPT_JSON: refusal.to_json()})
+            return reply
 
     spec = model_spec(cfg, _num_labels(cfg))
     model = _cached_model(spec)

@@ -47,6 +47,7 @@ from confide.privacy.ledger import Ledger
 from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal_message
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.receipts import Receipt, verify_receipt
+from confide.privacy.refusals import refusal_mismatches, verify_refusal
 from confide.server.run_folder import CheckpointError, RunFolder
 from confide.server.secure_round import SecureRounds, is_simulation
 from confide.strategies.client_level_dp import ClientLevelDp
@@ -335,14 +336,15 @@ class Federation:
             self._reply_partner[node] = partner.pseudonym
             code = str(status[R.STATUS_CODE])
             if code == R.BUDGET_EXHAUSTED:
+                refusal = self._refusal(server_round, partner, reply, status)
+                if refusal is None:
+                    del self._reply_partner[node]
+                    self._dropped.append(partner.pseudonym)
+                    continue
                 partner.refused.append(server_round)
                 log(WARNING, "round %d: partner %s refused: %s", server_round,
                     partner.pseudonym, status[R.STATUS_DETAIL])
-                self.ledger.append(E.BUDGET_REFUSAL, E.BudgetRefusal(
-                    round=server_round, partner=partner.pseudonym,
-                    spent_epsilon=float(status["spent"]),
-                    would_be_epsilon=float(status["would_be"]),
-                    max_epsilon=float(status["max_epsilon"])).to_payload())
+                self.ledger.append(refusal)
                 continue
             if code != R.OK:
                 log(WARNING, "round %d: partner %s: %s (%s)", server_round, partner.pseudonym,
@@ -362,6 +364,32 @@ class Federation:
         if pseudonym not in self.partners:
             self.partners[pseudonym] = PartnerRecord(pseudonym, str(status[R.PUBLIC_KEY]))
         return self.partners[pseudonym]
+
+    def _refusal(self, server_round: int, partner: PartnerRecord, reply: Message,
+                 status: ConfigRecord) -> E.BudgetRefusal | None:
+        """The budget_refusal entry: the partner's signed numbers (its lifetime spend) with
+        the signed refusal attached; None (not recorded) when the signature does not hold.
+        Nodes of earlier versions send no signed refusal: recorded as before."""
+        numbers = {"spent_epsilon": float(status["spent"]),
+                   "would_be_epsilon": float(status["would_be"]),
+                   "max_epsilon": float(status["max_epsilon"])}
+        if R.RECEIPT not in reply.content.config_records:
+            return E.BudgetRefusal(round=server_round, partner=partner.pseudonym, **numbers)
+        try:
+            signed = verify_refusal(Receipt.from_json(
+                str(reply.content[R.RECEIPT][R.RECEIPT_JSON])))
+            if signed.public_key_hex != partner.public_key:
+                raise ValueError("refusal signed by another key than the partner's")
+            event = E.BudgetRefusal(round=server_round, partner=partner.pseudonym,
+                                    **numbers, receipt=signed.to_dict())
+            bad = refusal_mismatches(signed, event.to_payload())
+            if bad or signed.payload.get("run") != self.ledger.public_key_hex:  # type: ignore[union-attr]
+                raise ValueError("; ".join(bad) or "refusal is for another run")
+        except (KeyError, ValueError) as exc:
+            log(WARNING, "round %d: partner %s: invalid signed refusal (%s); counted as "
+                "dropped", server_round, partner.pseudonym, exc)
+            return None
+        return event
 
     def _record_example_dp(self, server_round: int, partner: PartnerRecord,
                            reply: Message) -> bool:

@@ -1,0 +1,89 @@
+"""Issue 11 item 1: a partner that refuses because of budget spent in an *earlier* run.
+
+Two runs with the same (deployment-style) partner nodes, in process: run A spends, run B
+has one partner refuse round 1 for its lifetime spend. The refusal is signed by the
+partner and states that lifetime spend; `audit verify` passes run B, and fails it when the
+server alters the signed numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from confide.audit.verify import verify_run
+from confide.config import build_config
+from confide.privacy.ledger import LEDGER_FILE, Ledger
+from confide.server.federation import Federation
+from confide.server.run_folder import RunFolder
+from tests.inprocess import InProcessGrid
+
+TINY = {"model": "tiny", "clients": 2, "rounds": 1, "max-length": 16, "num-labels": 2,
+        "noise-multiplier": 1.1, "batch-size": 16, "physical-batch-size": 16,
+        "local-epochs": 0.04, "preflight": "off"}
+
+
+def run(out: Path, nodes: Path, **node_caps: float) -> dict:
+    grid = InProcessGrid(2, state_root=nodes)
+    for node, cap in node_caps.items():
+        grid.contexts[int(node[1:])].node_config["max-epsilon"] = cap
+    return Federation(grid, build_config({**TINY, "out": str(out)}), out).run()
+
+
+def entries(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / LEDGER_FILE).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("multirun")
+    first = run(root / "a", root / "nodes")
+    spent = max(first["privacy"]["example_level"].values())
+    # partner 1 lowers its own cap below what a second round would cost: it refuses in
+    # run B although run B's ledger records no spend of it at all
+    run(root / "b", root / "nodes", n1=spent * 1.05)
+    return root / "a", root / "b"
+
+
+def test_refusal_for_an_earlier_runs_spend_verifies(two_runs: tuple[Path, Path]) -> None:
+    a, b = two_runs
+    refusals = [e for e in entries(b) if e["type"] == "budget_refusal"]
+    assert len(refusals) == 1
+    payload = refusals[0]["payload"]
+    signed = payload["receipt"]["payload"]
+    run_a_key = entries(a)[0]["payload"]["ledger_public_key"]
+    assert payload["spent_epsilon"] > 0 and [e["run"] for e in signed["lifetime_events"]] \
+        == [run_a_key], "the partner states run A's spend as its lifetime spend"
+    result = verify_run(b)
+    assert result.ok, [str(p) for p in result.problems]
+    assert verify_run(a).ok
+
+
+def _resign(out: Path, edit) -> None:
+    """Rewrite the ledger with the run's own key (what a dishonest server could do)."""
+    old = entries(out)
+    key = RunFolder(out).ledger_signing_key()
+    (out / LEDGER_FILE).unlink()
+    ledger = Ledger.create(out / LEDGER_FILE, key)
+    for e in old:
+        ledger.append(e["type"], edit(e))
+    ledger.close()
+
+
+def test_server_altering_the_signed_refusal_fails_the_audit(two_runs, tmp_path) -> None:
+    import shutil
+
+    _, b = two_runs
+    copy = tmp_path / "b"
+    shutil.copytree(b, copy)
+
+    def lower_spend(e: dict) -> dict:
+        if e["type"] == "budget_refusal":
+            return {**e["payload"], "spent_epsilon": 0.0}
+        return e["payload"]
+
+    _resign(copy, lower_spend)
+    result = verify_run(copy)
+    assert not result.ok
+    assert "signed refusal" in str(result.first_problem)
