@@ -29,6 +29,8 @@ from confide.audit.verify import METRICS_FILE, VerifyResult, render_verdict, ver
 from confide.privacy import ledger_events as ev
 
 PREFLIGHT_HEADER = ["mechanism", "verdict", "noise/signal per round", "why", "would help"]
+GENERATION_METRICS = ("perplexity", "bleu", "rouge_l")
+GENERATION_HEADER = ["round", "prompt", "generated", "references (up to 3)"]
 SYNTHETIC_NOTE = ("Trained on the SYNTHETIC demo corpus (generated template reviews, not "
                   "real data).")
 
@@ -68,7 +70,39 @@ class RunReport:
                for m in self.metrics):
             figs.append(_Figure("accuracy", "Accuracy and loss over rounds (metrics.jsonl)",
                                 self._accuracy_plot()))
+        if any(m.get(k) is not None for m in self.metrics for k in GENERATION_METRICS):
+            figs.append(_Figure("generation", "Perplexity, BLEU and ROUGE-L over rounds "
+                                "(causal-lm, metrics.jsonl)", self._generation_plot()))
         return figs
+
+    def _generation_plot(self) -> bytes:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, style in (("bleu", "o-"), ("rouge_l", "s-")):
+            pts = [(m["round"], m[key]) for m in self.metrics if m.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=key)
+        ax.set_xlabel("round")
+        ax.set_ylabel("BLEU / ROUGE-L (0-100)")
+        pts = [(m["round"], m["perplexity"]) for m in self.metrics
+               if m.get("perplexity") is not None]
+        if pts:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*pts, strict=True), "^--", color="tab:red", label="perplexity")
+            ax2.set_ylabel("held-out perplexity")
+        fig.legend(loc="upper right", fontsize="small")
+        ax.grid(alpha=0.3)
+        return _png(fig)
+
+    def generation_rows(self, limit: int = 10) -> list[list[str]]:
+        """Example generations of the last generating round (examples.jsonl)."""
+        path = self.run_dir / "examples.jsonl"
+        if not path.is_file():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        last = max((r.get("round", 0) for r in rows), default=0)
+        return [[str(r.get("round")), r.get("prompt", ""), r.get("generated", ""),
+                 " | ".join(r.get("references", [])[:3])]
+                for r in rows if r.get("round") == last][:limit]
 
     def _epsilon_plot(self) -> bytes:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -188,6 +222,9 @@ class RunReport:
             data = base64.b64encode(fig.png).decode("ascii")
             parts.append(f"<h2>{_e(fig.title)}</h2><img alt='{fig.name}' "
                          f"src='data:image/png;base64,{data}'>")
+        if gen := self.generation_rows():
+            parts.append("<h2>Example generations (greedy, evaluation prompts)</h2>"
+                         + _html_table(GENERATION_HEADER, gen))
         parts.append("<h2>Final epsilon per partner</h2>" + _html_table(
             ["partner", "claimed", "independent replay", "PLD", "RDP"], self._epsilon_rows()))
         parts.append("<h2>Participation and dropouts</h2>" + _html_table(
@@ -217,6 +254,9 @@ class RunReport:
             rel = path.relative_to(md_path.parent) if path.is_relative_to(md_path.parent) \
                 else path
             lines += [f"## {fig.title}", "", f"![{fig.name}]({rel.as_posix()})", ""]
+        if gen := self.generation_rows():
+            lines += ["## Example generations (greedy, evaluation prompts)", "",
+                      *_md_table(GENERATION_HEADER, gen), ""]
         lines += ["## Final epsilon per partner", "",
                   *_md_table(["partner", "claimed", "independent replay", "PLD", "RDP"],
                              self._epsilon_rows()), "",

@@ -128,6 +128,12 @@ def final_table(out: Path, summary: dict[str, Any]) -> Group:
         rounds.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
                        f"{r['num_clients_aggregated']}/{r['num_clients_sampled']}", span,
                        "-" if client is None else f"{client:.2f}", f"{r['bytes_uploaded']:,}")
+    if any(r.get("perplexity") is not None for r in rows):  # causal-lm
+        rounds.caption = "causal-lm: accuracy = next-token accuracy, loss = mean NLL of " \
+            "completion tokens; " + "; ".join(
+                f"round {r['round']}: perplexity {r['perplexity']:.2f}"
+                + (f", BLEU {r['bleu']:.1f}, ROUGE-L {r['rouge_l']:.1f}"
+                   if r.get("bleu") is not None else "") for r in rows)
     partners = Table(title="Example-level epsilon per partner (cumulative over the run)")
     for name in ("partner", "epsilon (PLD)", "RDP, 2nd opinion", "rounds trained",
                  "refused (budget)"):
