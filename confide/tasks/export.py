@@ -39,7 +39,7 @@ def export_causal_lm(model: nn.Module, tokenizer: Any, dest: Path) -> Path:
 MEAN_POOL_CODE = '''"""Confide's mean-pooling sequence classifier (encoder, masked mean, head)."""
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, BertConfig, PreTrainedModel
+from transformers import BertConfig, BertModel, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
@@ -53,8 +53,7 @@ class ConfideMeanPoolClassifier(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.encoder = AutoModel.from_config(BertConfig(**config.to_dict()),
-                                             add_pooling_layer=False)
+        self.encoder = BertModel(config, add_pooling_layer=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -88,6 +87,9 @@ def export_classifier(model: nn.Module, tokenizer: Any, dest: Path) -> Path:
         plain.save_pretrained(str(dest))
         tokenizer.save_pretrained(str(dest))
         return dest
+    if plain.encoder.config.model_type != "bert":
+        raise ValueError(f"export of a mean-pooling {plain.encoder.config.model_type} "
+                         "classifier is not supported (BERT-family encoders only)")
     config = plain.encoder.config.to_dict()
     config.update({"model_type": "confide-mean-pool",
                    "architectures": ["ConfideMeanPoolClassifier"],

@@ -61,7 +61,7 @@ def test_prompt_files_map_columns_and_name_bad_rows(tmp_path: Path) -> None:
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in ROWS))
     assert read_prompt_file(jsonl).texts[0] == ROWS[0][0]
-    with pytest.raises(DataError, match="missing column.*prompt-column"):
+    with pytest.raises(DataError, match=r"missing column.*prompt-column"):
         read_prompt_file(tmp_path / "a.csv")
     bad = write_csv(tmp_path / "c.csv", rows=[("x", "y"), ("z", " ")])
     with pytest.raises(DataError, match="row 2: ref is empty"):
