@@ -139,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"confide: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from confide.server.run_folder import CheckpointError
+
+        if not isinstance(exc, CheckpointError):  # a bug: keep its traceback
+            raise
+        print(f"confide: error: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # DataError, ModelError: named file/row/key in the message
         print(f"confide: error: {exc}", file=sys.stderr)
         return 2

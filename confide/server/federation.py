@@ -48,7 +48,8 @@ from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.receipts import Receipt, verify_receipt
 from confide.privacy.refusals import refusal_mismatches, verify_refusal
-from confide.server.run_folder import CheckpointError, RunFolder
+from confide.server.recovery import check_resume
+from confide.server.run_folder import RunFolder
 from confide.server.secure_round import SecureRounds, is_simulation
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
@@ -145,6 +146,7 @@ class Federation:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         if self.cfg.resume:
+            check_resume(self.folder, self.cfg)  # refuse before anything else runs
             self.run_preflight(refuse=False)  # budget is already being spent: report only
             self.resume()
             return
@@ -188,12 +190,9 @@ class Federation:
         same weights, partner records, accountants and sampling state; metrics rows of an
         unfinished round are dropped (its ledger entries stay: the ledger is append-only and
         the audit knows a round may be re-run after run_resumed)."""
-        round_, weights, state = self.folder.load_checkpoint()
-        if state.get("config_digest") != self.cfg.digest():
-            raise CheckpointError(
-                f"{self.folder.root} was started with another configuration (digest "
-                f"{str(state.get('config_digest'))[:12]}…, now {self.cfg.digest()[:12]}…); "
-                "resume needs the same configuration")
+        # read-only checks first: a finished run, another configuration (keys named) or
+        # weights that are not the ledger's model_digest refuse before anything is written
+        round_, weights, state = check_resume(self.folder, self.cfg)
         self.global_state = dict(weights)
         self.partners = {k: PartnerRecord(**v) for k, v in state["partners"].items()}
         self.client_dp_epsilon = state.get("client_dp_epsilon")

@@ -14,6 +14,8 @@ from rich.table import Table
 
 from confide.config import RunConfig
 from confide.privacy.preflight import PreflightRefused, PreflightReport, check, refusal_message
+from confide.server.recovery import check_not_finished, check_resume
+from confide.server.run_folder import RunFolder
 from confide.server.server_app import default_out_dir, make_server_app
 from confide.task import federated_data, model_spec
 
@@ -39,8 +41,10 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
     console = console or Console()
     out = default_out_dir(cfg)
     if cfg.resume:
+        check_not_finished(RunFolder(out))  # a finished run says so (and stays unchanged)
         if not (out / "checkpoint" / "server_state.json").exists():
             raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoint to resume")
+        check_resume(RunFolder(out), cfg)  # in this process: a message, not a Ray traceback
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"run folder {out} is not empty; choose another --out "
                               "(a finished run is never overwritten)")

@@ -1,0 +1,119 @@
+"""What must hold before a run is resumed, checked read-only (nothing is written unless
+every check passes): the run is not finished, a checkpoint exists and is readable, the
+configuration is the run's own (differences named by key), and the checkpointed weights
+are those the ledger recorded for that round (model_digest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from confide.config import RunConfig
+from confide.privacy import ledger_events as E
+from confide.privacy.ledger import read_lines
+from confide.server.run_folder import CheckpointError, RunFolder
+
+# Keys that may differ on resume: `resume` itself, and `out` (a run folder may be moved
+# or copied and resumed in its new place; nothing privacy-relevant depends on the path).
+IGNORED_ON_RESUME = frozenset({"resume", "out"})
+
+
+class ResumeRefused(CheckpointError):
+    """The run cannot be resumed as asked; the message says why and what to do."""
+
+
+def ledger_entries(folder: RunFolder) -> list[dict[str, Any]]:
+    if not folder.ledger.is_file():
+        return []
+    return [line.entry for line in read_lines(folder.ledger) if line.entry is not None]
+
+
+def finished(entries: list[dict[str, Any]]) -> bool:
+    return bool(entries) and entries[-1].get("type") == E.RUN_FINISHED
+
+
+def config_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: recorded -> now' for every key whose value differs (IGNORED_ON_RESUME aside)."""
+    keys = sorted((set(recorded) | set(now)) - IGNORED_ON_RESUME)
+    return [f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys
+            if recorded.get(k) != now.get(k)]
+
+
+def check_not_finished(folder: RunFolder, entries: list[dict[str, Any]] | None = None
+                       ) -> None:
+    entries = ledger_entries(folder) if entries is None else entries
+    if finished(entries):
+        done = entries[-1].get("payload", {}).get("rounds_completed")
+        raise ResumeRefused(f"{folder.root} holds a finished run ({done} rounds): there is "
+                            "nothing to resume, and it is left unchanged. To train further, "
+                            "start a new run with another --out")
+
+
+def check_configuration(folder: RunFolder, cfg: RunConfig,
+                        entries: list[dict[str, Any]] | None = None) -> None:
+    """The run's configuration is the one in its ledger's run_started (verified by the
+    audit); a resumed run must use it, the run folder's place aside."""
+    entries = ledger_entries(folder) if entries is None else entries
+    started = next((e for e in entries if e.get("type") == E.RUN_STARTED), None)
+    if started is None:
+        raise ResumeRefused(f"{folder.ledger} has no run_started entry: nothing to resume")
+    recorded = dict(started["payload"]["config"])
+    now = cfg.to_dict()
+    if not now.get("num-labels"):  # inferred from the data when the run started
+        now = {**now, "num-labels": recorded.get("num-labels")}
+    diffs = config_differences(recorded, now)
+    if diffs:
+        raise ResumeRefused(
+            f"{folder.root} was started with another configuration; resume needs the same "
+            f"one. Differing keys: {'; '.join(diffs)}")
+
+
+def check_checkpoint_digest(folder: RunFolder, round_: int, weights: dict[str, np.ndarray],
+                            server_state: dict[str, Any],
+                            entries: list[dict[str, Any]] | None = None) -> None:
+    """The checkpointed weights must be the global model the ledger recorded for that
+    round: a file altered (or swapped) after the fact would be trained on unnoticed."""
+    if round_ == 0:
+        return
+    entries = ledger_entries(folder) if entries is None else entries
+    recorded = [e["payload"].get("sha256") for e in entries
+                if e.get("type") == E.MODEL_DIGEST and e["payload"].get("round") == round_]
+    name = folder.checkpoint_dir / str(server_state.get("weights", "?"))
+    if not recorded:
+        raise ResumeRefused(f"the ledger records no model_digest for round {round_}, so "
+                            f"{name} cannot be checked; refusing to resume from it")
+    actual = E.weights_digest(weights)
+    if actual != recorded[-1]:  # the last attempt of the round is the checkpointed one
+        raise ResumeRefused(
+            f"checkpoint {name} does not hold the model the ledger recorded for round "
+            f"{round_} (SHA-256 {actual[:16]}…, ledger {recorded[-1][:16]}…): it was altered "
+            "or replaced; refusing to resume from it")
+
+
+def check_resume(folder: RunFolder, cfg: RunConfig
+                 ) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+    """Every check, read-only; returns the checkpoint (round, weights, server state)."""
+    if not folder.root.is_dir():
+        raise ResumeRefused(f"--resume: {folder.root} does not exist")
+    entries = ledger_entries(folder)
+    check_not_finished(folder, entries)
+    round_, weights, state = folder.load_checkpoint()
+    check_configuration(folder, cfg, entries)
+    check_checkpoint_digest(folder, round_, weights, state, entries)
+    return round_, weights, state
+
+
+def describe_checkpoint(folder: RunFolder) -> str:
+    """'after round N' of the latest checkpoint, for messages."""
+    try:
+        state = json.loads((folder.checkpoint_dir / "server_state.json").read_text())
+        return f"after round {int(state['round'])}"
+    except (OSError, ValueError, KeyError):
+        return "from its last checkpoint"
+
+
+def resume_hint(out: Path) -> str:
+    return f"confide simulate ... --out {out} --resume (with the same settings)"
