@@ -118,7 +118,8 @@ SCHEMA: dict[str, KeySpec] = {
     "local-epochs": KeySpec(float, "0 < x <= 100", _range(0, 100, lo_open=True),
                             "passes over the local data per round (fractional allowed)"),
     "batch-size": KeySpec(int, "1 <= n <= 65536", _range(1, 65536),
-                          "expected logical batch size (Poisson sampling under DP)"),
+                          "expected logical batch size (Poisson sampling under DP); with "
+                          "example-dp-noise = 'shared': of the whole federation per round"),
     "physical-batch-size": KeySpec(int, "1 <= n <= 4096", _range(1, 4096),
                                    "largest batch put through the model at once"),
     "optimizer": KeySpec(str, "'sgd', 'adam' or 'adamw'", _one_of("sgd", "adam", "adamw"),

@@ -216,7 +216,9 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         raise SecAggRefusal(f"round {server_round}: shared-noise parameters differ from this "
                             f"node's session and run configuration: {'; '.join(problems)}")
     n = len(data)
-    sample_rate = min(1.0, cfg.batch_size / n)
+    # The run's common rate, set by the server: the node's own budget guard below decides
+    # whether it can afford it, whatever the server chose.
+    sample_rate = shared.sample_rate or min(1.0, cfg.batch_size / n)
     sigma = shared.effective_noise_multiplier
     planned = SampledGaussianEvent(sigma, sample_rate, 1, server_round, run_key)
     try:

@@ -128,6 +128,7 @@ class SecureRounds:
         # shared-noise example-level DP: one sigma per run; each node's (rows, rate)
         self.shared_mode = cfg.example_dp_noise == "shared"
         self.shared_sigma: float | None = None
+        self.shared_rate: float = 0.0  # the run's common sampling rate (set with sigma)
         self.partner_info: dict[int, tuple[int, float]] = {}
 
     # -- cohorts and sessions ----------------------------------------------------------
@@ -463,10 +464,11 @@ class SecureRounds:
     # -- shared-noise example-level DP ----------------------------------------------------
     def _shared_info(self, config: ConfigRecord, server_round: int) -> None:
         """Ask connected nodes whose rows and rate are unknown (`train.secagg` exchange, at
-        the start of a run or for a newcomer) and calibrate the run's sigma once: PLD, so that
-        the partner with the highest sampling rate reaches target-epsilon after all rounds,
-        one step per round (as if sampled every round). A node re-checks its own epsilon for
-        that sigma before each round and refuses when over budget."""
+        the start of a run or for a newcomer) and fix the run's sampling rate and sigma once:
+        one rate q = batch-size / (all partners' records) for every partner, and sigma by PLD
+        so that q reaches target-epsilon after all rounds, one step per round (as if sampled
+        every round). A node re-checks its own epsilon for that rate and sigma before each
+        round and refuses when over budget."""
         from confide.privacy.accountant import calibrate_noise
 
         missing = [n for n in self._nodes() if n not in self.partner_info]
@@ -489,11 +491,20 @@ class SecureRounds:
                 self.partner_info[reply.metadata.src_node_id] = (rows, rate)
         if self.shared_sigma is None and self.partner_info:
             cfg = self.fed.cfg
-            q_max = max(rate for _, rate in self.partner_info.values())
+            # One Poisson rate for every partner: batch-size is the expected batch of the
+            # whole federation per round, so the sum is central DP-SGD's step on the union.
+            total = sum(rows for rows, _ in self.partner_info.values())
+            self.shared_rate = min(1.0, cfg.batch_size / total)
             self.shared_sigma = cfg.noise_multiplier if cfg.noise_multiplier > 0 else \
-                calibrate_noise(cfg.target_epsilon, cfg.delta, q_max, cfg.rounds)
-            log(INFO, "shared noise: sigma %.4f (highest sampling rate %.4g, %d rounds, "
-                "target epsilon %g)", self.shared_sigma, q_max, cfg.rounds, cfg.target_epsilon)
+                calibrate_noise(cfg.target_epsilon, cfg.delta, self.shared_rate, cfg.rounds)
+            log(INFO, "shared noise: sigma %.4f, sampling rate %.4g for every partner "
+                "(expected batch %d of %d records), %d rounds, target epsilon %g",
+                self.shared_sigma, self.shared_rate, cfg.batch_size, total, cfg.rounds,
+                cfg.target_epsilon)
+        if self.shared_rate:
+            # newcomers sample at the run's rate too
+            self.partner_info = {n: (rows, self.shared_rate)
+                                 for n, (rows, _) in self.partner_info.items()}
 
     def _shared_config(self, session: Session, config: ConfigRecord) -> SharedNoiseConfig:
         if self.shared_sigma is None or any(n not in self.partner_info for n in session.ids):
@@ -510,7 +521,7 @@ class SecureRounds:
                 num_clients=sc.num_clients, min_survivors=int(sc.min_survivors),  # type: ignore[arg-type]
                 colluders=cfg.dp_colluders,
                 max_examples=sum(self.partner_info[n][0] for n in session.ids),
-                vector_length=self.vector_length, bits=sc.bits)
+                vector_length=self.vector_length, bits=sc.bits, sample_rate=self.shared_rate)
         except SecAggError as exc:
             raise ConfigError(f"example-dp-noise = 'shared': {exc}") from None
 

@@ -94,6 +94,10 @@ class SharedNoiseConfig:
     bits: int
     noise_headroom_sigmas: float = 12.0
     rounding_beta: float = math.exp(-0.5)
+    # The Poisson rate every partner samples its records at this run (one rate for all: the
+    # released sum is then exactly central DP-SGD's noisy step on the union of the records,
+    # and every partner spends the same epsilon); 0 = each partner's own batch-size / n_i.
+    sample_rate: float = 0.0
     # derived in __post_init__
     scale: float = field(init=False)
     l2_sensitivity: float = field(init=False)
@@ -120,6 +124,8 @@ class SharedNoiseConfig:
             raise _fail("vector_length", self.vector_length, "an integer >= 1")
         if not isinstance(self.bits, int) or not 16 <= self.bits <= 64:
             raise _fail("bits", self.bits, "an integer in [16, 64]")
+        if not (isinstance(self.sample_rate, int | float) and 0 <= self.sample_rate <= 1):
+            raise _fail("sample_rate", self.sample_rate, "0 (per partner) or 0 < q <= 1")
         scale = self._scale()
         d2 = rounding_l2_bound(scale * self.clip, self.vector_length, self.rounding_beta)
         object.__setattr__(self, "scale", scale)
