@@ -1,0 +1,144 @@
+"""Utility of DP federated causal-LM fine-tuning on E2E (issue 13), in one process.
+
+Same model, same training rows, same evaluation prompts for every setting:
+zero-shot, central non-DP, federated non-DP, federated DP at each --epsilons (10 partners,
+delta 1e-5, noise calibrated per partner with the product's PLD calibration), reporting
+held-out perplexity, corpus BLEU (all references of each MR), ROUGE-L and seconds; plus the
+DP step / non-DP step time ratio of this model (Opacus hooks, same batch).
+
+The federated loop mirrors the product without Flower: every round each partner trains
+from the global LoRA weights with `train_dp` (the task's per-example loss), the server
+averages the deltas weighted by rows (FedAvg). Data: ../shared/data/e2e (devset.csv rows as
+the training pool, testset_w_refs.csv for evaluation). Long on 2 CPU cores with smollm2:
+
+    python benchmarks/utility_e2e.py --model smollm2 --rows 1000 --eval-prompts 50
+    python benchmarks/utility_e2e.py --model tiny --rows 40 --eval-prompts 3 --rounds 1  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from confide.clients.dp_training import train_dp
+from confide.config import build_config
+from confide.data import partition
+from confide.model import (
+    apply_delta,
+    build_model,
+    compute_delta,
+    load_trainable_state,
+    trainable_state,
+)
+from confide.privacy.accountant import calibrate_noise
+from confide.tasks import get_task
+
+E2E = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "e2e"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--rows", type=int, default=1000, help="training rows of devset.csv")
+    ap.add_argument("--eval-prompts", type=int, default=50)
+    ap.add_argument("--eval-rows", type=int, default=400, help="rows for perplexity")
+    ap.add_argument("--partners", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epsilons", default="8,3")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--out", default="", help="append result rows (JSON lines) here")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = build_config({"task": "causal-lm", "model": args.model, "prompt-column": "mr",
+                        "completion-column": "ref", "max-length": args.max_length,
+                        "generate-prompts": args.eval_prompts, "max-new-tokens": 64,
+                        "eval-batch-size": 16, "rounds": args.rounds})
+    task = get_task(cfg)
+    train = task.read(E2E / "devset.csv", max_rows=args.rows)
+    evaluation = task.read(E2E / "testset_w_refs.csv", max_rows=args.eval_rows)
+    model = build_model(task.model_spec(2))
+    start_state = trainable_state(model)
+    evaluator = task.evaluator(evaluation)
+    rows: list[dict[str, object]] = []
+
+    def evaluate(name: str, seconds: float) -> None:
+        t0 = time.perf_counter()
+        ev = evaluator(model, torch.device("cpu"), round_=args.rounds, final=True)
+        row = {"setting": name, **{k: round(v, 3) for k, v in ev.metrics.items()},
+               "train_seconds": round(seconds, 1),
+               "eval_seconds": round(time.perf_counter() - t0, 1),
+               "model": args.model, "rows": len(train), "partners": args.partners}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def local(tensors: dict, sigma: float, dp: bool, epochs: float) -> None:
+        train_dp(model, tensors, noise_multiplier=sigma, max_grad_norm=1.0,
+                 batch_size=args.batch_size, physical_batch_size=args.batch_size,
+                 epochs=epochs, optimizer="adam", learning_rate=args.lr, dp=dp,
+                 objective=task.objective)
+
+    evaluate("zero-shot", 0.0)
+    t0 = time.perf_counter()
+    local(dict(task.encode(train)), 0.0, False, float(args.rounds))
+    evaluate("central non-DP", time.perf_counter() - t0)
+
+    parts = [dict(task.encode(p)) for p in
+             partition(train, args.partners, "iid", seed=0)]
+    sizes = np.array([len(p["labels"]) for p in parts], dtype=float)
+    settings = [("federated non-DP", None)] + [
+        (f"federated DP eps={e}", float(e)) for e in args.epsilons.split(",")]
+    for name, eps in settings:
+        load_trainable_state(model, start_state)
+        state = trainable_state(model)
+        t0 = time.perf_counter()
+        for _ in range(args.rounds):
+            deltas = []
+            for p in parts:
+                load_trainable_state(model, state)
+                q = min(1.0, args.batch_size / len(p["labels"]))
+                sigma = 0.0 if eps is None else calibrate_noise(
+                    eps, 1e-5, q, max(1, round(1 / q)) * args.rounds)
+                local(p, sigma, eps is not None, 1.0)
+                deltas.append(compute_delta(trainable_state(model), state))
+            mean = {k: sum(w * d[k] for w, d in zip(sizes / sizes.sum(), deltas,
+                                                    strict=True)) for k in state}
+            state = apply_delta(state, mean)
+        load_trainable_state(model, state)
+        evaluate(name, time.perf_counter() - t0)
+
+    # DP step vs non-DP step, same batch, same model (median of 3 each)
+    batch = {k: v[:args.batch_size] for k, v in task.encode(train).items()}
+    times = {}
+    for dp in (False, True):
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            train_dp(model, batch, noise_multiplier=1.0, max_grad_norm=1.0,
+                     batch_size=len(batch["labels"]), physical_batch_size=args.batch_size,
+                     epochs=1.0, learning_rate=1e-6, dp=dp, objective=task.objective)
+            runs.append(time.perf_counter() - t0)
+        times[dp] = float(np.median(runs))
+    ratio = {"setting": "DP step / non-DP step", "dp_seconds": round(times[True], 3),
+             "non_dp_seconds": round(times[False], 3),
+             "ratio": round(times[True] / times[False], 3), "model": args.model}
+    rows.append(ratio)
+    print(json.dumps(ratio))
+    print("\n| setting | perplexity | BLEU | ROUGE-L | train s |\n|---|---|---|---|---|")
+    for r in rows[:-1]:
+        print(f"| {r['setting']} | {r['perplexity']:.2f} | {r['bleu']:.1f} | "
+              f"{r['rouge_l']:.1f} | {r['train_seconds']} |")
+    print(f"\nDP step / non-DP step: {ratio['ratio']}x")
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()
