@@ -240,8 +240,44 @@ def _example_ratio(cfg: RunConfig, sizes: Sequence[int], d: int, n: int,
     return agg, batch, steps, per_partner
 
 
+def _shared_example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | None
+                       ) -> MechanismEstimate:
+    """Shared noise: one noisy gradient per round on the union, central DP-SGD's step. The
+    sum of clipped gradients of the expected batch B = q N (N: all records, q = batch / N)
+    carries noise std sigma*C per coordinate; divided by B: ratio sigma*sqrt(d)/B."""
+    name, C, R = "example-dp (shared noise)", cfg.max_grad_norm, cfg.rounds
+    if not sizes:
+        return MechanismEstimate(
+            name, UNKNOWN, None, None, cfg.noise_multiplier or None, C, d, n,
+            reason="partners' row counts are not known before the run starts (the server "
+                   "learns them in the first exchange), so the common rate and sigma are "
+                   "not either; the ratio per round is sigma * sqrt(d) / batch-size.",
+            unknown=("partners' training rows",))
+    total = sum(int(s) for s in sizes if s > 0)
+    q = min(1.0, cfg.batch_size / total)
+    sigma = cfg.noise_multiplier or _calibrated(cfg.target_epsilon, cfg.delta, q, R)
+    # only the sampled share of the records contributes when fraction-train < 1
+    B = q * total * min(1.0, n / max(1, len(sizes)))
+    ratio = sigma * math.sqrt(d) / B if math.isfinite(sigma) else math.inf
+    verdict = _verdict(ratio, R)
+    reason = (f"one noisy gradient per round on the union of the records: rate q = "
+              f"{q:.3g} for every partner, expected batch {B:.0f} of {total:,} records, "
+              f"sigma {sigma:.3f}, d = {d:,}: noise/signal {ratio:.2f} per round")
+    reason += _consequence(verdict, ratio, R)
+    suggestions: tuple[str, ...] = ()
+    if verdict != OK:
+        suggestions = (f"a larger batch-size (the federation's expected batch): about "
+                       f"{math.ceil(B * ratio):,} would bring the ratio to 1",
+                       "a larger target-epsilon", _fewer_parameters(d, ratio))
+    return MechanismEstimate(name, verdict, ratio, _over_run(ratio, R), sigma, C, d, n,
+                             expected_batch=B, steps_per_round=1, ratio_per_step=ratio,
+                             reason=reason, suggestions=suggestions)
+
+
 def _example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | None
                 ) -> MechanismEstimate:
+    if cfg.example_dp_noise == "shared":
+        return _shared_example_dp(cfg, d, n, sizes)
     name, C, R = "example-dp", cfg.max_grad_norm, cfg.rounds
     if not sizes:
         sigma = cfg.noise_multiplier or None

@@ -60,6 +60,25 @@ def test_good_example_dp_is_ok_and_quiet() -> None:
     assert report.lines()[0].startswith("pre-flight: OK")
 
 
+def test_shared_noise_is_central_dp_sgd_on_the_union() -> None:
+    """Shared noise: one rate q = batch / N for all, one noisy gradient per round with noise
+    std sigma*C on the sum of the expected batch: ratio sigma*sqrt(d)/batch."""
+    cfg = build_config({"clients": 10, "secure-aggregation": True, "rounds": 30,
+                        "example-dp-noise": "shared", "batch-size": 1024,
+                        "target-epsilon": 8.0})
+    report = P.check(cfg, D_MINILM_LORA, [300] * 10)
+    (ex,) = report.mechanisms
+    assert ex.mechanism == "example-dp (shared noise)" and ex.steps_per_round == 1
+    assert ex.expected_batch == pytest.approx(1024)
+    sigma = P.calibrate_noise(8.0, 1e-5, 1024 / 3000, 30)
+    assert ex.noise_multiplier == pytest.approx(sigma)
+    assert ex.ratio == pytest.approx(sigma * math.sqrt(D_MINILM_LORA) / 1024)
+    assert report.verdict == P.OK
+    tiny_batch = P.check(cfg.replace(batch_size=8), D_MINILM_LORA, [300] * 10)
+    assert tiny_batch.verdict in (P.WEAK, P.CANNOT_LEARN)
+    assert "a larger batch-size" in "\n".join(tiny_batch.lines())
+
+
 def test_example_dp_weighting_follows_the_servers_mean() -> None:
     sizes = [400, 100, 40]
     cfg = build_config({"clients": 3, "noise-multiplier": 1.0, "batch-size": 20})
