@@ -382,6 +382,15 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+# Defaults of the shared-noise mode where they differ from local noise: one noisy gradient
+# per round, so many rounds and a large federation-wide batch, with the step taken by a
+# server optimizer (measured: benchmarks/results/shared_noise_search.md).
+SHARED_NOISE_DEFAULTS: dict[str, Any] = {
+    "rounds": 30, "batch-size": 1024, "server-optimizer": "adam",
+    "server-learning-rate": 0.01, "server-momentum": 0.9,
+}
+
+
 def build_config(values: Mapping[str, Any]) -> RunConfig:
     """Validate kebab-case (or snake_case) keys and build a RunConfig.
 
@@ -396,6 +405,11 @@ def build_config(values: Mapping[str, Any]) -> RunConfig:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown configuration key {raw_key!r}{hint}")
         kwargs[key.replace("-", "_")] = _coerce(key, value)
+    if kwargs.get("example_dp_noise") == "shared":
+        # Choosing the mode alone gives a well-tuned run: its measured defaults fill every
+        # key the caller did not set (what is set explicitly wins; config.toml records all).
+        for key, value in SHARED_NOISE_DEFAULTS.items():
+            kwargs.setdefault(key.replace("-", "_"), value)
     return RunConfig(**kwargs)
 
 

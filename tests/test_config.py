@@ -103,3 +103,18 @@ def test_shared_example_noise_needs_secure_aggregation_and_one_gradient_per_roun
             build_config({"example-dp-noise": "shared", "secure-aggregation": True, **bad})
     with pytest.raises(ConfigError, match="example-dp-noise"):
         build_config({"example-dp-noise": "central"})
+
+
+def test_shared_noise_mode_brings_its_measured_defaults_and_explicit_keys_win() -> None:
+    from confide.config import SHARED_NOISE_DEFAULTS
+
+    shared = build_config({"secure-aggregation": True, "example-dp-noise": "shared"})
+    for key, value in SHARED_NOISE_DEFAULTS.items():
+        assert shared.to_dict()[key] == value
+    mine = build_config({"secure-aggregation": True, "example-dp-noise": "shared",
+                         "rounds": 5, "batch-size": 200})
+    assert (mine.rounds, mine.batch_size) == (5, 200)
+    assert mine.server_optimizer == SHARED_NOISE_DEFAULTS["server-optimizer"]
+    # resolved once: a replace() keeps what was resolved, and local mode is untouched
+    assert mine.replace(seed=3).rounds == 5
+    assert build_config({}).rounds == RunConfig().rounds
