@@ -140,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"confide: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        from confide.server.recovery import Interrupted
         from confide.server.run_folder import CheckpointError
 
+        if isinstance(exc, Interrupted):  # stopped on request: how to resume, exit 130
+            print(f"confide: {exc}", file=sys.stderr)
+            return 130
         if not isinstance(exc, CheckpointError):  # a bug: keep its traceback
             raise
         print(f"confide: error: {exc}", file=sys.stderr)

@@ -278,7 +278,12 @@ class RunVerifier:
             c.add("the first entry is not run_started", 0)
         last_completed = 0
         current: _Attempt | None = None
+        interrupted_at: int | None = None  # only run_resumed may follow run_interrupted
         for i, e in self.events:
+            if interrupted_at is not None and not isinstance(e, ev.RunResumed):
+                c.add(f"{e.TYPE} after run_interrupted (entry {interrupted_at}) without "
+                      "run_resumed", i)
+                interrupted_at = None
             if isinstance(e, ev.RunStarted):
                 if i != 0:
                     c.add("run_started again in the middle of the ledger", i)
@@ -287,7 +292,16 @@ class RunVerifier:
                     c.add("run_finished is not the last entry", i + 1)
                 if current is not None and current.completed_at is None:
                     c.add(f"run finished inside round {current.round}", i)
+            elif isinstance(e, ev.RunInterrupted):
+                # a stop at a safe point: no round open, and the checkpoint is that round's
+                if current is not None and current.completed_at is None:
+                    c.add(f"run interrupted inside round {current.round}", i)
+                if e.after_round != last_completed:
+                    c.add(f"run interrupted after round {e.after_round}, but {last_completed} "
+                          "rounds were completed", i)
+                interrupted_at = i
             elif isinstance(e, ev.RunResumed):
+                interrupted_at = None
                 if e.from_round > last_completed:
                     c.add(f"resumed from round {e.from_round}, but only {last_completed} "
                           "rounds were completed", i)

@@ -9,6 +9,7 @@ Data, budget and accountant never leave the node; only the (noised) delta does.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from functools import lru_cache
 from logging import INFO, WARNING
@@ -55,8 +56,23 @@ class NodeConfigError(ValueError):
     """The partner's node configuration is unusable."""
 
 
+def _ignore_terminal_interrupt() -> None:
+    """In a simulation worker (a Ray process in the terminal's process group), Ctrl-C is
+    for the driver: it stops the run between rounds. A worker killed mid-round could have
+    spent budget whose reply never arrives."""
+    import sys
+    import threading
+
+    ray = sys.modules.get("ray")
+    if ray is None or threading.current_thread() is not threading.main_thread():
+        return
+    if getattr(ray._private.worker.global_worker, "mode", None) == ray.WORKER_MODE:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    _ignore_terminal_interrupt()
     config_record = msg.content[R.CONFIG]
     cfg = from_flat_record(dict(config_record))
     server_round = int(config_record[R.ROUND])

@@ -28,10 +28,11 @@ MODEL_DIGEST = "model_digest"
 ROUND_COMPLETED = "round_completed"
 RUN_RESUMED = "run_resumed"
 RUN_FINISHED = "run_finished"
+RUN_INTERRUPTED = "run_interrupted"
 
 EVENT_TYPES: tuple[str, ...] = (
     RUN_STARTED, ROUND_CONFIGURED, EXAMPLE_DP, CLIENT_DP, SECURE_AGGREGATION, BUDGET_REFUSAL,
-    MODEL_DIGEST, ROUND_COMPLETED, RUN_RESUMED, RUN_FINISHED)
+    MODEL_DIGEST, ROUND_COMPLETED, RUN_RESUMED, RUN_FINISHED, RUN_INTERRUPTED)
 
 # Client-level mechanisms the replay knows by name (see confide.privacy.replay).
 GAUSSIAN_FIXED_CLIPPING = "gaussian_fixed_clipping"
@@ -406,10 +407,26 @@ class RunFinished(LedgerEvent):
                                          _get(k, payload, "rounds_completed")))
 
 
+@dataclass(frozen=True)
+class RunInterrupted(LedgerEvent):
+    """The operator stopped the server (SIGINT / SIGTERM) at a safe point: after round
+    `after_round` completed and was checkpointed. Only run_resumed may follow."""
+
+    TYPE: ClassVar[str] = RUN_INTERRUPTED
+    after_round: int
+    reason: str  # e.g. "SIGINT"
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> RunInterrupted:
+        k = cls.TYPE
+        return cls(after_round=_int(k, "after_round", _get(k, payload, "after_round")),
+                   reason=_str(k, "reason", _get(k, payload, "reason")))
+
+
 EVENT_CLASSES: dict[str, type[LedgerEvent]] = {
     cls.TYPE: cls for cls in (RunStarted, RoundConfigured, ExampleDpEvent, ClientDpEvent,
                               SecureAggregationEvent, BudgetRefusal, ModelDigest,
-                              RoundCompleted, RunResumed, RunFinished)}
+                              RoundCompleted, RunResumed, RunFinished, RunInterrupted)}
 
 
 def parse_payload(event_type: str, payload: Mapping[str, Any]) -> LedgerEvent:

@@ -48,7 +48,7 @@ from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.receipts import Receipt, verify_receipt
 from confide.privacy.refusals import refusal_mismatches, verify_refusal
-from confide.server.recovery import check_resume
+from confide.server.recovery import StopRequest, check_resume
 from confide.server.run_folder import RunFolder
 from confide.server.secure_round import SecureRounds, is_simulation
 from confide.strategies.client_level_dp import ClientLevelDp
@@ -103,8 +103,11 @@ class Federation:
 
     def __init__(self, grid: Grid, cfg: RunConfig, out_dir: Path,
                  on_round: RoundCallback | None = None, timeout: float = 3600.0,
-                 on_preflight: PreflightCallback | None = None) -> None:
+                 on_preflight: PreflightCallback | None = None,
+                 stop: StopRequest | None = None) -> None:
         self.grid = grid
+        self.stop = stop  # checked between rounds (see run())
+        self.interrupted = False
         evaluation, num_labels = resolve_evaluation(cfg)
         self.cfg = cfg.replace(num_labels=num_labels)
         self.folder = RunFolder(out_dir)
@@ -216,8 +219,22 @@ class Federation:
     def run(self) -> dict[str, Any]:
         self.start()
         for server_round in range(self.rounds_completed + 1, self.cfg.rounds + 1):
+            if self.stop:  # safe point: the last round is complete and checkpointed
+                return self.interrupt()
             self.run_round(server_round)
         return self.finish()
+
+    def interrupt(self) -> dict[str, Any]:
+        """Stop after the last checkpointed round: record why in the ledger and leave the
+        run folder resumable (no summary.json, no run_finished)."""
+        assert self.ledger is not None and self.stop is not None
+        self.ledger.append(E.RunInterrupted(after_round=self.rounds_completed,
+                                            reason=self.stop.reason or "stop requested"))
+        self.ledger.close()
+        self.interrupted = True
+        log(WARNING, "Confide: run stopped (%s) after round %d; %s is resumable",
+            self.stop.reason, self.rounds_completed, self.folder.root)
+        return {"rounds_completed": self.rounds_completed, "interrupted": True}
 
     # -- one round -------------------------------------------------------------------
     def run_round(self, server_round: int) -> dict[str, Any]:

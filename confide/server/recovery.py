@@ -6,6 +6,7 @@ are those the ledger recorded for that round (model_digest)."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,24 @@ def describe_checkpoint(folder: RunFolder) -> str:
 
 def resume_hint(out: Path) -> str:
     return f"confide simulate ... --out {out} --resume (with the same settings)"
+
+
+class StopRequest:
+    """Set by a driver's signal handler; the round loop stops at its next safe point
+    (between rounds: the round in flight is finished, so no budget a node spent in it goes
+    unrecorded), records run_interrupted, and leaves the run resumable."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+class Interrupted(RuntimeError):
+    """The run stopped at a safe point on request; the message says how to resume."""

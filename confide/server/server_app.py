@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from confide.config import RunConfig, from_flat_record
 from confide.privacy.preflight import PreflightRefused
 from confide.server.federation import Federation, PreflightCallback, RoundCallback
+from confide.server.recovery import StopRequest
 
 
 def default_out_dir(cfg: RunConfig, run_id: int | None = None) -> Path:
@@ -24,7 +25,8 @@ def default_out_dir(cfg: RunConfig, run_id: int | None = None) -> Path:
 
 
 def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None = None,
-                    on_preflight: PreflightCallback | None = None) -> ServerApp:
+                    on_preflight: PreflightCallback | None = None,
+                    stop: StopRequest | None = None) -> ServerApp:
     server_app = ServerApp()
 
     @server_app.main()
@@ -32,7 +34,7 @@ def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None
         run_cfg = cfg or from_flat_record(dict(context.run_config))
         try:
             Federation(grid, run_cfg, default_out_dir(run_cfg, context.run_id),
-                       on_round=on_round, on_preflight=on_preflight).run()
+                       on_round=on_round, on_preflight=on_preflight, stop=stop).run()
         except PreflightRefused as exc:  # a plain message, not a traceback: nothing ran
             log(ERROR, "Confide: %s", exc)
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +20,13 @@ from rich.table import Table
 
 from confide.config import RunConfig
 from confide.privacy.preflight import PreflightRefused, PreflightReport, check, refusal_message
-from confide.server.recovery import check_not_finished, check_resume
+from confide.server.recovery import (
+    Interrupted,
+    StopRequest,
+    check_not_finished,
+    check_resume,
+    ledger_entries,
+)
 from confide.server.run_folder import RunFolder
 from confide.server.server_app import default_out_dir, make_server_app
 from confide.task import federated_data, model_spec
@@ -77,11 +89,16 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
                 f"max eps {worst:.2f} aggregated {row['num_clients_aggregated']}"
                 f"/{row['num_clients_sampled']}"))
 
-        # on_preflight: the report is shown above already, the ServerApp only records it
-        run_simulation(server_app=make_server_app(cfg, on_round=on_round,
-                                                  on_preflight=lambda _: None),
-                       client_app=client_app, num_supernodes=cfg.clients,
-                       backend_config=backend_config(cfg), verbose_logging=verbose)
+        stop = StopRequest()
+        with stop_on_signals(stop, console):
+            # on_preflight: the report is shown above already, the ServerApp records it
+            run_simulation(server_app=make_server_app(cfg, on_round=on_round,
+                                                      on_preflight=lambda _: None, stop=stop),
+                           client_app=client_app, num_supernodes=cfg.clients,
+                           backend_config=backend_config(cfg), verbose_logging=verbose)
+    if stop:
+        shutdown_ray()  # the workers got the terminal's signal too: none may linger
+        raise Interrupted(interrupted_message(out, stop.reason))
     summary_path = out / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log")
@@ -91,6 +108,54 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
         console.print(report.headline(), style="bold red" if report.cannot_learn
                       else "yellow", markup=False, highlight=False)
     return out, summary
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest, console: Console) -> Iterator[None]:
+    """First SIGINT / SIGTERM: ask the server to stop at its next safe point (the round in
+    flight finishes, so nothing a node spent goes unrecorded). A second one: leave at once
+    (the ledger and checkpoints are written atomically; resume repeats the open round)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if stop:
+            console.print(f"{name} again: leaving now. The run folder resumes from its last "
+                          "checkpoint (--resume).", style="bold red", markup=False)
+            os._exit(130)
+        stop.request(name)
+        console.print(f"{name}: stopping after the round in progress (a second {name} "
+                      "leaves at once) ...", style="yellow", markup=False)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def interrupted_message(out: Path, reason: str) -> str:
+    entries = ledger_entries(RunFolder(out))
+    done = next((e["payload"]["after_round"] for e in reversed(entries)
+                 if e.get("type") == "run_interrupted"), None)
+    args = sys.argv[1:] if sys.argv[1:2] == ["simulate"] else ["simulate", "...", "--out",
+                                                                 str(out)]
+    if "--resume" not in args:
+        args = [*args, "--resume"]
+    where = f"after round {done}" if done is not None else "before its first checkpoint"
+    return (f"run stopped ({reason}) {where}. {out} is resumable and verifiable "
+            f"(confide audit verify {shlex.quote(str(out))}). To continue:\n  confide "
+            + " ".join(shlex.quote(a) for a in args))
 
 
 def preflight(cfg: RunConfig, partition_rows: list[int]) -> PreflightReport | None:
