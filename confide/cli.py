@@ -31,15 +31,32 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     values: dict[str, Any] = {}
     if args.config:
         values.update(load_toml(Path(args.config)))
-    values.update(parse_set_items(args.set or []))
+    set_items = parse_set_items(args.set or [])
+    values.update(set_items)
+    named: dict[str, tuple[str, Any]] = {}
     for flag, key in SIMULATE_FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
-            values[key] = value
+            named[key] = (flag, value)
     for flag, key in SIMULATE_SWITCHES.items():
         if getattr(args, flag[2:].replace("-", "_")):
-            values[key] = flag != "--no-example-dp"
+            named[key] = (flag, flag != "--no-example-dp")
+    for key, (flag, value) in named.items():
+        # `--target-epsilon 3 --set target-epsilon=8`: which one was meant? Never guess.
+        if key in set_items and not _same_value(value, set_items[key]):
+            raise ConfigError(f"{key} is given twice with different values: {flag} "
+                              f"{value} and --set {key}={set_items[key]}; give it once")
+        values[key] = value
     return build_config(values)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if str(a).strip().lower() == str(b).strip().lower():
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def _simulate_parser(sub: Any) -> None:
@@ -164,6 +181,10 @@ def _audit(args: argparse.Namespace) -> int:
     if args.audit_command == "report":
         from confide.audit.report import write_report
 
+        if not (Path(args.run_dir) / "ledger.jsonl").is_file():
+            print(f"confide: error: {args.run_dir} is not a run folder (no ledger.jsonl)",
+                  file=sys.stderr)
+            return 2
         html = write_report(Path(args.run_dir), out_html=Path(args.out) if args.out else None)
         print(f"report written: {html}")
         return 0

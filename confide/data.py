@@ -81,8 +81,15 @@ def read_text_file(path: str | Path, *, num_labels: int = 0, max_rows: int = 0) 
     return _validate_rows(path, rows, num_labels)
 
 
+# One text field may be long (a whole document); the csv module's default limit is 128 KiB.
+CSV_FIELD_LIMIT = 64 * 1024 * 1024
+
+
 def _read_csv(path: Path, max_rows: int) -> list[dict[str, object]]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, not part of the header
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         try:
             reader = csv.DictReader(fh)
             if reader.fieldnames is None:
@@ -103,7 +110,7 @@ def _read_csv(path: Path, max_rows: int) -> list[dict[str, object]]:
 
 def _read_jsonl(path: Path, max_rows: int) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # a leading byte-order mark is dropped
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -306,6 +313,8 @@ class FederatedData:
     evaluation: TextDataset
     num_labels: int
     synthetic: bool
+    # how num-labels was set, and when inferred: from which labels and rows (for the log)
+    labels_note: str = ""
 
 
 def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner: str,
@@ -316,6 +325,7 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
     by `reader`, default `read_text_file`: a task may bring its own)."""
     read = reader or read_text_file
     synthetic = not data
+    whole: list[TextDataset] = []  # files as read (row numbers intact), for the labels note
     if synthetic and reader is not None:
         raise DataError("this task has no synthetic demo corpus: give data (and eval-data)")
     if synthetic:
@@ -330,6 +340,7 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
         if path.is_dir():
             parts = read_partner_folder(path, num_labels=num_labels, max_rows=max_train,
                                         reader=reader)
+            whole += parts
             if len(parts) != clients:
                 raise DataError(f"{path}: holds {len(parts)} partner files but clients = "
                                 f"{clients}; they must match")
@@ -338,6 +349,7 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
                                 "separate evaluation file; partners' rows stay theirs)")
         else:
             train = read(path, num_labels=num_labels, max_rows=max_train)
+            whole.append(train)
             if not eval_data:
                 # No evaluation file: hold out a seeded 20% (at most 2000 rows) of this file
                 # before partitioning, so evaluation never sees a training row.
@@ -350,13 +362,36 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
                               column=column)
         if eval_data:
             evaluation = read(eval_data, num_labels=num_labels, max_rows=max_eval)
+            whole.append(evaluation)
     if max_eval and len(evaluation) > max_eval:
         evaluation = evaluation.subset(range(max_eval))
     inferred = max(max(p.num_labels for p in parts), evaluation.num_labels)
     labels = num_labels or max(2, inferred)
     if inferred > labels:
         raise DataError(f"labels go up to {inferred - 1} but num-labels = {labels}")
-    return FederatedData(parts, evaluation, labels, synthetic)
+    note = f"num-labels = {labels} (set)" if num_labels else _inferred_labels_note(whole)
+    return FederatedData(parts, evaluation, labels, synthetic, note)
+
+
+def _inferred_labels_note(files: Sequence[TextDataset]) -> str:
+    """num-labels is inferred as highest label + 1: say from which rows, and refuse labels
+    with a gap (0, 1 and a lone 5 is a typo far more often than a 6-class task)."""
+    files = [f for f in files if len(f.labels)]
+    if not files:
+        return ""
+    present = sorted(set().union(*(set(np.unique(f.labels).tolist()) for f in files)))
+    top = int(present[-1])
+    where = "; ".join(
+        f"{f.source} row {', '.join(str(int(i) + 1) for i in np.flatnonzero(f.labels == top)[:5])}"
+        for f in files if (f.labels == top).any())
+    missing = sorted(set(range(top + 1)) - set(present))
+    if missing:
+        raise DataError(f"num-labels would be inferred as {top + 1} from label {top} ({where}), "
+                        f"but label(s) {', '.join(map(str, missing))} never occur: a typo in a "
+                        f"label? Fix the row, or set num-labels = {top + 1} if {top + 1} "
+                        "classes are meant")
+    return (f"num-labels = {max(2, top + 1)} inferred from the data (labels "
+            f"{', '.join(map(str, present))}; the highest, {top}, in {where})")
 
 
 def label_histogram(data: TextDataset, num_labels: int) -> list[int]:

@@ -64,6 +64,12 @@ def resolve_model_path(model: str) -> Path:
         raise ModelError(
             f"model {model!r} is neither 'minilm', 'tiny' nor a local Hugging Face model "
             f"folder (no config.json in {path}); Confide never downloads weights unasked")
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json")
+    if not any((path / w).is_file() for w in weights) and not any(path.glob("*.gguf")):
+        raise ModelError(f"model folder {path} has config.json but no weights "
+                         f"({', '.join(weights[:2])} or a *.gguf); copy the whole model "
+                         "folder (Confide never downloads weights unasked)")
     return path
 
 

@@ -483,6 +483,10 @@ class Federation:
                 "example_level_rdp": {p.pseudonym: p.epsilon_rdp
                                       for p in self.partners.values()},
                 "client_level_epsilon": self.client_dp_epsilon,
+                # the run's budget, and whether every partner's claim stayed within it
+                "max_epsilon": self.cfg.max_epsilon,
+                "within_max_epsilon": all(p.epsilon <= self.cfg.max_epsilon
+                                          for p in self.partners.values()),
                 "accountant": self._accountant_summary(),
                 "accountants": {
                     "example_level": sorted({p.accountant for p in self.partners.values()})

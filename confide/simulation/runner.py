@@ -57,6 +57,9 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
         if not (out / "checkpoint" / "server_state.json").exists():
             raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoint to resume")
         check_resume(RunFolder(out), cfg)  # in this process: a message, not a Ray traceback
+    elif out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is an existing file, not a folder; choose "
+                              "another --out")
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"run folder {out} is not empty; choose another --out "
                               "(a finished run is never overwritten)")
@@ -66,6 +69,8 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
     if fed.synthetic:
         console.print("[yellow]No --data given: using the SYNTHETIC offline demo corpus "
                       "(generated template reviews, not real data).[/yellow]")
+    elif fed.labels_note:
+        console.print(fed.labels_note, markup=False, highlight=False)
     console.print(f"Confide simulation: {cfg.clients} partners, {cfg.rounds} rounds, model "
                   f"{cfg.model} ({cfg.fine_tune}), example-level DP "
                   f"{'on' if cfg.example_dp else 'OFF'}, run folder {out}")

@@ -65,7 +65,8 @@ def copy(src: Path, tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def test_resume_completes_and_verifies(finished: Path) -> None:
+def test_a_run_folder_moved_elsewhere_resumes_and_verifies(finished: Path) -> None:
+    # `finished` was resumed from a copy of the stopped run in another folder (`out` differs)
     result = verify_run(finished)
     assert result.ok, [str(p) for p in result.problems]
     assert result.rounds_completed == 2
@@ -120,3 +121,12 @@ def test_truncated_checkpoint_is_a_message_not_a_traceback(
     err = capsys.readouterr().err
     assert "corrupted" in err and str(out / "checkpoint") in err and "Traceback" not in err
     assert snapshot(out) == before
+
+
+def test_summary_states_the_budget_and_whether_every_partner_kept_it(finished: Path) -> None:
+    import json
+
+    privacy = json.loads((finished / "summary.json").read_text())["privacy"]
+    assert privacy["max_epsilon"] == build_config(TINY).max_epsilon
+    assert privacy["within_max_epsilon"] is True
+    assert all(e <= privacy["max_epsilon"] for e in privacy["example_level"].values())
