@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Interrupted):  # stopped on request: how to resume, exit 130
             print(f"confide: {exc}", file=sys.stderr)
             return 130
+        from confide.server.recovery import RunWriteError
+
+        if isinstance(exc, RunWriteError):  # disk full or permissions: resumable
+            print(f"confide: error: {exc}", file=sys.stderr)
+            return 1
         if not isinstance(exc, CheckpointError):  # a bug: keep its traceback
             raise
         print(f"confide: error: {exc}", file=sys.stderr)

@@ -48,7 +48,7 @@ from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.receipts import Receipt, verify_receipt
 from confide.privacy.refusals import refusal_mismatches, verify_refusal
-from confide.server.recovery import StopRequest, check_resume
+from confide.server.recovery import RunWriteError, StopRequest, check_resume, write_failure
 from confide.server.run_folder import RunFolder
 from confide.server.secure_round import SecureRounds, is_simulation
 from confide.strategies.client_level_dp import ClientLevelDp
@@ -213,16 +213,47 @@ class Federation:
         self.last_metrics = rows[-1] if rows else {}
         self.ledger = Ledger.open(self.folder.ledger, self.folder.ledger_signing_key(),
                                   repair_torn_tail=True)
+        self._account_unfinished_rounds(self.ledger.entries)
         self.ledger.append(E.RunResumed(from_round=round_))
         log(INFO, "Confide: resuming %s after round %d", self.folder.root, round_)
 
+    def _account_unfinished_rounds(self, entries: list[dict[str, Any]]) -> None:
+        """Budget spent in a round after the checkpoint (the run stopped before that round
+        was complete) is in the ledger, not in the checkpoint: take every partner's
+        mechanisms and latest claim from the ledger, so nothing is under-counted."""
+        mechanisms: dict[str, list[list[float]]] = {}
+        for entry in entries:
+            if entry.get("type") != E.EXAMPLE_DP:
+                continue
+            event = E.ExampleDpEvent.from_payload(entry["payload"])
+            mechanisms.setdefault(event.partner, []).append(
+                [event.noise_multiplier, event.sample_rate, event.steps])
+            partner = self.partners.get(event.partner)
+            if partner is None and event.receipt is not None:
+                partner = self.partners[event.partner] = PartnerRecord(
+                    event.partner, str(event.receipt.get("public_key", "")))
+            if partner is not None:
+                partner.epsilon = event.epsilon_claimed
+                partner.accountant = event.accountant
+        for pseudonym, mechs in mechanisms.items():
+            if pseudonym in self.partners and mechs != self.partners[pseudonym].mechanisms:
+                partner = self.partners[pseudonym]
+                partner.mechanisms = mechs
+                partner.epsilon_rdp = rdp_epsilon(
+                    [SampledGaussianEvent(s, q, int(k)) for s, q, k in mechs], self.cfg.delta)
+
     def run(self) -> dict[str, Any]:
         self.start()
-        for server_round in range(self.rounds_completed + 1, self.cfg.rounds + 1):
-            if self.stop:  # safe point: the last round is complete and checkpointed
-                return self.interrupt()
-            self.run_round(server_round)
-        return self.finish()
+        try:
+            for server_round in range(self.rounds_completed + 1, self.cfg.rounds + 1):
+                if self.stop:  # safe point: the last round is complete and checkpointed
+                    return self.interrupt()
+                self.run_round(server_round)
+            return self.finish()
+        except OSError as exc:  # disk full, permissions: a message, and resumable
+            if self.ledger is not None:
+                self.ledger.close()
+            raise write_failure(self.folder, exc) from exc
 
     def interrupt(self) -> dict[str, Any]:
         """Stop after the last checkpointed round: record why in the ledger and leave the
@@ -543,6 +574,11 @@ class Federation:
             from confide.audit.report import write_report
 
             write_report(self.folder.root)
+        except OSError as exc:  # the run is complete and verifies; only the report is not
+            raise RunWriteError(
+                f"the run finished ({self.rounds_completed} rounds: ledger, summary.json and "
+                f"model/ are written), but its report could not be: {exc}. After freeing "
+                f"space: confide audit report {self.folder.root}") from exc
         except Exception as exc:  # the run's results stand even if plotting fails
             log(WARNING, "report.html could not be written: %s", exc)
         return summary

@@ -139,3 +139,17 @@ class StopRequest:
 
 class Interrupted(RuntimeError):
     """The run stopped at a safe point on request; the message says how to resume."""
+
+
+class RunWriteError(RuntimeError):
+    """A write to the run folder failed (disk full, permissions): the run stopped; the
+    message names the file and says from which round it resumes."""
+
+
+def write_failure(folder: RunFolder, exc: OSError) -> RunWriteError:
+    what = exc.filename or folder.root
+    return RunWriteError(
+        f"cannot write {what}: {exc.strerror or exc}. The run stopped; {folder.root} "
+        f"resumes {describe_checkpoint(folder)} (every file is replaced atomically, and "
+        "budget the partners spent in the unfinished round stays in the ledger). Free "
+        "space or fix permissions, then run the same command with --resume")

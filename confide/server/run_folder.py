@@ -96,7 +96,13 @@ class RunFolder:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.exists():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+        rows = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a row cut short by a full disk: its round re-runs
+                continue
+        return rows
 
     def truncate_metrics(self, rounds: int) -> None:
         """Drop rows after `rounds` (a crash between metrics and checkpoint)."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from confide.config import build_config
+from confide.privacy import ledger_events as E
 from confide.server.federation import Federation
 from confide.strategies.delta_fedavg import arrays_to_numpy
 
@@ -30,6 +31,9 @@ def test_checkpoint_carries_the_moments_and_resume_restores_them(tmp_path: Path,
     fed = Federation(grid=None, cfg=build_config(values), out_dir=tmp_path)  # type: ignore[arg-type]
     fed.start()
     one_step(fed, 0)
+    # as a real round does: the ledger's digest of the weights resume will check
+    assert fed.ledger is not None
+    fed.ledger.append(E.ModelDigest(round=1, sha256=E.weights_digest(fed.global_state)))
     fed.folder.save_checkpoint(1, fed.global_state, fed.server_state(),
                                fed.inner.optimizer.state_dict()["arrays"])
     one_step(fed, 1)  # the uninterrupted run's round 2
