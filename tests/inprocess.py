@@ -51,7 +51,9 @@ class InProcessGrid:
             msg.metadata.__dict__["_message_id"] = f"msg-{next(_ids)}"
             node = msg.metadata.dst_node_id
             try:
-                reply = client_app.train(msg, self.contexts[node])
+                handler = (client_app.secagg_stage if msg.metadata.message_type
+                           == "train.secagg" else client_app.train)
+                reply = handler(msg, self.contexts[node])
             except Exception as exc:  # the runtime turns a ClientApp exception into an error
                 reply = Message(Error(code=0, reason=str(exc)), reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node

@@ -138,22 +138,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         try:
             state.accountant.check(planned)
         except BudgetExhausted as exc:
-            log(WARNING, "partner %s refuses round %d: %s", state.pseudonym, server_round, exc)
-            # The spend is the node's lifetime one (earlier runs included): signed, with
-            # the events behind it, so the run's audit can check a refusal it cannot replay.
-            refusal = sign_refusal(
-                round_=server_round, run=run_key, delta=cfg.delta,
-                accountant=state.accountant.accountant, spent_epsilon=exc.spent,
-                would_be_epsilon=exc.would_be, max_epsilon=exc.max_epsilon,
-                lifetime_events=[event_dict(e.noise_multiplier, e.sample_rate, e.steps,
-                                            e.round, e.run) for e in state.accountant.history],
-                planned=event_dict(noise, sample_rate, steps, server_round, run_key),
-                private_key=state.signing_key)
-            reply = _status_reply(msg, state, R.BUDGET_EXHAUSTED, str(exc),
-                                  spent=exc.spent, would_be=exc.would_be,
-                                  max_epsilon=exc.max_epsilon)
-            reply.content[R.RECEIPT] = ConfigRecord({R.RECEIPT_JSON: refusal.to_json()})
-            return reply
+            return _refusal_reply(msg, cfg, state, server_round, run_key, exc, planned)
 
     spec = model_spec(cfg, _num_labels(cfg))
     model = _cached_model(spec)
@@ -240,9 +225,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     try:
         state.accountant.check(planned)
     except BudgetExhausted as exc:
-        log(WARNING, "partner %s refuses round %d: %s", state.pseudonym, server_round, exc)
-        return _status_reply(msg, state, R.BUDGET_EXHAUSTED, str(exc), spent=exc.spent,
-                             would_be=exc.would_be, max_epsilon=exc.max_epsilon), None
+        return _refusal_reply(msg, cfg, state, server_round, run_key, exc, planned), None
 
     spec = model_spec(cfg, _num_labels(cfg))
     model = _cached_model(spec)
@@ -276,6 +259,28 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         R.RECEIPT: ConfigRecord({R.RECEIPT_JSON: receipt_json}),
     })
     return Message(content=content, reply_to=msg), encoded
+
+
+def _refusal_reply(msg: Message, cfg: RunConfig, state: NodeState, server_round: int,
+                   run_key: str, exc: BudgetExhausted, planned: SampledGaussianEvent
+                   ) -> Message:
+    """A budget refusal (local and shared noise alike). The spend is the node's lifetime one
+    (earlier runs included): signed, with the events behind it, so the run's audit can check
+    a refusal it cannot replay."""
+    log(WARNING, "partner %s refuses round %d: %s", state.pseudonym, server_round, exc)
+    refusal = sign_refusal(
+        round_=server_round, run=run_key, delta=cfg.delta,
+        accountant=state.accountant.accountant, spent_epsilon=exc.spent,
+        would_be_epsilon=exc.would_be, max_epsilon=exc.max_epsilon,
+        lifetime_events=[event_dict(e.noise_multiplier, e.sample_rate, e.steps, e.round,
+                                    e.run) for e in state.accountant.history],
+        planned=event_dict(planned.noise_multiplier, planned.sample_rate, planned.steps,
+                           server_round, run_key),
+        private_key=state.signing_key)
+    reply = _status_reply(msg, state, R.BUDGET_EXHAUSTED, str(exc), spent=exc.spent,
+                          would_be=exc.would_be, max_epsilon=exc.max_epsilon)
+    reply.content[R.RECEIPT] = ConfigRecord({R.RECEIPT_JSON: refusal.to_json()})
+    return reply
 
 
 def _status(state: NodeState, code: str, detail: str, **extra: float) -> ConfigRecord:

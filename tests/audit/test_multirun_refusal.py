@@ -24,11 +24,16 @@ TINY = {"model": "tiny", "clients": 2, "rounds": 1, "max-length": 16, "num-label
         "local-epochs": 0.04, "preflight": "off"}
 
 
-def run(out: Path, nodes: Path, **node_caps: float) -> dict:
-    grid = InProcessGrid(2, state_root=nodes)
+SHARED = {**TINY, "clients": 3, "secure-aggregation": True, "example-dp-noise": "shared",
+          "local-epochs": 1.0, "noise-multiplier": 3.0}
+
+
+def run(out: Path, nodes: Path, settings: dict | None = None, **node_caps: float) -> dict:
+    cfg = settings or TINY
+    grid = InProcessGrid(int(cfg["clients"]), state_root=nodes)  # type: ignore[call-overload]
     for node, cap in node_caps.items():
         grid.contexts[int(node[1:])].node_config["max-epsilon"] = cap
-    return Federation(grid, build_config({**TINY, "out": str(out)}), out).run()
+    return Federation(grid, build_config({**cfg, "out": str(out)}), out).run()
 
 
 def entries(out: Path) -> list[dict]:
@@ -87,3 +92,14 @@ def test_server_altering_the_signed_refusal_fails_the_audit(two_runs, tmp_path) 
     result = verify_run(copy)
     assert not result.ok
     assert "signed refusal" in str(result.first_problem)
+
+
+def test_shared_noise_refusal_is_signed_and_verifies(tmp_path: Path) -> None:
+    """The shared-noise round refuses like the local one: signed, lifetime spend stated."""
+    first = run(tmp_path / "a", tmp_path / "nodes", SHARED)
+    spent = max(first["privacy"]["example_level"].values())
+    run(tmp_path / "b", tmp_path / "nodes", SHARED, n1=spent * 1.05)
+    refusals = [e for e in entries(tmp_path / "b") if e["type"] == "budget_refusal"]
+    assert len(refusals) == 1 and refusals[0]["payload"]["receipt"] is not None
+    result = verify_run(tmp_path / "b")
+    assert result.ok, [str(p) for p in result.problems]
