@@ -1,0 +1,52 @@
+"""The final console tables stay readable: 80 columns, no cut headers, and a summary
+instead of one row per partner when there are many."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from confide.simulation.runner import PARTNER_ROWS_MAX, final_table
+
+
+def _run_folder(tmp_path: Path, partners: int) -> tuple[Path, dict]:
+    names = [f"p-{i:012x}" for i in range(partners)]
+    rows = [{"round": r, "accuracy": 0.5 + r / 10, "loss": 0.7, "num_clients_sampled":
+             partners, "num_clients_aggregated": partners - 1,
+             "epsilon_example_level": {n: r * (1 + i / partners) for i, n in enumerate(names)},
+             "epsilon_client_level": None, "bytes_uploaded": 2_979_920 * r,
+             "refused": names[:3] if r == 2 else [], "secagg_dropouts": 1}
+            for r in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"privacy": {"delta": 1e-5, "accountant": "PLD",
+                           "example_level": rows[-1]["epsilon_example_level"],
+                           "example_level_rdp": {n: 1.1 * e for n, e in
+                                                 rows[-1]["epsilon_example_level"].items()}}}
+    return tmp_path, summary
+
+
+def _render(group: object) -> str:
+    console = Console(width=80, record=True, color_system=None)
+    console.print(group)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("partners", [4, 100])
+def test_tables_fit_80_columns_without_cut_headers(tmp_path: Path, partners: int) -> None:
+    text = _render(final_table(*_run_folder(tmp_path, partners)))
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    for header in ("round", "accuracy", "eps min-max", "client eps", "bytes up"):
+        assert header in text
+
+
+def test_many_partners_get_a_summary_not_a_row_each(tmp_path: Path) -> None:
+    text = _render(final_table(*_run_folder(tmp_path, 100)))
+    assert PARTNER_ROWS_MAX < 100
+    assert "p-000000000063" not in text  # no per-partner rows
+    assert "median" in text and "refused (budget)" in text and "dropped" in text
+    few = _render(final_table(*_run_folder(tmp_path, 4)))
+    assert "p-000000000003" in few
