@@ -44,6 +44,32 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
                           "include_dashboard": False}}
 
 
+# Messages every run would print that say nothing about this run (--verbose shows them):
+# run_simulation is Flower's deprecated entry point that `confide simulate` still drives;
+# evaluation is central, so Flower's "fraction_evaluate is 0" notice is by design; Ray's
+# tip concerns GPU visibility for actors without GPUs, which Confide does not rely on.
+KNOWN_FLWR_NOISE = ("DEPRECATED FEATURE: The `run_simulation` function",
+                    "fraction_evaluate is set to 0.0")
+KNOWN_RAY_WARNING = r"Tip: In future versions of Ray, Ray will no longer override"
+
+
+class _DropKnown(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(known in message for known in KNOWN_FLWR_NOISE)
+
+
+def quiet_known_messages() -> None:
+    """Filter exactly the known, run-independent notices of Flower and Ray."""
+    import warnings
+
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _DropKnown) for f in flwr_log.filters):
+        flwr_log.addFilter(_DropKnown())
+    warnings.filterwarnings("ignore", message=KNOWN_RAY_WARNING, category=FutureWarning)
+
+
 def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = False
              ) -> tuple[Path, dict[str, Any]]:
     from flwr.simulation import run_simulation
@@ -80,7 +106,7 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
             raise PreflightRefused(refusal_message(report))  # before Ray: nothing spent
         show_preflight(console, report)
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        quiet_known_messages()
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:

@@ -50,3 +50,36 @@ def test_many_partners_get_a_summary_not_a_row_each(tmp_path: Path) -> None:
     assert "median" in text and "refused (budget)" in text and "dropped" in text
     few = _render(final_table(*_run_folder(tmp_path, 4)))
     assert "p-000000000003" in few
+
+
+def test_known_flower_and_ray_notices_are_filtered_and_nothing_else() -> None:
+    import logging
+    import warnings
+
+    from confide.simulation.runner import quiet_known_messages
+
+    quiet_known_messages()
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    flwr_log = logging.getLogger("flwr")
+    handler = Keep()
+    flwr_log.addHandler(handler)
+    try:
+        flwr_log.warning("DEPRECATED FEATURE: The `run_simulation` function is deprecated")
+        flwr_log.warning("fraction_evaluate is set to 0.0. Federated evaluation will be "
+                         "skipped.")
+        flwr_log.warning("node 3 failed: out of memory")
+    finally:
+        flwr_log.removeHandler(handler)
+    assert seen == ["node 3 failed: out of memory"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # pytest's own config ignores FutureWarning
+        quiet_known_messages()
+        warnings.warn("Tip: In future versions of Ray, Ray will no longer override "
+                      "accelerator visible devices", FutureWarning, stacklevel=1)
+        warnings.warn("something else changes", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else changes"]
