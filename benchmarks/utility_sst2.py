@@ -1,13 +1,24 @@
-"""SST-2 dev accuracy: central non-DP vs federated non-DP vs federated DP (epsilon 3 and 8).
+"""SST-2 dev accuracy: central vs federated, each without DP and with DP at epsilon 8 and 3.
+
+The table separates the two costs: *cost of federation* (federated minus central at the
+same privacy setting) and *cost of privacy* (DP minus non-DP in the same setting).
 
 Data: ../shared/data/sst2 (GLUE SST-2): a seeded random subset of train.csv of --train-size
 rows (stated in the table), the full dev.csv (872 rows) for evaluation. Same model, fine-tune
-mode, optimizer and sequence length for every row. Federated rows run the real Confide app in
-Flower's simulation engine with 10 partners and a Dirichlet(alpha=1.0) label split; DP rows
-use delta 1e-5 and per-partner noise calibrated to the target epsilon over all rounds.
+mode and sequence length for every row.
+* Federated rows run the real Confide app (`confide.simulation.runner.simulate`, Flower's
+  simulation engine) with 10 partners and a Dirichlet(alpha=1.0) label split; DP rows use
+  delta 1e-5 and per-partner noise calibrated to the target epsilon over all rounds. Their
+  defaults are the best recipe of benchmarks/dp_recipe_search.py (see
+  benchmarks/results/dp_recipe_search.md).
+* Central rows train one model on all rows in-process with the same trainer
+  (`confide.clients.dp_training.train_dp`): non-DP with a small batch, DP (Opacus, same
+  epsilon, delta, rows) tuned for DP: a large expected batch (--central-dp-batch) and
+  several epochs, noise from `confide.privacy.accountant.calibrate_noise`.
 
     python benchmarks/utility_sst2.py                 # the full table (long on 2 CPU cores)
-    python benchmarks/utility_sst2.py --quick         # a smaller subset, fewer rounds
+    python benchmarks/utility_sst2.py --quick         # a smaller subset
+    python benchmarks/utility_sst2.py --only central,central-dp8   # some rows only
 """
 
 from __future__ import annotations
@@ -43,18 +54,42 @@ def write_subset(rows: int, seed: int, out: Path) -> Path:
     return out
 
 
-def central(args: argparse.Namespace, train_file: Path) -> float:
+def _sorted(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Row order does not matter to Poisson sampling or evaluation; sorted rows let the
+    # trainer's padding trim work on every physical batch (~3x faster on CPU).
+    order = torch.argsort(tensors["attention_mask"].sum(1), stable=True)
+    return {k: v[order] for k, v in tensors.items()}
+
+
+def central(args: argparse.Namespace, train_file: Path, epsilon: float | None = None
+            ) -> tuple[float, float | None]:
+    from confide.privacy.accountant import calibrate_noise
+
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.model)
-    train = encode(read_text_file(train_file, num_labels=2), tok, args.max_length)
-    dev = encode(read_text_file(SST2 / "dev.csv", num_labels=2), tok, args.max_length)
-    model = build_model(ModelSpec(args.model, 2, fine_tune=args.fine_tune, seed=args.seed))
-    # Same number of passes over the data as the federated runs: rounds x local epochs.
-    train_dp(model, train, noise_multiplier=0.0, max_grad_norm=1.0, batch_size=args.batch_size,
-             physical_batch_size=args.batch_size, epochs=args.rounds * args.local_epochs,
-             optimizer=args.optimizer, learning_rate=args.lr, seed=args.seed, dp=False,
-             head_learning_rate=args.head_lr or None)
-    return evaluate(model, dev, 256)[0]
+    train = _sorted(encode(read_text_file(train_file, num_labels=2), tok, args.max_length))
+    dev = _sorted(encode(read_text_file(SST2 / "dev.csv", num_labels=2), tok,
+                         args.max_length))
+    model = build_model(ModelSpec(args.model, 2, fine_tune=args.fine_tune, seed=args.seed,
+                                  lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank,
+                                  lora_targets=args.lora_targets,
+                                  lora_freeze_a=args.lora_freeze_a))
+    if epsilon is None:
+        train_dp(model, train, noise_multiplier=0.0, max_grad_norm=1.0,
+                 batch_size=args.central_batch, physical_batch_size=16,
+                 epochs=args.central_epochs, optimizer=args.optimizer, learning_rate=args.lr,
+                 seed=args.seed, dp=False, head_learning_rate=args.head_lr or None)
+        return evaluate(model, dev, 64)[0], None
+    n = len(train["labels"])
+    q = min(1.0, args.central_dp_batch / n)
+    steps = max(1, round(args.central_dp_epochs / q))
+    sigma = calibrate_noise(epsilon, 1e-5, q, steps)
+    train_dp(model, train, noise_multiplier=sigma, max_grad_norm=args.clip,
+             batch_size=args.central_dp_batch, physical_batch_size=16,
+             epochs=args.central_dp_epochs, optimizer=args.optimizer,
+             learning_rate=args.central_dp_lr, seed=args.seed, dp=True,
+             head_learning_rate=args.central_dp_head_lr or None)
+    return evaluate(model, dev, 64)[0], epsilon
 
 
 def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: float | None
@@ -68,17 +103,58 @@ def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: fl
         "max-length": args.max_length, "batch-size": args.batch_size,
         "physical-batch-size": min(args.batch_size, 64), "local-epochs": args.local_epochs,
         "optimizer": args.optimizer, "learning-rate": args.lr, "out": str(out),
-        "delta": 1e-5, "max-grad-norm": args.clip,
-        "server-learning-rate": args.server_lr, "head-learning-rate": args.head_lr,
+        "delta": 1e-5, "max-grad-norm": args.clip, "head-learning-rate": args.head_lr,
+        "lora-rank": args.lora_rank, "lora-alpha": 2.0 * args.lora_rank,
+        "lora-targets": args.lora_targets, "lora-freeze-a": args.lora_freeze_a,
+        "server-optimizer": args.server_optimizer, "server-learning-rate": args.server_lr,
+        "server-momentum": args.server_momentum,
     }
     if epsilon is None:
         values["example-dp"] = False
     else:
         values.update({"target-epsilon": epsilon, "max-epsilon": epsilon,
-                       "learning-rate": args.dp_lr})
+                       "learning-rate": args.dp_lr, "head-learning-rate": args.dp_head_lr})
     _, summary = simulate(build_config(values))
     eps = summary["privacy"]["example_level"]
     return summary["final_metrics"]["accuracy"], (max(eps.values()) if eps else None)
+
+
+ROWS = {  # --only name -> (setting, epsilon)
+    "central": ("central", None), "central-dp8": ("central", 8.0),
+    "central-dp3": ("central", 3.0), "fed": ("federated", None), "dp8": ("federated", 8.0),
+    "dp3": ("federated", 3.0),
+}
+
+
+def table(rows: dict[tuple[str, float | None], tuple[float, float | None, float]],
+          args: argparse.Namespace) -> str:
+    """Rows = privacy setting, columns = central / federated / cost of federation; the cost
+    of privacy is each DP cell minus the non-DP cell above it."""
+    out = [f"SST-2 dev accuracy (872 rows); train subset {args.train_size} rows of train.csv "
+           f"(seed {args.seed}); model {args.model}, fine-tune {args.fine_tune}; federated: "
+           f"{args.clients} partners, Dirichlet 1.0, {args.rounds} rounds x "
+           f"{args.local_epochs:g} local epochs, batch {args.batch_size}; delta 1e-5",
+           "", "| privacy | central | federated | cost of federation | cost of privacy "
+           "(central) | cost of privacy (federated) | seconds (central / federated) |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(key: tuple[str, float | None]) -> str:
+        return f"{100 * rows[key][0]:.1f}%" if key in rows else "-"
+
+    def diff(a: tuple[str, float | None], b: tuple[str, float | None]) -> str:
+        return (f"{100 * (rows[a][0] - rows[b][0]):+.1f} pt" if a in rows and b in rows
+                else "-")
+
+    for eps in (None, 8.0, 3.0):
+        c, f = ("central", eps), ("federated", eps)
+        if c not in rows and f not in rows:
+            continue
+        label = "non-DP" if eps is None else f"DP eps {eps:g}"
+        secs = " / ".join(f"{rows[k][2]:.0f}" if k in rows else "-" for k in (c, f))
+        out.append(f"| {label} | {cell(c)} | {cell(f)} | {diff(f, c)} | "
+                   f"{diff(c, ('central', None)) if eps else '-'} | "
+                   f"{diff(f, ('federated', None)) if eps else '-'} | {secs} |")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,56 +162,60 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
     p.add_argument("--fine-tune", default="lora")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", default="query,value")
+    p.add_argument("--lora-freeze-a", action="store_true")
     p.add_argument("--train-size", type=int, default=3000)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-epochs", type=float, default=3.0)
+    p.add_argument("--local-epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--optimizer", default="adam")
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="non-DP learning rate")
+    p.add_argument("--head-lr", type=float, default=1e-2,
+                   help="non-DP learning rate of the classifier head (0 = --lr)")
     p.add_argument("--dp-lr", type=float, default=1e-2)
-    p.add_argument("--head-lr", type=float, default=2e-2,
-                   help="learning rate of the classifier head (0 = same as the rest)")
+    p.add_argument("--dp-head-lr", type=float, default=2e-2)
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--server-optimizer", default="sgd")
     p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--server-momentum", type=float, default=0.0)
+    p.add_argument("--central-batch", type=int, default=32)
+    p.add_argument("--central-epochs", type=float, default=3.0)
+    p.add_argument("--central-dp-batch", type=int, default=1024)
+    p.add_argument("--central-dp-epochs", type=float, default=3.0)
+    p.add_argument("--central-dp-lr", type=float, default=1e-2)
+    p.add_argument("--central-dp-head-lr", type=float, default=2e-2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="2000 rows, 3 rounds")
-    p.add_argument("--only", default="central,fed,dp8,dp3")
+    p.add_argument("--quick", action="store_true", help="2000 rows")
+    p.add_argument("--only", default="central,central-dp8,central-dp3,fed,dp8,dp3")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     if not SST2.exists():
         print(f"SST-2 not found at {SST2} (../shared/data beside the checkout)")
         return 2
     if args.quick:
-        args.train_size, args.rounds = 2000, 3
-    rows: list[tuple[str, float, float | None, float]] = []
+        args.train_size = 2000
+    rows: dict[tuple[str, float | None], tuple[float, float | None, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         train_file = write_subset(args.train_size, args.seed, Path(tmp) / "train.csv")
-        todo = args.only.split(",")
-        if "central" in todo:
+        for name in args.only.split(","):
+            setting, eps = ROWS[name]
             t = time.perf_counter()
-            rows.append(("central, non-DP", central(args, train_file), None,
-                         time.perf_counter() - t))
-        for name, eps in (("fed", None), ("dp8", 8.0), ("dp3", 3.0)):
-            if name in todo:
-                t = time.perf_counter()
+            if setting == "central":
+                acc, spent = central(args, train_file, eps)
+            else:
                 acc, spent = federated(args, train_file, Path(tmp) / name, eps)
-                label = "federated, non-DP" if eps is None else f"federated, DP eps {eps:g}"
-                rows.append((label, acc, spent, time.perf_counter() - t))
-    print(f"\nSST-2 dev accuracy (872 rows); train subset {args.train_size} rows of "
-          f"train.csv (seed {args.seed}); model {args.model}, fine-tune {args.fine_tune}, "
-          f"{args.clients} partners, Dirichlet 1.0, {args.rounds} rounds x "
-          f"{args.local_epochs} local epochs, batch {args.batch_size}, "
-          f"max-length {args.max_length}, delta 1e-5")
-    base = rows[0][1] if rows and rows[0][0].startswith("central") else None
-    print(f"{'setting':<26}{'accuracy':>10}{'vs central':>12}{'epsilon':>10}{'seconds':>10}")
-    for label, acc, eps, secs in rows:
-        diff = f"{100 * (acc - base):+.1f} pt" if base is not None else "-"
-        eps_s = f"{eps:.2f}" if eps is not None else "-"
-        print(f"{label:<26}{acc:>10.4f}{diff:>12}{eps_s:>10}{secs:>10.0f}")
+            rows[(setting, eps)] = (acc, spent, time.perf_counter() - t)
+            print(f"{name}: accuracy {acc:.4f}, epsilon {spent}, "
+                  f"{rows[(setting, eps)][2]:.0f} s", flush=True)
+    print()
+    print(table(rows, args))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows))
+        Path(args.json).write_text(json.dumps(
+            [{"setting": k[0], "epsilon_target": k[1], "accuracy": v[0], "epsilon": v[1],
+              "seconds": v[2]} for k, v in rows.items()]))
     return 0
 
 
