@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--lr", type=float, default=2e-3, help="non-DP learning rate")
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-momentum", type=float, default=0.0)
     p.add_argument("--central-batch", type=int, default=32)
     p.add_argument("--central-epochs", type=float, default=3.0)
-    p.add_argument("--central-dp-batch", type=int, default=1024)
+    p.add_argument("--central-dp-batch", type=int, default=256,
+                   help="expected batch of the central DP row (256 at 3,000 rows: 35 steps)")
     p.add_argument("--central-dp-epochs", type=float, default=3.0)
     p.add_argument("--central-dp-lr", type=float, default=1e-2)
     p.add_argument("--central-dp-head-lr", type=float, default=2e-2)
