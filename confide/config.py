@@ -247,7 +247,7 @@ class RunConfig:
     batch_size: int = 64
     physical_batch_size: int = 64
     optimizer: str = "adam"
-    learning_rate: float = 5e-3
+    learning_rate: float = 1e-2  # measured best under DP: benchmarks/results/dp_recipe_search.md
     head_learning_rate: float = 0.02
     weight_decay: float = 0.0
     device: str = "auto"
