@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 
 from confide.audit.verify import METRICS_FILE, VerifyResult, render_verdict, verify_run
 from confide.privacy import ledger_events as ev
+from confide.run_layout import atomic_write_bytes
 
 PREFLIGHT_HEADER = ["mechanism", "verdict", "noise/signal per round", "why", "would help"]
 GENERATION_METRICS = ("perplexity", "bleu", "rouge_l")
@@ -250,7 +251,7 @@ class RunReport:
         asset_dir.mkdir(parents=True, exist_ok=True)
         for fig in self.figures():
             path = asset_dir / f"{fig.name}.png"
-            _atomic_write(path, fig.png)
+            atomic_write_bytes(path, fig.png)
             rel = path.relative_to(md_path.parent) if path.is_relative_to(md_path.parent) \
                 else path
             lines += [f"## {fig.title}", "", f"![{fig.name}]({rel.as_posix()})", ""]
@@ -293,30 +294,11 @@ def write_report(run_dir: Path | str, out_html: Path | str | None = None,
     md_path = Path(out_md) if out_md else run_dir / "report.md"
     report = RunReport(run_dir, result)
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(html_path, report.html().encode())
+    atomic_write_bytes(html_path, report.html().encode())
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(md_path, report.markdown(md_path.parent / f"{md_path.stem}_assets",
+    atomic_write_bytes(md_path, report.markdown(md_path.parent / f"{md_path.stem}_assets",
                                            md_path).encode())
     return html_path, md_path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename: a full disk leaves the old file or none, never half a PNG."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

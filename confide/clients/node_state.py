@@ -8,8 +8,6 @@ copy wins on restart, so a restarted node never forgets spent budget.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from flwr.app import ConfigRecord, Context
 
 from confide.privacy.accountant import PartnerAccountant
 from confide.privacy.receipts import pseudonym_of
+from confide.run_layout import atomic_write_text
 
 STATE_RECORD = "confide-node-state"
 STATE_FILE = "node_state.json"
@@ -110,28 +109,6 @@ def save_node_state(context: Context, state: NodeState, state_dir: Path | None) 
     context.state.config_records[STATE_RECORD] = ConfigRecord({"json": text})
     if state_dir is not None:
         atomic_write_text(state_dir / STATE_FILE, text)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write-then-rename with fsync: a crash leaves the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def json_safe(payload: dict[str, Any]) -> str:

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file, save_file
 
-from confide.clients.node_state import atomic_write_text
 from confide.config import RunConfig
+from confide.run_layout import atomic_write_text
 
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_PREFIX = "server_optimizer_round"

@@ -67,7 +67,7 @@ def test_report_that_cannot_be_written_is_an_error_not_a_silent_half_png(
 
     out = tmp_path / "run"
     shutil.copytree(stopped, out)
-    monkeypatch.setattr(report, "_atomic_write", full(out / "report_assets" / "x.png"))
+    monkeypatch.setattr(report, "atomic_write_bytes", full(out / "report_assets" / "x.png"))
     with pytest.raises(RunWriteError, match="confide audit report"):
         federation(out, resume=True).run()
     assert not list(out.glob("report*.png")) and not (out / "report.html").exists()
