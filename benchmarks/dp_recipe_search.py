@@ -41,7 +41,6 @@ Run it with one thread on a shared machine:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shlex
 import sys
@@ -52,9 +51,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from sst2_subset import SST2, write_subset
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "benchmarks" / "results" / "dp_recipe_search.jsonl"
 SUBSETS = Path("/tmp/confide_sst2_subsets")
 BENCH_KEYS = ("mode", "rows", "epochs")
@@ -143,21 +142,11 @@ SEARCHES = {"3k": STAGES_3K, "3k-more": STAGES_3K + STAGES_3K_MORE}
 # -- data ---------------------------------------------------------------------------------
 
 def subset_file(rows: int, seed: int = 0) -> Path:
-    """utility_sst2.write_subset: a seeded random subset of train.csv, in file order."""
-    from confide.data import read_text_file
-
+    """sst2_subset.write_subset, cached under SUBSETS (written atomically)."""
     SUBSETS.mkdir(parents=True, exist_ok=True)
     out = SUBSETS / f"train_{rows}_seed{seed}.csv"
     if not out.exists():
-        data = read_text_file(SST2 / "train.csv", num_labels=2)
-        idx = np.random.default_rng(seed).permutation(len(data))[:rows]
-        tmp = out.with_suffix(".tmp")
-        with tmp.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["text", "label"])
-            for i in sorted(idx):
-                w.writerow([data.texts[i], int(data.labels[i])])
-        tmp.replace(out)
+        write_subset(rows, seed, out.with_suffix(".tmp")).replace(out)
     return out
 
 

@@ -26,7 +26,6 @@ SST-2 dev set (872 rows). Accuracy after a few rounds shows whether a layer brea
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -36,27 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from sst2_subset import SST2, write_subset
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 SETTINGS: dict[str, dict[str, object]] = {
     "none": {"example-dp": False},
     "dp": {},
     "dp+sa": {"secure-aggregation": True},
     "dp+sa+dd": {"secure-aggregation": True, "distributed-dp": True},
 }
-
-
-def write_subset(rows: int, seed: int, out: Path) -> Path:
-    with (SST2 / "train.csv").open(newline="") as fh:
-        data = list(csv.DictReader(fh))
-    idx = np.random.default_rng(seed).permutation(len(data))[:rows]
-    with out.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i in sorted(idx):
-            w.writerow([data[i]["text"], data[i]["label"]])
-    return out
 
 
 def run_cell(setting: str, partners: int, args: argparse.Namespace, train: Path, out: Path

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sst2_subset import SST2, subset
 
 from confide.clients.dp_training import clipped_example_gradients, evaluate
-from confide.data import TextDataset, read_text_file
+from confide.data import read_text_file
 from confide.encoding import encode
 from confide.model import (
     ModelSpec,
@@ -42,15 +43,7 @@ from confide.model import (
 from confide.privacy.accountant import SampledGaussianEvent, calibrate_noise, pld_epsilon
 from confide.strategies.server_optimizer import ServerOptimizer
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 RESULTS = Path(__file__).with_name("results") / "shared_noise_search.jsonl"
-
-
-def subset(rows: int, seed: int) -> TextDataset:
-    """The seeded subset of SST-2's train.csv that benchmarks/utility_sst2.py uses."""
-    data = read_text_file(SST2 / "train.csv", num_labels=2)
-    idx = np.random.default_rng(seed).permutation(len(data))[:rows]
-    return data.subset(sorted(idx.tolist()))
 
 
 class RowSum:

@@ -24,34 +24,20 @@ mode and sequence length for every row.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from sst2_subset import SST2, write_subset
 
 from confide.clients.dp_training import evaluate, train_dp
 from confide.config import build_config
 from confide.data import read_text_file
 from confide.encoding import encode
 from confide.model import ModelSpec, build_model, load_tokenizer
-
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
-
-
-def write_subset(rows: int, seed: int, out: Path) -> Path:
-    data = read_text_file(SST2 / "train.csv", num_labels=2)
-    idx = np.random.default_rng(seed).permutation(len(data))[:rows]
-    with out.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i in sorted(idx):
-            w.writerow([data.texts[i], int(data.labels[i])])
-    return out
 
 
 def _sorted(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
