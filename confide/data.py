@@ -10,7 +10,7 @@ import csv
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +40,11 @@ class TextDataset:
     def subset(self, indices: Sequence[int] | np.ndarray, source: str | None = None
                ) -> TextDataset:
         idx = [int(i) for i in indices]
-        return TextDataset(
-            texts=[self.texts[i] for i in idx], labels=self.labels[idx].copy(),
+        # replace(): a subclass (e.g. prompts with completions) keeps its type and fields
+        return replace(
+            self, texts=[self.texts[i] for i in idx], labels=self.labels[idx].copy(),
             source=source or self.source,
-            columns={k: [v[i] for i in idx] for k, v in self.columns.items()},
-            synthetic=self.synthetic)
+            columns={k: [v[i] for i in idx] for k, v in self.columns.items()})
 
     @property
     def num_labels(self) -> int:

@@ -16,7 +16,7 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,8 @@ class PromptDataset(TextDataset):
 
     def subset(self, indices: Sequence[int] | np.ndarray, source: str | None = None
                ) -> PromptDataset:
-        idx = [int(i) for i in indices]
-        return PromptDataset(
-            texts=[self.texts[i] for i in idx], labels=self.labels[idx].copy(),
-            source=source or self.source,
-            columns={k: [v[i] for i in idx] for k, v in self.columns.items()},
-            synthetic=self.synthetic, completions=[self.completions[i] for i in idx])
+        base = super().subset(indices, source)  # a PromptDataset: replace() keeps the type
+        return replace(base, completions=[self.completions[int(i)] for i in indices])
 
 
 def read_prompt_file(path: str | Path, *, prompt_column: str = "prompt",
