@@ -146,11 +146,14 @@ SCHEMA: dict[str, KeySpec] = {
                                 _one_of("auto", "hooks", "ghost"),
                                 "how per-example gradients are clipped: 'auto' = ghost "
                                 "clipping for fine-tune = 'full', hooks otherwise"),
-    "example-dp-noise": KeySpec(str, "'local' or 'shared'", _one_of("local", "shared"),
+    "example-dp-noise": KeySpec(str, "'auto', 'local' or 'shared'",
+                                _one_of("auto", "local", "shared"),
                                 "where the DP-SGD noise is added: 'local' = each partner "
                                 "adds all of it to its own update; 'shared' = each partner "
                                 "adds a share inside the secure sum (needs "
-                                "secure-aggregation; one noisy gradient per round)"),
+                                "secure-aggregation; one noisy gradient per round); 'auto' "
+                                "= 'shared' with secure-aggregation (unless distributed-dp "
+                                "or local-epochs != 1), else 'local'"),
     "dp-colluders": KeySpec(int, "integer >= 0", _range(0),
                             "example-dp-noise = 'shared': partners assumed to collude with "
                             "the server (their noise shares are not counted)"),
@@ -258,7 +261,7 @@ class RunConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "auto"
-    example_dp_noise: str = "local"
+    example_dp_noise: str = "auto"
     dp_colluders: int = 0
     server_learning_rate: float = 1.0
     server_optimizer: str = "sgd"
@@ -287,6 +290,9 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if self.example_dp_noise == "auto":  # a RunConfig always holds the resolved mode
+            object.__setattr__(self, "example_dp_noise", _auto_example_dp_noise(
+                {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}))
         if self.max_epsilon < self.target_epsilon and self.example_dp \
                 and self.noise_multiplier == 0:
             raise ConfigError(
@@ -391,6 +397,21 @@ SHARED_NOISE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _auto_example_dp_noise(kwargs: Mapping[str, Any]) -> str:
+    """What `example-dp-noise = 'auto'` means for these settings.
+
+    Shared noise wherever secure aggregation makes it possible: at the same epsilon it
+    reaches the accuracy of central DP-SGD, where local noise carries about sqrt(N) times
+    the noise on the average (benchmarks/results/utility_sst2.md). Settings that exclude it
+    (distributed-dp, several local steps, ghost clipping) keep local noise, as before.
+    """
+    value = {f.name: kwargs.get(f.name, f.default) for f in dataclasses.fields(RunConfig)}
+    shared = (value["secure_aggregation"] and value["example_dp"]
+              and not value["distributed_dp"] and value["local_epochs"] == 1.0
+              and value["grad_sample_mode"] != "ghost")
+    return "shared" if shared else "local"
+
+
 def build_config(values: Mapping[str, Any]) -> RunConfig:
     """Validate kebab-case (or snake_case) keys and build a RunConfig.
 
@@ -405,7 +426,9 @@ def build_config(values: Mapping[str, Any]) -> RunConfig:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown configuration key {raw_key!r}{hint}")
         kwargs[key.replace("-", "_")] = _coerce(key, value)
-    if kwargs.get("example_dp_noise") == "shared":
+    if kwargs.get("example_dp_noise", "auto") == "auto":
+        kwargs["example_dp_noise"] = _auto_example_dp_noise(kwargs)
+    if kwargs["example_dp_noise"] == "shared":
         # Choosing the mode alone gives a well-tuned run: its measured defaults fill every
         # key the caller did not set (what is set explicitly wins; config.toml records all).
         for key, value in SHARED_NOISE_DEFAULTS.items():
@@ -440,9 +463,27 @@ def from_flat_record(record: Mapping[str, Any]) -> RunConfig:
     return build_config({k: v for k, v in record.items() if k.replace("_", "-") in SCHEMA})
 
 
+def from_run_config(record: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig of a deployed run from Flower's run_config (`flwr run`).
+
+    Flower merges the app's defaults (`[tool.flwr.app.config]`) with the user's overrides,
+    so "not set" cannot be told from "set to the default": a mode-default key still at the
+    app default is treated as not set, and the mode's measured default fills it (a value
+    the user changed always wins)."""
+    values = {k.replace("_", "-"): v for k, v in record.items()
+              if k.replace("_", "-") in SCHEMA}
+    defaults = RunConfig().to_dict()
+    for key in SHARED_NOISE_DEFAULTS:
+        if key in values and values[key] == defaults[key]:
+            del values[key]
+    return build_config(values)
+
+
 def markdown_table() -> str:
     """The README's configuration table, generated from SCHEMA (a test keeps them equal)."""
-    defaults = RunConfig().to_dict()
+    # the declared defaults (a RunConfig resolves 'auto' values, the table shows them)
+    defaults = {_key(f.name): f.default for f in dataclasses.fields(RunConfig)
+                if f.name != "extra"}
     lines = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for key, spec in SCHEMA.items():
         value = defaults[key]

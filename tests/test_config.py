@@ -118,3 +118,36 @@ def test_shared_noise_mode_brings_its_measured_defaults_and_explicit_keys_win() 
     # resolved once: a replace() keeps what was resolved, and local mode is untouched
     assert mine.replace(seed=3).rounds == 5
     assert build_config({}).rounds == RunConfig().rounds
+
+
+def test_auto_noise_is_shared_with_secure_aggregation_and_local_otherwise() -> None:
+    from confide.config import SHARED_NOISE_DEFAULTS
+
+    assert RunConfig().example_dp_noise == build_config({}).example_dp_noise == "local"
+    secure = build_config({"secure-aggregation": True})
+    assert secure.example_dp_noise == "shared"
+    assert secure.rounds == SHARED_NOISE_DEFAULTS["rounds"]  # the mode's defaults come too
+    assert RunConfig(secure_aggregation=True).example_dp_noise == "shared"
+    # settings that exclude shared noise keep local noise, with the local defaults
+    for other in ({"distributed-dp": True}, {"local-epochs": 2.0}, {"example-dp": False},
+                  {"grad-sample-mode": "ghost"}, {"example-dp-noise": "local"}):
+        cfg = build_config({"secure-aggregation": True, **other})
+        assert cfg.example_dp_noise == "local" and cfg.rounds == RunConfig().rounds, other
+    # config.toml records the resolved mode, never 'auto'
+    assert secure.to_dict()["example-dp-noise"] == "shared"
+
+
+def test_deployed_run_config_gets_the_mode_defaults_for_keys_left_at_the_app_default(
+) -> None:
+    import tomllib
+
+    from confide.config import SHARED_NOISE_DEFAULTS, from_run_config
+
+    app = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    shared = from_run_config({**app, "secure-aggregation": True})
+    assert shared.example_dp_noise == "shared"
+    assert shared.rounds == SHARED_NOISE_DEFAULTS["rounds"]
+    assert shared.batch_size == SHARED_NOISE_DEFAULTS["batch-size"]
+    mine = from_run_config({**app, "secure-aggregation": True, "rounds": 7})
+    assert mine.rounds == 7  # changed by the user: wins
+    assert from_run_config(app) == build_config({})  # local mode: the app defaults as they are

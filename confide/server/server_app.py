@@ -11,7 +11,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from confide.config import RunConfig, from_flat_record
+from confide.config import RunConfig, from_run_config
 from confide.privacy.preflight import PreflightRefused
 from confide.server.federation import Federation, PreflightCallback, RoundCallback
 from confide.server.recovery import StopRequest
@@ -31,7 +31,7 @@ def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or from_flat_record(dict(context.run_config))
+        run_cfg = cfg or from_run_config(dict(context.run_config))
         try:
             Federation(grid, run_cfg, default_out_dir(run_cfg, context.run_id),
                        on_round=on_round, on_preflight=on_preflight, stop=stop).run()

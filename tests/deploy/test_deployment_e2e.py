@@ -253,6 +253,10 @@ def test_secure_aggregation_round_trip(fed: Federation, secure: bool) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = _check_run_folder(run_dir, rounds=2)
     assert summary["secure_aggregation"] is secure
+    # with secure aggregation, example DP defaults to noise shared inside the secure sum
+    # (example-dp-noise = 'auto'); the audit above replayed its events
+    assert "example-dp-noise = \"shared\"" in (run_dir / "config.toml").read_text()
+    assert all(m["shared_noise_shares"] >= 1 for m in _metrics(run_dir))
 
 
 def test_killed_server_resumes_with_continuous_ledger_and_same_epsilon(fed: Federation) -> None:
