@@ -124,30 +124,30 @@ ours_client = ClientApp()
 
 
 def _ours_reply(msg: Message, context: Context, train: bool) -> Message:
-    from confide import records as R
+    from confide import wire as W
     from confide.clients import secure_client as S
     from confide.config import from_flat_record
 
     t0 = time.perf_counter()
-    cfg = from_flat_record(dict(msg.content[R.CONFIG]))
+    cfg = from_flat_record(dict(msg.content[W.CONFIG]))
     if not train:  # what client_app.secagg_stage does
         reply = S.secure_reply(msg, context, cfg, None, None)
         _client_seconds("secagg", t0)
         return reply
     # what client_app.train does after local training, with a random delta
-    d = sum(a.numpy().size for a in msg.content[R.ARRAYS].values())
+    d = sum(a.numpy().size for a in msg.content[W.ARRAYS].values())
     delta = {"w": random_delta(d)}
     node = context.node_id
     plain = Message(
         RecordDict(
             {
-                R.ARRAYS: R.to_array_record(delta),
-                R.STATUS: ConfigRecord(
+                W.ARRAYS: W.to_array_record(delta),
+                W.STATUS: ConfigRecord(
                     {
-                        R.STATUS_CODE: R.OK,
-                        R.STATUS_DETAIL: "",
-                        R.PARTNER: f"p{node}",
-                        R.PUBLIC_KEY: f"k{node}",
+                        W.STATUS_CODE: W.OK,
+                        W.STATUS_DETAIL: "",
+                        W.PARTNER: f"p{node}",
+                        W.PUBLIC_KEY: f"k{node}",
                     }
                 ),
             }
@@ -355,7 +355,7 @@ def main() -> None:
         client = ours_client
     else:
         cfg = ours_config(args.n, 2, False).replace(clients=args.n)
-        from confide.clients.secure_client import session_config
+        from confide.wire import session_config
 
         sc = session_config(cfg, session_id=bytes(16), num_clients=args.n, vector_length=args.d)
         server = flower_server(

@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from confide import records as R
+from confide import wire as W
 from confide.clients import secure_client
 from confide.clients.dp_training import clipped_example_gradients, train_dp
 from confide.clients.node_state import (
@@ -73,9 +73,9 @@ def _ignore_terminal_interrupt() -> None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     _ignore_terminal_interrupt()
-    config_record = msg.content[R.CONFIG]
+    config_record = msg.content[W.CONFIG]
     cfg = from_flat_record(dict(config_record))
-    server_round = int(config_record[R.ROUND])
+    server_round = int(config_record[W.ROUND])
     max_epsilon = _node_max_epsilon(cfg, context)
     state_dir = node_state_dir(context, cfg.out)
     state = load_node_state(context, delta=cfg.delta, max_epsilon=max_epsilon,
@@ -84,12 +84,12 @@ def train(msg: Message, context: Context) -> Message:
     # the same id, a re-sent round (e.g. after a server resume) a new one.
     message_id = msg.metadata.message_id or msg.object_id
     if state.seen(message_id):
-        return _status_reply(msg, state, R.STALE, f"message {message_id} was already handled")
-    secure = cfg.secure_aggregation and secure_client.SECAGG in msg.content.config_records
+        return _status_reply(msg, state, W.STALE, f"message {message_id} was already handled")
+    secure = cfg.secure_aggregation and W.SECAGG in msg.content.config_records
     if secure and (dropped := secure_client.injected_dropout(msg, context, cfg)) is not None:
         return dropped
     data = _partner_data(cfg, context)
-    run_key = str(config_record.get(R.RUN_KEY, ""))
+    run_key = str(config_record.get(W.RUN_KEY, ""))
     if secure and cfg.example_dp_noise == "shared":
         # one clipped per-example gradient sum + a share of the noise, into the secure sum
         reply, encoded = _shared_round(msg, cfg, server_round, run_key, data, state, context)
@@ -102,8 +102,8 @@ def train(msg: Message, context: Context) -> Message:
     if secure:
         # The delta goes into the secure sum (clipped, quantized, noised, masked) instead
         # of travelling in plaintext; status, metrics and DP receipt travel as before.
-        delta = (R.from_array_record(reply.content[R.ARRAYS])
-                 if R.ARRAYS in reply.content.array_records else None)
+        delta = (W.from_array_record(reply.content[W.ARRAYS])
+                 if W.ARRAYS in reply.content.array_records else None)
         return secure_client.secure_reply(msg, context, cfg, reply, delta)
     return reply
 
@@ -113,16 +113,16 @@ def secagg_stage(msg: Message, context: Context) -> Message:
     """Secure-aggregation exchanges without local training: the run's key setup, key
     shares for a round this node is sampled for, and unmasking (message type
     `train.secagg`)."""
-    cfg = from_flat_record(dict(msg.content[R.CONFIG]))
+    cfg = from_flat_record(dict(msg.content[W.CONFIG]))
     if (dropped := secure_client.injected_dropout(msg, context, cfg)) is not None:
         return dropped
     extra = None
-    down = msg.content.config_records.get(secure_client.SECAGG)
-    if down is not None and bool(down.get(secure_client.SHARED_INFO, False)):
+    down = msg.content.config_records.get(W.SECAGG)
+    if down is not None and bool(down.get(W.SHARED_INFO, False)):
         # shared noise: the server calibrates one sigma for the run from every partner's
         # sampling rate, and divides the sum by sum_i q_i n_i (so it learns n_i)
         n = len(_partner_data(cfg, context))
-        extra = {secure_client.SHARED_INFO: json.dumps(
+        extra = {W.SHARED_INFO: json.dumps(
             {"examples": n, "sample_rate": min(1.0, cfg.batch_size / n)})}
     return secure_client.secure_reply(msg, context, cfg, None, None, extra_up=extra)
 
@@ -142,10 +142,10 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
 
     spec = model_spec(cfg, _num_labels(cfg))
     model = _cached_model(spec)
-    if msg.content[R.CONFIG].get(R.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
+    if msg.content[W.CONFIG].get(W.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
         raise NodeConfigError("this node's frozen base model differs from the server's "
                               "(different model files or versions?)")
-    global_state = {k: v.numpy() for k, v in msg.content[R.ARRAYS].items()}
+    global_state = {k: v.numpy() for k, v in msg.content[W.ARRAYS].items()}
     load_trainable_state(model, global_state)
     tensors = _encoded(cfg, data)
     device = resolve_device(str(context.node_config.get("device", cfg.device)))
@@ -179,14 +179,14 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
         state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
     content = RecordDict({
-        R.ARRAYS: R.to_array_record(delta),
-        R.METRICS: MetricRecord({
-            R.NUM_EXAMPLES: n, R.TRAIN_LOSS: float(result.mean_loss), R.EPSILON: epsilon,
-            R.STEPS: result.steps, R.SAMPLE_RATE: result.sample_rate,
-            R.NOISE_MULTIPLIER: result.noise_multiplier,
-            R.TRAIN_SECONDS: time.perf_counter() - start}),
-        R.STATUS: _status(state, R.OK, ""),
-        R.RECEIPT: ConfigRecord({R.RECEIPT_JSON: receipt_json}),
+        W.ARRAYS: W.to_array_record(delta),
+        W.METRICS: MetricRecord({
+            W.NUM_EXAMPLES: n, W.TRAIN_LOSS: float(result.mean_loss), W.EPSILON: epsilon,
+            W.STEPS: result.steps, W.SAMPLE_RATE: result.sample_rate,
+            W.NOISE_MULTIPLIER: result.noise_multiplier,
+            W.TRAIN_SECONDS: time.perf_counter() - start}),
+        W.STATUS: _status(state, W.OK, ""),
+        W.RECEIPT: ConfigRecord({W.RECEIPT_JSON: receipt_json}),
     })
     return Message(content=content, reply_to=msg)
 
@@ -199,8 +199,8 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     max-grad-norm, each rounded, summed, plus this node's share of the noise. The node
     recomputes every derived parameter itself and checks the server's against its own
     session and run configuration; its budget guard uses the effective multiplier."""
-    down = msg.content.config_records[secure_client.SECAGG]
-    key = f"{secure_client.SHARED}/{server_round}"
+    down = msg.content.config_records[W.SECAGG]
+    key = f"{W.SHARED}/{server_round}"
     if key not in down:
         raise NodeConfigError(f"round {server_round}: no shared-noise parameters in the "
                               "message (server and node disagree on example-dp-noise)")
@@ -229,10 +229,10 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
 
     spec = model_spec(cfg, _num_labels(cfg))
     model = _cached_model(spec)
-    if msg.content[R.CONFIG].get(R.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
+    if msg.content[W.CONFIG].get(W.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
         raise NodeConfigError("this node's frozen base model differs from the server's "
                               "(different model files or versions?)")
-    load_trainable_state(model, {k: v.numpy() for k, v in msg.content[R.ARRAYS].items()})
+    load_trainable_state(model, {k: v.numpy() for k, v in msg.content[W.ARRAYS].items()})
     device = resolve_device(str(context.node_config.get("device", cfg.device)))
     encoder = ExampleSumEncoder(shared)
     result = clipped_example_gradients(
@@ -252,11 +252,11 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         "epsilon %.3f", state.pseudonym, server_round, n, sigma, shared.m, epsilon)
     # no training loss in the metrics: the loss of this round's sample is not private
     content = RecordDict({
-        R.METRICS: MetricRecord({
-            R.NUM_EXAMPLES: n, R.EPSILON: epsilon, R.STEPS: 1, R.SAMPLE_RATE: sample_rate,
-            R.NOISE_MULTIPLIER: sigma, R.TRAIN_SECONDS: result.seconds}),
-        R.STATUS: _status(state, R.OK, ""),
-        R.RECEIPT: ConfigRecord({R.RECEIPT_JSON: receipt_json}),
+        W.METRICS: MetricRecord({
+            W.NUM_EXAMPLES: n, W.EPSILON: epsilon, W.STEPS: 1, W.SAMPLE_RATE: sample_rate,
+            W.NOISE_MULTIPLIER: sigma, W.TRAIN_SECONDS: result.seconds}),
+        W.STATUS: _status(state, W.OK, ""),
+        W.RECEIPT: ConfigRecord({W.RECEIPT_JSON: receipt_json}),
     })
     return Message(content=content, reply_to=msg), encoded
 
@@ -277,21 +277,21 @@ def _refusal_reply(msg: Message, cfg: RunConfig, state: NodeState, server_round:
         planned=event_dict(planned.noise_multiplier, planned.sample_rate, planned.steps,
                            server_round, run_key),
         private_key=state.signing_key)
-    reply = _status_reply(msg, state, R.BUDGET_EXHAUSTED, str(exc), spent=exc.spent,
+    reply = _status_reply(msg, state, W.BUDGET_EXHAUSTED, str(exc), spent=exc.spent,
                           would_be=exc.would_be, max_epsilon=exc.max_epsilon)
-    reply.content[R.RECEIPT] = ConfigRecord({R.RECEIPT_JSON: refusal.to_json()})
+    reply.content[W.RECEIPT] = ConfigRecord({W.RECEIPT_JSON: refusal.to_json()})
     return reply
 
 
 def _status(state: NodeState, code: str, detail: str, **extra: float) -> ConfigRecord:
-    return ConfigRecord({R.STATUS_CODE: code, R.STATUS_DETAIL: detail,
-                         R.PARTNER: state.pseudonym, R.PUBLIC_KEY: state.public_key.hex(),
+    return ConfigRecord({W.STATUS_CODE: code, W.STATUS_DETAIL: detail,
+                         W.PARTNER: state.pseudonym, W.PUBLIC_KEY: state.public_key.hex(),
                          **extra})
 
 
 def _status_reply(msg: Message, state: NodeState, code: str, detail: str, **extra: float
                   ) -> Message:
-    return Message(content=RecordDict({R.STATUS: _status(state, code, detail, **extra)}),
+    return Message(content=RecordDict({W.STATUS: _status(state, code, detail, **extra)}),
                    reply_to=msg)
 
 

@@ -10,20 +10,12 @@ The node's `SecAggClient` objects (secret keys, Shamir shares it holds) live in 
 different worker processes, and Context.state is what Flower carries from one to the next.
 They never leave the node.
 
-Wire names (down = server to node, in ConfigRecord `secagg`; up = node to server, in
-ConfigRecord `secagg-up`, the masked vector in ArrayRecord `secagg-masked`):
-  down  round, config/<q> (JSON of the SecAggConfig of secure round q), id/<q> (this node's
-        client id in q), advertise (JSON list of rounds), key-directory/<q>,
-        masked-input-request/<q>, unmask-request/<q>, verify (bool)
-  up    advertise/<q>, share-keys/<q>, masked-round, masked-sender, unmask-shares/<q>,
-        error/<q>/<stage>, verify-only (bool; with ArrayRecord `secagg-verify`)
+Wire names and encodings (shared with the server): `confide.wire`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from logging import WARNING
 
@@ -31,7 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.logger import log
 
-from confide import records as R
+from confide.clients.faults import drops_out
 from confide.config import RunConfig
 from confide.privacy.secagg import (
     KeyDirectory,
@@ -42,69 +34,31 @@ from confide.privacy.secagg import (
     SecAggRefusal,
     UnmaskRequest,
 )
-from confide.simulation.faults import drops_out
+from confide.wire import (
+    ADVERTISE,
+    ARRAYS,
+    KEY_DIRECTORY,
+    MASKED,
+    MASKED_REQUEST,
+    MASKED_ROUND,
+    MASKED_SENDER,
+    SECAGG,
+    SECAGG_ROUND,
+    SECAGG_UP,
+    SHARE_KEYS,
+    UNMASK_REQUEST,
+    UNMASK_SHARES,
+    VERIFY,
+    VERIFY_FLAG,
+    VERIFY_ONLY,
+    config_from_json,
+    config_to_json,
+    flatten,
+)
 
-# Records and keys
-SECAGG = "secagg"  # ConfigRecord, down
-SECAGG_UP = "secagg-up"  # ConfigRecord, up
-MASKED = "secagg-masked"  # ArrayRecord, up: {"vector": uint32/uint64}
-VERIFY = "secagg-verify"  # ArrayRecord, up, simulation only: {"encoded": pre-mask vector}
-SECAGG_MESSAGE_TYPE = "train.secagg"  # setup / key-only / unmask exchanges
-ROUND = "round"
-ADVERTISE = "advertise"
-KEY_DIRECTORY = "key-directory"
-MASKED_REQUEST = "masked-input-request"
-UNMASK_REQUEST = "unmask-request"
-SHARE_KEYS = "share-keys"
-UNMASK_SHARES = "unmask-shares"
-MASKED_ROUND = "masked-round"
-MASKED_SENDER = "masked-sender"
-VERIFY_FLAG = "verify"
-VERIFY_ONLY = "verify-only"
 DROPOUT_ERROR_CODE = 701  # Error code of an injected dropout (simulation only)
 
 STATE_RECORD = "confide-secagg"
-
-
-class SimulatedDropout(RuntimeError):
-    """Fault injection: this node drops out of the round (simulation only)."""
-
-
-# -- flat update vector <-> named trainable tensors -----------------------------------------
-def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Trainable tensors in sorted name order as one float64 vector (both sides sort, so
-    the order does not depend on how a record was built)."""
-    if not state:
-        return np.zeros(0)
-    return np.concatenate([np.asarray(state[k], dtype=np.float64).ravel()
-                           for k in sorted(state)])
-
-
-def unflatten(vector: np.ndarray, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    pos = 0
-    for name in sorted(reference):
-        ref = reference[name]
-        out[name] = vector[pos:pos + ref.size].reshape(ref.shape)
-        pos += ref.size
-    if pos != vector.size:
-        raise ValueError(f"vector of length {vector.size} does not match {pos} parameters")
-    return {k: out[k] for k in reference}  # the reference's order
-
-
-# -- SecAggConfig on the wire ---------------------------------------------------------------
-_WIRE_FIELDS = ("num_clients", "vector_length", "degree", "threshold", "min_survivors", "bits",
-                "coord_clip", "l2_clip", "max_weight", "noise_stddev")
-
-
-def config_to_json(config: SecAggConfig) -> str:
-    values = {f: getattr(config, f) for f in _WIRE_FIELDS}
-    return json.dumps({"session": config.session_id.hex(), **values}, sort_keys=True)
-
-
-def config_from_json(text: str) -> SecAggConfig:
-    data = json.loads(text)
-    return SecAggConfig(bytes.fromhex(data.pop("session")), **data)
 
 
 def check_session_config(config: SecAggConfig, cfg: RunConfig) -> None:
@@ -119,10 +73,6 @@ def check_session_config(config: SecAggConfig, cfg: RunConfig) -> None:
     if config.l2_clip is None or config.l2_clip > cfg.client_dp_clipping_norm * (1 + 1e-9):
         raise SecAggRefusal(f"session L2 clip {config.l2_clip} exceeds the run's "
                             f"client-dp-clipping-norm {cfg.client_dp_clipping_norm}")
-
-
-SHARED = "shared"  # down: shared/<q> = SharedNoiseConfig JSON of round q (shared noise)
-SHARED_INFO = "shared-info"  # down: True asks the node for its rows and rate; up: that JSON
 
 
 # -- the node's clients, persisted in Context.state -----------------------------------------
@@ -199,12 +149,12 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
     shared-noise info exchange)."""
     down = msg.content.config_records[SECAGG]
     store = ClientStore(context)
-    store.prune(int(down[ROUND]))
+    store.prune(int(down[SECAGG_ROUND]))
     up: dict[str, object] = dict(extra_up or {})
     content = RecordDict()
     if plain is not None and not plain.has_error():
         for name, record in plain.content.items():
-            if name != R.ARRAYS:  # the plaintext delta never leaves the node
+            if name != ARRAYS:  # the plaintext delta never leaves the node
                 content[name] = record
     simulation = "num-partitions" in context.node_config
     share_drop = simulation and cfg.dropout_rate > 0 and cfg.dropout_stage == "share-keys"
@@ -277,22 +227,3 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
     content[SECAGG_UP] = ConfigRecord(up)  # type: ignore[arg-type]
     return Message(content=content, reply_to=msg)
 
-
-def session_config(cfg: RunConfig, *, session_id: bytes, num_clients: int,
-                   vector_length: int) -> SecAggConfig:
-    """The SecAggConfig of one secure round from the run configuration.
-
-    Threshold: `secagg-threshold` is a fraction of the closed neighbourhood (k + 1 parties,
-    which is all sampled clients when the graph is complete), t = ceil(fraction * (k + 1))
-    clamped to [2, k + 1]. Distributed DP: total noise stddev = client-dp-noise-multiplier x
-    client-dp-clipping-norm in update units, L2 clip = client-dp-clipping-norm."""
-    base = SecAggConfig(session_id, num_clients=num_clients, vector_length=vector_length,
-                        degree=cfg.secagg_neighbours or None, bits=cfg.secagg_bits,
-                        coord_clip=cfg.secagg_clip)
-    k = int(base.degree)  # type: ignore[arg-type]
-    t = min(k + 1, max(2, math.ceil(cfg.secagg_threshold * (k + 1))))
-    noise = (cfg.client_dp_noise_multiplier * cfg.client_dp_clipping_norm
-             if cfg.distributed_dp else None)
-    return dataclasses.replace(base, threshold=t, min_survivors=None,
-                               l2_clip=cfg.client_dp_clipping_norm if cfg.distributed_dp
-                               else None, noise_stddev=noise)

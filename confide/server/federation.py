@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 import confide
-from confide import records as R
+from confide import wire as W
 from confide.config import RunConfig
 from confide.data import TextDataset
 from confide.model import (
@@ -271,8 +271,8 @@ class Federation:
     def run_round(self, server_round: int) -> dict[str, Any]:
         assert self.ledger is not None
         t0 = time.perf_counter()
-        config = ConfigRecord({**self.cfg.to_dict(), R.FROZEN_DIGEST: self.frozen_digest,
-                               R.RUN_KEY: self.ledger.public_key_hex})
+        config = ConfigRecord({**self.cfg.to_dict(), W.FROZEN_DIGEST: self.frozen_digest,
+                               W.RUN_KEY: self.ledger.public_key_hex})
         extra: dict[str, Any] = {}
         if self.cfg.secure_aggregation:
             # secure path: the server only ever sees the (noised) sum of the survivors
@@ -280,7 +280,7 @@ class Federation:
                 server_round, config)
         else:
             messages = list(self.strategy.configure_train(
-                server_round, R.to_array_record(self.global_state), config, self.grid))
+                server_round, W.to_array_record(self.global_state), config, self.grid))
             sampled = [m.metadata.dst_node_id for m in messages]
             self.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
                 round=server_round, sampled=[str(n) for n in sampled]).to_payload())
@@ -370,7 +370,7 @@ class Federation:
                     reply.error.reason)
                 self._dropped.append(f"node-{node}")
                 continue
-            status = reply.content.config_records.get(R.STATUS)
+            status = reply.content.config_records.get(W.STATUS)
             if status is None:
                 log(WARNING, "round %d: node %s replied without status", server_round, node)
                 self._dropped.append(f"node-{node}")
@@ -381,8 +381,8 @@ class Federation:
                     server_round, partner.pseudonym, node)
                 continue
             self._reply_partner[node] = partner.pseudonym
-            code = str(status[R.STATUS_CODE])
-            if code == R.BUDGET_EXHAUSTED:
+            code = str(status[W.STATUS_CODE])
+            if code == W.BUDGET_EXHAUSTED:
                 refusal = self._refusal(server_round, partner, reply, status)
                 if refusal is None:
                     del self._reply_partner[node]
@@ -390,15 +390,15 @@ class Federation:
                     continue
                 partner.refused.append(server_round)
                 log(WARNING, "round %d: partner %s refused: %s", server_round,
-                    partner.pseudonym, status[R.STATUS_DETAIL])
+                    partner.pseudonym, status[W.STATUS_DETAIL])
                 self.ledger.append(refusal)
                 continue
-            if code != R.OK:
+            if code != W.OK:
                 log(WARNING, "round %d: partner %s: %s (%s)", server_round, partner.pseudonym,
-                    code, status[R.STATUS_DETAIL])
+                    code, status[W.STATUS_DETAIL])
                 continue
-            if R.ARRAYS in reply.content.array_records:
-                uploaded += sum(a.numpy().nbytes for a in reply.content[R.ARRAYS].values())
+            if W.ARRAYS in reply.content.array_records:
+                uploaded += sum(a.numpy().nbytes for a in reply.content[W.ARRAYS].values())
             if self.cfg.example_dp and not self._record_example_dp(server_round, partner,
                                                                    reply):
                 continue
@@ -407,9 +407,9 @@ class Federation:
         return trained, uploaded
 
     def _partner(self, status: ConfigRecord) -> PartnerRecord:
-        pseudonym = str(status[R.PARTNER])
+        pseudonym = str(status[W.PARTNER])
         if pseudonym not in self.partners:
-            self.partners[pseudonym] = PartnerRecord(pseudonym, str(status[R.PUBLIC_KEY]))
+            self.partners[pseudonym] = PartnerRecord(pseudonym, str(status[W.PUBLIC_KEY]))
         return self.partners[pseudonym]
 
     def _refusal(self, server_round: int, partner: PartnerRecord, reply: Message,
@@ -420,11 +420,11 @@ class Federation:
         numbers = {"spent_epsilon": float(status["spent"]),
                    "would_be_epsilon": float(status["would_be"]),
                    "max_epsilon": float(status["max_epsilon"])}
-        if R.RECEIPT not in reply.content.config_records:
+        if W.RECEIPT not in reply.content.config_records:
             return E.BudgetRefusal(round=server_round, partner=partner.pseudonym, **numbers)
         try:
             signed = verify_refusal(Receipt.from_json(
-                str(reply.content[R.RECEIPT][R.RECEIPT_JSON])))
+                str(reply.content[W.RECEIPT][W.RECEIPT_JSON])))
             if signed.public_key_hex != partner.public_key:
                 raise ValueError("refusal signed by another key than the partner's")
             event = E.BudgetRefusal(round=server_round, partner=partner.pseudonym,
@@ -445,7 +445,7 @@ class Federation:
         assert self.ledger is not None
         try:
             receipt = Receipt.from_dict(json.loads(
-                str(reply.content[R.RECEIPT][R.RECEIPT_JSON])))
+                str(reply.content[W.RECEIPT][W.RECEIPT_JSON])))
             verify_receipt(receipt)
             if receipt.public_key_hex != partner.public_key:
                 raise ValueError("receipt signed by another key than the partner's")

@@ -17,11 +17,12 @@ likewise get `train.secagg` messages.
 Folding has a consequence a plain protocol does not: a node that drops during fit r also
 loses its ShareKeys(r+1) and so sits out round r+1 (it can come back from r+2 on).
 
-Aggregation: every surviving client has weight 1 (see `secure_client.secure_reply`); the
-server learns the (noised) sum of the survivors' clipped, quantized updates, divides by the
-number of survivors (public) and applies the server learning rate. If too few survive,
-the core aborts (`SecAggAbort`): nothing is unmasked, the global model stays as it was, the
-ledger records the abort, and the run continues with the next round.
+Aggregation: every surviving client has weight 1 (see the node's side,
+`confide.clients.secure_client.secure_reply`); the server learns the (noised) sum of the
+survivors' clipped, quantized updates, divides by the number of survivors (public) and
+applies the server learning rate. If too few survive, the core aborts (`SecAggAbort`):
+nothing is unmasked, the global model stays as it was, the ledger records the abort, and
+the run continues with the next round.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
-from confide import records as R
-from confide.clients import secure_client as S
+from confide import wire as W
 from confide.config import ConfigError
 from confide.privacy import ledger_events as E
 from confide.privacy.secagg import (
@@ -150,7 +150,7 @@ class SecureRounds:
         nodes = self._nodes()
         size = max(2, self.fed.cfg.min_clients, int(len(nodes) * self.fed.cfg.fraction_train))
         cohort = sorted(random.sample(nodes, min(size, len(nodes))))
-        config = S.session_config(self.fed.cfg, session_id=os.urandom(16),
+        config = W.session_config(self.fed.cfg, session_id=os.urandom(16),
                                   num_clients=len(cohort), vector_length=self.vector_length)
         session = Session(q, config, SecAggServer(config, q),
                           {n: i + 1 for i, n in enumerate(cohort)})
@@ -160,9 +160,9 @@ class SecureRounds:
     def _advertise_parts(self, parts: dict[int, dict[str, Any]], session: Session) -> None:
         for node, cid in session.ids.items():
             p = parts.setdefault(node, {})
-            p[S.ADVERTISE] = json.dumps([*json.loads(str(p.get(S.ADVERTISE, "[]"))),
+            p[W.ADVERTISE] = json.dumps([*json.loads(str(p.get(W.ADVERTISE, "[]"))),
                                          session.round])
-            p[f"config/{session.round}"] = S.config_to_json(session.config)
+            p[f"config/{session.round}"] = W.config_to_json(session.config)
             p[f"id/{session.round}"] = cid
 
     # -- message plumbing ------------------------------------------------------------
@@ -172,30 +172,30 @@ class SecureRounds:
         train = train or set()
         messages = []
         for node, part in sorted(parts.items()):
-            down = ConfigRecord({S.ROUND: server_round, S.VERIFY_FLAG: self.fed.cfg.verify_secagg,
-                                 **part})
-            content = RecordDict({R.CONFIG: config, S.SECAGG: down})
+            down = ConfigRecord({W.SECAGG_ROUND: server_round,
+                                 W.VERIFY_FLAG: self.fed.cfg.verify_secagg, **part})
+            content = RecordDict({W.CONFIG: config, W.SECAGG: down})
             if node in train:
-                content[R.ARRAYS] = R.to_array_record(self.fed.global_state)
+                content[W.ARRAYS] = W.to_array_record(self.fed.global_state)
             messages.append(Message(content=content, dst_node_id=node,
                                     message_type="train" if node in train
-                                    else S.SECAGG_MESSAGE_TYPE))
+                                    else W.SECAGG_MESSAGE_TYPE))
         if not messages:
             return []
         replies = list(self.fed.grid.send_and_receive(messages, timeout=self.fed.timeout))
         for reply in replies:
             if reply.has_error():
                 continue
-            up = reply.content.config_records.get(S.SECAGG_UP)
+            up = reply.content.config_records.get(W.SECAGG_UP)
             if up is not None:
                 self.uploaded += sum(len(v) for v in up.values() if isinstance(v, bytes))
                 for key, value in up.items():
                     if key.startswith("error/"):
                         log(WARNING, "node %s: secure aggregation %s: %s",
                             reply.metadata.src_node_id, key[6:], value)
-            if S.MASKED in reply.content.array_records:
+            if W.MASKED in reply.content.array_records:
                 self.uploaded += sum(a.numpy().nbytes
-                                     for a in reply.content[S.MASKED].values())
+                                     for a in reply.content[W.MASKED].values())
         return replies
 
     def consume(self, session: Session, reply: Message, key: str,
@@ -210,7 +210,7 @@ class SecureRounds:
                                             f"{session.round}")
             if reply.has_error():
                 return False
-            up = reply.content.config_records.get(S.SECAGG_UP)
+            up = reply.content.config_records.get(W.SECAGG_UP)
             if kind is MaskedInput:
                 msg = self._masked_input(session, reply)
                 if msg is None:
@@ -238,17 +238,17 @@ class SecureRounds:
             return False
 
     def _masked_input(self, session: Session, reply: Message) -> MaskedInput | None:
-        up = reply.content.config_records.get(S.SECAGG_UP)
-        if up is None or S.MASKED not in reply.content.array_records:
+        up = reply.content.config_records.get(W.SECAGG_UP)
+        if up is None or W.MASKED not in reply.content.array_records:
             return None
-        record = reply.content[S.MASKED]
-        if "vector" not in record or S.MASKED_ROUND not in up or S.MASKED_SENDER not in up:
+        record = reply.content[W.MASKED]
+        if "vector" not in record or W.MASKED_ROUND not in up or W.MASKED_SENDER not in up:
             raise SecureMessageRejected(f"node {reply.metadata.src_node_id}: masked input "
                                         "without vector, round or sender")
         # the session id and round come from the reply; the core rejects a vector of
         # another round (replay) or of the wrong length/dtype, naming the sender
-        return MaskedInput(session.config.session_id, int(up[S.MASKED_ROUND]),  # type: ignore[arg-type]
-                           sender=int(up[S.MASKED_SENDER]),  # type: ignore[arg-type]
+        return MaskedInput(session.config.session_id, int(up[W.MASKED_ROUND]),  # type: ignore[arg-type]
+                           sender=int(up[W.MASKED_SENDER]),  # type: ignore[arg-type]
                            vector=record["vector"].numpy())
 
     def _close(self, session: Session | None, stage: str) -> None:
@@ -275,14 +275,14 @@ class SecureRounds:
         replies = self._exchange(first, config, parts)
         for s in sessions:
             for reply in replies:
-                self.consume(s, reply, f"{S.ADVERTISE}/{s.round}", AdvertiseKeys)
+                self.consume(s, reply, f"{W.ADVERTISE}/{s.round}", AdvertiseKeys)
             self._close(s, "advertise")
         head = sessions[0]
         if head.aborted is None and head.directory is not None:
-            parts = {n: {f"{S.KEY_DIRECTORY}/{first}": head.directory.to_bytes()}
+            parts = {n: {f"{W.KEY_DIRECTORY}/{first}": head.directory.to_bytes()}
                      for n in head.ids}
             for reply in self._exchange(first, config, parts):
-                self.consume(head, reply, f"{S.SHARE_KEYS}/{first}", ShareKeys)
+                self.consume(head, reply, f"{W.SHARE_KEYS}/{first}", ShareKeys)
             self._close(head, "share")
         log(INFO, "secure aggregation set up for round %d: %d clients, threshold %d, "
             "%d neighbours, %d bits", first, head.config.num_clients, head.config.threshold,
@@ -297,7 +297,7 @@ class SecureRounds:
         fed = self.fed
         assert fed.ledger is not None
         self.uploaded = 0
-        config = ConfigRecord({**dict(config), R.ROUND: server_round})
+        config = ConfigRecord({**dict(config), W.ROUND: server_round})
         if self.shared_mode:
             self._shared_info(config, server_round)
         if server_round not in self.sessions:
@@ -314,32 +314,32 @@ class SecureRounds:
         if cur.aborted is None:
             nodes = cur.nodes
             for cid, request in cur.requests.items():
-                parts.setdefault(nodes[cid], {})[f"{S.MASKED_REQUEST}/{server_round}"] = \
+                parts.setdefault(nodes[cid], {})[f"{W.MASKED_REQUEST}/{server_round}"] = \
                     request.to_bytes()
                 train.add(nodes[cid])
         if self.shared_mode and cur.aborted is None and train:
             cur.shared = self._shared_config(cur, config)
             for node in train:
-                parts[node][f"{S.SHARED}/{server_round}"] = cur.shared.to_json()
+                parts[node][f"{W.SHARED}/{server_round}"] = cur.shared.to_json()
         if nxt is not None and nxt.aborted is None and nxt.directory is not None:
             for node in nxt.ids:
-                parts.setdefault(node, {})[f"{S.KEY_DIRECTORY}/{nxt.round}"] = \
+                parts.setdefault(node, {})[f"{W.KEY_DIRECTORY}/{nxt.round}"] = \
                     nxt.directory.to_bytes()
         replies = self._exchange(server_round, config, parts, train)
         trained, _ = fed._sort_replies(
             server_round, [r for r in replies if r.metadata.src_node_id in train])
         if nxt is not None and nxt.aborted is None:
             for reply in replies:
-                self.consume(nxt, reply, f"{S.SHARE_KEYS}/{nxt.round}", ShareKeys)
+                self.consume(nxt, reply, f"{W.SHARE_KEYS}/{nxt.round}", ShareKeys)
             self._close(nxt, "share")
         verify: dict[int, np.ndarray] = {}
         unmask_request = None
         if cur.aborted is None:
             for reply in trained:
                 if self.consume(cur, reply, "", MaskedInput) \
-                        and S.VERIFY in reply.content.array_records:
+                        and W.VERIFY in reply.content.array_records:
                     verify[cur.ids[reply.metadata.src_node_id]] = \
-                            reply.content[S.VERIFY]["encoded"].numpy()
+                            reply.content[W.VERIFY]["encoded"].numpy()
             try:
                 unmask_request = cur.server.unmask_request()
             except SecAggAbort as exc:
@@ -350,7 +350,7 @@ class SecureRounds:
         if unmask_request is not None:
             nodes = cur.nodes
             for cid in unmask_request.survivors:
-                parts.setdefault(nodes[cid], {})[f"{S.UNMASK_REQUEST}/{server_round}"] = \
+                parts.setdefault(nodes[cid], {})[f"{W.UNMASK_REQUEST}/{server_round}"] = \
                     unmask_request.to_bytes()
         later = None
         if server_round + 2 <= fed.cfg.rounds and server_round + 2 not in self.sessions:
@@ -359,13 +359,13 @@ class SecureRounds:
         replies = self._exchange(server_round, config, parts)
         if later is not None:
             for reply in replies:
-                self.consume(later, reply, f"{S.ADVERTISE}/{later.round}", AdvertiseKeys)
+                self.consume(later, reply, f"{W.ADVERTISE}/{later.round}", AdvertiseKeys)
             self._close(later, "advertise")
         result = None
         if unmask_request is not None and cur.aborted is None:
             for reply in replies:
                 if reply.metadata.src_node_id in cur.ids:
-                    self.consume(cur, reply, f"{S.UNMASK_SHARES}/{server_round}", UnmaskShares)
+                    self.consume(cur, reply, f"{W.UNMASK_SHARES}/{server_round}", UnmaskShares)
             try:
                 result = cur.server.result()
             except SecAggAbort as exc:
@@ -389,7 +389,7 @@ class SecureRounds:
             gradient = decode_sum(result.ring_sum, cur.shared) / expected
             fed.inner.global_state = fed.global_state
             fed.global_state = arrays_to_numpy(fed.inner.apply(
-                S.unflatten(-gradient, self.reference)))
+                W.unflatten(-gradient, self.reference)))
             aggregated = [partner.get(n, f"node-{n}") for n in survivors]
             extra.update({"shared_noise_multiplier": cur.shared.effective_noise_multiplier,
                           "shared_noise_shares": cur.shared.m,
@@ -399,7 +399,7 @@ class SecureRounds:
             mean = result.weighted_sum / len(survivors)  # weight 1 each; the count is public
             fed.inner.global_state = fed.global_state
             fed.global_state = arrays_to_numpy(fed.inner.apply(
-                S.unflatten(mean, self.reference)))
+                W.unflatten(mean, self.reference)))
             aggregated = [partner.get(n, f"node-{n}") for n in survivors]
             encoder = UpdateEncoder(cur.config)
             extra["secagg_quantization_step"] = encoder.step * cur.config.max_weight
@@ -473,14 +473,14 @@ class SecureRounds:
 
         missing = [n for n in self._nodes() if n not in self.partner_info]
         if missing:
-            parts: dict[int, dict[str, Any]] = {n: {S.SHARED_INFO: True} for n in missing}
+            parts: dict[int, dict[str, Any]] = {n: {W.SHARED_INFO: True} for n in missing}
             for reply in self._exchange(server_round, config, parts):
-                up = reply.content.config_records.get(S.SECAGG_UP) \
+                up = reply.content.config_records.get(W.SECAGG_UP) \
                     if not reply.has_error() else None
-                if up is None or S.SHARED_INFO not in up:
+                if up is None or W.SHARED_INFO not in up:
                     continue
                 try:
-                    info = json.loads(str(up[S.SHARED_INFO]))
+                    info = json.loads(str(up[W.SHARED_INFO]))
                     rows, rate = int(info["examples"]), float(info["sample_rate"])
                     if rows < 1 or not 0 < rate <= 1:
                         raise ValueError(f"rows {rows}, rate {rate}")

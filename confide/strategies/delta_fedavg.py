@@ -17,7 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from confide import records as R
+from confide import wire as W
 from confide.strategies.server_optimizer import ServerOptimizer
 
 
@@ -25,7 +25,7 @@ class UpdateRejected(ValueError):
     """A node's update cannot be aggregated (wrong shape, non-finite, missing weight)."""
 
 
-arrays_to_numpy = R.from_array_record
+arrays_to_numpy = W.from_array_record
 
 
 def validate_delta(delta: dict[str, np.ndarray], reference: dict[str, np.ndarray],
@@ -47,11 +47,11 @@ def validate_delta(delta: dict[str, np.ndarray], reference: dict[str, np.ndarray
 
 
 def reply_weight(reply: Message) -> float:
-    weight = reply.content[R.METRICS].get(R.NUM_EXAMPLES)
+    weight = reply.content[W.METRICS].get(W.NUM_EXAMPLES)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
             or not np.isfinite(weight):
         raise UpdateRejected(f"update from node {reply.metadata.src_node_id}: "
-                             f"{R.NUM_EXAMPLES} = {weight!r} is not a positive number")
+                             f"{W.NUM_EXAMPLES} = {weight!r} is not a positive number")
     return float(weight)
 
 
@@ -64,8 +64,8 @@ class DeltaFedAvg(FedAvg):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=0,
                          min_available_nodes=min_available_nodes,
-                         weighted_by_key=R.NUM_EXAMPLES, arrayrecord_key=R.ARRAYS,
-                         configrecord_key=R.CONFIG)
+                         weighted_by_key=W.NUM_EXAMPLES, arrayrecord_key=W.ARRAYS,
+                         configrecord_key=W.CONFIG)
         # every path that moves the global weights (plain, client-level DP, secure sum)
         # goes through `apply`, hence through this one optimizer and its moments
         self.optimizer = server_optimizer or ServerOptimizer(
@@ -93,7 +93,7 @@ class DeltaFedAvg(FedAvg):
             try:
                 if reply.has_error():
                     raise UpdateRejected(f"{node} failed: {reply.error.reason}")
-                delta = arrays_to_numpy(reply.content[R.ARRAYS])
+                delta = arrays_to_numpy(reply.content[W.ARRAYS])
                 validate_delta(delta, self.global_state, node)
                 out.append((reply, delta, reply_weight(reply)))
             except (UpdateRejected, KeyError) as exc:
@@ -109,13 +109,13 @@ class DeltaFedAvg(FedAvg):
 
     def apply(self, mean_delta: dict[str, np.ndarray]) -> ArrayRecord:
         new = self.optimizer.step(self.global_state, mean_delta)
-        return R.to_array_record({k: v.astype(np.float32) for k, v in new.items()})
+        return W.to_array_record({k: v.astype(np.float32) for k, v in new.items()})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates = self.valid_updates(replies)
         if not updates:
             return None, None
-        metrics = MetricRecord({R.NUM_EXAMPLES: sum(w for _, _, w in updates),
+        metrics = MetricRecord({W.NUM_EXAMPLES: sum(w for _, _, w in updates),
                                 "num-aggregated": len(updates)})
         return self.apply(self.mean_delta(updates)), metrics

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from confide import records as R
+from confide import wire as W
 from confide.clients import client_app
 from confide.clients.client_app import NodeConfigError
 from confide.config import build_config
@@ -20,10 +20,10 @@ from confide.task import model_spec
 
 def train_message(cfg, server_round: int = 1, frozen: str | None = None) -> Message:
     model = build_model(model_spec(cfg, cfg.num_labels))
-    config = ConfigRecord({**cfg.to_dict(), R.ROUND: server_round, R.RUN_KEY: "run-1",
-                           R.FROZEN_DIGEST: frozen or frozen_digest(model)})
-    return Message(RecordDict({R.ARRAYS: R.to_array_record(trainable_state(model)),
-                               R.CONFIG: config}), dst_node_id=5, message_type="train")
+    config = ConfigRecord({**cfg.to_dict(), W.ROUND: server_round, W.RUN_KEY: "run-1",
+                           W.FROZEN_DIGEST: frozen or frozen_digest(model)})
+    return Message(RecordDict({W.ARRAYS: W.to_array_record(trainable_state(model)),
+                               W.CONFIG: config}), dst_node_id=5, message_type="train")
 
 
 def node(tmp_path: Path, **extra: object) -> Context:
@@ -43,18 +43,18 @@ def cfg(tmp_path: Path):
 def test_trains_and_signs_a_receipt_then_refuses_when_budget_runs_out(cfg, tmp_path) -> None:
     ctx = node(tmp_path)
     out = client_app.train(train_message(cfg, 1), ctx)
-    assert out.content[R.STATUS][R.STATUS_CODE] == R.OK
-    receipt = Receipt.from_dict(json.loads(out.content[R.RECEIPT][R.RECEIPT_JSON]))
+    assert out.content[W.STATUS][W.STATUS_CODE] == W.OK
+    receipt = Receipt.from_dict(json.loads(out.content[W.RECEIPT][W.RECEIPT_JSON]))
     verify_receipt(receipt)
     eps1 = receipt.payload["epsilon"]
-    assert eps1 == pytest.approx(out.content[R.METRICS][R.EPSILON])
+    assert eps1 == pytest.approx(out.content[W.METRICS][W.EPSILON])
     # the partner lowers its own cap below what the next round would cost
     capped = node(tmp_path, **{"max-epsilon": eps1 * 1.05})
     capped.state = ctx.state
     second = client_app.train(train_message(cfg, 2), capped)
-    status = second.content[R.STATUS]
-    assert status[R.STATUS_CODE] == R.BUDGET_EXHAUSTED
-    assert R.ARRAYS not in second.content.array_records, "a refusal carries no update"
+    status = second.content[W.STATUS]
+    assert status[W.STATUS_CODE] == W.BUDGET_EXHAUSTED
+    assert W.ARRAYS not in second.content.array_records, "a refusal carries no update"
     assert status["spent"] == pytest.approx(eps1)
     # the on-disk state still records only the one round that was trained
     state = json.loads((Path(cfg.out) / "partners" / "partition-0" / "node_state.json")
@@ -67,7 +67,7 @@ def test_a_replayed_message_does_not_spend_budget_twice(cfg, tmp_path) -> None:
     msg = train_message(cfg, 1)
     client_app.train(msg, ctx)
     again = client_app.train(msg, ctx)
-    assert again.content[R.STATUS][R.STATUS_CODE] == R.STALE
+    assert again.content[W.STATUS][W.STATUS_CODE] == W.STALE
     state = json.loads((Path(cfg.out) / "partners" / "partition-0" / "node_state.json")
                        .read_text())
     assert len(state["accountant"]["history"]) == 1

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from confide import records as R
+from confide import wire as W
 from confide.clients import secure_client as S
+from confide.clients.faults import drops_out
 from confide.config import build_config
 from confide.privacy.secagg import (
     MaskedInput,
@@ -20,7 +21,6 @@ from confide.privacy.secagg import (
     SecAggServer,
 )
 from confide.privacy.secagg import Message as SecAggMessage
-from confide.simulation.faults import drops_out
 
 
 @pytest.fixture(autouse=True)
@@ -32,14 +32,14 @@ def task_identity() -> None:
 
 def test_flatten_roundtrip_in_sorted_order() -> None:
     ref = {"z": np.ones((2, 3), np.float32), "a": np.arange(4, dtype=np.float32)}
-    vec = S.flatten(ref)
+    vec = W.flatten(ref)
     assert vec[:4].tolist() == [0, 1, 2, 3]
-    back = S.unflatten(vec, ref)
+    back = W.unflatten(vec, ref)
     assert list(back) == ["z", "a"]
     for k in ref:
         np.testing.assert_array_equal(back[k], ref[k])
     with pytest.raises(ValueError):
-        S.unflatten(vec[:-1], ref)
+        W.unflatten(vec[:-1], ref)
 
 
 def test_client_state_roundtrip_completes_a_round() -> None:
@@ -71,7 +71,7 @@ def test_client_state_roundtrip_completes_a_round() -> None:
 def test_config_travels_as_json() -> None:
     cfg = SecAggConfig(os.urandom(16), num_clients=8, vector_length=10, l2_clip=1.0,
                        noise_stddev=0.5)
-    assert S.config_from_json(S.config_to_json(cfg)) == cfg
+    assert W.config_from_json(W.config_to_json(cfg)) == cfg
 
 
 def test_node_refuses_less_noise_than_the_run_promises() -> None:
@@ -81,15 +81,15 @@ def test_node_refuses_less_noise_than_the_run_promises() -> None:
                         noise_stddev=0.5)
     with pytest.raises(SecAggRefusal, match="noise"):
         S.check_session_config(weak, run)
-    ok = S.session_config(run, session_id=os.urandom(16), num_clients=4, vector_length=3)
+    ok = W.session_config(run, session_id=os.urandom(16), num_clients=4, vector_length=3)
     S.check_session_config(ok, run)
     assert ok.noise_stddev == 1.0 and ok.l2_clip == 1.0
 
 
 def test_injected_dropout_is_seeded_and_simulation_only() -> None:
     run = build_config({"secure-aggregation": True, "dropout-rate": 0.5, "seed": 3})
-    down = ConfigRecord({S.ROUND: 1, f"{S.MASKED_REQUEST}/1": b""})
-    msg = Message(RecordDict({R.CONFIG: ConfigRecord(run.to_dict()), S.SECAGG: down}),
+    down = ConfigRecord({W.SECAGG_ROUND: 1, f"{W.MASKED_REQUEST}/1": b""})
+    msg = Message(RecordDict({W.CONFIG: ConfigRecord(run.to_dict()), W.SECAGG: down}),
                   dst_node_id=5, message_type="train")
     sim = Context(1, 5, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
     deployed = Context(1, 5, {}, RecordDict(), {})
@@ -101,36 +101,36 @@ def test_injected_dropout_is_seeded_and_simulation_only() -> None:
 
 def test_reply_carries_the_masked_vector_not_the_delta() -> None:
     run = build_config({"secure-aggregation": True, "clients": 2, "example-dp": False})
-    cfg = S.session_config(run, session_id=os.urandom(16), num_clients=2, vector_length=3)
+    cfg = W.session_config(run, session_id=os.urandom(16), num_clients=2, vector_length=3)
     server = SecAggServer(cfg, 1)
     ctx = {n: Context(1, n, {}, RecordDict(), {}) for n in (10, 11)}
 
     def send(node: int, part: dict, train: bool = False, delta=None) -> Message:
-        down = ConfigRecord({S.ROUND: 1, **part})
-        msg = Message(RecordDict({R.CONFIG: ConfigRecord(run.to_dict()), S.SECAGG: down}),
+        down = ConfigRecord({W.SECAGG_ROUND: 1, **part})
+        msg = Message(RecordDict({W.CONFIG: ConfigRecord(run.to_dict()), W.SECAGG: down}),
                       dst_node_id=node, message_type="train" if train else "train.secagg")
-        plain = Message(RecordDict({R.ARRAYS: R.to_array_record(delta)}), reply_to=msg) \
+        plain = Message(RecordDict({W.ARRAYS: W.to_array_record(delta)}), reply_to=msg) \
             if train else None
         return S.secure_reply(msg, ctx[node], run, plain, delta)
 
     ids = {10: 1, 11: 2}
     for node, cid in ids.items():
-        up = send(node, {S.ADVERTISE: "[1]", "config/1": S.config_to_json(cfg), "id/1": cid})
-        server.receive(SecAggMessage.from_bytes(up.content[S.SECAGG_UP]["advertise/1"]))
+        up = send(node, {W.ADVERTISE: "[1]", "config/1": W.config_to_json(cfg), "id/1": cid})
+        server.receive(SecAggMessage.from_bytes(up.content[W.SECAGG_UP]["advertise/1"]))
     assert "confide-secagg" in ctx[10].state.config_records  # secrets stay in the Context
     directory = server.key_directory().to_bytes()
     for node in ids:
         up = send(node, {"key-directory/1": directory})
-        server.receive(SecAggMessage.from_bytes(up.content[S.SECAGG_UP]["share-keys/1"]))
+        server.receive(SecAggMessage.from_bytes(up.content[W.SECAGG_UP]["share-keys/1"]))
     requests = server.masked_input_requests()
     delta = {"w": np.array([0.25, -0.5, 0.125], np.float32)}
     for node, cid in ids.items():
         reply = send(node, {"masked-input-request/1": requests[cid].to_bytes()}, True, delta)
-        assert R.ARRAYS not in reply.content.array_records  # no plaintext delta
-        vector = reply.content[S.MASKED]["vector"].numpy()
+        assert W.ARRAYS not in reply.content.array_records  # no plaintext delta
+        vector = reply.content[W.MASKED]["vector"].numpy()
         server.receive(MaskedInput(cfg.session_id, 1, sender=cid, vector=vector))
     unmask = server.unmask_request().to_bytes()
     for node in ids:
         up = send(node, {"unmask-request/1": unmask})
-        server.receive(SecAggMessage.from_bytes(up.content[S.SECAGG_UP]["unmask-shares/1"]))
+        server.receive(SecAggMessage.from_bytes(up.content[W.SECAGG_UP]["unmask-shares/1"]))
     np.testing.assert_allclose(server.result().weighted_sum, [0.5, -1.0, 0.25], atol=1e-6)

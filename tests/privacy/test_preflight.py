@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from confide.clients.secure_client import session_config
 from confide.config import ConfigError, RunConfig, build_config
 from confide.privacy import preflight as P
+from confide.wire import session_config
 
 D_MINILM_LORA = 74_498  # all-MiniLM-L6-v2, LoRA rank 8 on query,value + the 2-class head
 

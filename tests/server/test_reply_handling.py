@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from confide import records as R
+from confide import wire as W
 from confide.config import build_config
 from confide.privacy.receipts import pseudonym_of, public_key_hex, sign_receipt
 from confide.server.federation import Federation
@@ -37,11 +37,11 @@ def reply(fed: Federation, node: int, key: Ed25519PrivateKey, server_round: int 
         receipt["payload"]["steps"] = 1  # under-report the spend after signing
     delta = {k: np.zeros_like(v) for k, v in fed.global_state.items()}
     return Message(RecordDict({
-        R.ARRAYS: R.to_array_record(delta),
-        R.METRICS: MetricRecord({R.NUM_EXAMPLES: 10}),
-        R.STATUS: ConfigRecord({R.STATUS_CODE: R.OK, R.STATUS_DETAIL: "", R.PARTNER: partner,
-                                R.PUBLIC_KEY: public_key_hex(key)}),
-        R.RECEIPT: ConfigRecord({R.RECEIPT_JSON: json.dumps(receipt)}),
+        W.ARRAYS: W.to_array_record(delta),
+        W.METRICS: MetricRecord({W.NUM_EXAMPLES: 10}),
+        W.STATUS: ConfigRecord({W.STATUS_CODE: W.OK, W.STATUS_DETAIL: "", W.PARTNER: partner,
+                                W.PUBLIC_KEY: public_key_hex(key)}),
+        W.RECEIPT: ConfigRecord({W.RECEIPT_JSON: json.dumps(receipt)}),
     }), reply_to=sent)
 
 

@@ -22,7 +22,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from confide import records as R
+from confide import wire as W
 from confide.clients import secure_client as S
 from confide.config import ConfigError, RunConfig, build_config
 from confide.privacy import ledger_events as E
@@ -72,7 +72,7 @@ class LocalGrid:
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            server_round = int(msg.content.config_records[S.SECAGG][S.ROUND])
+            server_round = int(msg.content.config_records[W.SECAGG][W.SECAGG_ROUND])
             kind = "train" if msg.metadata.message_type == "train" else "secagg"
             if node in self.drop.get((server_round, kind), set()):
                 out.append(Message(Error(701, "dropped"), reply_to=msg))
@@ -82,10 +82,10 @@ class LocalGrid:
                 delta = node_delta(node, server_round)
                 self.trained.setdefault(server_round, {})[node] = delta
                 plain = Message(RecordDict({
-                    R.ARRAYS: R.to_array_record(delta),
-                    R.METRICS: MetricRecord({R.NUM_EXAMPLES: 10}),
-                    R.STATUS: ConfigRecord({R.STATUS_CODE: R.OK, R.STATUS_DETAIL: "",
-                                            R.PARTNER: f"p{node}", R.PUBLIC_KEY: f"k{node}"})}),
+                    W.ARRAYS: W.to_array_record(delta),
+                    W.METRICS: MetricRecord({W.NUM_EXAMPLES: 10}),
+                    W.STATUS: ConfigRecord({W.STATUS_CODE: W.OK, W.STATUS_DETAIL: "",
+                                            W.PARTNER: f"p{node}", W.PUBLIC_KEY: f"k{node}"})}),
                     reply_to=msg)
                 reply = S.secure_reply(msg, ctx, self.cfg, plain, delta)
             else:
@@ -172,7 +172,7 @@ def test_two_rounds_fold_into_two_exchanges_each() -> None:
     events = fed.ledger.of(E.SECURE_AGGREGATION)
     assert [e["round"] for e in events] == [1, 2]
     assert all(e["aborted"] is None and len(e["participants"]) == 5 for e in events)
-    # the plaintext delta never travelled: no reply carried R.ARRAYS
+    # the plaintext delta never travelled: no reply carried W.ARRAYS
     assert secure.sessions == {}
 
 
@@ -215,13 +215,13 @@ def test_invalid_messages_are_rejected_naming_the_node() -> None:
         if sent.metadata.message_type != "train" or reply.has_error():
             return reply
         if node == 1001:  # wrong length
-            v = reply.content[S.MASKED]["vector"].numpy()
-            reply.content[S.MASKED] = ArrayRecord({"vector": Array(v[:-1].copy())})
+            v = reply.content[W.MASKED]["vector"].numpy()
+            reply.content[W.MASKED] = ArrayRecord({"vector": Array(v[:-1].copy())})
         if node == 1002:  # wrong dtype
-            v = reply.content[S.MASKED]["vector"].numpy()
-            reply.content[S.MASKED] = ArrayRecord({"vector": Array(v.astype(np.uint64))})
+            v = reply.content[W.MASKED]["vector"].numpy()
+            reply.content[W.MASKED] = ArrayRecord({"vector": Array(v.astype(np.uint64))})
         if node == 1003:  # replayed from an earlier round
-            reply.content[S.SECAGG_UP][S.MASKED_ROUND] = 0
+            reply.content[W.SECAGG_UP][W.MASKED_ROUND] = 0
         return reply
 
     fed.grid.tamper = tamper
@@ -239,7 +239,7 @@ def test_reply_from_a_node_not_sampled_is_rejected() -> None:
     secure.setup(1, ConfigRecord(fed.cfg.to_dict()))
     session = secure.sessions[1]
     stranger = Message(RecordDict({}), dst_node_id=4242, message_type="train")
-    reply = Message(RecordDict({S.SECAGG_UP: ConfigRecord({})}), reply_to=stranger)
+    reply = Message(RecordDict({W.SECAGG_UP: ConfigRecord({})}), reply_to=stranger)
     assert not secure.consume(session, reply, "share-keys/1", object)  # type: ignore[arg-type]
     assert "node 4242 was not sampled" in session.rejected[4242]
 

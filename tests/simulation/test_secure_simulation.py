@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from confide.audit.verify import verify_run
+from confide.clients.faults import planned_dropouts
 from confide.config import build_config
 from confide.privacy import ledger_events as E
-from confide.simulation.faults import planned_dropouts
 from confide.simulation.runner import simulate
 
 SEED = 8  # with rate 0.25: partition 7 drops in round 1, partitions 0 and 2 in round 2

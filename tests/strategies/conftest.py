@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from confide import records as R
+from confide import wire as W
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +20,6 @@ def task_identity() -> None:
 
 def reply(node: int, delta: dict[str, np.ndarray], examples: float) -> Message:
     sent = Message(RecordDict({}), dst_node_id=node, message_type="train")
-    return Message(RecordDict({R.ARRAYS: R.to_array_record(delta),
-                               R.METRICS: MetricRecord({R.NUM_EXAMPLES: examples})}),
+    return Message(RecordDict({W.ARRAYS: W.to_array_record(delta),
+                               W.METRICS: MetricRecord({W.NUM_EXAMPLES: examples})}),
                    reply_to=sent)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from confide import records as R
+from confide import wire as W
 from confide.strategies.client_level_dp import ClientLevelDp, clip_l2
 from confide.strategies.delta_fedavg import DeltaFedAvg
 from tests.strategies.conftest import reply
@@ -18,7 +18,7 @@ def test_weighted_mean_of_deltas_applied_with_server_lr() -> None:
     replies = [reply(1, {"w": np.array([2.0, 0.0], np.float32), "b": np.ones(1, np.float32)}, 1),
                reply(2, {"w": np.array([-1.0, 3.0], np.float32), "b": np.ones(1, np.float32)}, 3)]
     arrays, metrics = s.aggregate_train(1, replies)
-    new = R.from_array_record(arrays)
+    new = W.from_array_record(arrays)
     mean_w = (np.array([2.0, 0.0]) * 1 + np.array([-1.0, 3.0]) * 3) / 4
     np.testing.assert_allclose(new["w"], np.array([1.0, 2.0]) + 0.5 * mean_w, rtol=1e-6)
     np.testing.assert_allclose(new["b"], [0.5])
@@ -40,7 +40,7 @@ def test_bad_updates_are_rejected_and_round_goes_on(delta, examples, needle) -> 
     arrays, _ = s.aggregate_train(1, [good, reply(9, delta, examples)])
     assert len(s.rejected) == 1 and s.rejected[0][0] == 9
     assert needle in s.rejected[0][1]
-    np.testing.assert_allclose(R.from_array_record(arrays)["w"], [2.0, 3.0])
+    np.testing.assert_allclose(W.from_array_record(arrays)["w"], [2.0, 3.0])
 
 
 def test_all_rejected_leaves_no_update() -> None:
@@ -56,7 +56,7 @@ def test_client_level_dp_clips_and_noises_with_the_right_scale() -> None:
                        delta=1e-5, seed=0)
     big = {"w": np.full(20000, 10.0, np.float32)}  # norm >> clip
     arrays, _ = dp.aggregate_train(1, [reply(i, big, 100 * (i + 1)) for i in range(4)])
-    w = R.from_array_record(arrays)["w"]
+    w = W.from_array_record(arrays)["w"]
     clipped_mean = 1.0 / np.sqrt(20000)  # each update clipped to norm 1, equal weights
     assert abs(w.mean() - clipped_mean) < 4 * 0.125 / np.sqrt(20000)  # 4 std errors
     assert w.std() == pytest.approx(0.5 * 1.0 / 4, rel=0.03)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from confide import records as R
+from confide import wire as W
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg
 from confide.strategies.server_optimizer import ServerOptimizer
@@ -111,7 +111,7 @@ def test_delta_fedavg_and_client_level_dp_step_through_the_optimizer() -> None:
     plain = DeltaFedAvg(server_learning_rate=0.5)  # default: sgd, momentum 0
     plain.global_state = state()
     arrays, _ = plain.aggregate_train(1, [reply(1, d, 3)])
-    for k, v in R.from_array_record(arrays).items():  # the pre-optimizer FedAvg expression
+    for k, v in W.from_array_record(arrays).items():  # the pre-optimizer FedAvg expression
         expected = (state()[k] + 0.5 * d[k].astype(np.float64)).astype(np.float32)
         assert v.tobytes() == expected.tobytes()
 
@@ -123,5 +123,5 @@ def test_delta_fedavg_and_client_level_dp_step_through_the_optimizer() -> None:
     arrays, _ = dp.aggregate_train(1, [reply(1, d, 1)])
     assert adam.steps == 1 and set(adam.m) == {"w", "b"}
     expected = ServerOptimizer("adam", learning_rate=0.1, momentum=0.9).step(state(), d)
-    for k, v in R.from_array_record(arrays).items():
+    for k, v in W.from_array_record(arrays).items():
         np.testing.assert_allclose(v, expected[k], rtol=1e-5)

@@ -1,0 +1,149 @@
+"""What travels in Flower messages between server and nodes: record names, keys, encodings.
+
+One place for them, so client, server, strategies and tests cannot drift apart; both sides
+import this module and neither imports the other.
+
+Secure aggregation (down = server to node, in ConfigRecord `SECAGG`; up = node to server, in
+ConfigRecord `SECAGG_UP`, the masked vector in ArrayRecord `MASKED`):
+  down  round, config/<q> (JSON of the SecAggConfig of secure round q), id/<q> (this node's
+        client id in q), advertise (JSON list of rounds), key-directory/<q>,
+        masked-input-request/<q>, unmask-request/<q>, verify (bool), shared/<q>, shared-info
+  up    advertise/<q>, share-keys/<q>, masked-round, masked-sender, unmask-shares/<q>,
+        error/<q>/<stage>, verify-only (bool; with ArrayRecord `VERIFY`), shared-info
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from confide.config import RunConfig
+from confide.privacy.secagg import SecAggConfig
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+# RecordDict entries
+ARRAYS = "arrays"  # ArrayRecord: global trainable weights (to nodes) or a delta (from nodes)
+CONFIG = "config"  # ConfigRecord: the run configuration + round facts (to nodes)
+METRICS = "metrics"  # MetricRecord: numbers about the local round (from nodes)
+STATUS = "status"  # ConfigRecord: outcome of the local round (from nodes)
+RECEIPT = "receipt"  # ConfigRecord: the partner-signed DP event (from nodes)
+
+# CONFIG keys beyond the run configuration
+ROUND = "server-round"
+RUN_KEY = "run-key"  # the server's ledger public key: names the run, stable across resume
+FROZEN_DIGEST = "frozen-digest"
+
+# METRICS keys
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"
+STEPS = "steps"
+SAMPLE_RATE = "sample-rate"
+NOISE_MULTIPLIER = "noise-multiplier"
+TRAIN_SECONDS = "train-seconds"
+
+# STATUS keys and codes
+STATUS_CODE = "code"
+STATUS_DETAIL = "detail"
+PARTNER = "partner"
+PUBLIC_KEY = "public-key"
+OK = "ok"
+STALE = "stale-message"
+BUDGET_EXHAUSTED = "budget-exhausted"
+
+# RECEIPT keys
+RECEIPT_JSON = "json"
+
+
+def to_array_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """name -> numpy array, in order, as a Flower ArrayRecord."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+# -- secure aggregation --------------------------------------------------------------------
+SECAGG = "secagg"  # ConfigRecord, down
+SECAGG_UP = "secagg-up"  # ConfigRecord, up
+MASKED = "secagg-masked"  # ArrayRecord, up: {"vector": uint32/uint64}
+VERIFY = "secagg-verify"  # ArrayRecord, up, simulation only: {"encoded": pre-mask vector}
+SECAGG_MESSAGE_TYPE = "train.secagg"  # setup / key-only / unmask exchanges
+SECAGG_ROUND = "round"
+ADVERTISE = "advertise"
+KEY_DIRECTORY = "key-directory"
+MASKED_REQUEST = "masked-input-request"
+UNMASK_REQUEST = "unmask-request"
+SHARE_KEYS = "share-keys"
+UNMASK_SHARES = "unmask-shares"
+MASKED_ROUND = "masked-round"
+MASKED_SENDER = "masked-sender"
+VERIFY_FLAG = "verify"
+VERIFY_ONLY = "verify-only"
+SHARED = "shared"  # down: shared/<q> = SharedNoiseConfig JSON of round q (shared noise)
+SHARED_INFO = "shared-info"  # down: True asks the node for its rows and rate; up: that JSON
+
+
+def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Trainable tensors in sorted name order as one float64 vector (both sides sort, so
+    the order does not depend on how a record was built)."""
+    if not state:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(state[k], dtype=np.float64).ravel()
+                           for k in sorted(state)])
+
+
+def unflatten(vector: np.ndarray, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    pos = 0
+    for name in sorted(reference):
+        ref = reference[name]
+        out[name] = vector[pos:pos + ref.size].reshape(ref.shape)
+        pos += ref.size
+    if pos != vector.size:
+        raise ValueError(f"vector of length {vector.size} does not match {pos} parameters")
+    return {k: out[k] for k in reference}  # the reference's order
+
+
+_WIRE_FIELDS = ("num_clients", "vector_length", "degree", "threshold", "min_survivors", "bits",
+                "coord_clip", "l2_clip", "max_weight", "noise_stddev")
+
+
+def config_to_json(config: SecAggConfig) -> str:
+    values = {f: getattr(config, f) for f in _WIRE_FIELDS}
+    return json.dumps({"session": config.session_id.hex(), **values}, sort_keys=True)
+
+
+def config_from_json(text: str) -> SecAggConfig:
+    data = json.loads(text)
+    return SecAggConfig(bytes.fromhex(data.pop("session")), **data)
+
+
+def session_config(cfg: RunConfig, *, session_id: bytes, num_clients: int,
+                   vector_length: int) -> SecAggConfig:
+    """The SecAggConfig of one secure round from the run configuration.
+
+    Threshold: `secagg-threshold` is a fraction of the closed neighbourhood (k + 1 parties,
+    which is all sampled clients when the graph is complete), t = ceil(fraction * (k + 1))
+    clamped to [2, k + 1]. Distributed DP: total noise stddev = client-dp-noise-multiplier x
+    client-dp-clipping-norm in update units, L2 clip = client-dp-clipping-norm."""
+    base = SecAggConfig(session_id, num_clients=num_clients, vector_length=vector_length,
+                        degree=cfg.secagg_neighbours or None, bits=cfg.secagg_bits,
+                        coord_clip=cfg.secagg_clip)
+    k = int(base.degree)  # type: ignore[arg-type]
+    t = min(k + 1, max(2, math.ceil(cfg.secagg_threshold * (k + 1))))
+    noise = (cfg.client_dp_noise_multiplier * cfg.client_dp_clipping_norm
+             if cfg.distributed_dp else None)
+    return dataclasses.replace(base, threshold=t, min_survivors=None,
+                               l2_clip=cfg.client_dp_clipping_norm if cfg.distributed_dp
+                               else None, noise_stddev=noise)
