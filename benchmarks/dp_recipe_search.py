@@ -189,7 +189,7 @@ def noise_for(cfg, q: float, total_steps: int) -> float:
 
 
 def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
-    from confide.clients.dp_training import evaluate, train_dp
+    from confide.clients.dp_training import train_dp
     from confide.encoding import encode
     from confide.model import (
         build_model,
@@ -200,6 +200,7 @@ def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
     )
     from confide.strategies.server_optimizer import ServerOptimizer
     from confide.task import federated_data, model_spec
+    from confide.tasks.classification import evaluate
 
     cfg = product_config(recipe)
     data = federated_data(cfg)
@@ -252,11 +253,12 @@ def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_central(recipe: dict[str, Any]) -> dict[str, Any]:
-    from confide.clients.dp_training import evaluate, train_dp
+    from confide.clients.dp_training import train_dp
     from confide.data import read_text_file
     from confide.encoding import encode
     from confide.model import build_model, load_tokenizer
     from confide.task import model_spec
+    from confide.tasks.classification import evaluate
 
     cfg = product_config(recipe)
     tok = load_tokenizer(cfg.model)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from sst2_subset import SST2, subset
 
-from confide.clients.dp_training import clipped_example_gradients, evaluate
+from confide.clients.dp_training import clipped_example_gradients
 from confide.data import read_text_file
 from confide.encoding import encode
 from confide.model import (
@@ -42,6 +42,7 @@ from confide.model import (
 )
 from confide.privacy.accountant import SampledGaussianEvent, calibrate_noise, pld_epsilon
 from confide.strategies.server_optimizer import ServerOptimizer
+from confide.tasks.classification import evaluate
 
 RESULTS = Path(__file__).with_name("results") / "shared_noise_search.jsonl"
 

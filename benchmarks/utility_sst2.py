@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 from sst2_subset import SST2, write_subset
 
-from confide.clients.dp_training import evaluate, train_dp
+from confide.clients.dp_training import train_dp
 from confide.config import build_config
 from confide.data import read_text_file
 from confide.encoding import encode
 from confide.model import ModelSpec, build_model, load_tokenizer
+from confide.tasks.classification import evaluate
 
 
 def _sorted(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

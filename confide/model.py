@@ -298,6 +298,18 @@ def load_trainable_state(model: nn.Module, state: dict[str, np.ndarray]) -> None
             p.copy_(torch.from_numpy(value).to(p.dtype))
 
 
+def explicit_position_inputs(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous [B, L] position_ids (0..L-1 per row) and zero token_type_ids.
+
+    Fed explicitly on every forward pass: BERT's implicit [1, L] position buffer would give
+    Opacus a gradient summed over the batch (see `confide.clients.opacus_compat`)."""
+    batch, length = input_ids.shape
+    # `repeat`, not `expand`: a real [B, L] tensor, one row per example.
+    position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).repeat(batch, 1)
+    token_type_ids = torch.zeros((batch, length), dtype=torch.long, device=input_ids.device)
+    return position_ids, token_type_ids
+
+
 def compute_delta(new: dict[str, np.ndarray], old: dict[str, np.ndarray]
                   ) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, (new[k] - old[k]).astype(np.float32)) for k in old)

@@ -29,10 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from confide.audit.empirical_bounds import epsilon_lower_bound, max_certifiable_epsilon
-from confide.clients.opacus_compat import explicit_position_inputs
 from confide.config import RunConfig, build_config, load_toml, parse_set_items
 from confide.data import TextDataset, load_federated_data
-from confide.model import load_tokenizer
+from confide.model import explicit_position_inputs, load_tokenizer
 
 GUESS_FRACTION = 0.1  # k = 10% of the canaries guessed "in", 10% "out", fixed a priori
 

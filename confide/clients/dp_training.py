@@ -1,4 +1,6 @@
-"""One round of local DP-SGD (Opacus) on tokenized tensors, and evaluation.
+"""One round of local DP-SGD (Opacus) on tokenized tensors.
+
+(Evaluation lives with the task, `confide.tasks.classification.evaluate`: the server runs it.)
 
 `train_dp` is a pure function of (model, data, mechanism settings): it trains the model's
 trainable parameters in place and returns the mechanism facts the caller needs for its own
@@ -26,13 +28,12 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from confide.clients.opacus_compat import (
@@ -41,23 +42,18 @@ from confide.clients.opacus_compat import (
     ExplicitInputsClassifier,
     OpacusCompatError,
     check_grad_samples,
-    forward_batch,
     make_opacus_ready,
     strip_opacus_state,
     trainable_parameters,
 )
 from confide.tasks.base import Objective, PerExampleCriterion
+from confide.tasks.batches import (
+    DPTrainingError,
+    check_dataset,
+    to_batch,
+)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-_KEYS = ("input_ids", "attention_mask", "labels")
-
-
-class DPTrainingError(RuntimeError):
-    """Local training cannot run or produced an unusable result."""
-
-
-class EmptyDatasetError(DPTrainingError, ValueError):
-    """There is no example to train or evaluate on."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
     start = time.perf_counter()
     obj = objective or _default_objective()
     where = f"round {round_id}" if round_id is not None else "this round"
-    tensors = _check_dataset(dataset, "train")
+    tensors = check_dataset(dataset, "train")
     n = len(tensors[2])
     _check_settings(noise_multiplier, max_grad_norm, batch_size, physical_batch_size, epochs,
                     optimizer, learning_rate, dp, grad_sample_mode)
@@ -139,29 +135,6 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
                        noise_multiplier=float(noise_multiplier) if dp else 0.0,
                        mean_loss=loss_sum / seen if seen else float("nan"), num_examples=n,
                        seconds=time.perf_counter() - start)
-
-
-def evaluate(model: nn.Module, dataset: Mapping[str, torch.Tensor], batch_size: int,
-             device: str | torch.device = "cpu") -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `model` on `dataset`, in eval mode, no gradients."""
-    input_ids, attention_mask, labels = _check_dataset(dataset, "evaluate")
-    dev = torch.device(device)
-    model.to(dev)
-    was_training = model.training
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    try:
-        with torch.no_grad():
-            for s in range(0, len(labels), max(1, batch_size)):
-                batch = _to_batch(input_ids[s:s + batch_size], attention_mask[s:s + batch_size],
-                                  labels[s:s + batch_size], dev)
-                logits = forward_batch(model, batch)
-                loss_sum += F.cross_entropy(logits.float(), batch["labels"],
-                                            reduction="sum").item()
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    finally:
-        model.train(was_training)
-    return correct / len(labels), loss_sum / len(labels)
 
 
 # -- the two training loops ---------------------------------------------------------------
@@ -214,7 +187,7 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype,
                                                         device=p.device)
                 elif ghost:
-                    batch = _to_batch(input_ids, attention_mask, labels, device)
+                    batch = to_batch(input_ids, attention_mask, labels, device)
                     logits = gsm(batch["input_ids"], batch["attention_mask"])
                     dp_loss = criterion(logits.float(), batch["labels"])
                     mean_loss = dp_loss.detach()
@@ -230,7 +203,7 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                     loss_sum += mean_loss.item() * rows
                     seen += rows
                 else:
-                    batch = _to_batch(input_ids, attention_mask, labels, device)
+                    batch = to_batch(input_ids, attention_mask, labels, device)
                     logits = gsm(batch["input_ids"], batch["attention_mask"])
                     # mean of per-example losses: Opacus (loss_reduction="mean") rescales
                     # by the batch size, so each grad_sample is one example's gradient
@@ -261,8 +234,8 @@ def _train_plain(wrapper: ExplicitInputsClassifier, opt: torch.optim.Optimizer,
             continue  # nothing to learn from; no noise to add without DP
         opt.zero_grad(set_to_none=True)
         for s in range(0, rows, physical):
-            batch = _to_batch(input_ids[s:s + physical], attention_mask[s:s + physical],
-                              labels[s:s + physical], device)
+            batch = to_batch(input_ids[s:s + physical], attention_mask[s:s + physical],
+                             labels[s:s + physical], device)
             logits = wrapper(batch["input_ids"], batch["attention_mask"])
             # Summed per chunk, divided by the logical size: the exact mean over the batch.
             loss = objective.per_example_loss(logits, batch["labels"]).sum()
@@ -302,35 +275,6 @@ def _poisson_loader(tensors: Sequence[torch.Tensor], sample_rate: float, steps: 
         return tuple(t.index_select(0, idx) for t in tensors)
 
     return DataLoader(_Rows(tensors), batch_sampler=sampler, collate_fn=collate)
-
-
-def _to_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-              device: torch.device) -> dict[str, torch.Tensor]:
-    # Drop trailing columns that are padding in every row: with right padding and an
-    # attention mask they change no real token's output, and attention cost is O(L^2).
-    used = attention_mask.any(dim=0).nonzero()
-    length = int(used.max()) + 1 if len(used) else 1
-    if labels.dim() == 2:  # token labels (causal LM): same columns as the inputs
-        labels = labels[:, :length].contiguous()
-    return {"input_ids": input_ids[:, :length].contiguous().to(device),
-            "attention_mask": attention_mask[:, :length].contiguous().to(device),
-            "labels": labels.to(device)}
-
-
-def _check_dataset(dataset: Mapping[str, torch.Tensor], what: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    missing = [k for k in _KEYS if k not in dataset]
-    if missing:
-        raise DPTrainingError(f"{what}: dataset lacks {missing}; expected {list(_KEYS)}")
-    input_ids, attention_mask, labels = (torch.as_tensor(dataset[k]) for k in _KEYS)
-    if len(labels) == 0 or input_ids.numel() == 0:
-        raise EmptyDatasetError(f"{what}: the dataset has no examples")
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise DPTrainingError(f"{what}: input_ids {tuple(input_ids.shape)} and attention_mask "
-                              f"{tuple(attention_mask.shape)} must both be [N, L]")
-    if len(labels) != len(input_ids):
-        raise DPTrainingError(f"{what}: {len(labels)} labels for {len(input_ids)} rows")
-    return input_ids.long(), attention_mask.long(), labels.long()
 
 
 def _check_settings(noise_multiplier: float, max_grad_norm: float, batch_size: int,
@@ -401,15 +345,6 @@ def _check_finite(loss: torch.Tensor, where: str, step: int, chunk: int) -> None
                               f"is {loss.item()}; lower the learning rate or check the data")
 
 
-def iter_batches(dataset: Mapping[str, torch.Tensor], batch_size: int,
-                 device: str | torch.device = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """Sequential, padding-trimmed batch dicts (for callers outside the training loop)."""
-    input_ids, attention_mask, labels = _check_dataset(dataset, "batches")
-    for s in range(0, len(labels), batch_size):
-        yield _to_batch(input_ids[s:s + batch_size], attention_mask[s:s + batch_size],
-                        labels[s:s + batch_size], torch.device(device))
-
-
 # -- shared-noise mode: one clipped per-example gradient sum per round ----------------------
 
 @dataclass(frozen=True)
@@ -430,7 +365,7 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     """One Poisson sample at rate `sample_rate` of `dataset`, and for every sampled example
     its gradient clipped to `max_grad_norm`, passed to `on_rows` as a float64 numpy array
     [rows, d] per physical batch (the trainable parameters flattened in sorted-name order,
-    the order of `secure_client.flatten`, so the server can unflatten the sum). The model is not
+    the order of `confide.wire.flatten`, so the server can unflatten the sum). The model is not
     updated: the caller (the secure sum) adds the noise, the server takes the step.
 
     Per-example gradients are Opacus' (`GradSampleModule`, hooks, through the same
@@ -442,7 +377,7 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
 
     start = time.perf_counter()
     where = f"round {round_id}" if round_id is not None else "this round"
-    tensors = _check_dataset(dataset, "train")
+    tensors = check_dataset(dataset, "train")
     if not 0 < sample_rate <= 1:
         raise DPTrainingError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
@@ -464,7 +399,7 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     try:
         for input_ids, attention_mask, labels in loader:
             for s in range(0, len(labels), max(1, physical_batch_size)):
-                batch = _to_batch(input_ids[s:s + physical_batch_size],
+                batch = to_batch(input_ids[s:s + physical_batch_size],
                                   attention_mask[s:s + physical_batch_size],
                                   labels[s:s + physical_batch_size], dev)
                 rows = len(batch["labels"])

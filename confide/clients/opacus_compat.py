@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from confide.model import explicit_position_inputs
+
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 SUPPORTED_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
@@ -63,15 +65,6 @@ def resolve_grad_sample_mode(mode: str, fine_tune: str) -> str:
     if mode == "auto":
         return "ghost" if fine_tune == "full" else "hooks"
     return mode
-
-
-def explicit_position_inputs(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous [B, L] position_ids (0..L-1 per row) and zero token_type_ids."""
-    batch, length = input_ids.shape
-    # `repeat`, not `expand`: a real [B, L] tensor, one row per example (see module docstring).
-    position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).repeat(batch, 1)
-    token_type_ids = torch.zeros((batch, length), dtype=torch.long, device=input_ids.device)
-    return position_ids, token_type_ids
 
 
 class ExplicitInputsClassifier(nn.Module):

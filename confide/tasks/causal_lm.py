@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from confide.data import SUPPORTED_SUFFIXES, DataError, TextDataset
 from confide.model import TINY, ModelError, ModelSpec, _add_lora, _disable_dropout
 from confide.tasks.base import Evaluation, Evaluator, Objective, Task
+from confide.tasks.batches import iter_batches
 
 CAUSAL_LM = "causal-lm"
 SMOLLM2 = "smollm2"
@@ -359,8 +360,6 @@ def perplexity(model: nn.Module, tensors: Mapping[str, torch.Tensor], batch_size
                device: torch.device | str = "cpu") -> dict[str, float]:
     """Token-level perplexity, mean NLL (`loss`) and next-token accuracy over all completion
     tokens of the evaluation rows."""
-    from confide.clients.dp_training import iter_batches
-
     was_training = model.training
     model.eval()
     model.to(device)

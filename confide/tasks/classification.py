@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from confide.clients.opacus_compat import explicit_position_inputs
 from confide.data import TextDataset, read_text_file
 from confide.encoding import encode
-from confide.model import ModelSpec, load_tokenizer
+from confide.model import ModelSpec, explicit_position_inputs, load_tokenizer
 from confide.tasks.base import Evaluation, Evaluator, Objective, Task
+from confide.tasks.batches import check_dataset, to_batch
 
 CLASSIFICATION = "classification"
 
@@ -37,6 +37,30 @@ class ClassificationObjective(Objective):
 CLASSIFICATION_OBJECTIVE = ClassificationObjective()
 
 
+def evaluate(model: nn.Module, dataset: Mapping[str, torch.Tensor], batch_size: int,
+             device: str | torch.device = "cpu") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on `dataset`, in eval mode, no gradients."""
+    input_ids, attention_mask, labels = check_dataset(dataset, "evaluate")
+    dev = torch.device(device)
+    model.to(dev)
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    try:
+        with torch.no_grad():
+            for s in range(0, len(labels), max(1, batch_size)):
+                batch = to_batch(input_ids[s:s + batch_size], attention_mask[s:s + batch_size],
+                                 labels[s:s + batch_size], dev)
+                logits = CLASSIFICATION_OBJECTIVE.forward(model, batch["input_ids"],
+                                                          batch["attention_mask"])
+                loss_sum += F.cross_entropy(logits.float(), batch["labels"],
+                                            reduction="sum").item()
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(labels), loss_sum / len(labels)
+
+
 class _ClassificationEvaluator(Evaluator):
     def __init__(self, tensors: Mapping[str, torch.Tensor], batch_size: int) -> None:
         self.tensors = tensors
@@ -44,8 +68,6 @@ class _ClassificationEvaluator(Evaluator):
 
     def __call__(self, model: nn.Module, device: torch.device, *, round_: int,
                  final: bool) -> Evaluation:
-        from confide.clients.dp_training import evaluate
-
         accuracy, loss = evaluate(model, self.tensors, self.batch_size, device)
         return Evaluation({"accuracy": float(accuracy), "loss": float(loss)})
 

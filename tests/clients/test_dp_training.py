@@ -5,14 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from confide.clients.dp_training import (
-    DPTrainingError,
-    EmptyDatasetError,
-    evaluate,
-    train_dp,
-)
+from confide.clients.dp_training import DPTrainingError, train_dp
 from confide.clients.opacus_compat import has_opacus_state
 from confide.model import ModelSpec, build_model, trainable_state
+from confide.tasks.batches import EmptyDatasetError
+from confide.tasks.classification import evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
