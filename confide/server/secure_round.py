@@ -63,7 +63,7 @@ from confide.privacy.secagg.shared_noise import SharedNoiseConfig, decode_sum
 from confide.strategies.delta_fedavg import arrays_to_numpy
 
 if TYPE_CHECKING:
-    from confide.server.federation import Federation
+    from confide.server.round_host import RoundHost
 
 DDG_MECHANISM = "distributed_discrete_gaussian"
 
@@ -106,7 +106,7 @@ class SecureRounds:
     """Owns the SecAggServer objects of the current and the next rounds and builds and
     consumes the extra records of the folded exchanges."""
 
-    def __init__(self, fed: Federation, *, simulation: bool | None = None) -> None:
+    def __init__(self, fed: RoundHost, *, simulation: bool | None = None) -> None:
         self.fed = fed
         cfg = fed.cfg
         self.simulation = is_simulation(fed.grid) if simulation is None else simulation
