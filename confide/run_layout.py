@@ -12,6 +12,11 @@ import os
 import tempfile
 from pathlib import Path
 
+# The trained model of a finished run: written by the server, read by `confide.tasks.use`.
+MODEL_DIR = "model"
+WEIGHTS_FILE = "weights.safetensors"
+MODEL_INFO_FILE = "model_info.json"
+
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write-then-rename with fsync: a crash leaves the old or the new file, never half."""

@@ -112,8 +112,8 @@ def guess_and_count(scores: np.ndarray, included: np.ndarray, k: int) -> tuple[i
 
 def run_empirical_audit(cfg: RunConfig, *, canaries: int, work_dir: Path,
                         seed: int | None = None) -> AuditResult:
-    from confide.server.run_folder import load_trained_model
     from confide.simulation.runner import simulate
+    from confide.tasks.use import load_trained_model
 
     # The inclusion bits are the audit's secret: fresh entropy unless a test pins a seed.
     rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)

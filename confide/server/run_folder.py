@@ -18,9 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file, save_file
 
 from confide.config import RunConfig
-from confide.run_layout import atomic_write_text
+from confide.run_layout import MODEL_DIR, MODEL_INFO_FILE, WEIGHTS_FILE, atomic_write_text
 
-WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_PREFIX = "server_optimizer_round"
 
 
@@ -62,7 +61,7 @@ class RunFolder:
 
     @property
     def model_dir(self) -> Path:
-        return self.root / "model"
+        return self.root / MODEL_DIR
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -126,8 +125,8 @@ class RunFolder:
                 "num-labels": cfg.num_labels, "seed": cfg.seed, "pooling": cfg.pooling,
                 "lora-dropout": cfg.lora_dropout, "lora-freeze-a": cfg.lora_freeze_a,
                 "freeze-embeddings": cfg.freeze_embeddings, **extra,
-                "load": "confide.server.run_folder.load_trained_model(run_dir)"}
-        atomic_write_text(self.model_dir / "model_info.json", json.dumps(info, indent=2))
+                "load": "confide.tasks.use.load_trained_model(run_dir)"}
+        atomic_write_text(self.model_dir / MODEL_INFO_FILE, json.dumps(info, indent=2))
         return path
 
     # -- ledger key ------------------------------------------------------------------
@@ -198,27 +197,3 @@ class RunFolder:
         except Exception as exc:
             raise CheckpointError(f"server-optimizer state {name} in {self.checkpoint_dir} "
                                   f"is unreadable: {exc}") from None
-
-
-def load_trained_model(run_dir: str | Path):
-    """Rebuild the model of a finished run with its trained weights."""
-    from confide.model import ModelSpec, build_model, load_trainable_state
-
-    folder = RunFolder(Path(run_dir))
-    info = json.loads((folder.model_dir / "model_info.json").read_text())
-    targets = info["lora-targets"]
-    if info.get("task") == "causal-lm":  # the classification default maps per family
-        from confide.tasks.causal_lm import lora_targets_for
-
-        targets = lora_targets_for(info["model"], targets)
-    spec = ModelSpec(model=info["model"], num_labels=info["num-labels"],
-                     fine_tune=info["fine-tune"], lora_rank=info["lora-rank"],
-                     lora_alpha=info["lora-alpha"], lora_targets=targets,
-                     lora_dropout=info["lora-dropout"], seed=info["seed"],
-                     pooling=info["pooling"],
-                     lora_freeze_a=bool(info.get("lora-freeze-a", False)),
-                     freeze_embeddings=bool(info.get("freeze-embeddings", False)),
-                     task=info.get("task", "classification"))
-    model = build_model(spec)
-    load_trainable_state(model, load_file(str(folder.model_dir / WEIGHTS_FILE)))
-    return model

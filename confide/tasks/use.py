@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from confide.config import RunConfig, build_config, load_toml
+from confide.run_layout import MODEL_DIR, MODEL_INFO_FILE, WEIGHTS_FILE
 
 
 class RunUseError(ValueError):
@@ -24,15 +25,39 @@ def run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.toml (not a Confide run folder)")
-    if not (Path(run_dir) / "model" / "model_info.json").is_file():
+    if not (Path(run_dir) / MODEL_DIR / MODEL_INFO_FILE).is_file():
         raise FileNotFoundError(f"{run_dir}: no model/ (the run did not finish)")
     values = load_toml(path)
     return build_config(values)
 
 
-def _model(run_dir: Path) -> tuple[RunConfig, Any]:
-    from confide.server.run_folder import load_trained_model
+def load_trained_model(run_dir: str | Path) -> Any:
+    """Rebuild the model of a finished run with its trained weights (`model/`)."""
+    from safetensors.numpy import load_file
 
+    from confide.model import ModelSpec, build_model, load_trainable_state
+
+    model_dir = Path(run_dir) / MODEL_DIR
+    info = json.loads((model_dir / MODEL_INFO_FILE).read_text())
+    targets = info["lora-targets"]
+    if info.get("task") == "causal-lm":  # the classification default maps per family
+        from confide.tasks.causal_lm import lora_targets_for
+
+        targets = lora_targets_for(info["model"], targets)
+    spec = ModelSpec(model=info["model"], num_labels=info["num-labels"],
+                     fine_tune=info["fine-tune"], lora_rank=info["lora-rank"],
+                     lora_alpha=info["lora-alpha"], lora_targets=targets,
+                     lora_dropout=info["lora-dropout"], seed=info["seed"],
+                     pooling=info["pooling"],
+                     lora_freeze_a=bool(info.get("lora-freeze-a", False)),
+                     freeze_embeddings=bool(info.get("freeze-embeddings", False)),
+                     task=info.get("task", "classification"))
+    model = build_model(spec)
+    load_trainable_state(model, load_file(str(model_dir / WEIGHTS_FILE)))
+    return model
+
+
+def _model(run_dir: Path) -> tuple[RunConfig, Any]:
     return run_config(run_dir), load_trained_model(run_dir)
 
 
