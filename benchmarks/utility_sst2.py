@@ -11,6 +11,11 @@ mode and sequence length for every row.
   delta 1e-5 and per-partner noise calibrated to the target epsilon over all rounds. Their
   defaults are the best recipe of benchmarks/dp_recipe_search.py (see
   benchmarks/results/dp_recipe_search.md).
+* Shared-noise rows ("federated, shared noise") run the real app with
+  `secure-aggregation = true` and `example-dp-noise = "shared"`: one central DP-SGD step per
+  round on the union of the sampled records, its noise summed from the partners' shares
+  inside secure aggregation. Only the mode is chosen; its rounds, expected batch and server
+  optimizer are the mode's defaults (`confide.config.SHARED_NOISE_DEFAULTS`).
 * Central rows train one model on all rows in-process with the same trainer
   (`confide.clients.dp_training.train_dp`): non-DP with a small batch, DP (Opacus, same
   epsilon, delta, rows) tuned for DP: a large expected batch (--central-dp-batch) and
@@ -106,10 +111,37 @@ def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: fl
     return summary["final_metrics"]["accuracy"], (max(eps.values()) if eps else None)
 
 
+def shared(args: argparse.Namespace, train_file: Path, out: Path, epsilon: float
+           ) -> tuple[float, float | None]:
+    """Federated DP with the noise shared inside secure aggregation, through the real app.
+
+    Only the mode is chosen (plus the data, model and epsilon every row shares): rounds,
+    expected batch and server optimizer are the mode's own defaults
+    (`confide.config.SHARED_NOISE_DEFAULTS`), which is what a user gets.
+    """
+    from confide.simulation.runner import simulate
+
+    values = {
+        "model": args.model, "fine-tune": args.fine_tune, "clients": args.clients,
+        "data": str(train_file), "eval-data": str(SST2 / "dev.csv"),
+        "partitioner": "dirichlet", "dirichlet-alpha": 1.0, "seed": args.seed,
+        "max-length": args.max_length, "out": str(out), "delta": 1e-5,
+        "lora-rank": args.lora_rank, "lora-alpha": 2.0 * args.lora_rank,
+        "lora-targets": args.lora_targets, "lora-freeze-a": args.lora_freeze_a,
+        "secure-aggregation": True, "example-dp-noise": "shared",
+        "target-epsilon": epsilon, "max-epsilon": epsilon,
+    }
+    if args.shared_rounds:
+        values["rounds"] = args.shared_rounds
+    _, summary = simulate(build_config(values))
+    eps = summary["privacy"]["example_level"]
+    return summary["final_metrics"]["accuracy"], (max(eps.values()) if eps else None)
+
+
 ROWS = {  # --only name -> (setting, epsilon)
     "central": ("central", None), "central-dp8": ("central", 8.0),
     "central-dp3": ("central", 3.0), "fed": ("federated", None), "dp8": ("federated", 8.0),
-    "dp3": ("federated", 3.0),
+    "dp3": ("federated", 3.0), "sh8": ("shared", 8.0), "sh3": ("shared", 3.0),
 }
 
 
@@ -121,9 +153,10 @@ def table(rows: dict[tuple[str, float | None], tuple[float, float | None, float]
            f"(seed {args.seed}); model {args.model}, fine-tune {args.fine_tune}; federated: "
            f"{args.clients} partners, Dirichlet 1.0, {args.rounds} rounds x "
            f"{args.local_epochs:g} local epochs, batch {args.batch_size}; delta 1e-5",
-           "", "| privacy | central | federated | cost of federation | cost of privacy "
-           "(central) | cost of privacy (federated) | seconds (central / federated) |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+           "", "| privacy | central | federated, local noise | federated, shared noise | "
+           "cost of federation (local / shared) | cost of privacy (central) | cost of privacy "
+           "(federated, local / shared) | seconds (central / local / shared) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def cell(key: tuple[str, float | None]) -> str:
         return f"{100 * rows[key][0]:.1f}%" if key in rows else "-"
@@ -132,15 +165,17 @@ def table(rows: dict[tuple[str, float | None], tuple[float, float | None, float]
         return (f"{100 * (rows[a][0] - rows[b][0]):+.1f} pt" if a in rows and b in rows
                 else "-")
 
+    plain = ("federated", None)
     for eps in (None, 8.0, 3.0):
-        c, f = ("central", eps), ("federated", eps)
-        if c not in rows and f not in rows:
+        c, f, s = ("central", eps), ("federated", eps), ("shared", eps)
+        if c not in rows and f not in rows and s not in rows:
             continue
         label = "non-DP" if eps is None else f"DP eps {eps:g}"
-        secs = " / ".join(f"{rows[k][2]:.0f}" if k in rows else "-" for k in (c, f))
-        out.append(f"| {label} | {cell(c)} | {cell(f)} | {diff(f, c)} | "
-                   f"{diff(c, ('central', None)) if eps else '-'} | "
-                   f"{diff(f, ('federated', None)) if eps else '-'} | {secs} |")
+        secs = " / ".join(f"{rows[k][2]:.0f}" if k in rows else "-" for k in (c, f, s))
+        fed_cost = f"{diff(f, c)} / {diff(s, c)}" if eps else diff(f, c)
+        priv_cost = f"{diff(f, plain)} / {diff(s, plain)}" if eps else "-"
+        out.append(f"| {label} | {cell(c)} | {cell(f)} | {cell(s)} | {fed_cost} | "
+                   f"{diff(c, ('central', None)) if eps else '-'} | {priv_cost} | {secs} |")
     return "\n".join(out)
 
 
@@ -177,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--central-dp-head-lr", type=float, default=2e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2000 rows")
-    p.add_argument("--only", default="central,central-dp8,central-dp3,fed,dp8,dp3")
-    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--shared-rounds", type=int, default=0,
+                   help="rounds of the shared-noise rows (0 = the mode's default)")
+    p.add_argument("--only", default="central,central-dp8,central-dp3,fed,dp8,dp3,sh8,sh3")
+    p.add_argument("--json", help="write the rows here after each one; rows already in it "
+                   "are not rerun")
     args = p.parse_args(argv)
     if not SST2.exists():
         print(f"SST-2 not found at {SST2} (../shared/data beside the checkout)")
@@ -186,24 +224,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.train_size = 2000
     rows: dict[tuple[str, float | None], tuple[float, float | None, float]] = {}
+    done = Path(args.json) if args.json else None
+    if done is not None and done.exists():
+        # Rows already measured (same file, same arguments) are kept, not rerun: a long
+        # table can be built over several sessions.
+        for r in json.loads(done.read_text()):
+            rows[(r["setting"], r["epsilon_target"])] = (r["accuracy"], r["epsilon"],
+                                                         r["seconds"])
     with tempfile.TemporaryDirectory() as tmp:
         train_file = write_subset(args.train_size, args.seed, Path(tmp) / "train.csv")
         for name in args.only.split(","):
             setting, eps = ROWS[name]
+            if (setting, eps) in rows:
+                continue
             t = time.perf_counter()
             if setting == "central":
                 acc, spent = central(args, train_file, eps)
+            elif setting == "shared":
+                assert eps is not None
+                acc, spent = shared(args, train_file, Path(tmp) / name, eps)
             else:
                 acc, spent = federated(args, train_file, Path(tmp) / name, eps)
             rows[(setting, eps)] = (acc, spent, time.perf_counter() - t)
             print(f"{name}: accuracy {acc:.4f}, epsilon {spent}, "
                   f"{rows[(setting, eps)][2]:.0f} s", flush=True)
+            if done is not None:
+                done.write_text(json.dumps(
+                    [{"setting": k[0], "epsilon_target": k[1], "accuracy": v[0],
+                      "epsilon": v[1], "seconds": v[2]} for k, v in rows.items()], indent=1))
     print()
     print(table(rows, args))
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            [{"setting": k[0], "epsilon_target": k[1], "accuracy": v[0], "epsilon": v[1],
-              "seconds": v[2]} for k, v in rows.items()]))
     return 0
 
 
