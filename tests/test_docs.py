@@ -15,3 +15,25 @@ def test_bad_inputs_table_cites_existing_tests() -> None:
     for path, name in cited:
         source = (ROOT / "tests" / path).read_text()
         assert f"def {name}(" in source, f"docs/BAD_INPUTS.md cites missing test {path}::{name}"
+
+
+def test_docs_state_the_refused_node_exit_status() -> None:
+    """Issue 11 item 15: a refused node exits with status 1 (Flower's `flwr_exit` maps every
+    error code to 1) and logs `Exit Code: 305`; the docs said it exits with code 305."""
+    for name in ("OPERATORS.md", "PARTNERS.md"):
+        doc = " ".join((ROOT / "docs" / name).read_text().split())
+        assert "exit code 305" not in doc.lower() and "exits with code 305" not in doc
+        assert "status 1" in doc and "`Exit Code: 305`" in doc, name
+
+
+def test_deployment_docs_use_the_launcher_and_explain_budgets() -> None:
+    """Items 14, 17, 19, 20: the documented run command has a meaningful exit status, and
+    the docs explain lifetime vs per-run budgets, the node's files and its threads."""
+    operators = " ".join((ROOT / "docs" / "OPERATORS.md").read_text().split())
+    partners = " ".join((ROOT / "docs" / "PARTNERS.md").read_text().split())
+    assert "flwr run /srv" not in operators and "confide deploy run /srv" in operators
+    assert "lifetime" in operators and "lifetime budget" in partners
+    assert "FLWR_HOME" in partners and "--threads" in partners
+    rows = [int(m) for m in re.findall(r"^\| (\d+) \|", (ROOT / "docs" / "BAD_INPUTS.md")
+                                       .read_text(), re.MULTILINE)]
+    assert rows == list(range(1, len(rows) + 1))

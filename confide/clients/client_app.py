@@ -30,8 +30,10 @@ from confide.clients.node_state import (
     save_node_state,
 )
 from confide.clients.opacus_compat import resolve_grad_sample_mode
+from confide.clients.threads import apply_threads, node_threads
 from confide.config import RunConfig, from_flat_record
 from confide.data import TextDataset
+from confide.logs import deployed_process_logging
 from confide.model import (
     ModelSpec,
     build_model,
@@ -73,6 +75,7 @@ def _ignore_terminal_interrupt() -> None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     _ignore_terminal_interrupt()
+    _deployed_node_setup(context)
     config_record = msg.content[W.CONFIG]
     cfg = from_flat_record(dict(config_record))
     server_round = int(config_record[W.ROUND])
@@ -106,6 +109,18 @@ def train(msg: Message, context: Context) -> Message:
                  if W.ARRAYS in reply.content.array_records else None)
         return secure_client.secure_reply(msg, context, cfg, reply, delta)
     return reply
+
+
+def _deployed_node_setup(context: Context) -> None:
+    """A deployed node (it reads its own data-path): each log line once, known notices
+    filtered (`--verbose` keeps them), and its CPU threads (confide.clients.threads).
+    In simulation the driver sets logging and Ray gives each partner one CPU."""
+    if not context.node_config.get("data-path"):
+        return
+    deployed_process_logging()
+    threads = node_threads(context.node_config.get("threads"))
+    apply_threads(threads)
+    log(INFO, "confide: this node trains with %d CPU threads", threads)
 
 
 @app.train("secagg")

@@ -1,19 +1,31 @@
 """`confide deploy ...`: key material, allow-list, signed app, and launchers that start
 Flower's `flower-superlink` / `flower-supernode` with TLS and node authentication on.
 
-The launchers only assemble Flower's own command lines (printed with `--dry-run`) and then
-replace themselves with that process, so signals, logs and exit codes are Flower's.
+The launchers assemble Flower's own command lines (printed with `--dry-run`). The SuperNode
+launcher then replaces itself with that process (logs and exit codes are Flower's); its
+environment keeps Flower's files under the node's state folder (FLWR_HOME) and sets its
+threads. The SuperLink launcher stays as the SuperLink's parent so that SIGTERM/SIGINT stop
+it within seconds, with the ServerApp processes it started (Flower's own shutdown waits for
+open log streams and node connections). `confide deploy run` is `flwr run --stream` with
+the run's log filtered and an exit status that says whether the run succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import tomli_w
 
@@ -94,6 +106,8 @@ def add_parser(sub: Any) -> None:
     sl.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all)")
     sl.add_argument("--port", type=int, default=9092)
     sl.add_argument("--log-file", type=Path)
+    sl.add_argument("--verbose", action="store_true",
+                    help="ServerApp logs keep Flower's, torch's and Opacus' known notices")
     _insecure_flags(sl)
 
     sn = d.add_parser("supernode", help="start flower-supernode with TLS, node key and "
@@ -116,7 +130,22 @@ def add_parser(sub: Any) -> None:
                     help="local port of the node's Runtime API (loopback only)")
     sn.add_argument("--max-wait-time", type=float,
                     help="give up connecting to the SuperLink after this many seconds")
+    sn.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for training (default 0: this machine's cores divided "
+                         "by the SuperNodes running on it when a round starts)")
+    sn.add_argument("--verbose", action="store_true",
+                    help="ClientApp logs keep torch's and Opacus' known warnings")
     _insecure_flags(sn)
+
+    ru = d.add_parser("run", help="start a run of a staged app (`flwr run --stream`): its "
+                      "log with one line per round, and exit status 1 if the run fails")
+    ru.add_argument("app", type=Path, help="the staged, signed app folder")
+    ru.add_argument("connection", nargs="?", default=None,
+                    help="connection name in FLWR_HOME/config.toml (default: the default)")
+    ru.add_argument("--run-config", required=True,
+                    help="the run's configuration, e.g. \"out='runs/study-1' rounds=10\"")
+    ru.add_argument("--verbose", action="store_true",
+                    help="show the streamed log unfiltered (tracebacks included)")
 
 
 def _insecure_flags(p: argparse.ArgumentParser) -> None:
@@ -165,16 +194,102 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif cmd == "connection":
         path = write_connection(args.flwr_home, args.name, args.address, args.ca)
         print(f"connection '{args.name}' -> {args.address} written to {path}")
+    elif cmd == "run":
+        return run_app(args.app, args.connection, args.run_config, verbose=args.verbose)
     elif cmd in ("superlink", "supernode"):
         argv = superlink_command(args) if cmd == "superlink" else supernode_command(args)
-        env = os.environ.copy()
-        if cmd == "supernode" and not args.allow_unsigned_apps:
-            env["PATH"] = wrapped_path(install_wrapper(args.state_dir / "bin").parent)
+        env = launch_env(args, os.environ)
         print(" ".join(_quote(a) for a in argv), flush=True)
         if args.dry_run:
             return 0
+        if cmd == "superlink":
+            return supervise(argv, env)
         os.execvpe(argv[0], argv, env)  # Flower's process from here on
     return 0
+
+
+def launch_env(args: argparse.Namespace, base: dict[str, str] | os._Environ[str]
+               ) -> dict[str, str]:
+    """The environment of the SuperLink/SuperNode and every process they start."""
+    env = dict(base)
+    if args.verbose:
+        env[VERBOSE_ENV] = "1"
+    else:
+        env.pop(VERBOSE_ENV, None)
+    if args.deploy_command != "supernode":
+        return env
+    state_dir = args.state_dir.expanduser().resolve()
+    # Flower keeps app bundles (and its config) in FLWR_HOME, ~/.flwr by default: the
+    # node's files stay under its own state folder instead.
+    env["FLWR_HOME"] = str(state_dir / "flwr")
+    if not args.allow_unsigned_apps:
+        env["PATH"] = wrapped_path(install_wrapper(state_dir / "bin").parent)
+    if args.threads > 0:  # else the ClientApp divides the cores when a round starts
+        for name in THREAD_ENV:
+            env[name] = str(args.threads)
+    return env
+
+
+VERBOSE_ENV = "CONFIDE_VERBOSE"  # confide.logs reads it in the ServerApp/ClientApp processes
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+STOP_GRACE_S = 5.0  # after SIGTERM, a second SIGTERM (uvicorn's "force quit"), then SIGKILL
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc; elsewhere none are found)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def supervise(argv: list[str], env: dict[str, str], grace: float = STOP_GRACE_S) -> int:
+    """Run the SuperLink as a child. On SIGTERM/SIGINT: SIGTERM to it and to the process
+    groups of the processes it started (flower-superexec runs each ServerApp in a session
+    of its own, which a signal to the SuperLink's group does not reach), a second SIGTERM
+    after `grace` seconds, SIGKILL after twice that. A run in flight stops like a crashed
+    ServerApp: resumable from its last checkpoint (`resume=true`)."""
+    proc = subprocess.Popen(argv, env=env)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set())
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while proc.poll() is None and not stop.is_set():
+            stop.wait(0.5)
+        if proc.poll() is not None:
+            return proc.returncode
+        groups = {g for g in map(_pgid, _children(proc.pid)) if g not in (None, os.getpgrp())}
+        for step, signum in enumerate((signal.SIGTERM, signal.SIGTERM, signal.SIGKILL)):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+            for pgid in groups:
+                _signal_group(pgid, signal.SIGKILL if step else signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+                break
+        proc.wait()
+        for pgid in groups:  # the SuperLink is gone: nothing left can report to it
+            _signal_group(pgid, signal.SIGKILL)
+        print("confide deploy superlink: stopped on request", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 def _quote(arg: str) -> str:
@@ -243,9 +358,12 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         raise DeployError(f"--device {args.device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
     state_dir = args.state_dir.expanduser().resolve()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if args.threads < 0:
+        raise DeployError(f"--threads {args.threads} must be >= 1 (or 0: automatic)")
     node_config: dict[str, Any] = {"data-path": str(data),
                                    "max-epsilon": float(args.max_epsilon),
-                                   "state-dir": str(state_dir), "device": args.device}
+                                   "state-dir": str(state_dir), "device": args.device,
+                                   "threads": int(args.threads)}
     if not args.allow_unsigned_apps:
         trusted = _need(args.trusted_publishers, "--trusted-publishers")
         app_signing.load_trusted_publishers(trusted)  # fail now, not at the first round
@@ -312,3 +430,111 @@ def stage_app(source: Path, out: Path, key: Path) -> Path:
     (out / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
     app_signing.sign_app(out, key)
     return out
+
+
+# -- `confide deploy run` ---------------------------------------------------------------
+FAILURE_PREFIX = "Confide: error: "  # confide.server.server_app.FAILURE_PREFIX
+KNOWN_NOTICES = ("fraction_evaluate is set to 0.0",)  # confide.logs.KNOWN_FLWR_NOISE
+_STARTED = re.compile(r"Successfully started run (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class RunLogFilter:
+    """What `confide deploy run` shows of a run's streamed log: a known failure as its one
+    message (the ServerApp's `Confide: error: ...` line; Flower's traceback of it and its
+    generic exit-code text are left out), Flower's known notices left out. Every other line
+    passes unchanged, so a bug's traceback stays visible."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self.run_id: int | None = None
+        self.failure: str | None = None
+        self._skip = ""  # "traceback" or "exit-code" while inside such a block
+
+    def feed(self, line: str) -> Iterator[str]:
+        plain = _ANSI.sub("", line)
+        if (m := _STARTED.search(plain)) and self.run_id is None:
+            self.run_id = int(m.group(1))
+        if FAILURE_PREFIX in plain and self.failure is None:
+            self.failure = plain.split(FAILURE_PREFIX, 1)[1].strip()
+            if not self.verbose:
+                return
+        if self.verbose:
+            yield line
+            return
+        if self._skip == "traceback":
+            if plain.startswith(("Traceback", " ", "\t")) or not plain.strip():
+                return
+            self._skip = ""
+            return  # the exception line closing the traceback
+        if self._skip == "exit-code":
+            if "For more information, visit" in plain:
+                self._skip = ""
+            return
+        if self.failure is not None and "ServerApp raised an exception" in plain:
+            self._skip = "traceback"
+            return
+        if self.failure is not None and "Exit Code: 201" in plain:
+            self._skip = "exit-code"
+            return
+        if any(n in plain for n in KNOWN_NOTICES):
+            return
+        yield line
+
+
+def run_status(run_id: int, connection: str | None, timeout: float = 60.0
+               ) -> tuple[str, str]:
+    """(status, details) of a run from `flwr ls --run-id`, once it has finished."""
+    deadline = time.monotonic() + timeout
+    status, details = "unknown", ""
+    while True:
+        res = subprocess.run(["flwr", "ls", *([connection] if connection else []),
+                              "--run-id", str(run_id), "--format", "json"],
+                             capture_output=True, text=True, check=False)
+        try:
+            run = json.loads(res.stdout)["runs"][0]
+            status, details = str(run["status"]), str(run.get("status-details", ""))
+        except (ValueError, KeyError, IndexError, TypeError):
+            # e.g. the SuperLink is gone: say so, do not wait for it
+            return "unknown", "`flwr ls` could not tell: " + \
+                (res.stdout + res.stderr).strip()[-500:]
+        if status.startswith("finished") or time.monotonic() > deadline:
+            return status, details
+        time.sleep(1.0)
+
+
+def run_app(app: Path, connection: str | None, run_config: str, *, verbose: bool = False,
+            out: TextIO | None = None) -> int:
+    """`flwr run APP [CONNECTION] --stream --run-config ...` with the log filtered
+    (RunLogFilter); exit 0 only when Flower reports the run `finished:completed`, else 1
+    with one message (Flower's own `flwr run` exits 0 whatever the ServerApp did)."""
+    out = out or sys.stdout
+    if not (app / "pyproject.toml").is_file():
+        raise DeployError(f"{app}: not an app folder (no pyproject.toml); stage one with "
+                          "`confide deploy stage-app`")
+    argv = ["flwr", "run", str(app), *([connection] if connection else []), "--stream",
+            "--run-config", run_config]
+    filt = RunLogFilter(verbose)
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace", bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in _lines(proc.stdout):
+            for kept in filt.feed(line):
+                out.write(kept)
+                out.flush()
+        code = proc.wait()
+    if filt.run_id is None:
+        print(f"confide deploy run: error: `flwr run` did not start a run (exit {code}); "
+              "see its message above", file=sys.stderr, flush=True)
+        return code or 1
+    status, details = run_status(filt.run_id, connection)
+    if status == "finished:completed" and filt.failure is None:
+        return 0
+    reason = filt.failure or details or status
+    print(f"confide deploy run: error: run {filt.run_id} {status.replace(':', ' ')}: "
+          f"{reason}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _lines(stream: TextIO) -> Iterable[str]:
+    yield from iter(stream.readline, "")

@@ -48,7 +48,15 @@ from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.receipts import Receipt, verify_receipt
 from confide.privacy.refusals import refusal_mismatches, verify_refusal
-from confide.server.recovery import RunWriteError, StopRequest, check_resume, write_failure
+from confide.server.recovery import (
+    Aborted,
+    NoBudgetLeft,
+    RunWriteError,
+    StopRequest,
+    check_resume,
+    no_budget_message,
+    write_failure,
+)
 from confide.server.run_folder import RunFolder
 from confide.server.secure_round import SecureRounds, is_simulation
 from confide.strategies.client_level_dp import ClientLevelDp
@@ -124,6 +132,7 @@ class Federation:
         # the task evaluates (accuracy/loss; perplexity and generation for causal-lm)
         self.evaluator = get_task(self.cfg).evaluator(evaluation)
         self.partners: dict[str, PartnerRecord] = {}
+        self._node_partner: dict[int, str] = {}  # Flower node id -> partner, for logs
         self.client_dp_epsilon: float | None = None
         self.rounds_completed = 0
         self.last_metrics: dict[str, Any] = {}
@@ -250,6 +259,10 @@ class Federation:
                     return self.interrupt()
                 self.run_round(server_round)
             return self.finish()
+        except Aborted:  # the driver failed: leave mid-round; resumable from the checkpoint
+            if self.ledger is not None:
+                self.ledger.close()
+            raise
         except OSError as exc:  # disk full, permissions: a message, and resumable
             if self.ledger is not None:
                 self.ledger.close()
@@ -286,6 +299,7 @@ class Federation:
                 round=server_round, sampled=[str(n) for n in sampled]).to_payload())
             replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
             trained, uploaded = self._sort_replies(server_round, replies, set(sampled))
+            self.check_budget_left(server_round, trained)
             arrays, _ = self.strategy.aggregate_train(server_round, trained)
             rejected = {node for node, _ in self.inner.rejected}
             aggregated = []
@@ -326,6 +340,7 @@ class Federation:
         self.last_metrics = row
         self.folder.save_checkpoint(server_round, self.global_state, self.server_state(),
                                     self.inner.optimizer.state_dict()["arrays"])
+        log(INFO, "%s", round_line(row, self.cfg.rounds))
         if self.on_round:
             self.on_round(row)
         crash_after = os.environ.get(CRASH_AFTER_ROUND_ENV)
@@ -356,6 +371,7 @@ class Federation:
         uploaded = 0
         self._reply_partner: dict[int, str] = {}
         self._dropped: list[str] = []
+        self._refusals: list[tuple[str, float, float, float]] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if expected is not None and node not in expected:
@@ -366,7 +382,7 @@ class Federation:
                 log(WARNING, "round %d: second reply from node %s; dropped", server_round, node)
                 continue
             if reply.has_error():
-                log(WARNING, "round %d: node %s failed: %s", server_round, node,
+                log(WARNING, "round %d: %s failed: %s", server_round, self._node_name(node),
                     reply.error.reason)
                 self._dropped.append(f"node-{node}")
                 continue
@@ -381,6 +397,7 @@ class Federation:
                     server_round, partner.pseudonym, node)
                 continue
             self._reply_partner[node] = partner.pseudonym
+            self._node_partner[node] = partner.pseudonym
             code = str(status[W.STATUS_CODE])
             if code == W.BUDGET_EXHAUSTED:
                 refusal = self._refusal(server_round, partner, reply, status)
@@ -389,6 +406,9 @@ class Federation:
                     self._dropped.append(partner.pseudonym)
                     continue
                 partner.refused.append(server_round)
+                self._refusals.append((partner.pseudonym, float(status["spent"]),
+                                       float(status["would_be"]),
+                                       float(status["max_epsilon"])))
                 log(WARNING, "round %d: partner %s refused: %s", server_round,
                     partner.pseudonym, status[W.STATUS_DETAIL])
                 self.ledger.append(refusal)
@@ -405,6 +425,28 @@ class Federation:
             partner.rounds_trained.append(server_round)
             trained.append(reply)
         return trained, uploaded
+
+    def _node_name(self, node: int) -> str:
+        """`partner p-... (node N)` once the node has answered with its partner id in this
+        run (a node that fails later is still named by partner), else `node N`."""
+        partner = self._node_partner.get(node)
+        return f"partner {partner} (node {node})" if partner else f"node {node}"
+
+    def check_budget_left(self, server_round: int, trained: list[Message]) -> None:
+        """The first round of a run in which every partner that answered refused for budget
+        (a lifetime budget spent by earlier runs): later rounds would be refused the same
+        way, so the run stops now with the partners' remaining budgets, instead of going
+        through every round and finishing with nothing aggregated. The ledger ends inside
+        round 1 with the partners' signed refusals (their lifetime spend): the record of
+        why nothing was trained, and it verifies."""
+        assert self.ledger is not None
+        if self.rounds_completed or trained or not self._refusals \
+                or len(self._refusals) < len(self._reply_partner):
+            return
+        message = no_budget_message(server_round, self._refusals, self.cfg.target_epsilon)
+        self.ledger.close()
+        self.interrupted = True
+        raise NoBudgetLeft(message)
 
     def _partner(self, status: ConfigRecord) -> PartnerRecord:
         pseudonym = str(status[W.PARTNER])
@@ -430,7 +472,7 @@ class Federation:
             event = E.BudgetRefusal(round=server_round, partner=partner.pseudonym,
                                     **numbers, receipt=signed.to_dict())
             bad = refusal_mismatches(signed, event.to_payload())
-            if bad or signed.payload.get("run") != self.ledger.public_key_hex:  # type: ignore[union-attr]
+            if bad or signed.payload.get("run") != self.ledger.public_key_hex:
                 raise ValueError("; ".join(bad) or "refusal is for another run")
         except (KeyError, ValueError) as exc:
             log(WARNING, "round %d: partner %s: invalid signed refusal (%s); counted as "
@@ -582,6 +624,25 @@ class Federation:
         except Exception as exc:  # the run's results stand even if plotting fails
             log(WARNING, "report.html could not be written: %s", exc)
         return summary
+
+
+def round_line(row: dict[str, Any], rounds: int) -> str:
+    """One line per finished round for the run's log (a deployed run's streamed log)."""
+    eps = row.get("epsilon_example_level") or {}
+    def num(v: Any) -> str:
+        return "n/a" if v is None else f"{float(v):.4f}"
+
+    text = (f"Confide round {row['round']}/{rounds}: accuracy {num(row.get('accuracy'))}, "
+            f"loss {num(row.get('loss'))}, aggregated {row['num_clients_aggregated']}"
+            f"/{row['num_clients_sampled']}")
+    if eps:
+        text += (f", example-level epsilon max {max(eps.values()):.3f} ("
+                 + ", ".join(f"{p} {e:.3f}" for p, e in sorted(eps.items())) + ")")
+    if row.get("epsilon_client_level") is not None:
+        text += f", client-level epsilon {row['epsilon_client_level']:.3f}"
+    if row.get("refused"):
+        text += f", refused (budget): {', '.join(row['refused'])}"
+    return text
 
 
 def np_state(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -17,9 +17,10 @@ from confide.privacy import ledger_events as E
 from confide.privacy.ledger import read_lines
 from confide.server.run_folder import CheckpointError, RunFolder
 
-# Keys that may differ on resume: `resume` itself, and `out` (a run folder may be moved
-# or copied and resumed in its new place; nothing privacy-relevant depends on the path).
-IGNORED_ON_RESUME = frozenset({"resume", "out"})
+# Keys that may differ on resume: `resume` itself, `out` (a run folder may be moved or
+# copied and resumed in its new place; nothing privacy-relevant depends on the path) and
+# the Ray resources per virtual partner (a run may resume on another machine or cluster).
+IGNORED_ON_RESUME = frozenset({"resume", "out", "client-cpus", "client-gpus"})
 
 
 class ResumeRefused(CheckpointError):
@@ -127,14 +128,30 @@ class StopRequest:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._abort = threading.Event()
         self.reason = ""
 
     def request(self, reason: str) -> None:
         self.reason = self.reason or reason
         self._event.set()
 
+    def abort(self, reason: str) -> None:
+        """The driver failed (e.g. the simulation engine crashed): leave now, mid-round.
+        What a node spent is in the ledger already; the run resumes from its checkpoint."""
+        self.reason = self.reason or reason
+        self._abort.set()
+        self._event.set()
+
+    @property
+    def aborted(self) -> bool:
+        return self._abort.is_set()
+
     def __bool__(self) -> bool:
         return self._event.is_set()
+
+
+class Aborted(RuntimeError):
+    """Raised in the server loop when its driver aborted the run (StopRequest.abort)."""
 
 
 class Interrupted(RuntimeError):
@@ -153,3 +170,25 @@ def write_failure(folder: RunFolder, exc: OSError) -> RunWriteError:
         f"resumes {describe_checkpoint(folder)} (every file is replaced atomically, and "
         "budget the partners spent in the unfinished round stays in the ledger). Free "
         "space or fix permissions, then run the same command with --resume")
+
+
+class NoBudgetLeft(RuntimeError):
+    """Every partner that answered the run's first round refused it because its lifetime
+    privacy budget is spent: the run cannot train anything. Raised after the refusals are
+    in the ledger, before any evaluation or checkpoint."""
+
+
+def no_budget_message(server_round: int, refusals: list[tuple[str, float, float, float]],
+                      target_epsilon: float) -> str:
+    """refusals: (partner, spent, would_be, max_epsilon) as each partner signed them."""
+    parts = [f"{p}: spent {spent:.4g} of its max-epsilon {cap:.4g} (remaining "
+             f"{max(0.0, cap - spent):.4g}; round {server_round} would reach {would:.4g})"
+             for p, spent, would, cap in sorted(refusals)]
+    remaining = min(max(0.0, cap - spent) for _, spent, _, cap in refusals)
+    return (f"no partner can train: every partner refused round {server_round} because its "
+            f"privacy budget is spent ({'; '.join(parts)}). Nothing was trained or "
+            "aggregated; the run stops here. A partner's max-epsilon is a lifetime budget "
+            "over all runs on its data, and each run spends up to its target-epsilon "
+            f"({target_epsilon:g}) of it. Ask the partners whether they can give the "
+            f"federation more budget, or start a run whose target-epsilon fits what is left "
+            f"(the smallest remaining budget is {remaining:.4g}).")

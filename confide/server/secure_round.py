@@ -30,7 +30,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
@@ -85,16 +87,21 @@ class Session:
     aborted: str | None = None
     rejected: dict[int, str] = field(default_factory=dict)  # node -> reason
     shared: SharedNoiseConfig | None = None  # shared-noise example-level DP parameters
+    # sampled nodes that did not deliver a message of this session they were asked for
+    # (error reply, no reply, nothing usable, rejected): its dropouts, whether or not the
+    # session aborted
+    dropped: set[int] = field(default_factory=set)
 
     @property
     def nodes(self) -> dict[int, int]:
         return {c: n for n, c in self.ids.items()}
 
     def abort(self, exc: SecAggAbort) -> None:
+        """Recorded here, logged when round `self.round` ends (SecureRounds.run_round): a
+        later round's session can abort during an earlier round's exchange, and its log
+        line must not come before that earlier round's own outcome."""
         if self.aborted is None:
             self.aborted = str(exc)
-            log(WARNING, "secure round %d: %s; the global model stays unchanged", self.round,
-                exc)
 
 
 def is_simulation(grid: object) -> bool:
@@ -130,6 +137,20 @@ class SecureRounds:
         self.shared_sigma: float | None = None
         self.shared_rate: float = 0.0  # the run's common sampling rate (set with sigma)
         self.partner_info: dict[int, tuple[int, float]] = {}
+        # Flower node id -> partner pseudonym, from every status reply so far: logs name
+        # partners, also for a node that later stops answering
+        self.partner_of: dict[int, str] = {}
+
+    def name(self, node: int) -> str:
+        partner = self.partner_of.get(node) or self.fed._reply_partner.get(node)
+        return f"partner {partner} (node {node})" if partner else f"node {node}"
+
+    def _clients_named(self, session: Session, text: str) -> str:
+        """`client 2` of the SecAgg core -> `client 2 = partner p-... (node ...)`."""
+        nodes = session.nodes
+        return re.sub(r"client (\d+)", lambda m: f"client {m.group(1)} = "
+                      f"{self.name(nodes[int(m.group(1))])}"
+                      if int(m.group(1)) in nodes else m.group(0), text)
 
     # -- cohorts and sessions ----------------------------------------------------------
     def _nodes(self) -> list[int]:
@@ -191,8 +212,8 @@ class SecureRounds:
                 self.uploaded += sum(len(v) for v in up.values() if isinstance(v, bytes))
                 for key, value in up.items():
                     if key.startswith("error/"):
-                        log(WARNING, "node %s: secure aggregation %s: %s",
-                            reply.metadata.src_node_id, key[6:], value)
+                        log(WARNING, "%s: secure aggregation %s: %s",
+                            self.name(reply.metadata.src_node_id), key[6:], value)
             if W.MASKED in reply.content.array_records:
                 self.uploaded += sum(a.numpy().nbytes
                                      for a in reply.content[W.MASKED].values())
@@ -200,6 +221,24 @@ class SecureRounds:
 
     def consume(self, session: Session, reply: Message, key: str,
                 kind: type[SecAggMessage]) -> bool:
+        """_consume; a sampled node whose part is missing or rejected is a dropout of the
+        session."""
+        ok = self._consume(session, reply, key, kind)
+        if not ok and reply.metadata.src_node_id in session.ids:
+            session.dropped.add(reply.metadata.src_node_id)
+        return ok
+
+    @staticmethod
+    def _no_reply(session: Session | None, replies: list[Message], asked: Iterable[int]
+                  ) -> None:
+        """Nodes of `session` that were sent a message of it and did not answer at all."""
+        if session is None:
+            return
+        answered = {r.metadata.src_node_id for r in replies}
+        session.dropped.update(n for n in asked if n in session.ids and n not in answered)
+
+    def _consume(self, session: Session, reply: Message, key: str,
+                 kind: type[SecAggMessage]) -> bool:
         """Feed one part of a node's reply to the round's core; a malformed, replayed,
         misaddressed or unexpected part is rejected with a reason naming the node (that
         node then counts as a dropout), and the round goes on."""
@@ -211,6 +250,7 @@ class SecureRounds:
             if reply.has_error():
                 return False
             up = reply.content.config_records.get(W.SECAGG_UP)
+            msg: SecAggMessage | None
             if kind is MaskedInput:
                 msg = self._masked_input(session, reply)
                 if msg is None:
@@ -218,7 +258,7 @@ class SecureRounds:
             else:
                 if up is None or key not in up:
                     return False
-                msg = SecAggMessage.from_bytes(bytes(up[key]))  # type: ignore[arg-type]
+                msg = SecAggMessage.from_bytes(bytes(up[key]))
                 if not isinstance(msg, kind):
                     raise SecureMessageRejected(f"node {node}: {key} holds a {msg.KIND} "
                                                 "message")
@@ -233,7 +273,8 @@ class SecureRounds:
             if isinstance(exc, SecAggAbort):
                 raise
             reason = f"node {node}: {type(exc).__name__}: {exc}"
-            log(WARNING, "secure round %d: rejected message of %s", session.round, reason)
+            log(WARNING, "secure round %d: rejected message of %s: %s: %s", session.round,
+                self.name(node), type(exc).__name__, exc)
             session.rejected[node] = reason
             return False
 
@@ -247,8 +288,8 @@ class SecureRounds:
                                         "without vector, round or sender")
         # the session id and round come from the reply; the core rejects a vector of
         # another round (replay) or of the wrong length/dtype, naming the sender
-        return MaskedInput(session.config.session_id, int(up[W.MASKED_ROUND]),  # type: ignore[arg-type]
-                           sender=int(up[W.MASKED_SENDER]),  # type: ignore[arg-type]
+        return MaskedInput(session.config.session_id, int(up[W.MASKED_ROUND]),
+                           sender=int(up[W.MASKED_SENDER]),
                            vector=record["vector"].numpy())
 
     def _close(self, session: Session | None, stage: str) -> None:
@@ -276,13 +317,16 @@ class SecureRounds:
         for s in sessions:
             for reply in replies:
                 self.consume(s, reply, f"{W.ADVERTISE}/{s.round}", AdvertiseKeys)
+            self._no_reply(s, replies, parts)
             self._close(s, "advertise")
         head = sessions[0]
         if head.aborted is None and head.directory is not None:
             parts = {n: {f"{W.KEY_DIRECTORY}/{first}": head.directory.to_bytes()}
                      for n in head.ids}
-            for reply in self._exchange(first, config, parts):
+            replies = self._exchange(first, config, parts)
+            for reply in replies:
                 self.consume(head, reply, f"{W.SHARE_KEYS}/{first}", ShareKeys)
+            self._no_reply(head, replies, parts)
             self._close(head, "share")
         log(INFO, "secure aggregation set up for round %d: %d clients, threshold %d, "
             "%d neighbours, %d bits", first, head.config.num_clients, head.config.threshold,
@@ -328,9 +372,12 @@ class SecureRounds:
         replies = self._exchange(server_round, config, parts, train)
         trained, _ = fed._sort_replies(
             server_round, [r for r in replies if r.metadata.src_node_id in train])
+        self.partner_of.update(fed._reply_partner)
+        fed.check_budget_left(server_round, trained)
         if nxt is not None and nxt.aborted is None:
             for reply in replies:
                 self.consume(nxt, reply, f"{W.SHARE_KEYS}/{nxt.round}", ShareKeys)
+            self._no_reply(nxt, replies, nxt.ids)
             self._close(nxt, "share")
         verify: dict[int, np.ndarray] = {}
         unmask_request = None
@@ -340,6 +387,8 @@ class SecureRounds:
                         and W.VERIFY in reply.content.array_records:
                     verify[cur.ids[reply.metadata.src_node_id]] = \
                             reply.content[W.VERIFY]["encoded"].numpy()
+            # asked to train but no masked input (failed, refused, no answer)
+            cur.dropped.update(train - {r.metadata.src_node_id for r in trained})
             try:
                 unmask_request = cur.server.unmask_request()
             except SecAggAbort as exc:
@@ -360,26 +409,30 @@ class SecureRounds:
         if later is not None:
             for reply in replies:
                 self.consume(later, reply, f"{W.ADVERTISE}/{later.round}", AdvertiseKeys)
+            self._no_reply(later, replies, later.ids)
             self._close(later, "advertise")
         result = None
         if unmask_request is not None and cur.aborted is None:
             for reply in replies:
                 if reply.metadata.src_node_id in cur.ids:
                     self.consume(cur, reply, f"{W.UNMASK_SHARES}/{server_round}", UnmaskShares)
+            self._no_reply(cur, replies, [cur.nodes[c] for c in unmask_request.survivors])
             try:
                 result = cur.server.result()
             except SecAggAbort as exc:
                 cur.abort(exc)
             except SecAggError as exc:  # e.g. inconsistent shares: nothing is released
                 cur.aborted = f"unmasking failed: {exc}"
-                log(WARNING, "secure round %d: %s", server_round, cur.aborted)
 
         # aggregate, verify, account, record
         extra: dict[str, Any] = {"secagg_aborted": cur.aborted}
         aggregated: list[str] = []
         partner = fed._reply_partner
         nodes = cur.nodes
-        survivors = [nodes[c] for c in result.survivors] if result is not None else []
+        # released: the clients in the sum; aborted: the sampled nodes still answering
+        # (nothing of theirs was unmasked or aggregated)
+        survivors = ([nodes[c] for c in result.survivors] if result is not None
+                     else [n for n in sampled if n not in cur.dropped])
         if result is not None and survivors and cur.shared is not None:
             # shared noise: the noisy clipped-gradient sum over the expected total batch
             # sum_i q_i n_i (public: the partners' rows and rates), then one server-optimizer
@@ -409,13 +462,23 @@ class SecureRounds:
             name = f"node-{node}"
             if name not in fed._dropped:  # counted as a dropout of this round
                 fed._dropped.append(name)
-        dropouts = sorted(partner.get(n, f"node-{n}") for n in sampled if n not in survivors)
+        gone = [n for n in sampled if n not in survivors]
+        dropouts = sorted(self.partner_of.get(n) or partner.get(n) or f"node-{n}"
+                          for n in gone)
         extra["secagg_survivors"] = len(survivors)
         extra["secagg_dropouts"] = len(dropouts)
+        dropped_text = ", ".join(self.name(n) for n in gone) or "none"
+        if cur.aborted is not None:  # logged here, in round order (see Session.abort)
+            log(WARNING, "secure round %d aborted: %s; dropped: %s; nothing was unmasked and "
+                "the global model stays unchanged", server_round,
+                self._clients_named(cur, cur.aborted), dropped_text)
+        elif gone:
+            log(WARNING, "secure round %d: %d of %d sampled in the sum; dropped: %s",
+                server_round, len(survivors), len(sampled), dropped_text)
         fed.ledger.append(E.SecureAggregationEvent(
             round=server_round, participants=sorted(aggregated), dropouts=dropouts,
-            threshold=int(cur.config.threshold),  # type: ignore[arg-type]
-            bits=cur.config.bits, neighbours=int(cur.config.degree),  # type: ignore[arg-type]
+            threshold=int(cur.config.threshold),
+            bits=cur.config.bits, neighbours=int(cur.config.degree),
             aborted=cur.aborted))
         if fed.cfg.distributed_dp:
             self._record_ddg(cur, released=result is not None)
@@ -518,7 +581,7 @@ class SecureRounds:
         try:
             return SharedNoiseConfig(
                 clip=cfg.max_grad_norm, noise_multiplier=self.shared_sigma,
-                num_clients=sc.num_clients, min_survivors=int(sc.min_survivors),  # type: ignore[arg-type]
+                num_clients=sc.num_clients, min_survivors=int(sc.min_survivors),
                 colluders=cfg.dp_colluders,
                 max_examples=sum(self.partner_info[n][0] for n in session.ids),
                 vector_length=self.vector_length, bits=sc.bits, sample_rate=self.shared_rate)

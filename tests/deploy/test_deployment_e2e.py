@@ -1,6 +1,9 @@
 """End to end on loopback with Flower's real processes: a SuperLink with TLS and node
-authentication, partner SuperNodes started by `confide deploy supernode`, `flwr run` of the
-signed app, and the refusals that matter (unregistered node key, untrusted app publisher).
+authentication, partner SuperNodes started by `confide deploy supernode`, `confide deploy
+run` (the docs' `flwr run --stream`) of the signed app, and the refusals that matter
+(unregistered node key, untrusted app publisher). Issue 11 items 14-21 ride along on the same
+federation: the streamed log, the node's state folder and threads, the exit status of runs
+that fail, a run with no partner budget left, and stopping the SuperLink during a run.
 
 One federation serves the module (starting it costs ~20 s); tests run in file order.
 Each ClientApp call is a fresh `flwr-clientapp` process that imports torch, so a round takes
@@ -14,6 +17,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,11 +122,14 @@ class Federation:
                   is not None, 90, f"SuperNode {name} to connect")
         assert self.procs[name].poll() is None, self.log(name)[-3000:]
 
+    def run_argv(self, out: Path, config: str) -> list[str]:
+        """The docs' command: `flwr run --stream` with a filtered log and an exit status."""
+        return self.confide("deploy", "run", str(self.app), "confide",
+                            "--run-config", f"out='{out}' {config}")
+
     def flwr_run(self, out: Path, config: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["flwr", "run", str(self.app), "confide", "--stream",
-             "--run-config", f"out='{out}' {config}"],
-            env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+        return subprocess.run(self.run_argv(out, config), env=self.env, capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +226,26 @@ def test_two_rounds_over_tls_with_node_auth(fed: Federation) -> None:
         assert len(_node_state(fed, name).accountant.state_dict()["history"]) == 2
     # The refused bundle's code never ran on the untrusting node: no state was written.
     assert not (fed.root / "state" / "untrusting" / STATE_FILE).exists()
-    assert rogue.wait(90) != 0, fed.log("rogue")
+    # item 15: the docs say what really happens: status 1, Flower's code 305 in the log
+    assert rogue.wait(90) == 1, fed.log("rogue")
+    assert "Exit Code: 305" in fed.log("rogue"), fed.log("rogue")[-3000:]
     assert "Failed to activate SuperNode" in fed.log("rogue"), fed.log("rogue")[-3000:]
     assert "No SuperNode found with the given public key" in fed.log("superlink")
+    # item 21: one line per round with its result; every line once; no known notices
+    log = result.stdout
+    for r in (1, 2):
+        assert log.count(f"Confide round {r}/2: accuracy ") == 1, log[-4000:]
+    assert "example-level epsilon max" in log
+    assert log.count("configure_train: Sampled 4 nodes") == 2, log[-4000:]  # was 4
+    assert "fraction_evaluate" not in log and "Traceback" not in log, log[-4000:]
+    for name in PARTNERS:
+        node_log = fed.log(name)
+        assert "UserWarning" not in node_log, node_log[-3000:]
+        assert len(re.findall(r"partner p-\w+ round 1: ", node_log)) == 1, node_log[-3000:]
+        # item 20: threads divided between the nodes on this machine
+        assert re.search(r"this node trains with \d+ CPU threads", node_log), node_log[-3000:]
+        # item 19: Flower's files (the app bundles) stay in the node's state folder
+        assert any((fed.root / "state" / name / "flwr" / "apps").iterdir())
 
 
 def test_restarted_node_remembers_spent_budget(fed: Federation) -> None:
@@ -278,3 +302,70 @@ def test_killed_server_resumes_with_continuous_ledger_and_same_epsilon(fed: Fede
     assert set(resumed) == set(plain)
     for partner, eps in resumed.items():
         assert eps == pytest.approx(plain[partner], rel=1e-9)
+
+
+def test_runs_that_cannot_proceed_exit_non_zero_with_one_message(fed: Federation) -> None:
+    # item 17: `flwr run` exited 0 and showed the message inside a traceback, twice
+    taken = fed.flwr_run(fed.root / "run-plain", f"{BASE_CONFIG} rounds=1 "
+                                                 f"eval-data='{fed.root}/eval.csv'")
+    shown = taken.stdout + taken.stderr
+    assert taken.returncode == 1, shown[-4000:]
+    assert shown.count("already holds a run") == 1, shown[-4000:]
+    assert "confide deploy run: error: run" in taken.stderr and "Traceback" not in shown
+    assert (fed.root / "run-plain" / "summary.json").exists()  # the finished run untouched
+    # item 14: every partner has spent more than this run allows (the run's max-epsilon 1 is
+    # below what each spent in the runs above: as with `--max-epsilon 8` after one default
+    # run): the run stops at round 1, says why, and exits non-zero
+    spent = {n: _node_state(fed, n).accountant.epsilon() for n in PARTNERS}
+    assert min(spent.values()) > 1.0
+    config = BASE_CONFIG.replace("target-epsilon=4.0", "target-epsilon=1.0").replace(
+        "max-epsilon=50.0", "max-epsilon=1.0")
+    run_dir = fed.root / "run-no-budget"
+    result = fed.flwr_run(run_dir, f"{config} rounds=3 eval-data='{fed.root}/eval.csv'")
+    shown = result.stdout + result.stderr
+    assert result.returncode == 1, shown[-4000:]
+    assert shown.count("every partner refused round 1") == 1, shown[-4000:]
+    assert "smallest remaining budget" in result.stderr and "Traceback" not in shown
+    assert "Confide round" not in shown  # no round was completed
+    assert not (run_dir / "summary.json").exists()
+    assert confide_main(["audit", "verify", str(run_dir)]) == 0
+    assert {n: _node_state(fed, n).accountant.epsilon() for n in PARTNERS} == spent
+
+
+def _serverapps(port: int) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().split(b"\0")
+            if any(a.endswith((b"flwr-serverapp", b"flower-superexec")) for a in argv[:2]) \
+                    and f"127.0.0.1:{port}".encode() in b" ".join(argv):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_superlink_stops_within_15_s_of_sigterm_during_a_run(fed: Federation) -> None:
+    # item 18: Flower's SuperLink waited for the run's log stream and never stopped. Last
+    # test of the module: the federation's SuperLink is gone afterwards.
+    log = (fed.root / "run-sigterm.log").open("w")
+    run = subprocess.Popen(fed.run_argv(fed.root / "run-sigterm",
+                                        f"{BASE_CONFIG} rounds=2 eval-data='{fed.root}/"
+                                        "eval.csv'"),
+                           env=fed.env, stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    try:
+        _wait_for(lambda: "configure_train: Sampled" in fed.log("run-sigterm")
+                  or run.poll() is not None, 120, "round 1 of the run to start")
+        assert run.poll() is None and _serverapps(fed.port), fed.log("run-sigterm")[-3000:]
+        superlink = fed.procs.pop("superlink")
+        start = time.monotonic()
+        os.killpg(superlink.pid, signal.SIGTERM)  # as a service manager stops it
+        superlink.wait(15)
+        assert time.monotonic() - start < 15
+        assert "stopped on request" in fed.log("superlink")
+        time.sleep(0.5)
+        assert _serverapps(fed.port) == []  # the ServerApp's own session is stopped too
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait(10)
+        log.close()

@@ -115,6 +115,9 @@ class FakeFederation:
 
     _sort_replies = Federation._sort_replies
     _partner = Federation._partner
+    check_budget_left = Federation.check_budget_left
+    _node_name = Federation._node_name
+    rounds_completed = 0
 
     def __init__(self, cfg: RunConfig, grid: LocalGrid) -> None:
         self.cfg, self.grid, self.timeout = cfg, grid, 10.0
@@ -124,6 +127,7 @@ class FakeFederation:
         self.inner = DeltaFedAvg(server_learning_rate=1.0)
         self.client_dp_epsilon: float | None = None
         self._reply_partner: dict[int, str] = {}
+        self._node_partner: dict[int, str] = {}
         self._dropped: list[str] = []
 
 

@@ -1,0 +1,210 @@
+"""Issue 11 items 15-21 without a federation: the launchers' environment (state folder,
+threads, verbosity), the SuperLink supervisor's stop, the run-log filter and the
+deployed processes' logging. The same behaviour with Flower's real processes is checked in
+test_deployment_e2e.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from confide.clients.threads import ThreadsError, node_threads, supernodes_running
+from confide.deploy import commands
+from confide.deploy.commands import RunLogFilter, launch_env, supernode_command, supervise
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _supernode_args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\ngood,1\nbad,0\n")
+    parser = argparse.ArgumentParser()
+    commands.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args([
+        "deploy", "supernode", "--superlink", "127.0.0.1:9092", "--data-path", str(data),
+        "--max-epsilon", "8", "--state-dir", str(tmp_path / "state"),
+        "--allow-unsigned-apps", "--insecure", "--i-understand-insecure", *extra])
+
+
+def test_node_keeps_flower_files_under_its_state_folder(tmp_path: Path) -> None:
+    # item 19: Flower's home (app bundles) was ~/.flwr; now STATE_DIR/flwr, whatever the
+    # partner's environment says
+    args = _supernode_args(tmp_path)
+    supernode_command(args)
+    env = launch_env(args, {"FLWR_HOME": str(Path.home() / ".flwr"), "PATH": "/usr/bin"})
+    assert env["FLWR_HOME"] == str((tmp_path / "state" / "flwr").resolve())
+
+
+def test_threads_setting_and_its_automatic_default(tmp_path: Path) -> None:
+    # item 20: two nodes on a 2-core machine used 2 threads each (80-127 s per round)
+    assert node_threads(0, cores=2, nodes=2) == 1
+    assert node_threads(None, cores=16, nodes=3) == 5
+    assert node_threads("auto", cores=4, nodes=8) == 1
+    assert node_threads(3, cores=2, nodes=2) == 3
+    for bad in (-1, "many"):
+        with pytest.raises(ThreadsError, match="node config threads"):
+            node_threads(bad)
+    args = _supernode_args(tmp_path, "--threads", "3")
+    argv = supernode_command(args)
+    assert "threads=3" in argv[argv.index("--node-config") + 1]
+    env = launch_env(args, {"PATH": "/usr/bin"})
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    auto = launch_env(_supernode_args(tmp_path), {"PATH": "/usr/bin", "OMP_NUM_THREADS": "9"})
+    assert auto["OMP_NUM_THREADS"] == "9"  # automatic: the ClientApp divides the cores
+    with pytest.raises(commands.DeployError, match="--threads -2"):
+        supernode_command(_supernode_args(tmp_path, "--threads", "-2"))
+
+
+def test_supernodes_on_this_machine_are_counted(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    for pid, argv in ((10, [sys.executable, "/venv/bin/flower-supernode", "--x"]),
+                      (11, ["/venv/bin/flower-supernode"]), (12, ["flower-superlink"]),
+                      (13, ["python", "flower-supernode-notes.txt"])):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv))
+    assert supernodes_running(proc) == 2
+    assert supernodes_running(tmp_path / "none") == 1
+
+
+def test_verbose_flag_reaches_the_processes(tmp_path: Path) -> None:
+    quiet = launch_env(_supernode_args(tmp_path), {"CONFIDE_VERBOSE": "1"})
+    assert "CONFIDE_VERBOSE" not in quiet
+    assert launch_env(_supernode_args(tmp_path, "--verbose"), {})["CONFIDE_VERBOSE"] == "1"
+
+
+# A SuperLink that does what Flower's does on SIGTERM during a live run (uvicorn waits for
+# the open log stream and node connections): it does not exit. Like Flower's, it starts a
+# flower-superexec in a session of its own, which a signal to the SuperLink's group misses.
+STUBBORN = textwrap.dedent("""
+    import signal, subprocess, sys, time
+    signal.signal(signal.SIGTERM, lambda *_: print("waiting for connections", flush=True))
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                     start_new_session=True)
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_superlink_supervisor_stops_it_and_its_serverapp_sessions(tmp_path: Path) -> None:
+    # item 18: the SuperLink did not stop within 15 s of SIGTERM during a live run
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from confide.deploy.commands import supervise; "
+         f"sys.exit(supervise([sys.executable, {str(script)!r}], dict(__import__('os')"
+         ".environ), grace=1.0))"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=ROOT, start_new_session=True)
+    assert launcher.stdout is not None
+    assert launcher.stdout.readline().strip() == "ready"
+    children = commands._children(launcher.pid)
+    grandchildren = [g for c in children for g in commands._children(c)]
+    assert len(children) == 1 and len(grandchildren) == 1
+    start = time.monotonic()
+    os.killpg(launcher.pid, signal.SIGTERM)  # what a service manager or Ctrl-C does
+    assert launcher.wait(10) == 0
+    assert time.monotonic() - start < 5  # grace 1 s: SIGTERM, SIGTERM again, SIGKILL
+    assert "stopped on request" in launcher.stderr.read()  # type: ignore[union-attr]
+    time.sleep(0.2)
+    assert not any(_alive(p) for p in children + grandchildren)
+    assert supervise([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ)) == 3
+
+
+# What `flwr run --stream` printed when the ServerApp refused an existing `out` (item 17):
+# Flower 1.41, before the fix, shortened. Every line twice (item 21), the message inside a
+# traceback, Flower's generic exit-code text, and `flwr run` exited 0.
+ORIGINAL_STREAM = """\
+Using SuperLink: confide (127.0.0.1:41209)
+Successfully started run 5641042066732135744
+\x1b[92mINFO \x1b[0m:      Starting logstream for run_id `5641042066732135744`
+\x1b[92mINFO \x1b[0m:      Start `flwr-serverapp` process
+\x1b[93mWARNING \x1b[0m:   fraction_evaluate is set to 0.0. Federated evaluation will be skipped.
+\x1b[91mERROR \x1b[0m:     Confide: error: /srv/runs/study-1 already holds a run; use resume = \
+true to continue it or choose another out folder
+\x1b[91mERROR \x1b[0m:     ServerApp raised an exception
+Traceback (most recent call last):
+  File "/venv/flwr/superlink/runtime/run_serverapp.py", line 221, in run_serverapp
+    context = run_(
+              ^^^^^
+  File "/apps/confide/server/server_app.py", line 68, in main
+    raise RunFailed(str(exc)) from None
+confide.server.server_app.RunFailed: /srv/runs/study-1 already holds a run; use resume = true \
+to continue it or choose another out folder
+\x1b[91mERROR \x1b[0m:     Exit Code: 201
+
+An unhandled exception occurred in the ServerApp.
+
+For more information, visit: <https://flower.ai/docs/framework/1.41/en/ref-exit-codes/201.html>
+\x1b[92mINFO \x1b[0m:      Confide round 1/2: accuracy 0.5, loss 0.7, aggregated 2/2
+"""
+
+
+def test_run_log_filter_shows_a_known_failure_once_without_traceback() -> None:
+    filt = RunLogFilter()
+    shown = "".join(k for line in ORIGINAL_STREAM.splitlines(keepends=True)
+                    for k in filt.feed(line))
+    assert filt.run_id == 5641042066732135744
+    assert filt.failure == ("/srv/runs/study-1 already holds a run; use resume = true to "
+                            "continue it or choose another out folder")
+    for gone in ("Traceback", "File ", "RunFailed", "already holds", "Exit Code",
+                 "For more information", "fraction_evaluate"):
+        assert gone not in shown, gone
+    assert "Start `flwr-serverapp` process" in shown and "Confide round 1/2" in shown
+    verbose = RunLogFilter(verbose=True)
+    everything = "".join(k for line in ORIGINAL_STREAM.splitlines(keepends=True)
+                         for k in verbose.feed(line))
+    assert everything == ORIGINAL_STREAM and verbose.failure == filt.failure
+    # a bug (no Confide message before it) keeps its traceback
+    bug = RunLogFilter()
+    kept = [k for line in ("ERROR : ServerApp raised an exception\n", "Traceback (most "
+            "recent call last):\n", "  File 'x.py'\n", "KeyError: 'x'\n") for k in bug.feed(line)]
+    assert len(kept) == 4 and bug.failure is None
+
+
+def test_deployed_process_prints_each_line_once_without_known_notices() -> None:
+    # item 21: Opacus' logging.basicConfig doubled every Flower line; its and torch's
+    # UserWarnings and Flower's fraction_evaluate notice came with every run
+    code = textwrap.dedent("""
+        import warnings
+        import opacus.utils.module_utils  # calls logging.basicConfig (root handler)
+        from flwr.common.logger import log
+        from logging import INFO, WARNING
+        from confide.logs import deployed_process_logging
+        deployed_process_logging()
+        log(INFO, "Confide round 1/1: accuracy 0.5")
+        log(WARNING, "fraction_evaluate is set to 0.0. Federated evaluation will be skipped.")
+        warnings.warn("Full backward hook is firing when gradients are computed with "
+                      "respect to module outputs since no inputs require gradients.")
+        warnings.warn("Secure RNG turned off. This is perfectly fine for experimentation")
+        warnings.warn("something else")
+    """)
+
+    def output(**env: str) -> str:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, **env}, timeout=300, check=True)
+        return re.sub(r"\x1b\[[0-9;]*m", "", res.stdout + res.stderr)
+
+    quiet = output(CONFIDE_VERBOSE="")
+    assert quiet.count("Confide round 1/1: accuracy 0.5") == 1
+    assert "fraction_evaluate" not in quiet and "Full backward hook" not in quiet
+    assert "Secure RNG" not in quiet and "something else" in quiet
+    verbose = output(CONFIDE_VERBOSE="1")
+    assert verbose.count("Confide round 1/1") == 1  # once, also with --verbose
+    assert "fraction_evaluate" in verbose and "Full backward hook" in verbose
