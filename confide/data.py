@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -262,11 +261,6 @@ def _column_split(data: TextDataset, n: int, column: str) -> list[np.ndarray]:
     return [np.flatnonzero(np.asarray(values) == g) for g in groups]
 
 
-def contiguous_blocks(num_rows: int, num_blocks: int) -> list[np.ndarray]:
-    """Equal consecutive blocks (e.g. the domain blocks of the Amazon reviews file)."""
-    return list(np.array_split(np.arange(num_rows), num_blocks))
-
-
 # -- synthetic demo corpus ----------------------------------------------------------------
 
 _POS = ["wonderful", "excellent", "delightful", "brilliant", "moving", "charming", "superb",
@@ -392,12 +386,3 @@ def _inferred_labels_note(files: Sequence[TextDataset]) -> str:
                         "classes are meant")
     return (f"num-labels = {max(2, top + 1)} inferred from the data (labels "
             f"{', '.join(map(str, present))}; the highest, {top}, in {where})")
-
-
-def label_histogram(data: TextDataset, num_labels: int) -> list[int]:
-    return np.bincount(data.labels, minlength=num_labels).tolist()
-
-
-def entropy_bits(counts: Sequence[int]) -> float:
-    total = sum(counts)
-    return -sum(c / total * math.log2(c / total) for c in counts if c)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -109,7 +108,3 @@ def save_node_state(context: Context, state: NodeState, state_dir: Path | None) 
     context.state.config_records[STATE_RECORD] = ConfigRecord({"json": text})
     if state_dir is not None:
         atomic_write_text(state_dir / STATE_FILE, text)
-
-
-def json_safe(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"))

@@ -303,10 +303,6 @@ class ClientMechanismRegistry:
 CLIENT_MECHANISMS = ClientMechanismRegistry()
 
 
-def register_client_mechanism(mechanism: str, fn: ClientReplayFn) -> None:
-    CLIENT_MECHANISMS.register(mechanism, fn)
-
-
 @dataclass
 class ClientReplay:
     """Cumulative client-level epsilon after each CLIENT_DP event."""
