@@ -76,9 +76,15 @@ def _audit_parser(sub: Any) -> None:
     asub = p.add_subparsers(dest="audit_command", required=True)
     v = asub.add_parser("verify", help="verify ledger chain, signatures, receipts, epsilons")
     v.add_argument("run_dir")
+    v.add_argument("--public-key", metavar="FILE",
+                   help="the server's ledger key, obtained out of band (PEM, or its 64 hex "
+                   "digits): every ledger signature must verify with it (default: "
+                   "RUN_DIR/ledger_public_key.pem if present)")
+    v.add_argument("--json", action="store_true",
+                   help="print the result (verdict, checks, epsilons) as JSON")
     r = asub.add_parser("report", help="write report.html and report.md")
     r.add_argument("run_dir")
-    r.add_argument("--out", help="HTML path (default RUN_DIR/audit_report.html)")
+    r.add_argument("--out", help="HTML path (default RUN_DIR/report.html)")
     e = asub.add_parser("empirical", help="one-run empirical privacy audit (Steinke et al.)")
     e.add_argument("--config", help="TOML file with configuration keys")
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -182,7 +188,9 @@ def _audit(args: argparse.Namespace) -> int:
     if args.audit_command == "verify":
         from confide.audit.verify import main as verify_main
 
-        return verify_main([args.run_dir])
+        return verify_main([args.run_dir,
+                            *(["--public-key", args.public_key] if args.public_key else []),
+                            *(["--json"] if args.json else [])])
     if args.audit_command == "report":
         from confide.audit.report import write_report
 
@@ -190,8 +198,10 @@ def _audit(args: argparse.Namespace) -> int:
             print(f"confide: error: {args.run_dir} is not a run folder (no ledger.jsonl)",
                   file=sys.stderr)
             return 2
-        html = write_report(Path(args.run_dir), out_html=Path(args.out) if args.out else None)
-        print(f"report written: {html}")
+        paths = write_report(Path(args.run_dir), out_html=Path(args.out) if args.out else None)
+        print("report written:")
+        for path in paths:  # HTML, then Markdown
+            print(f"  {path}")
         return 0
     if args.audit_command == "empirical":
         from confide.audit.empirical import main as empirical_main

@@ -37,6 +37,7 @@ from confide.privacy import ledger_events as ev
 from confide.privacy.ledger import (
     LEDGER_FILE,
     PUBLIC_KEY_FILE,
+    LedgerError,
     LedgerLine,
     Problem,
     as_public_key,
@@ -115,7 +116,7 @@ class VerifyResult:
         probs = self.problems
         indexed = [p for p in probs if p.index is not None]
         if indexed:
-            return min(indexed, key=lambda p: p.index)  # type: ignore[arg-type,return-value]
+            return min(indexed, key=lambda p: p.index)  # type: ignore[arg-type,return-value]  # index is not None here
         return probs[0] if probs else None
 
     @property
@@ -129,7 +130,8 @@ class VerifyResult:
     def to_dict(self) -> dict[str, Any]:
         first = self.first_problem
         return {
-            "ok": self.ok, "run_dir": str(self.run_dir),
+            "ok": self.ok, "verdict": "PASS" if self.ok else "FAIL",
+            "run_dir": str(self.run_dir),
             "first_bad_entry": None if first is None else first.index,
             "first_problem": None if first is None else str(first),
             "checks": {c.name: {"status": c.status, "detail": c.detail,
@@ -215,14 +217,15 @@ class RunVerifier:
         pinned = None
         source = "run_started only (not pinned: no ledger_public_key.pem)"
         if self.pinned_key is not None:
-            pinned, source = public_key_hex(as_public_key(self.pinned_key)), "the given key"
+            pinned, source = (public_key_hex(as_public_key(self.pinned_key)),
+                              "the given key (the run was not recorded under the expected key)")
         elif pem.is_file():
             pinned, source = public_key_hex(load_public_key(pem)), PUBLIC_KEY_FILE
         if pinned is not None and stated != pinned:
             c.add(f"run_started's ledger_public_key differs from {source}", 0)
         key = pinned or stated
         try:
-            return as_public_key(key), source  # type: ignore[arg-type]
+            return as_public_key(key), source  # type: ignore[arg-type]  # None: TypeError below
         except (ValueError, TypeError):
             c.add("no usable ledger public key in run_started", 0)
             return None, source
@@ -245,7 +248,8 @@ class RunVerifier:
             if entry is None or not isinstance(entry.get("type"), str):
                 continue
             try:
-                event = ev.parse_payload(entry["type"], entry.get("payload"))
+                payload = entry.get("payload")  # None is a PayloadError too
+                event = ev.parse_payload(entry["type"], payload)  # type: ignore[arg-type]  # above
             except ev.PayloadError as exc:
                 c.add(str(exc), line.position)
                 continue
@@ -484,12 +488,12 @@ class RunVerifier:
         lower: dict[int, float | None] = {}
         methods: dict[int, str] = {}
         cursor: dict[str, int] = {}
-        for i, e in examples:
-            k = cursor.get(e.partner, 0)
-            rep = self.example[e.partner]
+        for i, example in examples:
+            k = cursor.get(example.partner, 0)
+            rep = self.example[example.partner]
             per_event[i], lower[i], methods[i] = (rep.epsilons[k], rep.lower_bounds[k],
                                                   rep.methods[k])
-            cursor[e.partner] = k + 1
+            cursor[example.partner] = k + 1
         client_eps: dict[int, float] = {}
         odd = [i for i, e in clients if e.mechanism != clients[0][1].mechanism]
         if odd:
@@ -519,10 +523,10 @@ class RunVerifier:
                     c.add(f"partner {e.partner} round {e.round}: claimed epsilon "
                           f"{e.epsilon_claimed:.6g} ({e.accountant}), independent {method} "
                           f"replay {per_event[i]:.6g}", i)
-                elif lower[i] is not None and e.epsilon_claimed < lower[i] * (1 - 1e-6):
+                elif (low := lower[i]) is not None and e.epsilon_claimed < low * (1 - 1e-6):
                     c.add(f"partner {e.partner} round {e.round}: claimed epsilon "
                           f"{e.epsilon_claimed:.6g} is below the PRV lower bound "
-                          f"{lower[i]:.6g}: the claim under-states the spend", i)
+                          f"{low:.6g}: the claim under-states the spend", i)
             elif isinstance(e, ev.ClientDpEvent) and i in client_eps:
                 current_client = client_eps[i]
                 if e.epsilon_claimed is not None and not close(e.epsilon_claimed,
@@ -632,11 +636,11 @@ class RunVerifier:
                 c.add(f"privacy.example_level names partner {p}, absent from the ledger")
         # The RDP second opinion, where the summary states one, must be RDP's figure too.
         for p, value in (priv.get("example_level_rdp") or {}).items():
-            rep = self.example.get(p)
-            if rep is not None and (not isinstance(value, int | float)
-                                    or not close(float(value), rep.final_rdp)):
+            replay = self.example.get(p)
+            if replay is not None and (not isinstance(value, int | float)
+                                       or not close(float(value), replay.final_rdp)):
                 c.add(f"privacy.example_level_rdp[{p}] = {value!r}, RDP replay "
-                      f"{rep.final_rdp:.6g}")
+                      f"{replay.final_rdp:.6g}")
         final_client = self.client.final if self.client else None
         stated_client = priv.get("client_level_epsilon")
         if not self.client_replay_failed and not close(stated_client, final_client):
@@ -792,20 +796,39 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def read_public_key(path: Path) -> Any:
+    """An Ed25519 public key from a PEM file or from a file holding its 64 hex digits."""
+    data = path.read_bytes()
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return load_public_key(path)
+    text = data.decode("ascii", errors="replace").strip()
+    if len(text) != 64:
+        raise ValueError("not a PEM public key, nor 64 hex digits of an Ed25519 key")
+    return as_public_key(text)  # ValueError on a non-hex digit
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 when every check passes, 1 on any failure, 2 when there is nothing to check."""
     parser = argparse.ArgumentParser(prog="confide audit verify",
                                      description="Verify a run's privacy ledger.")
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--public-key", type=Path, default=None,
-                        help="PEM of the expected ledger key (default: RUN_DIR/"
-                             f"{PUBLIC_KEY_FILE} if present)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--public-key", type=Path, default=None, metavar="FILE",
+                        help="the server's ledger key, obtained out of band (PEM, or its 64 "
+                             "hex digits): every ledger signature must verify with it "
+                             f"(default: RUN_DIR/{PUBLIC_KEY_FILE} if present)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the result (verdict, checks, epsilons) as JSON")
     args = parser.parse_args(argv)
     if not (args.run_dir / LEDGER_FILE).is_file():
         print(f"error: {args.run_dir / LEDGER_FILE} does not exist", file=sys.stderr)
         return 2
-    key = load_public_key(args.public_key) if args.public_key else None
+    key = None
+    if args.public_key is not None:
+        try:
+            key = read_public_key(args.public_key)
+        except (OSError, ValueError, LedgerError) as exc:
+            print(f"error: --public-key {args.public_key}: {exc}", file=sys.stderr)
+            return 2
     result = verify_run(args.run_dir, key)
     print(json.dumps(result.to_dict(), indent=2) if args.json else render_verdict(result))
     return 0 if result.ok else 1
