@@ -85,11 +85,28 @@ def _audit_parser(sub: Any) -> None:
     r = asub.add_parser("report", help="write report.html and report.md")
     r.add_argument("run_dir")
     r.add_argument("--out", help="HTML path (default RUN_DIR/report.html)")
-    e = asub.add_parser("empirical", help="one-run empirical privacy audit (Steinke et al.)")
+    e = asub.add_parser("empirical", help="empirical privacy audit: one-run membership "
+                        "inference (Steinke et al.), or canary exposure for causal-lm "
+                        "(Carlini et al.)")
     e.add_argument("--config", help="TOML file with configuration keys")
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
-    e.add_argument("--canaries", type=int, default=200)
+    e.add_argument("--canaries", type=int, default=None,
+                   help="classification: membership canaries (default 200); causal-lm: "
+                   "secrets inserted per repeat count (default 5)")
     e.add_argument("--out", default="")
+    c = e.add_argument_group("causal-lm canary exposure")
+    c.add_argument("--repeats", default="1,10",
+                   help="times each inserted secret is repeated, comma-separated counts")
+    c.add_argument("--controls", type=int, default=20, help="secrets never inserted")
+    c.add_argument("--candidates", type=int, default=2000,
+                   help="random sequences of the format each secret is ranked against")
+    c.add_argument("--canary-partner", type=int, default=0,
+                   help="index of the partner whose data gets the secrets")
+    c.add_argument("--canary-prefix", default="my secret code is")
+    c.add_argument("--canary-slots", type=int, default=6, help="random symbols per secret")
+    c.add_argument("--canary-alphabet", default="0123456789", help="one symbol per character")
+    c.add_argument("--audit-seed", type=int, default=None,
+                   help="seed of the secrets and their insertion (default: fresh entropy)")
 
 
 def _use_parsers(sub: Any) -> None:

@@ -12,6 +12,9 @@ choosing it after looking at the scores would inflate the bound.
 The bound is a lower bound: on an honest DP run it must stay below the claimed epsilon
 (and is typically far below it); a run whose noise was switched off by a bug shows a
 clearly higher bound.
+
+For causal-LM configurations (task = 'causal-lm') `confide audit empirical` runs the canary
+exposure audit of `confide.audit.canary_audit` instead (secrets a language model can repeat).
 """
 
 from __future__ import annotations
@@ -167,6 +170,11 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/empirical-audit")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose another --out")
-    result = run_empirical_audit(cfg, canaries=args.canaries, work_dir=out)
+    if cfg.task == "causal-lm":  # a generative model: canary exposure (Secret Sharer)
+        from confide.audit.canary_audit import main as canary_main
+
+        return canary_main(args, cfg, out)
+    canaries = 200 if getattr(args, "canaries", None) is None else args.canaries
+    result = run_empirical_audit(cfg, canaries=canaries, work_dir=out)
     Console().print(render(result))
     return 1 if result.epsilon_lower_bound > result.claimed_epsilon else 0

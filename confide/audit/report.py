@@ -3,8 +3,10 @@
 Contents: the verification verdict first, then epsilon per partner over rounds (the
 dp-accounting replay, i.e. what the ledger proves, not what the run claimed), accuracy and
 loss over rounds, participation and dropouts per round, the mechanisms and their
-parameters, and the model digests. The HTML embeds its plots as base64 PNG data URIs; the
-Markdown links PNG files written next to it (Markdown viewers rarely show data URIs).
+parameters, and the model digests; for a causal-lm run audited by `confide audit empirical`,
+the canary exposure of inserted vs never-inserted secrets. The HTML embeds its plots as
+base64 PNG data URIs; the Markdown links PNG files written next to it (Markdown viewers
+rarely show data URIs).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from confide.run_layout import atomic_write_bytes
 PREFLIGHT_HEADER = ["mechanism", "verdict", "noise/signal per round", "why", "would help"]
 GENERATION_METRICS = ("perplexity", "bleu", "rouge_l")
 GENERATION_HEADER = ["round", "prompt", "generated", "references (up to 3)"]
+CANARY_TITLE = "Canary exposure (Carlini et al. 2019, 'The Secret Sharer'), bits"
+CANARY_HEADER = ["secrets", "n", "mean exposure (rank)", "median (rank)",
+                 "mean exposure (extrapolated)", "max (extrapolated)"]
 SYNTHETIC_NOTE = ("Trained on the SYNTHETIC demo corpus (generated template reviews, not "
                   "real data).")
 
@@ -104,6 +109,17 @@ class RunReport:
         return [[str(r.get("round")), r.get("prompt", ""), r.get("generated", ""),
                  " | ".join(r.get("references", [])[:3])]
                 for r in rows if r.get("round") == last][:limit]
+
+    def canary_exposure(self) -> tuple[str, list[list[str]]] | None:
+        """(note, rows) of the canary exposure audit (canary_exposure.json, written by
+        `confide audit empirical` on a causal-lm run; numbers only, never the secrets)."""
+        from confide.audit.canary_audit import EXPOSURE_FILE, summary_note, summary_rows
+
+        try:
+            record = json.loads((self.run_dir / EXPOSURE_FILE).read_text())
+            return summary_note(record), summary_rows(record)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _epsilon_plot(self) -> bytes:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -226,6 +242,9 @@ class RunReport:
         if gen := self.generation_rows():
             parts.append("<h2>Example generations (greedy, evaluation prompts)</h2>"
                          + _html_table(GENERATION_HEADER, gen))
+        if (canary := self.canary_exposure()) is not None:
+            parts.append(f"<h2>{CANARY_TITLE}</h2><p>{_e(canary[0])}</p>"
+                         + _html_table(CANARY_HEADER, canary[1]))
         parts.append("<h2>Final epsilon per partner</h2>" + _html_table(
             ["partner", "claimed", "independent replay", "PLD", "RDP"], self._epsilon_rows()))
         parts.append("<h2>Participation and dropouts</h2>" + _html_table(
@@ -258,6 +277,9 @@ class RunReport:
         if gen := self.generation_rows():
             lines += ["## Example generations (greedy, evaluation prompts)", "",
                       *_md_table(GENERATION_HEADER, gen), ""]
+        if (canary := self.canary_exposure()) is not None:
+            lines += [f"## {CANARY_TITLE}", "", canary[0], "",
+                      *_md_table(CANARY_HEADER, canary[1]), ""]
         lines += ["## Final epsilon per partner", "",
                   *_md_table(["partner", "claimed", "independent replay", "PLD", "RDP"],
                              self._epsilon_rows()), "",
