@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import tomli_w
 
@@ -536,5 +536,5 @@ def run_app(app: Path, connection: str | None, run_config: str, *, verbose: bool
     return 1
 
 
-def _lines(stream: TextIO) -> Iterable[str]:
+def _lines(stream: IO[str]) -> Iterable[str]:
     yield from iter(stream.readline, "")
