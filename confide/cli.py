@@ -69,6 +69,10 @@ def _simulate_parser(sub: Any) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any configuration key (repeatable)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="run on the existing Ray cluster at ADDRESS (host:port of a head "
+                   "started with `ray start --head`; default: the RAY_ADDRESS variable, else "
+                   "a Ray instance of this process)")
 
 
 def _audit_parser(sub: Any) -> None:
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = resolve_config(args)
             from confide.simulation.runner import simulate
 
-            simulate(cfg, verbose=args.verbose)
+            simulate(cfg, verbose=args.verbose, ray_address=args.ray_address)
             return 0
         if args.command == "audit":
             return _audit(args)
@@ -186,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Interrupted):  # stopped on request: how to resume, exit 130
             print(f"confide: {exc}", file=sys.stderr)
             return 130
-        from confide.server.recovery import RunWriteError
+        from confide.server.recovery import NoBudgetLeft, RunWriteError
 
-        if isinstance(exc, RunWriteError):  # disk full or permissions: resumable
+        # disk full or permissions (resumable); no partner has budget left for this run
+        from confide.simulation.ray_cluster import SimulationEngineError
+
+        # the simulation engine (Flower on Ray) failed: its error, never a hang
+        if isinstance(exc, RunWriteError | NoBudgetLeft | SimulationEngineError):
             print(f"confide: error: {exc}", file=sys.stderr)
             return 1
         if not isinstance(exc, CheckpointError):  # a bug: keep its traceback

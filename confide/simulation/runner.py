@@ -18,6 +18,7 @@ from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from confide import logs
 from confide.config import RunConfig
 from confide.privacy.preflight import PreflightRefused, PreflightReport, check, refusal_message
 from confide.server.recovery import (
@@ -29,49 +30,31 @@ from confide.server.recovery import (
 )
 from confide.server.run_folder import RunFolder
 from confide.server.server_app import default_out_dir, make_server_app
+from confide.simulation import ray_cluster
 from confide.task import federated_data, model_spec
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """One CPU per virtual partner (so 2 cores train 2 partners at once); a GPU is shared."""
-    import torch
-
-    gpus = 0.0
-    if cfg.device != "cpu" and torch.cuda.is_available():
-        gpus = 1.0 / min(cfg.clients, 4)
-    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False,
-                          "include_dashboard": False}}
+    """Flower's backend configuration for a Ray instance of this process (see
+    confide.simulation.ray_cluster for an existing cluster)."""
+    return ray_cluster.backend_config(cfg)
 
 
-# Messages every run would print that say nothing about this run (--verbose shows them):
-# run_simulation is Flower's deprecated entry point that `confide simulate` still drives;
-# evaluation is central, so Flower's "fraction_evaluate is 0" notice is by design; Ray's
-# tip concerns GPU visibility for actors without GPUs, which Confide does not rely on.
-KNOWN_FLWR_NOISE = ("DEPRECATED FEATURE: The `run_simulation` function",
-                    "fraction_evaluate is set to 0.0")
-KNOWN_RAY_WARNING = r"Tip: In future versions of Ray, Ray will no longer override"
-
-
-class _DropKnown(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(known in message for known in KNOWN_FLWR_NOISE)
+# the known notices live in confide.logs (shared with the deployed processes)
+KNOWN_FLWR_NOISE = logs.KNOWN_FLWR_NOISE
+KNOWN_RAY_WARNING = logs.KNOWN_RAY_WARNING
+_DropKnown = logs.DropKnown
 
 
 def quiet_known_messages() -> None:
-    """Filter exactly the known, run-independent notices of Flower and Ray."""
-    import warnings
-
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.WARNING)
-    if not any(isinstance(f, _DropKnown) for f in flwr_log.filters):
-        flwr_log.addFilter(_DropKnown())
-    warnings.filterwarnings("ignore", message=KNOWN_RAY_WARNING, category=FutureWarning)
+    """Filter exactly the known, run-independent notices of Flower, Ray, torch and Opacus."""
+    logs.quiet_known_messages()
 
 
-def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = False
-             ) -> tuple[Path, dict[str, Any]]:
+def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = False,
+             ray_address: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run `cfg` in Flower's simulation engine: on a Ray instance of this process, or on
+    the existing Ray cluster at `ray_address` (default: the RAY_ADDRESS variable)."""
     from flwr.simulation import run_simulation
 
     from confide.clients.client_app import app as client_app
@@ -107,6 +90,19 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
         show_preflight(console, report)
     if not verbose:
         quiet_known_messages()
+    address = ray_cluster.resolve_address(ray_address)
+    cluster = None
+    if address is not None:
+        cluster = ray_cluster.connect(address, verbose=verbose)
+        console.print(f"Ray cluster {address}: {cluster.get('CPU', 0):g} CPUs, "
+                      f"{cluster.get('GPU', 0):g} GPUs; {cfg.client_cpus:g} CPUs per partner",
+                      markup=False, highlight=False)
+    try:
+        backend = ray_cluster.backend_config(cfg, cluster=cluster)
+    except BaseException:
+        if cluster is not None:
+            ray_cluster.disconnect()
+        raise
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -121,15 +117,36 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
                 f"/{row['num_clients_sampled']}"))
 
         stop = StopRequest()
-        with stop_on_signals(stop, console):
-            # on_preflight: the report is shown above already, the ServerApp records it
-            run_simulation(server_app=make_server_app(cfg, on_round=on_round,
-                                                      on_preflight=lambda _: None, stop=stop),
-                           client_app=client_app, num_supernodes=cfg.clients,
-                           backend_config=backend_config(cfg), verbose_logging=verbose)
+        failures: list[Exception] = []  # a known failure of the ServerApp, as a message
+        crash_log = None if verbose else ray_cluster.EngineCrashLog()
+        if crash_log is not None:
+            logging.getLogger("flwr").addFilter(crash_log)
+        try:
+            with stop_on_signals(stop, console):
+                # on_preflight: the report is shown above already, the ServerApp records it
+                run_simulation(server_app=make_server_app(cfg, on_round=on_round,
+                                                          on_preflight=lambda _: None,
+                                                          stop=stop, failures=failures),
+                               client_app=client_app, num_supernodes=cfg.clients,
+                               backend_config=backend, verbose_logging=verbose)
+        except Exception as exc:
+            # Flower leaves its ServerApp thread waiting for replies that will never come:
+            # end it, so that the error ends the command instead of a hang.
+            failed = ray_cluster.engine_error(exc, cfg, cluster)
+            stop.abort("the simulation engine failed" if failed else type(exc).__name__)
+            if failed is None:
+                raise
+            raise failed from exc
+        finally:
+            if crash_log is not None:
+                logging.getLogger("flwr").removeFilter(crash_log)
+            if cluster is not None:
+                ray_cluster.disconnect()  # leaves the cluster running: it is not ours
     if stop:
         shutdown_ray()  # the workers got the terminal's signal too: none may linger
         raise Interrupted(interrupted_message(out, stop.reason))
+    if failures:  # e.g. no partner has budget left, a full disk: the message says what
+        raise failures[0]
     summary_path = out / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log")
@@ -285,9 +302,9 @@ def _partner_spread(claimed: dict[str, float], second: dict[str, float],
     return table
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
+        n /= 1000
     return str(n)
