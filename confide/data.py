@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class TextDataset:
         return len(self.texts)
 
     def subset(self, indices: Sequence[int] | np.ndarray, source: str | None = None
-               ) -> TextDataset:
+               ) -> Self:
         idx = [int(i) for i in indices]
         # replace(): a subclass (e.g. prompts with completions) keeps its type and fields
         return replace(

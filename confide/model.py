@@ -79,7 +79,7 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
 
 def tiny_bert_config(num_labels: int, vocab_size: int) -> BertConfig:
     """A small random-init BERT for fast tests (same code path as the real model)."""
-    return BertConfig(
+    return BertConfig(  # type: ignore[call-arg]  # num_labels: PretrainedConfig's **kwargs
         vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -249,7 +249,9 @@ def _add_lora(model: nn.Module, spec: ModelSpec, head: set[str]) -> nn.Module:
         targets = _all_linear_targets(model, head)
     else:
         targets = [t.strip() for t in spec.lora_targets.split(",") if t.strip()]
-    config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
+    # peft annotates lora_alpha as int; the scaling alpha / r takes any float
+    config = LoraConfig(r=spec.lora_rank,
+                        lora_alpha=spec.lora_alpha,  # type: ignore[arg-type]  # float is fine
                         lora_dropout=spec.lora_dropout, target_modules=targets, bias="none")
     try:
         peft_model = get_peft_model(model, config)

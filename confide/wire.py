@@ -140,7 +140,7 @@ def session_config(cfg: RunConfig, *, session_id: bytes, num_clients: int,
     base = SecAggConfig(session_id, num_clients=num_clients, vector_length=vector_length,
                         degree=cfg.secagg_neighbours or None, bits=cfg.secagg_bits,
                         coord_clip=cfg.secagg_clip)
-    k = int(base.degree)  # type: ignore[arg-type]
+    k = int(base.degree)  # type: ignore[arg-type]  # resolved to an int in __post_init__
     t = min(k + 1, max(2, math.ceil(cfg.secagg_threshold * (k + 1))))
     noise = (cfg.client_dp_noise_multiplier * cfg.client_dp_clipping_norm
              if cfg.distributed_dp else None)

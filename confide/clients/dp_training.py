@@ -184,8 +184,8 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                         if ghost:  # ghost accumulates p.grad, the clipped sum: here 0
                             p.grad = torch.zeros_like(p)
                         else:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype,
-                                                        device=p.device)
+                            p.grad_sample = torch.zeros(  # type: ignore[attr-defined]  # Opacus'
+                                (0, *p.shape), dtype=p.dtype, device=p.device)
                 elif ghost:
                     batch = to_batch(input_ids, attention_mask, labels, device)
                     logits = gsm(batch["input_ids"], batch["attention_mask"])
@@ -305,7 +305,8 @@ def _param_groups(model: nn.Module, lr: float, head_lr: float | None
     """The classifier head may take its own step size: under DP noise, adapters that reshape
     the encoder's features want small steps while a linear head on good features can take
     large ones (measured in benchmarks/utility_sst2.py)."""
-    head, body = [], []
+    head: list[nn.Parameter] = []
+    body: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (head if "classifier." in name else body).append(p)
@@ -408,13 +409,14 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
                 _check_finite(loss, where, 1, s // physical_batch_size + 1)
                 loss.backward()
                 check_grad_samples(params, rows)
-                flat = torch.cat([p.grad_sample.reshape(rows, -1).double() for p in ordered],
-                                 dim=1)
+                # grad_sample: Opacus' attribute on parameters, which torch's stubs lack
+                samples = [p.grad_sample for p in ordered]  # type: ignore[attr-defined]  # Opacus'
+                flat = torch.cat([g.reshape(rows, -1).double() for g in samples], dim=1)
                 norms = flat.norm(2, dim=1)
                 factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' formula
                 on_rows((flat * factor[:, None]).cpu().numpy())
                 for p in params:
-                    p.grad_sample = None
+                    p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute
                     p.grad = None
                 loss_sum += loss.item()
                 sampled += rows

@@ -93,7 +93,7 @@ class ClientStore:
             raise SecAggRefusal(f"this node holds no secure-aggregation state for round {q} "
                                 "(it did not advertise keys, or dropped)")
         config = config_from_json(str(self.record[f"{q}/config"]))
-        return SecAggClient.from_state(config, bytes(self.record[f"{q}/client"]))  # type: ignore[arg-type]
+        return SecAggClient.from_state(config, bytes(self.record[f"{q}/client"]))
 
     def drop(self, q: int) -> None:
         for key in (f"{q}/config", f"{q}/client"):
@@ -174,7 +174,7 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
         def adv(q: int = int(q)) -> None:
             config = config_from_json(str(down[f"config/{q}"]))
             check_session_config(config, cfg)
-            client = SecAggClient(config, int(down[f"id/{q}"]), q)  # type: ignore[arg-type]
+            client = SecAggClient(config, int(down[f"id/{q}"]), q)
             up[f"{ADVERTISE}/{q}"] = client.advertise_keys().to_bytes()
             store.put(q, config, client)
         attempt(int(q), ADVERTISE, adv)
@@ -188,8 +188,8 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
                     _partition(context), q)
                 store.drop(q)
                 return
-            directory = KeyDirectory.from_bytes(bytes(down[f"{KEY_DIRECTORY}/{q}"]))  # type: ignore[arg-type]
-            up[f"{SHARE_KEYS}/{q}"] = client.share_keys(directory).to_bytes()  # type: ignore[arg-type]
+            directory = KeyDirectory.from_bytes(bytes(down[f"{KEY_DIRECTORY}/{q}"]))
+            up[f"{SHARE_KEYS}/{q}"] = client.share_keys(directory).to_bytes()
             store.put(q, client.config, client)
         attempt(q, SHARE_KEYS, share)
 
@@ -199,7 +199,7 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
             if delta is None and encoded is None:  # did not train: a dropout for the protocol
                 store.drop(q)
                 return
-            request = MaskedInputRequest.from_bytes(bytes(down[f"{MASKED_REQUEST}/{q}"]))  # type: ignore[arg-type]
+            request = MaskedInputRequest.from_bytes(bytes(down[f"{MASKED_REQUEST}/{q}"]))
             verify = bool(down.get(VERIFY_FLAG, False)) and simulation
             # uniform weight 1: each surviving client counts once (DP-FedAvg's bounded
             # contribution; example counts would need a public cap and widen sensitivity)
@@ -218,12 +218,12 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
     for q in _rounds(down, UNMASK_REQUEST):
         def unmask(q: int = q) -> None:
             client = store.get(q)
-            request = UnmaskRequest.from_bytes(bytes(down[f"{UNMASK_REQUEST}/{q}"]))  # type: ignore[arg-type]
-            up[f"{UNMASK_SHARES}/{q}"] = client.unmask(request).to_bytes()  # type: ignore[arg-type]
+            request = UnmaskRequest.from_bytes(bytes(down[f"{UNMASK_REQUEST}/{q}"]))
+            up[f"{UNMASK_SHARES}/{q}"] = client.unmask(request).to_bytes()
             store.drop(q)  # one answer per round; the secrets are no longer needed
         attempt(q, "unmask", unmask)
 
     store.save()
-    content[SECAGG_UP] = ConfigRecord(up)  # type: ignore[arg-type]
+    content[SECAGG_UP] = ConfigRecord(up)
     return Message(content=content, reply_to=msg)
 

@@ -72,8 +72,9 @@ def main() -> None:
 
     # Patch the module's globals: run_clientapp() looks both names up there at call time.
     module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
-    module.pull_task_input = _verifying(module.pull_task_input)
-    module.install_from_fab = _refusing(module.install_from_fab)
+    # a ModuleType declares no attributes to assign to; both names exist at run time
+    module.pull_task_input = _verifying(module.pull_task_input)  # type: ignore[attr-defined]  # above
+    module.install_from_fab = _refusing(module.install_from_fab)  # type: ignore[attr-defined]  # above
     flwr_clientapp()
 
 

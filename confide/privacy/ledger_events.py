@@ -144,7 +144,7 @@ class LedgerEvent:
 
     def to_payload(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
             value = getattr(self, f.name)
             out[f.name] = _json_float(value) if isinstance(value, float) else value
         return out
@@ -231,7 +231,7 @@ class ExampleDpEvent(LedgerEvent):
                                            lo=1),
                       "colluders": _int(k, "colluders", _get(k, payload, "colluders")),
                       "tv_slack": _float(k, "tv_slack", _get(k, payload, "tv_slack"))}
-        return cls(noise=noise, **shared,  # type: ignore[arg-type]
+        return cls(noise=noise, **shared,  # type: ignore[arg-type]  # shared's values are typed
             round=_int(k, "round", _get(k, payload, "round"), lo=1),
             partner=_str(k, "partner", _get(k, payload, "partner")),
             noise_multiplier=_float(k, "noise_multiplier", _get(k, payload, "noise_multiplier")),

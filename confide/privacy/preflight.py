@@ -161,7 +161,7 @@ def min_survivors(cfg: RunConfig, cohort: int, d: int) -> int:
     base = SecAggConfig(bytes(16), num_clients=cohort, vector_length=max(1, d),
                         degree=cfg.secagg_neighbours or None, bits=cfg.secagg_bits,
                         coord_clip=cfg.secagg_clip)
-    k = int(base.degree)  # type: ignore[arg-type]
+    k = int(base.degree)  # type: ignore[arg-type]  # resolved to an int in __post_init__
     t = min(k + 1, max(2, math.ceil(cfg.secagg_threshold * (k + 1))))
     return math.ceil(cohort * t / (k + 1))
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ class PromptDataset(TextDataset):
     completions: list[str] = field(default_factory=list)
 
     def subset(self, indices: Sequence[int] | np.ndarray, source: str | None = None
-               ) -> PromptDataset:
+               ) -> Self:
         base = super().subset(indices, source)  # a PromptDataset: replace() keeps the type
         return replace(base, completions=[self.completions[int(i)] for i in indices])
 
@@ -77,7 +77,8 @@ def read_prompt_file(path: str | Path, *, prompt_column: str = "prompt",
         raise DataError(f"{path}: malformed {suffix[1:].upper()}: {exc}") from None
     if not rows:
         raise DataError(f"{path}: no data rows")
-    prompts, completions = [], []
+    prompts: list[str] = []
+    completions: list[str] = []
     extra = [k for k in rows[0] if k not in wanted]
     columns: dict[str, list[str]] = {k: [] for k in extra}
     for i, row in enumerate(rows, start=1):
@@ -283,7 +284,7 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
     # sacrebleu takes one stream per reference slot; a prompt with fewer references gets
     # None in the slots it lacks (sacrebleu then uses only the references it has).
     streams = [[r[k] if k < len(r) else None for r in references] for k in range(most)]
-    bleu = sacrebleu.corpus_bleu(list(hypotheses), streams).score
+    bleu = sacrebleu.corpus_bleu(list(hypotheses), streams).score  # type: ignore[arg-type]  # None: see above
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score_multi(list(r), h)["rougeL"].fmeasure
              for h, r in zip(hypotheses, references, strict=True)]

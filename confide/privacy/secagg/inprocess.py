@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,6 +24,8 @@ from .messages import (
 )
 from .protocol import SecAggClient, SecAggResult, SecAggServer
 
+M = TypeVar("M", bound=Message)
+
 
 @dataclass
 class RoundTrace:
@@ -35,13 +38,13 @@ class RoundTrace:
         self.seconds[key] = self.seconds.get(key, 0.0) + dt
 
 
-def _wire(msg: Message, serialize: bool, trace: RoundTrace, sender: int | None = None) -> Message:
+def _wire(msg: M, serialize: bool, trace: RoundTrace, sender: int | None = None) -> M:
     if not serialize:
         return msg
     data = msg.to_bytes()
     if sender is not None:
         trace.upload_bytes[sender] = trace.upload_bytes.get(sender, 0) + len(data)
-    return Message.from_bytes(data)
+    return type(msg).from_bytes(data)
 
 
 def run_round(
@@ -57,14 +60,14 @@ def run_round(
 ) -> tuple[SecAggResult, SecAggServer]:
     """``encoded``: per client, a ring vector encoded by the caller (shared-noise mode);
     it replaces that client's update."""
-    drop = {k: set(v) for k, v in (drop or {}).items()}
+    dropping = {k: set(v) for k, v in (drop or {}).items()}
     trace = trace if trace is not None else RoundTrace()
     server = SecAggServer(config, round_number)
     clients = {cid: SecAggClient(config, cid, round_number) for cid in updates}
     gone: set[int] = set()
 
     def alive(stage: str) -> list[int]:
-        gone.update(drop.get(stage, ()))
+        gone.update(dropping.get(stage, ()))
         return [c for c in sorted(clients) if c not in gone]
 
     for cid in alive(STAGE_ADVERTISE):
@@ -76,9 +79,9 @@ def run_round(
 
     for cid in alive(STAGE_SHARE):
         t0 = time.perf_counter()
-        msg = clients[cid].share_keys(directory)
+        shares = clients[cid].share_keys(directory)
         trace.add("client share_keys", time.perf_counter() - t0)
-        server.receive(_wire(msg, serialize, trace, cid))
+        server.receive(_wire(shares, serialize, trace, cid))
     t0 = time.perf_counter()
     requests = server.masked_input_requests()
     trace.add("server route shares", time.perf_counter() - t0)
@@ -88,22 +91,22 @@ def run_round(
             continue
         w = 1.0 if weights is None else weights[cid]
         t0 = time.perf_counter()
-        msg = clients[cid].masked_input(_wire(requests[cid], serialize, trace), updates[cid], w,
-                                         encoded=None if encoded is None else encoded[cid])
+        masked = clients[cid].masked_input(_wire(requests[cid], serialize, trace), updates[cid],
+                                           w, encoded=None if encoded is None else encoded[cid])
         trace.add("client masked_input", time.perf_counter() - t0)
-        wired = _wire(msg, serialize, trace, cid)
+        wired = _wire(masked, serialize, trace, cid)
         t0 = time.perf_counter()
         server.receive(wired)
         trace.add("server sum masked inputs", time.perf_counter() - t0)
     unmask = _wire(server.unmask_request(), serialize, trace)
 
     for cid in alive(STAGE_UNMASK):
-        if cid not in unmask.survivors:  # type: ignore[attr-defined]
+        if cid not in unmask.survivors:
             continue
         t0 = time.perf_counter()
-        msg = clients[cid].unmask(unmask)  # type: ignore[arg-type]
+        unmasked = clients[cid].unmask(unmask)
         trace.add("client unmask", time.perf_counter() - t0)
-        server.receive(_wire(msg, serialize, trace, cid))
+        server.receive(_wire(unmasked, serialize, trace, cid))
     t0 = time.perf_counter()
     result = server.result()
     trace.add("server unmask+decode", time.perf_counter() - t0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Self, cast
 
 import numpy as np
 
@@ -90,10 +90,10 @@ class Message:
         return _encode(self.KIND, header, blobs)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Message:
+    def from_bytes(cls, data: bytes) -> Self:
         head, blobs = _decode(data)
         kind = head.get("kind")
-        target = _REGISTRY.get(kind)
+        target = _REGISTRY.get(kind) if isinstance(kind, str) else None
         if target is None:
             raise SecAggProtocolError(f"unknown message kind {kind!r}")
         if cls is not Message and target is not cls:
@@ -103,7 +103,8 @@ class Message:
                 f"{kind} message carries stage {head.get('stage')!r}, expected {target.STAGE!r}"
             )
         try:
-            return target._from_payload(head, blobs)
+            # `cls` itself, or any kind when called on the base class (checked above)
+            return cast(Self, target._from_payload(head, blobs))
         except (KeyError, ValueError, TypeError) as exc:
             raise SecAggProtocolError(f"malformed {kind} message: {exc}") from None
 

@@ -42,7 +42,8 @@ def keystream(seed: bytes, nbytes: int, purpose: int = PURPOSE_MASK) -> np.ndarr
     enc = Cipher(algorithms.ChaCha20(seed, _nonce(purpose)), mode=None).encryptor()
     # update_into writes straight into numpy's buffer: no intermediate bytes object
     # beyond the zero plaintext.
-    enc.update_into(np.zeros(nbytes, dtype=np.uint8), out)
+    zeros = np.zeros(nbytes, dtype=np.uint8)
+    enc.update_into(zeros, out)  # type: ignore[arg-type]  # ndarrays are buffers; stubs want bytes
     return out
 
 
@@ -76,13 +77,15 @@ class ChaChaStream:
     def uint64(self, size: int) -> np.ndarray:
         out = np.empty(size * 8, dtype=np.uint8)
         if size:
-            self._enc.update_into(np.zeros(size * 8, dtype=np.uint8), out)
+            zeros = np.zeros(size * 8, dtype=np.uint8)
+            self._enc.update_into(zeros, out)  # type: ignore[arg-type]  # as in keystream()
         return out.view("<u8").astype(np.uint64, copy=False)
 
     def uint32(self, size: int) -> np.ndarray:
         out = np.empty(size * 4, dtype=np.uint8)
         if size:
-            self._enc.update_into(np.zeros(size * 4, dtype=np.uint8), out)
+            zeros = np.zeros(size * 4, dtype=np.uint8)
+            self._enc.update_into(zeros, out)  # type: ignore[arg-type]  # as in keystream()
         return out.view("<u4")
 
     def uniform_open0(self, size: int) -> np.ndarray:

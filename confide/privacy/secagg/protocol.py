@@ -502,7 +502,7 @@ class SecAggServer:
         if expected is None:
             raise SecAggProtocolError(f"round {self.round} is {self._stage.name}; no more messages")
         _check_context(msg, self.config, self.round, expected)
-        sender = msg.sender  # type: ignore[attr-defined]
+        sender = msg.sender  # type: ignore[attr-defined]  # every client message has one
         if isinstance(msg, AdvertiseKeys):
             _check_client_id(sender)
             if sender in self._public_keys:

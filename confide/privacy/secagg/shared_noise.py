@@ -264,7 +264,9 @@ class ExampleSumEncoder:
 def decode_sum(ring_sum: np.ndarray, config: SharedNoiseConfig) -> np.ndarray:
     """Unmasked ring sum -> float sum of the clipped per-example gradients (noise included),
     in gradient units."""
-    signed = from_ring(np.asarray(ring_sum), _RingView(config.bits)).astype(np.float64)
+    view = _RingView(config.bits)
+    signed = from_ring(np.asarray(ring_sum), view)  # type: ignore[arg-type]  # reads only .bits
+    signed = signed.astype(np.float64)
     return signed[:-1] / config.scale
 
 
