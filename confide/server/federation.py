@@ -48,6 +48,7 @@ from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.receipts import Receipt, verify_receipt
 from confide.privacy.refusals import refusal_mismatches, verify_refusal
+from confide.privacy.secagg.shared_noise import delta_with_slack
 from confide.server.recovery import (
     Aborted,
     NoBudgetLeft,
@@ -85,6 +86,8 @@ class PartnerRecord:
     mechanisms: list[list[float]] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)
+    # shared noise: total-variation slack of its releases (sum of the receipts' tv_slack)
+    tv_slack: float = 0.0
 
 
 def resolve_evaluation(cfg: RunConfig) -> tuple[TextDataset, int]:
@@ -231,6 +234,7 @@ class Federation:
         was complete) is in the ledger, not in the checkpoint: take every partner's
         mechanisms and latest claim from the ledger, so nothing is under-counted."""
         mechanisms: dict[str, list[list[float]]] = {}
+        slack: dict[str, float] = {}
         for entry in entries:
             if entry.get("type") != E.EXAMPLE_DP:
                 continue
@@ -244,6 +248,8 @@ class Federation:
             if partner is not None:
                 partner.epsilon = event.epsilon_claimed
                 partner.accountant = event.accountant
+                partner.tv_slack = slack.setdefault(event.partner, 0.0) + (event.tv_slack or 0.0)
+                slack[event.partner] = partner.tv_slack
         for pseudonym, mechs in mechanisms.items():
             if pseudonym in self.partners and mechs != self.partners[pseudonym].mechanisms:
                 partner = self.partners[pseudonym]
@@ -501,6 +507,7 @@ class Federation:
         partner.epsilon = float(claim["epsilon"])
         event = E.ExampleDpEvent.from_receipt(receipt)
         partner.accountant = event.accountant
+        partner.tv_slack += event.tv_slack or 0.0
         partner.mechanisms.append([event.noise_multiplier, event.sample_rate, event.steps])
         partner.epsilon_rdp = rdp_epsilon(
             [SampledGaussianEvent(s, q, int(k)) for s, q, k in partner.mechanisms], event.delta)
@@ -557,6 +564,11 @@ class Federation:
                                       for p in self.partners.values()},
                 "client_level_epsilon": self.client_dp_epsilon,
                 # the run's budget, and whether every partner's claim stayed within it
+                # the plain (epsilon, delta')-DP statement where the noise is shared inside
+                # secure aggregation: delta + (1 + e^epsilon) x the recorded TV slack
+                "example_level_delta_with_slack": {
+                    p.pseudonym: delta_with_slack(self.cfg.delta, p.epsilon, p.tv_slack)
+                    for p in self.partners.values() if p.tv_slack > 0},
                 "max_epsilon": self.cfg.max_epsilon,
                 "within_max_epsilon": all(p.epsilon <= self.cfg.max_epsilon
                                           for p in self.partners.values()),

@@ -90,3 +90,8 @@ def test_audit_verify_passes_and_checks_the_noise_shares(run_dir: Path, tmp_path
     assert report.ok, report
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["secure_aggregation"] is True
+    # the plain (epsilon, delta')-DP statement with the sampler/discretisation slack of the
+    # ledger's receipts: stated per partner, a hair above delta at the mode's 48 bits
+    slack = summary["privacy"]["example_level_delta_with_slack"]
+    assert set(slack) == set(summary["privacy"]["example_level"])
+    assert all(1e-5 < d < 1.01e-5 for d in slack.values())

@@ -29,8 +29,9 @@ Noise and accounting (per partner, one Poisson-subsampled Gaussian step per roun
   integer vector S, S + round(Z), Z ~ N(0, s^2 I), equals round(S + Z): post-processing of
   the continuous Gaussian mechanism with multiplier s / D2 >= sigma (s^2 = h sigma_int^2 for
   h >= m honest shares). The actual noise differs from round(Z) per coordinate by at most
-  (TV): the float sampler's slack (<= 2^-49 per share, see :mod:`.discrete_gaussian`; n
-  shares), the sum of n discrete Gaussians vs one (KLS21 tau, :func:`.ddg_accounting.ddg_tau`)
+  (TV): the sampler's slack (:func:`.discrete_gaussian.sampler_tv_per_sample`, ~5.2e-18 per
+  coordinate and share with x86-64 long doubles, independent of sigma; n shares), the sum
+  of n discrete Gaussians vs one (KLS21 tau, :func:`.ddg_accounting.ddg_tau`)
   and the discrete vs rounded continuous Gaussian, <= 1/(24 s^2) (asymptotically
   0.0202 / s^2; checked numerically for s >= 1 in the tests). Over d coordinates and the
   T rounds a partner trains in, the released sums are within TV eta = sum of the per-round
@@ -51,13 +52,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .ddg_accounting import ddg_tau
-from .discrete_gaussian import sample_discrete_gaussian
+from .discrete_gaussian import sample_discrete_gaussian, sampler_tv_per_sample
 from .errors import SecAggValidationError
 from .prg import PURPOSE_ROUNDING, ChaChaStream
 from .quantize import from_ring, rounding_l2_bound, stochastic_round
 
 SHARED_NOISE = "shared"
-FLOAT_SAMPLER_TV = 2.0**-49  # per coordinate and share (see .discrete_gaussian)
 MAX_SCALED = 2.0**52  # float64 integers stay exact
 MAX_LOCAL_SIGMA = 2.0**40  # range of the vectorised sampler
 
@@ -173,7 +173,7 @@ class SharedNoiseConfig:
         """Per-round total-variation distance of the released sum from the rounded continuous
         Gaussian mechanism (module docstring), over all d + 1 coordinates."""
         s2 = self.m * self.local_sigma**2
-        per_coordinate = (self.num_clients * FLOAT_SAMPLER_TV
+        per_coordinate = (self.num_clients * sampler_tv_per_sample()
                           + ddg_tau(self.local_sigma, self.num_clients)
                           + 1.0 / (24.0 * s2))
         return self.dim * per_coordinate
