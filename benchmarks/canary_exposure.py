@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from confide.audit.canary import CanaryFormat
-from confide.audit.canary_audit import INSERTED, CanarySettings, run_canary_audit
+from confide.audit.canary import INSERTED, CanaryFormat
+from confide.audit.canary_audit import CanarySettings, run_canary_audit
 from confide.config import build_config
 
 E2E = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "e2e"

@@ -35,6 +35,7 @@ import itertools
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -188,3 +189,43 @@ def extrapolated_exposures(secret_scores: Sequence[float] | np.ndarray,
     else:
         raise ValueError(f"family = {family!r}; allowed: {', '.join(FAMILIES)}")
     return np.clip(-np.asarray(logcdf) / math.log(2.0), 0.0, space_bits)
+
+
+# -- the audit's record in the run folder (read by the audit and by the report) --------------
+EXPOSURE_FILE = "canary_exposure.json"  # in the run folder: numbers only
+INSERTED, CONTROL = "inserted", "control"
+
+
+def summary_rows(record: dict[str, Any]) -> list[list[str]]:
+    """One row per group (inserted by repeat count, then controls) of a canary_exposure.json
+    record; shared by the console table and the report."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for s in record["secrets"]:
+        groups.setdefault((s["kind"], int(s["repeats"])), []).append(s)
+    order = sorted((k for k in groups if k[0] == INSERTED), key=lambda k: k[1])
+    order += [k for k in groups if k[0] == CONTROL]
+    rows = []
+    for kind, r in order:
+        chosen = groups[(kind, r)]
+        by_rank = [s["rank_exposure"] for s in chosen]
+        extra = [s["extrapolated_exposure"] for s in chosen]
+        name = (f"inserted, {r} repeat{'s' if r != 1 else ''}" if kind == INSERTED
+                else "controls (never inserted)")
+        rows.append([name, str(len(chosen)), f"{np.mean(by_rank):.2f}",
+                     f"{np.median(by_rank):.2f}", f"{np.mean(extra):.2f}",
+                     f"{np.max(extra):.2f}"])
+    return rows
+
+
+def summary_note(record: dict[str, Any]) -> str:
+    eps = record.get("claimed_epsilon")
+    privacy = (f"example-level DP, claimed epsilon {eps:.3f} (delta {record['delta']:g}) per "
+               "record; r repeats of a secret are r records" if record.get("example_dp")
+               and eps is not None else "no example-level DP")
+    cands = (f"all {record['candidates']} other sequences of the format (exact)"
+             if record.get("exhaustive") else f"{record['candidates']} random candidates")
+    return (f"Format {record['format']}; secrets inserted into partner {record['partner']}'s "
+            f"data; ranked against {cands}: rank exposure at most "
+            f"{math.log2(record['candidates'] + 1):.2f} bits, extrapolated "
+            f"({record['family']} fit) at most {record['space_bits']:.2f} bits. A secret "
+            f"never seen has about 1.44 bits on average. {privacy}.")

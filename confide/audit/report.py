@@ -113,7 +113,7 @@ class RunReport:
     def canary_exposure(self) -> tuple[str, list[list[str]]] | None:
         """(note, rows) of the canary exposure audit (canary_exposure.json, written by
         `confide audit empirical` on a causal-lm run; numbers only, never the secrets)."""
-        from confide.audit.canary_audit import EXPOSURE_FILE, summary_note, summary_rows
+        from confide.audit.canary import EXPOSURE_FILE, summary_note, summary_rows
 
         try:
             record = json.loads((self.run_dir / EXPOSURE_FILE).read_text())

@@ -16,6 +16,9 @@ import pytest
 from scipy import stats
 
 from confide.audit.canary import (
+    CONTROL,
+    EXPOSURE_FILE,
+    INSERTED,
     CanaryFormat,
     CanaryFormatError,
     candidate_pool,
@@ -25,13 +28,7 @@ from confide.audit.canary import (
     rank_exposures,
     sample_secrets,
 )
-from confide.audit.canary_audit import (
-    CONTROL,
-    EXPOSURE_FILE,
-    INSERTED,
-    SECRETS_FILE,
-    insert_rows,
-)
+from confide.audit.canary_audit import SECRETS_FILE, insert_rows
 from confide.cli import main
 from confide.tasks.causal_lm import PromptDataset
 
