@@ -219,7 +219,8 @@ def sample_discrete_gaussian(
         batch = int(need * 2.6) + 64  # acceptance >= ~0.44 for sigma >= 1
         u = _uniform_below(t, batch, stream)
         # Algorithm 2, step 1: keep U with probability exp(-U/t)
-        keep = _bernoulli_exp_neg_vec(u / t, lambda i, u=u: u[i].astype(_LD) / t_ld, stream)
+        keep = _bernoulli_exp_neg_vec(u / t, lambda i, u=u: u[i].astype(_LD) / t_ld,  # type: ignore[misc]  # default args
+                                      stream)
         u = u[keep]
         magnitude = u + t * _geometric_e(u.size, stream)  # U + t V
         negative = stream.bits(u.size)
@@ -228,7 +229,7 @@ def sample_discrete_gaussian(
         # Algorithm 3: accept with probability exp(-(|Y| - sigma^2/t)^2 / (2 sigma^2))
         gamma = np.square(magnitude - center) / (2.0 * sigma * sigma)
         keep = _bernoulli_exp_neg_vec(
-            gamma, lambda i, m=magnitude: np.square(m[i].astype(_LD) - center_ld)
+            gamma, lambda i, m=magnitude: np.square(m[i].astype(_LD) - center_ld)  # type: ignore[misc]  # default args
             / (2 * sigma_ld * sigma_ld), stream)
         y = np.where(negative[keep], -magnitude[keep], magnitude[keep])
         take = min(need, y.size)
