@@ -70,7 +70,10 @@ def main() -> None:
             "rounds": args.rounds, "local-epochs": args.local_epochs,
             "batch-size": args.batch_size, "physical-batch-size": args.batch_size,
             "learning-rate": args.lr, "max-length": args.max_length, "delta": 1e-5,
-            "generate-prompts": 5, "max-new-tokens": 24, "preflight": "off"}
+            "generate-prompts": 5, "max-new-tokens": 24, "preflight": "off",
+            # Opacus' ghost clipping (grad-sample-mode 'auto' for fine-tune = full) refuses
+            # the tied embedding/LM-head weights of Llama-style models; hooks handle them
+            "grad-sample-mode": "hooks"}
     rows: list[dict[str, Any]] = []
     for name, dp in (("non-DP", False), (f"DP eps={args.epsilon:g}", True)):
         cfg = build_config({**base, "example-dp": dp, "target-epsilon": args.epsilon,

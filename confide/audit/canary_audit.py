@@ -59,6 +59,10 @@ if TYPE_CHECKING:
 SECRETS_FILE = "canary_secrets.json"  # in the audit folder: the secret texts and the seed
 
 
+class CanaryAuditError(ValueError):
+    """The audited run cannot be measured (e.g. it trained nothing)."""
+
+
 @dataclass(frozen=True)
 class CanarySettings:
     """What the audit inserts and how it measures."""
@@ -191,6 +195,18 @@ def log_perplexities(model: torch.nn.Module, tokenizer: Any, prefix: str,
 
 # -- the audit ------------------------------------------------------------------------------
 
+def check_trained(run_dir: Path) -> None:
+    """Refuse to measure a run in which no round aggregated an update (every partner failed
+    or refused): its final model is the initial one, and low exposure would look like
+    privacy."""
+    path = run_dir / "metrics.jsonl"
+    rows = path.read_text().splitlines() if path.is_file() else []
+    if not any(json.loads(x).get("num_clients_aggregated", 0) for x in rows if x.strip()):
+        raise CanaryAuditError(f"{run_dir}: no round aggregated any partner's update (see "
+                               "the run's log), so the final model is the initial one and "
+                               "its exposure would mean nothing")
+
+
 def run_canary_audit(cfg: RunConfig, settings: CanarySettings, *, work_dir: Path,
                      seed: int | None = None, console: Console | None = None
                      ) -> CanaryAuditResult:
@@ -242,6 +258,7 @@ def run_canary_audit(cfg: RunConfig, settings: CanarySettings, *, work_dir: Path
     run_dir, summary = simulate(run_cfg, console=console)
     import torch
 
+    check_trained(Path(run_dir))
     model = load_trained_model(run_dir)
     device = torch.device("cuda" if cfg.device.startswith("cuda")
                           or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")

@@ -28,7 +28,12 @@ from confide.audit.canary import (
     rank_exposures,
     sample_secrets,
 )
-from confide.audit.canary_audit import SECRETS_FILE, insert_rows
+from confide.audit.canary_audit import (
+    SECRETS_FILE,
+    CanaryAuditError,
+    check_trained,
+    insert_rows,
+)
 from confide.cli import main
 from confide.tasks.causal_lm import PromptDataset
 
@@ -230,3 +235,15 @@ def test_bad_canary_settings_name_the_flag(tmp_path: Path,
     assert "--repeats" in capsys.readouterr().err
     assert main([*base, "--canary-alphabet", "7", "--out", str(tmp_path / "c")]) == 2
     assert "alphabet" in capsys.readouterr().err
+
+
+def test_a_run_that_trained_nothing_is_not_measured(tmp_path: Path) -> None:
+    """Every round failed (seen: Opacus ghost clipping refusing tied weights): the model is
+    the initial one; its low exposure must not pass for privacy."""
+    rows = [{"round": r, "num_clients_aggregated": 0} for r in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(CanaryAuditError, match="no round aggregated"):
+        check_trained(tmp_path)
+    rows[1]["num_clients_aggregated"] = 1
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check_trained(tmp_path)
