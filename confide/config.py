@@ -4,6 +4,11 @@ The same schema serves the config file (TOML), the CLI flags, `--set key=value`,
 `run_config` (`flwr run .`) and the per-round message config sent to clients. Keys are
 kebab-case everywhere outside Python; each is validated once at the edge and a bad value
 fails with a message that names the key and the allowed range.
+
+Each key is defined once, as a RunConfig field declared with `option(...)`; everything else
+that lists keys (SCHEMA, the README table, pyproject.toml's [tool.flwr.app.config], the
+audit's reading of a recorded config) is derived from the fields:
+`python -m confide.config` prints the README table, `--pyproject` the Flower table.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import tomli_w
 
@@ -27,12 +32,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class KeySpec:
-    """What one configuration key accepts."""
+    """What one configuration key accepts (derived from its RunConfig field)."""
 
     kind: type
     allowed: str  # human-readable allowed range, used in error messages and the README
     check: Callable[[Any], bool]
     help: str
+    default: Any  # as declared (example-dp-noise: 'auto', which a RunConfig resolves)
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -55,246 +61,215 @@ def _any(_: Any) -> bool:
     return True
 
 
-SCHEMA: dict[str, KeySpec] = {
-    # Federation
-    "rounds": KeySpec(int, "integer >= 1", _range(1), "number of federated rounds"),
-    "clients": KeySpec(int, "integer >= 1", _range(1),
-                       "number of partners (virtual SuperNodes in simulation)"),
-    "fraction-train": KeySpec(float, "0 < x <= 1", _range(0, 1, lo_open=True),
-                              "fraction of partners sampled each round"),
-    "min-clients": KeySpec(int, "integer >= 1", _range(1),
-                           "fewest replies a round needs to be aggregated"),
-    "seed": KeySpec(int, "integer >= 0", _range(0), "seed for sampling, splits and init"),
-    # Model
-    "task": KeySpec(str, "'classification' or 'causal-lm'",
-                    _one_of("classification", "causal-lm"),
-                    "what the model learns: text,label classification or prompt,completion "
-                    "language modelling"),
-    "model": KeySpec(str, "'minilm', 'tiny', 'smollm2' (causal-lm) or a local Hugging Face "
-                     "model folder", _any, "shared transformer"),
-    "fine-tune": KeySpec(str, "'lora', 'full', 'head' or 'bitfit'",
-                         _one_of("lora", "full", "head", "bitfit"),
-                         "which parameters train (and travel); bitfit: bias terms + head"),
-    "freeze-embeddings": KeySpec(bool, "true or false", _any,
-                                 "fine-tune = 'full': keep the word/position/token-type "
-                                 "embeddings frozen"),
-    "lora-rank": KeySpec(int, "1 <= r <= 256", _range(1, 256), "LoRA rank"),
-    "lora-alpha": KeySpec(float, "x > 0", _range(0, lo_open=True), "LoRA alpha"),
-    "lora-dropout": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True), "LoRA dropout"),
-    "lora-targets": KeySpec(str, "comma-separated module names, e.g. 'query,value', or "
-                            "'all-linear' (every encoder Linear layer)",
-                            lambda v: bool(v.strip()), "modules that get LoRA adapters"),
-    "lora-freeze-a": KeySpec(bool, "true or false", _any,
-                             "FFA-LoRA: keep the LoRA A matrices at their seeded "
-                             "initialisation and train only B (half the noise dimension)"),
-    "pooling": KeySpec(str, "'auto', 'mean' or 'cls'", _one_of("auto", "mean", "cls"),
-                       "sentence representation the head reads ('auto': mean for "
-                       "sentence-transformers models and tiny, else CLS + pooler)"),
-    "max-length": KeySpec(int, "8 <= n <= 512", _range(8, 512), "tokens per example"),
-    # Data
-    "data": KeySpec(str, "'' (synthetic demo), a text,label file or a folder of them", _any,
-                    "training data"),
-    "eval-data": KeySpec(str, "'' or a text,label file", _any,
-                         "central evaluation data ('' = held-out part of the demo/data)"),
-    "partitioner": KeySpec(str, "'iid', 'dirichlet' or 'column'",
-                           _one_of("iid", "dirichlet", "column"),
-                           "how one data file is split among partners"),
-    "dirichlet-alpha": KeySpec(float, "x > 0", _range(0, lo_open=True),
-                               "label skew of the Dirichlet partitioner (smaller = more skew)"),
-    "partition-column": KeySpec(str, "a column name", lambda v: bool(v),
-                                "column the 'column' partitioner groups by"),
-    "num-labels": KeySpec(int, "0 (infer) or integer >= 2", lambda v: v == 0 or v >= 2,
-                          "number of classes"),
-    "max-train-examples": KeySpec(int, "0 (all) or integer >= 1", _range(0),
-                                  "cap on the training rows read (for quick experiments)"),
-    "max-eval-examples": KeySpec(int, "0 (all) or integer >= 1", _range(0),
-                                 "cap on the evaluation rows read"),
-    "prompt-column": KeySpec(str, "a column name", lambda v: bool(v),
-                             "task = 'causal-lm': column holding the prompt"),
-    "completion-column": KeySpec(str, "a column name", lambda v: bool(v),
-                                 "task = 'causal-lm': column holding the completion (the "
-                                 "loss covers its tokens only)"),
-    # Local training
-    "local-epochs": KeySpec(float, "0 < x <= 100", _range(0, 100, lo_open=True),
-                            "passes over the local data per round (fractional allowed)"),
-    "batch-size": KeySpec(int, "1 <= n <= 65536", _range(1, 65536),
-                          "expected logical batch size (Poisson sampling under DP); with "
-                          "example-dp-noise = 'shared': of the whole federation per round"),
-    "physical-batch-size": KeySpec(int, "1 <= n <= 4096", _range(1, 4096),
-                                   "largest batch put through the model at once"),
-    "optimizer": KeySpec(str, "'sgd', 'adam' or 'adamw'", _one_of("sgd", "adam", "adamw"),
-                         "local optimizer"),
-    "learning-rate": KeySpec(float, "0 < x <= 10", _range(0, 10, lo_open=True),
-                             "local learning rate"),
-    "head-learning-rate": KeySpec(float, "0 (= learning-rate) or 0 < x <= 10", _range(0, 10),
-                                  "local learning rate of the classifier head"),
-    "weight-decay": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True), "weight decay"),
-    "device": KeySpec(str, "'auto', 'cpu' or 'cuda[:N]'",
-                      lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "torch device"),
-    "client-cpus": KeySpec(float, "0 < x <= 1024", _range(0, 1024, lo_open=True),
-                           "simulation: Ray CPUs reserved per virtual partner (partners "
-                           "training at once = cluster CPUs / client-cpus)"),
-    "client-gpus": KeySpec(float, "0 <= x <= 1 (0 = CPU only)", _range(0, 1),
-                           "simulation: fraction of a GPU per virtual partner, used when Ray "
-                           "sees GPUs and device is not 'cpu'"),
-    # Example-level DP (per partner, Opacus)
-    "example-dp": KeySpec(bool, "true or false", _any, "DP-SGD on each partner"),
-    "noise-multiplier": KeySpec(float, "0 (derive from target-epsilon) or x > 0", _range(0),
-                                "DP-SGD noise multiplier"),
-    "target-epsilon": KeySpec(float, "x > 0", _range(0, lo_open=True),
-                              "per-partner epsilon the noise is calibrated to over all rounds"),
-    "max-epsilon": KeySpec(float, "x > 0", _range(0, lo_open=True),
-                           "hard per-partner budget: a node refuses a round that would pass it"),
-    "delta": KeySpec(float, "0 < x < 1", _range(0, 1, lo_open=True, hi_open=True),
-                     "delta of (epsilon, delta)-DP"),
-    "max-grad-norm": KeySpec(float, "x > 0", _range(0, lo_open=True), "per-sample clip norm"),
-    "grad-sample-mode": KeySpec(str, "'auto', 'hooks' or 'ghost'",
-                                _one_of("auto", "hooks", "ghost"),
-                                "how per-example gradients are clipped: 'auto' = ghost "
-                                "clipping for fine-tune = 'full', hooks otherwise"),
-    "example-dp-noise": KeySpec(str, "'auto', 'local' or 'shared'",
-                                _one_of("auto", "local", "shared"),
-                                "where the DP-SGD noise is added: 'local' = each partner "
-                                "adds all of it to its own update; 'shared' = each partner "
-                                "adds a share inside the secure sum (needs "
-                                "secure-aggregation; one noisy gradient per round); 'auto' "
-                                "= 'shared' with secure-aggregation (unless distributed-dp "
-                                "or local-epochs != 1), else 'local'"),
-    "dp-colluders": KeySpec(int, "integer >= 0", _range(0),
-                            "example-dp-noise = 'shared': partners assumed to collude with "
-                            "the server (their noise shares are not counted)"),
-    # Server
-    "server-learning-rate": KeySpec(float, "0 < x <= 10", _range(0, 10, lo_open=True),
-                                    "step size applied to the averaged delta"),
-    "server-optimizer": KeySpec(str, "'sgd', 'adam' or 'yogi'", _one_of("sgd", "adam", "yogi"),
-                                "server step on the averaged delta (FedAvg(M), FedAdam, "
-                                "FedYogi; post-processing: free in privacy)"),
-    "server-momentum": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True),
-                               "server momentum: heavy-ball for sgd (FedAvgM), beta1 for "
-                               "adam/yogi"),
-    "server-beta2": KeySpec(float, "0 <= x < 1", _range(0, 1, hi_open=True),
-                            "second-moment decay of server adam/yogi"),
-    "server-tau": KeySpec(float, "x > 0", _range(0, lo_open=True),
-                          "adaptivity of server adam/yogi (added to sqrt of the 2nd moment)"),
-    "client-dp": KeySpec(bool, "true or false", _any,
-                         "client-level DP: clip each update, Gaussian noise on the sum"),
-    "client-dp-noise-multiplier": KeySpec(float, "x > 0", _range(0, lo_open=True),
-                                          "client-level noise multiplier"),
-    "client-dp-clipping-norm": KeySpec(float, "x > 0", _range(0, lo_open=True),
-                                       "client-level L2 clip of each update"),
-    # Secure aggregation and distributed DP
-    "secure-aggregation": KeySpec(bool, "true or false", _any,
-                                  "SecAgg+: the server sees only the sum of updates"),
-    "distributed-dp": KeySpec(bool, "true or false", _any,
-                              "clients add discrete Gaussian noise inside the secure sum"),
-    "secagg-threshold": KeySpec(float, "0 < x <= 1 (fraction of the sampled clients)",
-                                _range(0, 1, lo_open=True),
-                                "Shamir threshold t as a fraction of sampled clients"),
-    "secagg-neighbours": KeySpec(int, "0 (about 2 log2 n) or integer >= 2",
-                                 lambda v: v == 0 or v >= 2, "neighbours per client"),
-    "secagg-bits": KeySpec(int, "16 <= b <= 62", _range(16, 62), "ring Z_2^b bit width"),
-    "secagg-clip": KeySpec(float, "x > 0", _range(0, lo_open=True),
-                           "per-coordinate clip range of quantised updates"),
-    "dropout-rate": KeySpec(float, "0 <= p < 1", _range(0, 1, hi_open=True),
-                            "fault injection: chance a client drops (simulation)"),
-    "dropout-stage": KeySpec(str, "'share-keys', 'masked-input' or 'unmask'",
-                             _one_of("share-keys", "masked-input", "unmask"),
-                             "protocol stage at which injected dropouts happen"),
-    "verify-secagg": KeySpec(bool, "true or false", _any,
-                             "simulation only: also compute the plaintext sum, record error"),
-    # Pre-flight check (never changes privacy settings)
-    "preflight": KeySpec(str, "'warn', 'error' or 'off'", _one_of("warn", "error", "off"),
-                         "before round 1, estimate noise vs largest signal of the aggregate; "
-                         "'warn' logs a configuration that cannot learn, 'error' refuses it"),
-    # Output
-    "out": KeySpec(str, "a folder path ('' = runs/<time>)", _any, "run folder"),
-    "resume": KeySpec(bool, "true or false", _any,
-                      "continue the run in `out` from its last checkpointed round"),
-    "eval-batch-size": KeySpec(int, "1 <= n <= 4096", _range(1, 4096), "evaluation batch"),
-    "generate-every": KeySpec(int, "0 (only after the last round) or integer >= 1", _range(0),
-                              "task = 'causal-lm': greedy generation with BLEU and ROUGE-L "
-                              "every k rounds (always after the last)"),
-    "generate-prompts": KeySpec(int, "0 (all) or integer >= 1", _range(0),
-                                "task = 'causal-lm': distinct evaluation prompts generated "
-                                "for BLEU and ROUGE-L"),
-    "max-new-tokens": KeySpec(int, "1 <= n <= 1024", _range(1, 1024),
-                              "task = 'causal-lm': longest generated completion"),
-}
+def option(default: Any, allowed: str, check: Callable[[Any], bool], help: str) -> Any:
+    """A RunConfig field that is a configuration key: its declared default, the allowed
+    range in words (error messages, README), the range check and the README's meaning.
+
+    The key's type is the field's annotation. Typed Any so that `x: int = option(...)`
+    type-checks like `x: int = field(...)`."""
+    return field(default=default,
+                 metadata={"allowed": allowed, "check": check, "help": help})
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The resolved configuration of one run. Field names mirror SCHEMA's kebab-case keys."""
+    """The resolved configuration of one run, and the one definition of every key.
 
-    rounds: int = 3
-    clients: int = 4
-    fraction_train: float = 1.0
-    min_clients: int = 1
-    seed: int = 42
-    task: str = "classification"
-    model: str = "minilm"
-    fine_tune: str = "lora"
-    freeze_embeddings: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "query,value"
-    lora_freeze_a: bool = False
-    pooling: str = "auto"
-    max_length: int = 64
-    data: str = ""
-    eval_data: str = ""
-    partitioner: str = "iid"
-    dirichlet_alpha: float = 1.0
-    partition_column: str = "domain"
-    num_labels: int = 0
-    max_train_examples: int = 0
-    max_eval_examples: int = 0
-    prompt_column: str = "prompt"
-    completion_column: str = "completion"
-    local_epochs: float = 1.0
-    batch_size: int = 64
-    physical_batch_size: int = 64
-    optimizer: str = "adam"
-    learning_rate: float = 1e-2  # measured best under DP: benchmarks/results/dp_recipe_search.md
-    head_learning_rate: float = 0.02
-    weight_decay: float = 0.0
-    device: str = "auto"
-    client_cpus: float = 1.0
-    client_gpus: float = 0.25
-    example_dp: bool = True
-    noise_multiplier: float = 0.0
-    target_epsilon: float = 8.0
-    max_epsilon: float = 10.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    grad_sample_mode: str = "auto"
-    example_dp_noise: str = "auto"
-    dp_colluders: int = 0
-    server_learning_rate: float = 1.0
-    server_optimizer: str = "sgd"
-    server_momentum: float = 0.0
-    server_beta2: float = 0.99
-    server_tau: float = 1e-3
-    client_dp: bool = False
-    client_dp_noise_multiplier: float = 1.0
-    client_dp_clipping_norm: float = 1.0
-    secure_aggregation: bool = False
-    distributed_dp: bool = False
-    secagg_threshold: float = 0.5
-    secagg_neighbours: int = 0
-    secagg_bits: int = 32
-    secagg_clip: float = 1.0
-    dropout_rate: float = 0.0
-    dropout_stage: str = "masked-input"
-    verify_secagg: bool = False
-    preflight: str = "warn"
-    out: str = ""
-    resume: bool = False
-    eval_batch_size: int = 128
-    generate_every: int = 0
-    generate_prompts: int = 50
-    max_new_tokens: int = 64
+    Each field is a configuration key (kebab-case outside Python): its annotation is the
+    key's type, its default the declared default, and its metadata (`option`) what the key
+    accepts and means. SCHEMA, the README table, pyproject's [tool.flwr.app.config] and the
+    audit's reading of a recorded config are all derived from these fields.
+    """
+
+    # Federation
+    rounds: int = option(3, "integer >= 1", _range(1), "number of federated rounds")
+    clients: int = option(
+        4, "integer >= 1", _range(1), "number of partners (virtual SuperNodes in simulation)")
+    fraction_train: float = option(
+        1.0, "0 < x <= 1", _range(0, 1, lo_open=True), "fraction of partners sampled each round")
+    min_clients: int = option(
+        1, "integer >= 1", _range(1), "fewest replies a round needs to be aggregated")
+    seed: int = option(42, "integer >= 0", _range(0), "seed for sampling, splits and init")
+    # Model
+    task: str = option(
+        "classification", "'classification' or 'causal-lm'", _one_of("classification", "causal-lm"),
+        "what the model learns: text,label classification or prompt,completion language modelling")
+    model: str = option(
+        "minilm", "'minilm', 'tiny', 'smollm2' (causal-lm) or a local Hugging Face model folder",
+        _any, "shared transformer")
+    fine_tune: str = option(
+        "lora", "'lora', 'full', 'head' or 'bitfit'", _one_of("lora", "full", "head", "bitfit"),
+        "which parameters train (and travel); bitfit: bias terms + head")
+    freeze_embeddings: bool = option(
+        False, "true or false", _any,
+        "fine-tune = 'full': keep the word/position/token-type embeddings frozen")
+    lora_rank: int = option(8, "1 <= r <= 256", _range(1, 256), "LoRA rank")
+    lora_alpha: float = option(16.0, "x > 0", _range(0, lo_open=True), "LoRA alpha")
+    lora_dropout: float = option(0.0, "0 <= x < 1", _range(0, 1, hi_open=True), "LoRA dropout")
+    lora_targets: str = option(
+        "query,value", "comma-separated module names, e.g. 'query,value', or "
+        "'all-linear' (every encoder Linear layer)", lambda v: bool(v.strip()),
+        "modules that get LoRA adapters")
+    lora_freeze_a: bool = option(
+        False, "true or false", _any,
+        "FFA-LoRA: keep the LoRA A matrices at their seeded "
+        "initialisation and train only B (half the noise dimension)")
+    pooling: str = option(
+        "auto", "'auto', 'mean' or 'cls'", _one_of("auto", "mean", "cls"),
+        "sentence representation the head reads ('auto': mean for "
+        "sentence-transformers models and tiny, else CLS + pooler)")
+    max_length: int = option(64, "8 <= n <= 512", _range(8, 512), "tokens per example")
+    # Data
+    data: str = option(
+        "", "'' (synthetic demo), a text,label file or a folder of them", _any, "training data")
+    eval_data: str = option(
+        "", "'' or a text,label file", _any,
+        "central evaluation data ('' = held-out part of the demo/data)")
+    partitioner: str = option(
+        "iid", "'iid', 'dirichlet' or 'column'", _one_of("iid", "dirichlet", "column"),
+        "how one data file is split among partners")
+    dirichlet_alpha: float = option(
+        1.0, "x > 0", _range(0, lo_open=True),
+        "label skew of the Dirichlet partitioner (smaller = more skew)")
+    partition_column: str = option(
+        "domain", "a column name", lambda v: bool(v), "column the 'column' partitioner groups by")
+    num_labels: int = option(
+        0, "0 (infer) or integer >= 2", lambda v: v == 0 or v >= 2, "number of classes")
+    max_train_examples: int = option(
+        0, "0 (all) or integer >= 1", _range(0),
+        "cap on the training rows read (for quick experiments)")
+    max_eval_examples: int = option(
+        0, "0 (all) or integer >= 1", _range(0), "cap on the evaluation rows read")
+    prompt_column: str = option(
+        "prompt", "a column name", lambda v: bool(v),
+        "task = 'causal-lm': column holding the prompt")
+    completion_column: str = option(
+        "completion", "a column name", lambda v: bool(v),
+        "task = 'causal-lm': column holding the completion (the loss covers its tokens only)")
+    # Local training
+    local_epochs: float = option(
+        1.0, "0 < x <= 100", _range(0, 100, lo_open=True),
+        "passes over the local data per round (fractional allowed)")
+    batch_size: int = option(
+        64, "1 <= n <= 65536", _range(1, 65536),
+        "expected logical batch size (Poisson sampling under DP); with "
+        "example-dp-noise = 'shared': of the whole federation per round")
+    physical_batch_size: int = option(
+        64, "1 <= n <= 4096", _range(1, 4096), "largest batch put through the model at once")
+    optimizer: str = option(
+        "adam", "'sgd', 'adam' or 'adamw'", _one_of("sgd", "adam", "adamw"), "local optimizer")
+    # measured best under DP: benchmarks/results/dp_recipe_search.md
+    learning_rate: float = option(
+        1e-2, "0 < x <= 10", _range(0, 10, lo_open=True), "local learning rate")
+    head_learning_rate: float = option(
+        0.02, "0 (= learning-rate) or 0 < x <= 10", _range(0, 10),
+        "local learning rate of the classifier head")
+    weight_decay: float = option(0.0, "0 <= x < 1", _range(0, 1, hi_open=True), "weight decay")
+    device: str = option(
+        "auto", "'auto', 'cpu' or 'cuda[:N]'",
+        lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "torch device")
+    client_cpus: float = option(
+        1.0, "0 < x <= 1024", _range(0, 1024, lo_open=True),
+        "simulation: Ray CPUs reserved per virtual partner (partners "
+        "training at once = cluster CPUs / client-cpus)")
+    client_gpus: float = option(
+        0.25, "0 <= x <= 1 (0 = CPU only)", _range(0, 1),
+        "simulation: fraction of a GPU per virtual partner, used when Ray "
+        "sees GPUs and device is not 'cpu'")
+    # Example-level DP (per partner, Opacus)
+    example_dp: bool = option(True, "true or false", _any, "DP-SGD on each partner")
+    noise_multiplier: float = option(
+        0.0, "0 (derive from target-epsilon) or x > 0", _range(0), "DP-SGD noise multiplier")
+    target_epsilon: float = option(
+        8.0, "x > 0", _range(0, lo_open=True),
+        "per-partner epsilon the noise is calibrated to over all rounds")
+    max_epsilon: float = option(
+        10.0, "x > 0", _range(0, lo_open=True),
+        "hard per-partner budget: a node refuses a round that would pass it")
+    delta: float = option(
+        1e-5, "0 < x < 1", _range(0, 1, lo_open=True, hi_open=True), "delta of (epsilon, delta)-DP")
+    max_grad_norm: float = option(1.0, "x > 0", _range(0, lo_open=True), "per-sample clip norm")
+    grad_sample_mode: str = option(
+        "auto", "'auto', 'hooks' or 'ghost'", _one_of("auto", "hooks", "ghost"),
+        "how per-example gradients are clipped: 'auto' = ghost "
+        "clipping for fine-tune = 'full', hooks otherwise")
+    example_dp_noise: str = option(
+        "auto", "'auto', 'local' or 'shared'", _one_of("auto", "local", "shared"),
+        "where the DP-SGD noise is added: 'local' = each partner "
+        "adds all of it to its own update; 'shared' = each partner "
+        "adds a share inside the secure sum (needs "
+        "secure-aggregation; one noisy gradient per round); 'auto' "
+        "= 'shared' with secure-aggregation (unless distributed-dp "
+        "or local-epochs != 1), else 'local'")
+    dp_colluders: int = option(
+        0, "integer >= 0", _range(0),
+        "example-dp-noise = 'shared': partners assumed to collude with "
+        "the server (their noise shares are not counted)")
+    # Server
+    server_learning_rate: float = option(
+        1.0, "0 < x <= 10", _range(0, 10, lo_open=True), "step size applied to the averaged delta")
+    server_optimizer: str = option(
+        "sgd", "'sgd', 'adam' or 'yogi'", _one_of("sgd", "adam", "yogi"),
+        "server step on the averaged delta (FedAvg(M), FedAdam, "
+        "FedYogi; post-processing: free in privacy)")
+    server_momentum: float = option(
+        0.0, "0 <= x < 1", _range(0, 1, hi_open=True),
+        "server momentum: heavy-ball for sgd (FedAvgM), beta1 for adam/yogi")
+    server_beta2: float = option(
+        0.99, "0 <= x < 1", _range(0, 1, hi_open=True), "second-moment decay of server adam/yogi")
+    server_tau: float = option(
+        1e-3, "x > 0", _range(0, lo_open=True),
+        "adaptivity of server adam/yogi (added to sqrt of the 2nd moment)")
+    client_dp: bool = option(
+        False, "true or false", _any,
+        "client-level DP: clip each update, Gaussian noise on the sum")
+    client_dp_noise_multiplier: float = option(
+        1.0, "x > 0", _range(0, lo_open=True), "client-level noise multiplier")
+    client_dp_clipping_norm: float = option(
+        1.0, "x > 0", _range(0, lo_open=True), "client-level L2 clip of each update")
+    # Secure aggregation and distributed DP
+    secure_aggregation: bool = option(
+        False, "true or false", _any, "SecAgg+: the server sees only the sum of updates")
+    distributed_dp: bool = option(
+        False, "true or false", _any, "clients add discrete Gaussian noise inside the secure sum")
+    secagg_threshold: float = option(
+        0.5, "0 < x <= 1 (fraction of the sampled clients)", _range(0, 1, lo_open=True),
+        "Shamir threshold t as a fraction of sampled clients")
+    secagg_neighbours: int = option(
+        0, "0 (about 2 log2 n) or integer >= 2", lambda v: v == 0 or v >= 2,
+        "neighbours per client")
+    secagg_bits: int = option(32, "16 <= b <= 62", _range(16, 62), "ring Z_2^b bit width")
+    secagg_clip: float = option(
+        1.0, "x > 0", _range(0, lo_open=True), "per-coordinate clip range of quantised updates")
+    dropout_rate: float = option(
+        0.0, "0 <= p < 1", _range(0, 1, hi_open=True),
+        "fault injection: chance a client drops (simulation)")
+    dropout_stage: str = option(
+        "masked-input", "'share-keys', 'masked-input' or 'unmask'",
+        _one_of("share-keys", "masked-input", "unmask"),
+        "protocol stage at which injected dropouts happen")
+    verify_secagg: bool = option(
+        False, "true or false", _any,
+        "simulation only: also compute the plaintext sum, record error")
+    # Pre-flight check (never changes privacy settings)
+    preflight: str = option(
+        "warn", "'warn', 'error' or 'off'", _one_of("warn", "error", "off"),
+        "before round 1, estimate noise vs largest signal of the aggregate; "
+        "'warn' logs a configuration that cannot learn, 'error' refuses it")
+    # Output
+    out: str = option("", "a folder path ('' = runs/<time>)", _any, "run folder")
+    resume: bool = option(
+        False, "true or false", _any, "continue the run in `out` from its last checkpointed round")
+    eval_batch_size: int = option(128, "1 <= n <= 4096", _range(1, 4096), "evaluation batch")
+    generate_every: int = option(
+        0, "0 (only after the last round) or integer >= 1", _range(0),
+        "task = 'causal-lm': greedy generation with BLEU and ROUGE-L "
+        "every k rounds (always after the last)")
+    generate_prompts: int = option(
+        50, "0 (all) or integer >= 1", _range(0),
+        "task = 'causal-lm': distinct evaluation prompts generated for BLEU and ROUGE-L")
+    max_new_tokens: int = option(
+        64, "1 <= n <= 1024", _range(1, 1024), "task = 'causal-lm': longest generated completion")
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -365,6 +340,17 @@ class RunConfig:
 
 def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
+
+
+def _schema() -> dict[str, KeySpec]:
+    kinds = get_type_hints(RunConfig)  # annotations are strings (`from __future__`)
+    return {_key(f.name): KeySpec(kinds[f.name], f.metadata["allowed"], f.metadata["check"],
+                                  f.metadata["help"], f.default)
+            for f in dataclasses.fields(RunConfig) if "allowed" in f.metadata}
+
+
+# Every configuration key, in RunConfig's field order (the README table's order).
+SCHEMA: dict[str, KeySpec] = _schema()
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -484,26 +470,86 @@ def from_run_config(record: Mapping[str, Any]) -> RunConfig:
     the user changed always wins)."""
     values = {k.replace("_", "-"): v for k, v in record.items()
               if k.replace("_", "-") in SCHEMA}
-    defaults = RunConfig().to_dict()
+    defaults = declared_defaults()  # what pyproject_table() writes as the app's defaults
     for key in SHARED_NOISE_DEFAULTS:
         if key in values and values[key] == defaults[key]:
             del values[key]
     return build_config(values)
 
 
+def declared_defaults() -> dict[str, Any]:
+    """Key -> declared default, unresolved ('auto' stays 'auto'; RunConfig() resolves it)."""
+    return {key: spec.default for key, spec in SCHEMA.items()}
+
+
+# What a key meant in a recorded configuration (config.toml, the ledger's run_started) that
+# lacks it: the version that wrote it predates the key. Such a run behaved as that version
+# did, which is not always today's declared default; only those keys need a row here, every
+# other missing key reads as its declared default.
+LEGACY_MEANINGS: dict[str, Any] = {
+    # Before example-dp-noise existed every partner added all of its DP-SGD noise locally;
+    # today's default 'auto' would read an old secure-aggregation run as 'shared'.
+    "example-dp-noise": "local",
+}
+
+
+def recorded_value(config: Mapping[str, Any], key: str) -> Any:
+    """The value of `key` in a recorded configuration, as the run that wrote it meant it.
+
+    Kebab-case keys, snake_case accepted. The value is returned as recorded (not coerced
+    or range-checked: the audit reads what was written, tampered or not). A key unknown
+    to SCHEMA is a programming error (KeyError)."""
+    spec = SCHEMA[key]
+    for name in (key, key.replace("-", "_")):
+        if name in config:
+            return config[name]
+    return LEGACY_MEANINGS.get(key, spec.default)
+
+
+def recorded_config(values: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig of a recorded configuration (a run folder's config.toml): keys its
+    version did not have take their LEGACY_MEANINGS, not today's defaults."""
+    present = {k.replace("_", "-") for k in values}
+    legacy = {k: v for k, v in LEGACY_MEANINGS.items() if k not in present}
+    return build_config({**legacy, **values})
+
+
+def _shown(value: Any) -> str:
+    """A default as the README table shows it (TOML-like: strings quoted, lower-case bools)."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def markdown_table() -> str:
     """The README's configuration table, generated from SCHEMA (a test keeps them equal)."""
     # the declared defaults (a RunConfig resolves 'auto' values, the table shows them)
-    defaults = {_key(f.name): f.default for f in dataclasses.fields(RunConfig)
-                if f.name != "extra"}
     lines = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for key, spec in SCHEMA.items():
-        value = defaults[key]
-        shown = (f'"{value}"' if isinstance(value, str)
-                 else str(value).lower() if isinstance(value, bool) else str(value))
-        lines.append(f"| `{key}` | `{shown}` | {spec.allowed} | {spec.help} |")
+        lines.append(f"| `{key}` | `{_shown(spec.default)}` | {spec.allowed} | {spec.help} |")
     return "\n".join(lines)
 
 
+PYPROJECT_TABLE = "[tool.flwr.app.config]"
+
+
+def pyproject_table() -> str:
+    """pyproject.toml's `[tool.flwr.app.config]`: every key with its declared default.
+
+    `flwr run --run-config` may only override keys listed there, so all of them are; a test
+    keeps pyproject.toml equal to this text (regenerate: python -m confide.config --pyproject).
+    """
+    return f"{PYPROJECT_TABLE}\n{tomli_w.dumps(declared_defaults())}"
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m confide.config",
+        description="Print what is generated from the configuration definition: the "
+                    "README's table (default) or pyproject.toml's [tool.flwr.app.config].")
+    parser.add_argument("--pyproject", action="store_true",
+                        help="print the [tool.flwr.app.config] table instead")
+    print(pyproject_table() if parser.parse_args().pyproject else markdown_table(), end="")
+    print()

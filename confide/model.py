@@ -13,6 +13,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
+
+if TYPE_CHECKING:
+    from confide.config import RunConfig
 
 # Load reports and progress bars are noise in a federation's log; errors still show.
 hf_logging.set_verbosity_error()
@@ -104,6 +108,16 @@ class ModelSpec:
     # full fine-tuning only: word/position/token-type embeddings stay at the checkpoint
     freeze_embeddings: bool = False
     task: str = "classification"  # or "causal-lm" (confide.tasks.causal_lm builds it)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, num_labels: int) -> ModelSpec:
+        """The one RunConfig -> ModelSpec conversion (a task adjusts what it maps
+        differently with dataclasses.replace, e.g. causal-lm's per-family LoRA targets)."""
+        return cls(model=cfg.model, num_labels=num_labels, fine_tune=cfg.fine_tune,
+                   lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                   lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
+                   seed=cfg.seed, pooling=cfg.pooling, lora_freeze_a=cfg.lora_freeze_a,
+                   freeze_embeddings=cfg.freeze_embeddings, task=cfg.task)
 
 
 class MeanPoolClassifier(nn.Module):

@@ -85,6 +85,65 @@ def test_flower_app_config_in_pyproject_matches_the_defaults() -> None:
     assert set(app_config) == set(SCHEMA)
 
 
+def test_pyproject_app_config_is_generated_from_the_fields() -> None:
+    """Values and types, not only keys: each is the field's declared default ('auto'
+    unresolved), and the table is the generator's text (python -m confide.config
+    --pyproject)."""
+    import dataclasses
+    import tomllib
+
+    from confide.config import declared_defaults, pyproject_table
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    app_config = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
+    declared = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig)
+                if f.name != "extra"}
+    assert declared_defaults() == declared
+    assert list(app_config) == list(declared)
+    for key, value in declared.items():
+        assert (type(app_config[key]), app_config[key]) == (type(value), value), key
+    assert pyproject_table() in text, "regenerate: python -m confide.config --pyproject"
+
+
+def test_schema_is_derived_from_the_run_config_fields() -> None:
+    """One definition: every key's type is its field's annotation, its default the field's
+    default, and its allowed text / check / help the field's metadata."""
+    import dataclasses
+    from typing import get_type_hints
+
+    kinds = get_type_hints(RunConfig)
+    keys = [f for f in dataclasses.fields(RunConfig) if f.name != "extra"]
+    assert list(SCHEMA) == [f.name.replace("_", "-") for f in keys]
+    for f in keys:
+        spec = SCHEMA[f.name.replace("_", "-")]
+        assert (spec.kind, spec.default) == (kinds[f.name], f.default)
+        assert (spec.allowed, spec.check, spec.help) == (
+            f.metadata["allowed"], f.metadata["check"], f.metadata["help"])
+    assert SCHEMA["example-dp-noise"].default == "auto"  # declared; RunConfig resolves it
+    assert RunConfig().example_dp_noise == "local"
+
+
+def test_recorded_value_reads_keys_of_earlier_versions_as_they_meant_them() -> None:
+    from confide.config import LEGACY_MEANINGS, recorded_config, recorded_value
+
+    recorded = RunConfig(secure_aggregation=True).to_dict()
+    assert recorded_value(recorded, "example-dp-noise") == "shared"
+    assert recorded_value({"dp_colluders": 2}, "dp-colluders") == 2  # snake_case accepted
+    assert recorded_value({"secure-aggregation": "yes"}, "secure-aggregation") == "yes"
+    # a folder written before example-dp-noise existed: every partner noised locally,
+    # although today's declared default ('auto') would mean 'shared' with secure aggregation
+    old = {k: v for k, v in recorded.items() if k not in ("example-dp-noise", "dp-colluders")}
+    assert recorded_value(old, "example-dp-noise") == LEGACY_MEANINGS["example-dp-noise"]
+    assert recorded_value(old, "example-dp-noise") == "local"
+    assert recorded_value(old, "dp-colluders") == 0  # no legacy row: the declared default
+    assert recorded_value({}, "example-dp") is True
+    assert recorded_config(old).example_dp_noise == "local"
+    assert recorded_config(recorded) == build_config(recorded)
+    with pytest.raises(KeyError):
+        recorded_value(recorded, "no-such-key")
+    assert set(LEGACY_MEANINGS) <= set(SCHEMA)
+
+
 def test_shared_example_noise_needs_secure_aggregation_and_one_gradient_per_round() -> None:
     import pytest
 

@@ -415,7 +415,7 @@ def stage_app(source: Path, out: Path, key: Path) -> Path:
     can only override keys the app declares. Signed with the publisher key."""
     import tomllib
 
-    from confide.config import RunConfig
+    from confide.config import declared_defaults
 
     source = source.resolve()
     pyproject = tomllib.loads((source / "pyproject.toml").read_text())
@@ -423,7 +423,7 @@ def stage_app(source: Path, out: Path, key: Path) -> Path:
         raise DeployError(f"{out} is not empty")
     shutil.copytree(source / "confide", out / "confide",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    defaults = {k: v for k, v in RunConfig().to_dict().items() if v is not None}
+    defaults = declared_defaults()  # as pyproject_table() writes them
     app = pyproject["tool"]["flwr"]["app"]
     app["config"] = {**defaults, **app.get("config", {})}
     pyproject["tool"] = {"flwr": pyproject["tool"]["flwr"]}  # drop ruff/pytest settings

@@ -398,12 +398,10 @@ class CausalLmTask(Task):
                                 max_rows=max_rows)
 
     def model_spec(self, num_labels: int) -> ModelSpec:
-        c = self.cfg
-        return ModelSpec(model=c.model, num_labels=num_labels, fine_tune=c.fine_tune,
-                         lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-                         lora_dropout=c.lora_dropout,
-                         lora_targets=lora_targets_for(c.model, c.lora_targets),
-                         seed=c.seed, lora_freeze_a=c.lora_freeze_a, task=CAUSAL_LM)
+        # the classification default 'query,value' names no module of a causal LM: mapped
+        # per model family (pooling and freeze-embeddings do not apply to causal LMs)
+        return replace(ModelSpec.from_config(self.cfg, num_labels),
+                       lora_targets=lora_targets_for(self.cfg.model, self.cfg.lora_targets))
 
     def tokenizer(self) -> Any:
         return _tokenizer(self.cfg.model)

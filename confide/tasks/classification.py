@@ -84,12 +84,7 @@ class ClassificationTask(Task):
         return read_text_file(path, num_labels=num_labels, max_rows=max_rows)
 
     def model_spec(self, num_labels: int) -> ModelSpec:
-        c = self.cfg
-        return ModelSpec(model=c.model, num_labels=num_labels, fine_tune=c.fine_tune,
-                         lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-                         lora_dropout=c.lora_dropout, lora_targets=c.lora_targets,
-                         seed=c.seed, pooling=c.pooling, lora_freeze_a=c.lora_freeze_a,
-                         freeze_embeddings=c.freeze_embeddings)
+        return ModelSpec.from_config(self.cfg, num_labels)
 
     def tokenizer(self) -> Any:
         return load_tokenizer(self.cfg.model)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from confide.config import RunConfig, build_config, load_toml
+from confide.config import RunConfig, load_toml, recorded_config
 from confide.run_layout import MODEL_DIR, MODEL_INFO_FILE, WEIGHTS_FILE
 
 
@@ -27,8 +27,7 @@ def run_config(run_dir: Path) -> RunConfig:
         raise FileNotFoundError(f"{run_dir}: no config.toml (not a Confide run folder)")
     if not (Path(run_dir) / MODEL_DIR / MODEL_INFO_FILE).is_file():
         raise FileNotFoundError(f"{run_dir}: no model/ (the run did not finish)")
-    values = load_toml(path)
-    return build_config(values)
+    return recorded_config(load_toml(path))  # a folder of an earlier version reads as it meant
 
 
 def load_trained_model(run_dir: str | Path) -> Any:
