@@ -488,8 +488,18 @@ def declared_defaults() -> dict[str, Any]:
 # other missing key reads as its declared default.
 LEGACY_MEANINGS: dict[str, Any] = {
     # Before example-dp-noise existed every partner added all of its DP-SGD noise locally;
-    # today's default 'auto' would read an old secure-aggregation run as 'shared'.
+    # today's default 'auto' would read an old secure-aggregation run as 'shared'. (The
+    # audit reads this one; the rows below matter to rebuilding an old run's RunConfig.)
     "example-dp-noise": "local",
+    # Before pooling existed the classifier read CLS + pooler (AutoModelForSequence-
+    # Classification); 'auto' now means mean pooling for sentence-transformers models.
+    "pooling": "cls",
+    # Before head-learning-rate existed the head trained at learning-rate (0 means that).
+    "head-learning-rate": 0.0,
+    # Before grad-sample-mode existed per-example gradients always came from hooks.
+    "grad-sample-mode": "hooks",
+    # Before preflight existed no pre-flight check ran.
+    "preflight": "off",
 }
 
 

@@ -138,6 +138,8 @@ def test_recorded_value_reads_keys_of_earlier_versions_as_they_meant_them() -> N
     assert recorded_value(old, "dp-colluders") == 0  # no legacy row: the declared default
     assert recorded_value({}, "example-dp") is True
     assert recorded_config(old).example_dp_noise == "local"
+    legacy = recorded_config({k: v for k, v in old.items() if k not in LEGACY_MEANINGS})
+    assert {k: legacy.to_dict()[k] for k in LEGACY_MEANINGS} == LEGACY_MEANINGS
     assert recorded_config(recorded) == build_config(recorded)
     with pytest.raises(KeyError):
         recorded_value(recorded, "no-such-key")
