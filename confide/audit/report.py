@@ -26,11 +26,23 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: reports are written on servers and in CI
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from confide.audit.verify import METRICS_FILE, VerifyResult, render_verdict, verify_run
 from confide.privacy import ledger_events as ev
 from confide.run_layout import atomic_write_bytes
 
+EPSILON_HEADER = ["partner", "claimed", "independent replay", "PLD", "RDP", "rounds trained",
+                  "refused rounds"]
+PLOT_PARTNERS_MAX = 20  # above this many partners the epsilon plot shows their spread
+# Click-to-sort for tables of class 'sortable' (numeric where the cell starts with a number)
+SORT_SCRIPT = """<script>(function(){var t=document.currentScript.previousElementSibling;
+t.querySelectorAll('th').forEach(function(th,i){th.style.cursor='pointer';th.onclick=function(){
+var b=t.tBodies[0],rs=Array.from(b.rows),asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
+rs.sort(function(x,y){var p=x.cells[i].textContent,q=y.cells[i].textContent,
+m=parseFloat(p),n=parseFloat(q),c=(isNaN(m)||isNaN(n))?p.localeCompare(q):m-n;
+return asc?c:-c;});rs.forEach(function(r){b.appendChild(r);});};});})();</script>"""
 PREFLIGHT_HEADER = ["mechanism", "verdict", "noise/signal per round", "why", "would help"]
 GENERATION_METRICS = ("perplexity", "bleu", "rouge_l")
 GENERATION_HEADER = ["round", "prompt", "generated", "references (up to 3)"]
@@ -88,6 +100,7 @@ class RunReport:
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, label=key)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.set_ylabel("BLEU / ROUGE-L (0-100)")
         pts = [(m["round"], m["perplexity"]) for m in self.metrics
                if m.get("perplexity") is not None]
@@ -123,7 +136,17 @@ class RunReport:
 
     def _epsilon_plot(self) -> bytes:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for partner, rep in sorted(self.result.example_level.items()):
+        partners = self.result.example_level
+        if len(partners) > PLOT_PARTNERS_MAX:  # a band, not one line (and legend) each
+            rounds = sorted({r for rep in partners.values() for r in rep.rounds})
+            at = [[_step_value(rep.rounds, rep.epsilons, r) for rep in partners.values()]
+                  for r in rounds]
+            ax.fill_between(rounds, [min(v) for v in at], [max(v) for v in at], step="post",
+                            alpha=0.3, label=f"{len(partners)} partners: min-max")
+            ax.step(rounds, [float(np.median(v)) for v in at], where="post", marker="o",
+                    label="median partner")
+        for partner, rep in sorted(partners.items()) if len(partners) <= PLOT_PARTNERS_MAX \
+                else ():
             line = ax.step(rep.rounds, rep.epsilons, where="post", marker="o",
                            label=f"{partner} ({rep.method})")[0]
             if rep.method != "rdp":
@@ -133,6 +156,7 @@ class RunReport:
         if client is not None and client.epsilons:
             ax.plot(client.rounds, client.epsilons, "k--", marker="s", label="client-level")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.set_ylabel("cumulative epsilon")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -145,6 +169,7 @@ class RunReport:
         accuracy = [m.get("accuracy") for m in self.metrics]
         ax.plot(rounds, accuracy, "o-", label="accuracy")  # type: ignore[arg-type]  # gaps
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.set_ylabel("accuracy")
         ax2 = ax.twinx()
         loss = [m.get("loss") for m in self.metrics]
@@ -247,8 +272,11 @@ class RunReport:
         if (canary := self.canary_exposure()) is not None:
             parts.append(f"<h2>{CANARY_TITLE}</h2><p>{_e(canary[0])}</p>"
                          + _html_table(CANARY_HEADER, canary[1]))
-        parts.append("<h2>Final epsilon per partner</h2>" + _html_table(
-            ["partner", "claimed", "independent replay", "PLD", "RDP"], self._epsilon_rows()))
+        eps_rows = self._epsilon_rows()
+        parts.append(f"<h2>Final epsilon per partner ({len(self.result.example_level)} "
+                     "partners; click a column to sort)</h2>"
+                     + _html_table(EPSILON_HEADER, eps_rows, sortable=True,
+                                   scroll=len(eps_rows) > PLOT_PARTNERS_MAX))
         parts.append("<h2>Participation and dropouts</h2>" + _html_table(
             ["round", "replied", "aggregated", "dropped", "secagg participants / dropouts",
              "accuracy", "loss"], t.participation))
@@ -283,8 +311,7 @@ class RunReport:
             lines += [f"## {CANARY_TITLE}", "", canary[0], "",
                       *_md_table(CANARY_HEADER, canary[1]), ""]
         lines += ["## Final epsilon per partner", "",
-                  *_md_table(["partner", "claimed", "independent replay", "PLD", "RDP"],
-                             self._epsilon_rows()), "",
+                  *_md_table(EPSILON_HEADER, self._epsilon_rows()), "",
                   "## Participation and dropouts", "",
                   *_md_table(["round", "replied", "aggregated", "dropped",
                               "secagg participants / dropouts", "accuracy", "loss"],
@@ -297,14 +324,24 @@ class RunReport:
         return "\n".join(lines)
 
     def _epsilon_rows(self) -> list[list[str]]:
+        """Every partner (the full table; the console shows a summary above 20): claimed
+        and replayed epsilon, rounds it trained in and rounds it refused (ledger)."""
+        trained: dict[str, set[int]] = {}
+        refused: dict[str, list[int]] = {}
+        for e in self.events:
+            if isinstance(e, ev.ExampleDpEvent):
+                trained.setdefault(e.partner, set()).add(e.round)
+            elif isinstance(e, ev.BudgetRefusal):
+                refused.setdefault(e.partner, []).append(e.round)
         rows = []
         for p, rep in sorted(self.result.example_level.items()):
             rows.append([p, _num(self.result.claimed_example.get(p)),
                          f"{_num(rep.final)} ({rep.method})", _num(rep.pld_epsilon),
-                         _num(rep.final_rdp)])
+                         _num(rep.final_rdp), str(len(trained.get(p, ()))),
+                         ", ".join(map(str, sorted(refused.get(p, [])))) or "-"])
         client = self.result.client_level
         if client is not None and client.final is not None:
-            rows.append(["client-level", "-", _num(client.final), "-", "-"])
+            rows.append(["client-level", "-", _num(client.final), "-", "-", "-", "-"])
         return rows
 
 
@@ -379,11 +416,28 @@ def _e(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def _html_table(header: list[str], rows: list[list[str]], *, sortable: bool = False,
+                scroll: bool = False) -> str:
+    """sortable: a click on a header sorts by that column (numbers as numbers; inline
+    script, the report stays one file); scroll: a fixed-height box for long tables."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>"
                    for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    attrs = " class='sortable'" if sortable else ""
+    table = f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    if sortable:
+        table += SORT_SCRIPT
+    return f"<div style='max-height:480px;overflow:auto'>{table}</div>" if scroll else table
+
+
+def _step_value(rounds: list[int], values: list[float], at: int) -> float:
+    """A cumulative curve's value at round `at` (its last value at or before it)."""
+    out = 0.0
+    for r, v in zip(rounds, values, strict=True):
+        if r > at:
+            break
+        out = v
+    return out
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
