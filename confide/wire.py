@@ -60,6 +60,9 @@ BUDGET_EXHAUSTED = "budget-exhausted"
 
 # RECEIPT keys
 RECEIPT_JSON = "json"
+# JSON list of receipts the node signed in earlier attempts of the same round of the run
+# (the server died before recording them): their spend is recorded too
+RECEIPT_EARLIER = "earlier"
 
 
 def to_array_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:

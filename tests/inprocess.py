@@ -5,6 +5,7 @@ resume and recovery. Each node keeps its Flower Context (and so its budget) acro
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,8 +48,10 @@ class InProcessGrid:
                          ) -> Iterable[Message]:
         replies = []
         for msg in messages:
-            # a fresh id per delivery, as Flower's (its ids hash the creation time)
-            msg.metadata.__dict__["_message_id"] = f"msg-{next(_ids)}"
+            # a fresh id per delivery, as Flower's (its ids hash the creation time): unique
+            # across processes too (a resumed server is another process, and the nodes'
+            # state on disk remembers the ids they handled)
+            msg.metadata.__dict__["_message_id"] = f"msg-{os.getpid()}-{next(_ids)}"
             node = msg.metadata.dst_node_id
             try:
                 handler = (client_app.secagg_stage if msg.metadata.message_type

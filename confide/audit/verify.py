@@ -354,6 +354,8 @@ class RunVerifier:
         client_dp = bool(_cfg(self.config, "client-dp", False)) or \
             bool(_cfg(self.config, "distributed-dp", False))
         secagg = bool(_cfg(self.config, "secure-aggregation", False))
+        signatures = [(e.receipt or {}).get("signature") for _, e in self.events
+                      if isinstance(e, ev.ExampleDpEvent)]
         for r in range(1, self.rounds_completed + 1):
             att = self.attempts.get(r)
             if att is None or att.completed_at is None:
@@ -369,10 +371,20 @@ class RunVerifier:
             done = next(e for i, e in att.entries if isinstance(e, ev.RoundCompleted))
             assert isinstance(done, ev.RoundCompleted)
             trained: dict[str, int] = {}
+            # A round re-run after run_resumed may hold, before a partner's new receipt, the
+            # receipts it signed in the lost attempt (the server died after the partner
+            # trained, before recording it): real spends, each a distinct signed receipt.
+            rerun = any(isinstance(e, ev.RunResumed) and e.from_round == r - 1
+                        for i, e in self.events if i < att.configured_at)
+            first_signature: dict[str, Any] = {}
             for i, e in kinds.get(ev.EXAMPLE_DP, []):
                 assert isinstance(e, ev.ExampleDpEvent)
-                if e.partner in trained:
+                signature = (e.receipt or {}).get("signature")
+                if e.partner in trained and not (
+                        rerun and all(x is not None and signatures.count(x) == 1
+                                      for x in (signature, first_signature[e.partner]))):
                     c.add(f"second example_dp of partner {e.partner} in round {r}", i)
+                first_signature.setdefault(e.partner, signature)
                 trained[e.partner] = i
                 if e.partner not in done.replied:
                     c.add(f"example_dp of partner {e.partner}, who is not among round {r}'s "

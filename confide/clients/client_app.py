@@ -191,6 +191,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
              "noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
              "steps": event.steps, "delta": cfg.delta, "epsilon": epsilon,
              "accountant": state.accountant.accountant}, state.signing_key).to_dict())
+    receipt = _receipt_record(state, run_key, server_round, receipt_json)
     log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
         state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
     content = RecordDict({
@@ -201,9 +202,23 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
             W.NOISE_MULTIPLIER: result.noise_multiplier,
             W.TRAIN_SECONDS: time.perf_counter() - start}),
         W.STATUS: _status(state, W.OK, ""),
-        W.RECEIPT: ConfigRecord({W.RECEIPT_JSON: receipt_json}),
+        W.RECEIPT: receipt,
     })
     return Message(content=content, reply_to=msg)
+
+
+def _receipt_record(state: NodeState, run_key: str, server_round: int, receipt_json: str
+                    ) -> ConfigRecord:
+    """The reply's receipt, with the receipts of earlier attempts of the same round of
+    this run (a server that died before recording them re-sent the round)."""
+    if not receipt_json:  # no example-level DP: nothing spent, nothing to sign
+        return ConfigRecord({W.RECEIPT_JSON: receipt_json})
+    earlier = state.earlier_attempts(run_key, server_round)
+    state.remember_receipt(run_key, server_round, receipt_json)
+    record = ConfigRecord({W.RECEIPT_JSON: receipt_json})
+    if earlier:
+        record[W.RECEIPT_EARLIER] = json.dumps(earlier)
+    return record
 
 
 def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
@@ -263,6 +278,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
          "accountant": state.accountant.accountant, "noise": "shared",
          "noise_shares": shared.m, "colluders": shared.colluders,
          "tv_slack": shared.tv_slack()}, state.signing_key).to_dict())
+    receipt = _receipt_record(state, run_key, server_round, receipt_json)
     log(INFO, "partner %s round %d: %d examples, shared noise sigma %.3f over m=%d shares, "
         "epsilon %.3f", state.pseudonym, server_round, n, sigma, shared.m, epsilon)
     # no training loss in the metrics: the loss of this round's sample is not private
@@ -271,7 +287,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
             W.NUM_EXAMPLES: n, W.EPSILON: epsilon, W.STEPS: 1, W.SAMPLE_RATE: sample_rate,
             W.NOISE_MULTIPLIER: sigma, W.TRAIN_SECONDS: result.seconds}),
         W.STATUS: _status(state, W.OK, ""),
-        W.RECEIPT: ConfigRecord({W.RECEIPT_JSON: receipt_json}),
+        W.RECEIPT: receipt,
     })
     return Message(content=content, reply_to=msg), encoded
 

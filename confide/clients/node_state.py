@@ -33,6 +33,21 @@ class NodeState:
     # Ids of train messages already handled: a replayed or duplicated message must not
     # spend budget twice (a resumed round comes in a new message and is accounted again).
     handled: list[str] = field(default_factory=list)
+    # The receipts this node signed for the round it trained last ("run key/round"). A
+    # server that died (or tore its ledger line) before recording a reply re-sends that
+    # round after its resume; the node trains again (fresh noise: a new release) and
+    # attaches these receipts, so the lost attempt's spend reaches the ledger as well.
+    attempt_round: str = ""
+    attempt_receipts: list[str] = field(default_factory=list)
+
+    def earlier_attempts(self, run_key: str, round_: int) -> list[str]:
+        """Receipts signed in earlier attempts of this run's round `round_`."""
+        return list(self.attempt_receipts) if self.attempt_round == f"{run_key}/{round_}" \
+            else []
+
+    def remember_receipt(self, run_key: str, round_: int, receipt_json: str) -> None:
+        self.attempt_receipts = [*self.earlier_attempts(run_key, round_), receipt_json]
+        self.attempt_round = f"{run_key}/{round_}"
 
     def seen(self, message_id: str) -> bool:
         return message_id in self.handled
@@ -56,7 +71,8 @@ class NodeState:
         return json.dumps({"accountant": self.accountant.state_dict(), "key": key.hex(),
                            "noise_multiplier": self.noise_multiplier,
                            "noise_run": self.noise_run,
-                           "handled": self.handled})
+                           "handled": self.handled, "attempt_round": self.attempt_round,
+                           "attempt_receipts": self.attempt_receipts})
 
     @classmethod
     def from_json(cls, text: str, delta: float, max_epsilon: float) -> NodeState:
@@ -68,7 +84,9 @@ class NodeState:
             signing_key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
             noise_multiplier=data.get("noise_multiplier"),
             noise_run=str(data.get("noise_run", "")),
-            handled=list(data.get("handled", [])))
+            handled=list(data.get("handled", [])),
+            attempt_round=str(data.get("attempt_round", "")),
+            attempt_receipts=[str(r) for r in data.get("attempt_receipts", [])])
 
 
 def node_state_dir(context: Context, run_out: str = "") -> Path | None:

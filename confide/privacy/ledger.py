@@ -41,6 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from confide.privacy import crash_points
 from confide.privacy import ledger_events as ev
 
 GENESIS_HASH = "0" * 64
@@ -321,20 +322,22 @@ class Ledger:
         if not path.exists():
             raise LedgerError(f"{path} does not exist: use Ledger.create for a new run")
         lines = read_lines(path)
+        torn: LedgerLine | None = None
         if lines and lines[-1].error and not lines[-1].raw.endswith(b"\n"):
+            # A last line without its newline is an append that never completed: `append`
+            # writes the whole line and fsyncs before the server acts on the entry, so
+            # nothing was decided on it. What it would have recorded is recorded again by
+            # the resumed round (a partner's spend: from the receipts of the lost attempt
+            # the partner attaches to its next reply; a round's result: the round re-runs).
+            # Its bytes are kept aside for the auditor, never deleted. Only the last line
+            # is treated so: every complete entry must still verify (no tampering passes).
             if not repair_torn_tail:
                 raise LedgerError(f"{path}: entry {len(lines) - 1} is a torn last line "
                                   "(crash during append); pass repair_torn_tail=True to "
                                   "move it aside and continue")
             torn = lines.pop()
-            aside = path.with_name(f"{path.name}.torn-{utc_now().replace(':', '')}")
-            aside.write_bytes(torn.raw)
-            with open(path, "r+b") as fh:
-                fh.truncate(sum(len(line.raw) for line in lines))
-                fh.flush()
-                os.fsync(fh.fileno())
         problems = verify_chain(lines, signing_key.public_key())
-        if problems:
+        if problems:  # checked before anything is moved: a refusal changes nothing
             raise LedgerError(f"{path} is broken, refusing to continue it: {problems[0]}")
         entries = [line.entry for line in lines if line.entry is not None]
         if entries:
@@ -343,6 +346,13 @@ class Ledger:
                 raise LedgerError(f"{path}: entry 0 is {first['type']!r}, not run_started")
             if first["payload"].get("ledger_public_key") != public_key_hex(signing_key):
                 raise LedgerError(f"{path} was started with another ledger key")
+        if torn is not None:
+            aside = path.with_name(f"{path.name}.torn-{utc_now().replace(':', '')}")
+            aside.write_bytes(torn.raw)
+            with open(path, "r+b") as fh:
+                fh.truncate(sum(len(line.raw) for line in lines))
+                fh.flush()
+                os.fsync(fh.fileno())
         prev = entries[-1]["entry_hash"] if entries else GENESIS_HASH
         return cls(path, signing_key, len(entries), prev, entries)
 
@@ -368,6 +378,12 @@ class Ledger:
             entry["entry_hash"] = entry_hash_of(entry)
             entry["signature"] = self._key.sign(bytes.fromhex(entry["entry_hash"])).hex()
             line = canonical_json(entry) + b"\n"
+            if crash_points.armed("ledger-append", _round_of(body), detail=kind,
+                                  run_dir=self.path.parent):
+                self._fh.write(line[: len(line) // 2])  # the part a dying process got out
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                crash_points.die("ledger-append", _round_of(body))
             self._fh.write(line)  # one write of one whole line
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -387,6 +403,12 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _round_of(payload: Mapping[str, Any]) -> int:
+    """The round an entry belongs to (-1 for run-level entries), for crash points."""
+    value = payload.get("round")
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
 def _fsync_dir(path: Path) -> None:

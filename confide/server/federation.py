@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -43,7 +42,12 @@ from confide.privacy.accountant import (
     SampledGaussianEvent,
     rdp_epsilon,
 )
-from confide.privacy.ledger import Ledger
+from confide.privacy.crash_points import (  # noqa: F401  (re-exported for tests)
+    CRASH_AFTER_ROUND_ENV,
+    CRASH_RUN_DIR_ENV,
+    crash_point,
+)
+from confide.privacy.ledger import Ledger, LedgerError
 from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal_message
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.receipts import Receipt, verify_receipt
@@ -52,6 +56,7 @@ from confide.privacy.secagg.shared_noise import delta_with_slack
 from confide.server.recovery import (
     Aborted,
     NoBudgetLeft,
+    ResumeRefused,
     RunWriteError,
     StopRequest,
     check_resume,
@@ -69,8 +74,6 @@ from confide.tasks.base import Evaluation
 
 RoundCallback = Callable[[dict[str, Any]], None]
 PreflightCallback = Callable[[PreflightReport], None]
-CRASH_AFTER_ROUND_ENV = "CONFIDE_FAULT_CRASH_AFTER_ROUND"
-CRASH_RUN_DIR_ENV = "CONFIDE_FAULT_CRASH_RUN_DIR"  # optional: only the run in this folder
 
 
 @dataclass
@@ -177,6 +180,10 @@ class Federation:
             code_version=confide.__version__,
             ledger_public_key=self.ledger.public_key_hex, delta=self.cfg.delta,
         ).to_payload())
+        # round 0: a server that dies in round 1 (when partners may have spent budget
+        # already) is resumable too, like one that dies in any later round
+        self.folder.save_checkpoint(0, self.global_state, self.server_state(),
+                                    self.inner.optimizer.state_dict()["arrays"])
         log(INFO, "Confide: %s, %d trainable parameters (%s), %d evaluation rows%s",
             self.cfg.model, count_trainable(self.model), self.cfg.fine_tune,
             len(self.evaluation), " [SYNTHETIC demo data]" if self.evaluation.synthetic else "")
@@ -208,6 +215,17 @@ class Federation:
         # read-only checks first: a finished run, another configuration (keys named) or
         # weights that are not the ledger's model_digest refuse before anything is written
         round_, weights, state = check_resume(self.folder, self.cfg)
+        if round_ == 0 and E.weights_digest(weights) != E.weights_digest(self.global_state):
+            # no model_digest before round 1: the initial model is rebuilt from the config
+            raise ResumeRefused(f"checkpoint {self.folder.checkpoint_dir / state['weights']} "
+                                "is not the run's initial model (altered or replaced); "
+                                "refusing to resume from it")
+        try:  # the whole chain verifies before anything is written (a torn tail aside)
+            self.ledger = Ledger.open(self.folder.ledger, self.folder.ledger_signing_key(),
+                                      repair_torn_tail=True)
+        except LedgerError as exc:
+            raise ResumeRefused(f"cannot resume {self.folder.root}: {exc}. Nothing was "
+                                "changed; `confide audit verify` names every problem") from None
         self.global_state = dict(weights)
         self.partners = {k: PartnerRecord(**v) for k, v in state["partners"].items()}
         self.client_dp_epsilon = state.get("client_dp_epsilon")
@@ -223,8 +241,6 @@ class Federation:
         self.folder.truncate_metrics(round_)
         rows = self.folder.read_metrics()
         self.last_metrics = rows[-1] if rows else {}
-        self.ledger = Ledger.open(self.folder.ledger, self.folder.ledger_signing_key(),
-                                  repair_torn_tail=True)
         self._account_unfinished_rounds(self.ledger.entries)
         self.ledger.append(E.RunResumed(from_round=round_))
         log(INFO, "Confide: resuming %s after round %d", self.folder.root, round_)
@@ -290,6 +306,7 @@ class Federation:
     def run_round(self, server_round: int) -> dict[str, Any]:
         assert self.ledger is not None
         t0 = time.perf_counter()
+        crash_point("before-sampling", server_round, run_dir=self.folder.root)
         config = ConfigRecord({**self.cfg.to_dict(), W.FROZEN_DIGEST: self.frozen_digest,
                                W.RUN_KEY: self.ledger.public_key_hex})
         extra: dict[str, Any] = {}
@@ -304,9 +321,11 @@ class Federation:
             self.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
                 round=server_round, sampled=[str(n) for n in sampled]).to_payload())
             replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+            crash_point("after-replies", server_round, run_dir=self.folder.root)
             trained, uploaded = self._sort_replies(server_round, replies, set(sampled))
             self.check_budget_left(server_round, trained)
             arrays, _ = self.strategy.aggregate_train(server_round, trained)
+            crash_point("mid-aggregation", server_round, run_dir=self.folder.root)
             rejected = {node for node, _ in self.inner.rejected}
             aggregated = []
             if arrays is not None:
@@ -349,13 +368,7 @@ class Federation:
         log(INFO, "%s", round_line(row, self.cfg.rounds))
         if self.on_round:
             self.on_round(row)
-        crash_after = os.environ.get(CRASH_AFTER_ROUND_ENV)
-        only_in = os.environ.get(CRASH_RUN_DIR_ENV)
-        if crash_after and int(crash_after) == server_round and (
-                not only_in or Path(only_in).resolve() == self.folder.root.resolve()):
-            # Fault injection for the resume tests: die like `kill -9` after a checkpoint.
-            log(WARNING, "fault injection: server process exits after round %d", server_round)
-            os._exit(137)
+        crash_point("after-round", server_round, run_dir=self.folder.root)
         return row
 
     def _secure_rounds(self) -> SecureRounds:
@@ -492,19 +505,31 @@ class Federation:
         (its privacy spend could not be audited)."""
         assert self.ledger is not None
         try:
-            receipt = Receipt.from_dict(json.loads(
-                str(reply.content[W.RECEIPT][W.RECEIPT_JSON])))
-            verify_receipt(receipt)
-            if receipt.public_key_hex != partner.public_key:
-                raise ValueError("receipt signed by another key than the partner's")
-            claim = receipt.payload
-            if int(claim["round"]) != server_round or claim["partner"] != partner.pseudonym:
-                raise ValueError("receipt is for another round or partner")
+            receipt = self._checked_receipt(str(reply.content[W.RECEIPT][W.RECEIPT_JSON]),
+                                            server_round, partner)
         except (KeyError, ValueError, json.JSONDecodeError) as exc:
             log(WARNING, "round %d: partner %s: invalid DP receipt (%s); update dropped",
                 server_round, partner.pseudonym, exc)
             return False
-        partner.epsilon = float(claim["epsilon"])
+        self._record_lost_attempts(server_round, partner, reply)
+        self._append_receipt(partner, receipt)
+        return True
+
+    def _checked_receipt(self, text: str, server_round: int, partner: PartnerRecord
+                         ) -> Receipt:
+        """The partner's signed receipt for this round, or ValueError/KeyError saying why not."""
+        receipt = Receipt.from_dict(json.loads(text))
+        verify_receipt(receipt)
+        if receipt.public_key_hex != partner.public_key:
+            raise ValueError("receipt signed by another key than the partner's")
+        claim = receipt.payload
+        if int(claim["round"]) != server_round or claim["partner"] != partner.pseudonym:
+            raise ValueError("receipt is for another round or partner")
+        return receipt
+
+    def _append_receipt(self, partner: PartnerRecord, receipt: Receipt) -> None:
+        assert self.ledger is not None
+        partner.epsilon = float(receipt.payload["epsilon"])
         event = E.ExampleDpEvent.from_receipt(receipt)
         partner.accountant = event.accountant
         partner.tv_slack += event.tv_slack or 0.0
@@ -512,7 +537,35 @@ class Federation:
         partner.epsilon_rdp = rdp_epsilon(
             [SampledGaussianEvent(s, q, int(k)) for s, q, k in partner.mechanisms], event.delta)
         self.ledger.append(event)
-        return True
+
+    def _record_lost_attempts(self, server_round: int, partner: PartnerRecord,
+                              reply: Message) -> None:
+        """Receipts the partner signed in earlier attempts of this round that the ledger
+        does not hold (the server died after the node trained, before or while recording
+        its reply): that budget was spent, and each such release is recorded now, before
+        the new receipt (whose claim composes them), so nothing is under-counted and the
+        audit's replay matches every claim. One that does not verify is logged and left
+        out (the new receipt's claim then fails the audit: the record is incomplete)."""
+        assert self.ledger is not None
+        earlier = reply.content[W.RECEIPT].get(W.RECEIPT_EARLIER)
+        if not earlier:
+            return
+        recorded = {str((e["payload"].get("receipt") or {}).get("signature"))
+                    for e in self.ledger.entries if e["type"] == E.EXAMPLE_DP}
+        for text in json.loads(str(earlier)):
+            try:
+                receipt = self._checked_receipt(str(text), server_round, partner)
+            except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
+                log(WARNING, "round %d: partner %s: invalid receipt of an earlier attempt "
+                    "(%s); not recorded", server_round, partner.pseudonym, exc)
+                continue
+            if receipt.signature_hex in recorded:
+                continue
+            log(WARNING, "round %d: partner %s trained in an earlier attempt of this round "
+                "whose reply was lost; its spend is recorded now", server_round,
+                partner.pseudonym)
+            self._append_receipt(partner, receipt)
+            recorded.add(receipt.signature_hex)
 
     def _record_client_dp(self, server_round: int) -> None:
         assert self.ledger is not None

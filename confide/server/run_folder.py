@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file, save_file
 
 from confide.config import RunConfig
+from confide.privacy.crash_points import crash_point
 from confide.run_layout import MODEL_DIR, MODEL_INFO_FILE, WEIGHTS_FILE, atomic_write_text
 
 OPTIMIZER_PREFIX = "server_optimizer_round"
@@ -156,6 +157,7 @@ class RunFolder:
         weights = self.checkpoint_dir / f"global_round{round_}.safetensors"
         tmp = weights.with_suffix(".tmp")
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+        crash_point("mid-checkpoint", round_, run_dir=self.root)  # leaves the temp file
         os.replace(tmp, weights)
         server_state = {**server_state, "round": round_, "weights": weights.name}
         if optimizer_arrays:
