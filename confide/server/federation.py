@@ -139,6 +139,7 @@ class Federation:
         self.evaluator = get_task(self.cfg).evaluator(evaluation)
         self.partners: dict[str, PartnerRecord] = {}
         self._node_partner: dict[int, str] = {}  # Flower node id -> partner, for logs
+        self._reply_partner: dict[int, str] = {}  # this round's replies (plain path)
         self.client_dp_epsilon: float | None = None
         self.rounds_completed = 0
         self.last_metrics: dict[str, Any] = {}
@@ -636,6 +637,12 @@ class Federation:
                 "adjacency": "add/remove one record (example level); add/remove one "
                              "client (client level)",
             },
+            # every partner, one row each (the console summarises above 20 partners)
+            "partners": [{"partner": p.pseudonym, "epsilon": p.epsilon,
+                          "epsilon_rdp": p.epsilon_rdp, "accountant": p.accountant,
+                          "rounds_trained": sorted(p.rounds_trained),
+                          "refused_rounds": sorted(p.refused)}
+                         for p in sorted(self.partners.values(), key=lambda p: p.pseudonym)],
             "secure_aggregation": self.cfg.secure_aggregation,
             "distributed_dp": self.cfg.distributed_dp,
             "synthetic_data": self.evaluation.synthetic,

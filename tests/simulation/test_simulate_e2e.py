@@ -94,3 +94,17 @@ def test_epsilon_cumulative_and_budget_guard(run_dir: Path) -> None:
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     refusals = [e for e in ledger if e["type"] == "budget_refusal"]
     assert refusals and all(e["payload"]["partner"] == small for e in refusals)
+
+
+def test_summary_has_the_full_partner_table(run_dir: Path) -> None:
+    """summary.json: one row per partner (the console summarises above 20 partners)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    table = summary["partners"]
+    assert [t["partner"] for t in table] == sorted(summary["privacy"]["example_level"])
+    for t in table:
+        p = t["partner"]
+        assert t["epsilon"] == summary["privacy"]["example_level"][p]
+        assert t["epsilon_rdp"] == summary["privacy"]["example_level_rdp"][p]
+        assert t["refused_rounds"] == [r["round"] for r in rows if p in r["refused"]]
+        assert t["rounds_trained"] == [r["round"] for r in rows if p not in r["refused"]]
