@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from confide.config import recorded_value
 from confide.privacy import ledger_events as ev
 from confide.privacy.ledger import (
     LEDGER_FILE,
@@ -145,13 +146,6 @@ class VerifyResult:
             "epsilon_client_level": None if self.client_level is None
             else self.client_level.final,
         }
-
-
-def _cfg(config: dict[str, Any], key: str, default: Any) -> Any:
-    """Config value by kebab-case key (snake_case accepted)."""
-    if key in config:
-        return config[key]
-    return config.get(key.replace("-", "_"), default)
 
 
 @dataclass
@@ -350,10 +344,10 @@ class RunVerifier:
         if summary is not None and summary.get("rounds_completed") != self.rounds_completed:
             c.add(f"summary.json rounds_completed = {summary.get('rounds_completed')!r}, the "
                   f"ledger completes {self.rounds_completed} rounds", n)
-        example_dp = bool(_cfg(self.config, "example-dp", True))
-        client_dp = bool(_cfg(self.config, "client-dp", False)) or \
-            bool(_cfg(self.config, "distributed-dp", False))
-        secagg = bool(_cfg(self.config, "secure-aggregation", False))
+        example_dp = bool(recorded_value(self.config, "example-dp"))
+        client_dp = bool(recorded_value(self.config, "client-dp")) or \
+            bool(recorded_value(self.config, "distributed-dp"))
+        secagg = bool(recorded_value(self.config, "secure-aggregation"))
         signatures = [(e.receipt or {}).get("signature") for _, e in self.events
                       if isinstance(e, ev.ExampleDpEvent)]
         for r in range(1, self.rounds_completed + 1):
@@ -418,8 +412,8 @@ class RunVerifier:
         the run's dp-colluders c and m = min_survivors - c honest noise shares, min_survivors
         = ceil(n t / (k + 1)) recomputed from the round's cohort n and the recorded SecAgg
         threshold t and neighbours k; a released sum has at least min_survivors inputs."""
-        shared = _cfg(self.config, "example-dp-noise", "local") == "shared"
-        colluders = int(_cfg(self.config, "dp-colluders", 0))
+        shared = recorded_value(self.config, "example-dp-noise") == "shared"
+        colluders = int(recorded_value(self.config, "dp-colluders"))
         secure = [e for _, e in kinds.get(ev.SECURE_AGGREGATION, [])
                   if isinstance(e, ev.SecureAggregationEvent)]
         min_survivors = None
@@ -431,7 +425,7 @@ class RunVerifier:
             if (e.noise == "shared") != shared:
                 c.add(f"example_dp of partner {e.partner} round {r} has noise = {e.noise!r}, "
                       f"but the run's example-dp-noise is "
-                      f"{_cfg(self.config, 'example-dp-noise', 'local')!r}", i)
+                      f"{recorded_value(self.config, 'example-dp-noise')!r}", i)
                 continue
             if not shared:
                 continue
@@ -659,9 +653,9 @@ class RunVerifier:
             c.add(f"privacy.client_level_epsilon = {stated_client!r}, replay {final_client!r}")
         for key, cfg_key in (("secure_aggregation", "secure-aggregation"),
                              ("distributed_dp", "distributed-dp")):
-            if key in s and bool(s[key]) != bool(_cfg(self.config, cfg_key, False)):
+            if key in s and bool(s[key]) != bool(recorded_value(self.config, cfg_key)):
                 c.add(f"{key} = {s[key]!r} but the recorded config says "
-                      f"{_cfg(self.config, cfg_key, False)!r}")
+                      f"{recorded_value(self.config, cfg_key)!r}")
         last = self._completed(self.rounds_completed)
         fm = s.get("final_metrics") or {}
         if last is not None:
