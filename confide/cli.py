@@ -190,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Interrupted):  # stopped on request: how to resume, exit 130
             print(f"confide: {exc}", file=sys.stderr)
             return 130
-        from confide.server.recovery import NoBudgetLeft, RunWriteError
+        from confide.server.recovery import EveryPartnerFailed, NoBudgetLeft, RunWriteError
 
         # disk full or permissions (resumable); no partner has budget left for this run
         from confide.simulation.ray_cluster import SimulationEngineError
 
         # the simulation engine (Flower on Ray) failed: its error, never a hang
-        if isinstance(exc, RunWriteError | NoBudgetLeft | SimulationEngineError):
+        if isinstance(exc, RunWriteError | NoBudgetLeft | EveryPartnerFailed
+                      | SimulationEngineError):
             print(f"confide: error: {exc}", file=sys.stderr)
             return 1
         if not isinstance(exc, CheckpointError):  # a bug: keep its traceback

@@ -173,7 +173,8 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         head_learning_rate=cfg.head_learning_rate or None,
         seed=cfg.seed * 100_003 + server_round * 1009 + _partition_id(context),
         dp=cfg.example_dp, round_id=server_round,
-        grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune),
+        grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune,
+                                                  model),
         objective=get_task(cfg).objective)
     delta = compute_delta(trainable_state(model), global_state)
     for name, value in delta.items():

@@ -58,12 +58,31 @@ class OpacusCompatError(RuntimeError):
     """The model or its per-sample gradients are not safe for DP-SGD."""
 
 
-def resolve_grad_sample_mode(mode: str, fine_tune: str) -> str:
+def tied_trainable_parameters(model: nn.Module) -> list[str]:
+    """Names of trainable parameters that more than one module holds (tied weights, e.g. a
+    causal LM's input embedding and output head), which Opacus' ghost clipping refuses."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                holders.setdefault(id(param), []).append(f"{module_name}.{name}".lstrip("."))
+    return sorted(names[0] for names in holders.values() if len(names) > 1)
+
+
+def resolve_grad_sample_mode(mode: str, fine_tune: str, model: nn.Module | None = None) -> str:
     """'auto' -> ghost for full fine-tuning (hooks would materialise a per-sample copy of
     every weight, the word embeddings first), hooks for the small trainable sets (LoRA, head,
-    BitFit), where ghost's second backward through the frozen encoder is the larger cost."""
+    BitFit), where ghost's second backward through the frozen encoder is the larger cost.
+    Models with tied trainable weights get hooks under 'auto' (Opacus' ghost clipping
+    refuses them) and a clear error under an explicit 'ghost'."""
+    tied = tied_trainable_parameters(model) if model is not None else []
     if mode == "auto":
-        return "ghost" if fine_tune == "full" else "hooks"
+        return "ghost" if fine_tune == "full" and not tied else "hooks"
+    if mode == "ghost" and tied:
+        raise OpacusCompatError(
+            f"grad-sample-mode = 'ghost' cannot clip this model: its trainable weights "
+            f"{', '.join(tied)} are tied (shared by two layers), which Opacus' ghost clipping "
+            "does not support; use grad-sample-mode = 'auto' or 'hooks'")
     return mode
 
 

@@ -55,6 +55,7 @@ from confide.privacy.refusals import refusal_mismatches, verify_refusal
 from confide.privacy.secagg.shared_noise import delta_with_slack
 from confide.server.recovery import (
     Aborted,
+    EveryPartnerFailed,
     NoBudgetLeft,
     ResumeRefused,
     RunWriteError,
@@ -325,6 +326,7 @@ class Federation:
             crash_point("after-replies", server_round, run_dir=self.folder.root)
             trained, uploaded = self._sort_replies(server_round, replies, set(sampled))
             self.check_budget_left(server_round, trained)
+            self.check_any_trained(server_round, trained, len(sampled))
             arrays, _ = self.strategy.aggregate_train(server_round, trained)
             crash_point("mid-aggregation", server_round, run_dir=self.folder.root)
             rejected = {node for node, _ in self.inner.rejected}
@@ -392,6 +394,7 @@ class Federation:
         self._reply_partner: dict[int, str] = {}
         self._dropped: list[str] = []
         self._refusals: list[tuple[str, float, float, float]] = []
+        self._failures: list[str] = []  # why sampled nodes failed (errors, not refusals)
         for reply in replies:
             node = reply.metadata.src_node_id
             if expected is not None and node not in expected:
@@ -405,6 +408,7 @@ class Federation:
                 log(WARNING, "round %d: %s failed: %s", server_round, self._node_name(node),
                     reply.error.reason)
                 self._dropped.append(f"node-{node}")
+                self._failures.append(str(reply.error.reason))
                 continue
             status = reply.content.config_records.get(W.STATUS)
             if status is None:
@@ -436,6 +440,7 @@ class Federation:
             if code != W.OK:
                 log(WARNING, "round %d: partner %s: %s (%s)", server_round, partner.pseudonym,
                     code, status[W.STATUS_DETAIL])
+                self._failures.append(f"{code}: {status[W.STATUS_DETAIL]}")
                 continue
             if W.ARRAYS in reply.content.array_records:
                 uploaded += sum(a.numpy().nbytes for a in reply.content[W.ARRAYS].values())
@@ -467,6 +472,25 @@ class Federation:
         self.ledger.close()
         self.interrupted = True
         raise NoBudgetLeft(message)
+
+    def check_any_trained(self, server_round: int, trained: list[Message], sampled: int
+                          ) -> None:
+        """The run's first round, in which every sampled node failed with an error (seen: a
+        model the configured DP clipping cannot handle): every later round would fail alike,
+        so the run stops here naming the errors, instead of going through every round and
+        finishing "completed" with nothing aggregated."""
+        assert self.ledger is not None
+        if self.rounds_completed or trained or self._refusals or not self._failures \
+                or len(self._failures) < sampled:
+            return
+        reasons = sorted(set(self._failures), key=self._failures.index)
+        shown = "; ".join(r.strip().splitlines()[-1][:400] for r in reasons[:3])
+        self.ledger.close()
+        self.interrupted = True
+        raise EveryPartnerFailed(
+            f"round {server_round}: every sampled partner failed ({len(self._failures)} of "
+            f"{sampled}), nothing was trained or aggregated; the run stops here. "
+            f"{'Error' if len(reasons) == 1 else 'Errors'}: {shown}")
 
     def _partner(self, status: ConfigRecord) -> PartnerRecord:
         pseudonym = str(status[W.PARTNER])

@@ -172,6 +172,12 @@ def write_failure(folder: RunFolder, exc: OSError) -> RunWriteError:
         "space or fix permissions, then run the same command with --resume")
 
 
+class EveryPartnerFailed(RuntimeError):
+    """Every partner sampled for the run's first round failed with an error (none trained,
+    none refused for budget): later rounds would fail the same way, so the run stops with
+    the partners' errors instead of finishing "completed" with nothing aggregated."""
+
+
 class NoBudgetLeft(RuntimeError):
     """Every partner that answered the run's first round refused it because its lifetime
     privacy budget is spent: the run cannot train anything. Raised after the refusals are

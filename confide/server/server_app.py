@@ -18,7 +18,13 @@ from confide.config import ConfigError, RunConfig, from_run_config
 from confide.logs import deployed_process_logging
 from confide.privacy.preflight import PreflightRefused
 from confide.server.federation import Federation, PreflightCallback, RoundCallback
-from confide.server.recovery import Aborted, NoBudgetLeft, RunWriteError, StopRequest
+from confide.server.recovery import (
+    Aborted,
+    EveryPartnerFailed,
+    NoBudgetLeft,
+    RunWriteError,
+    StopRequest,
+)
 from confide.server.run_folder import CheckpointError
 
 # The one line `confide deploy run` shows when a deployed run fails (and exits non-zero).
@@ -27,7 +33,7 @@ FAILURE_PREFIX = "Confide: error: "
 # a checkpoint that cannot be resumed, no partner budget left, a full disk): shown as that
 # message, never as a traceback. Anything else is a bug and keeps its traceback.
 KNOWN_FAILURES = (ConfigError, FileExistsError, FileNotFoundError, NoBudgetLeft,
-                  RunWriteError, CheckpointError, ValueError)
+                  EveryPartnerFailed, RunWriteError, CheckpointError, ValueError)
 
 
 class RunFailed(RuntimeError):
