@@ -113,11 +113,15 @@ class VerifyResult:
 
     @property
     def first_problem(self) -> Problem | None:
-        """The problem at the lowest ledger index (the first bad entry), else the first."""
+        """The first bad entry: the lowest ledger index among the problems of the first
+        check (in CHECKS order: integrity before meaning) that names entries, else the first
+        problem. An edited entry breaks the chain at that entry; the semantic checks may
+        then also flag an earlier, intact entry that no longer agrees with it."""
+        for check in self.checks:
+            indexed = [p for p in check.problems if p.index is not None]
+            if indexed:
+                return min(indexed, key=lambda p: p.index)  # type: ignore[arg-type,return-value]  # index is not None here
         probs = self.problems
-        indexed = [p for p in probs if p.index is not None]
-        if indexed:
-            return min(indexed, key=lambda p: p.index)  # type: ignore[arg-type,return-value]  # index is not None here
         return probs[0] if probs else None
 
     @property
