@@ -69,7 +69,7 @@ def child(partners: int, mode: str, rounds: int, out: Path, max_eval: int) -> di
         return replies
 
     InMemoryGrid.push_messages = counting_push  # type: ignore[method-assign]
-    InMemoryGrid.pull_messages = counting_pull  # type: ignore[method-assign]
+    InMemoryGrid.pull_messages = counting_pull  # type: ignore[method-assign,assignment]
     cfg = build_config({"model": "tiny", "clients": partners, "rounds": rounds,
                         "fraction-train": 0.1, "min-clients": 2, "max-length": 16,
                         "batch-size": 32, "physical-batch-size": 32, "local-epochs": 1.0,
