@@ -391,7 +391,7 @@ class Federation:
         assert self.ledger is not None
         trained: list[Message] = []
         uploaded = 0
-        self._reply_partner: dict[int, str] = {}
+        self._reply_partner = {}
         self._dropped: list[str] = []
         self._refusals: list[tuple[str, float, float, float]] = []
         self._failures: list[str] = []  # why sampled nodes failed (errors, not refusals)
@@ -440,7 +440,7 @@ class Federation:
             if code != W.OK:
                 log(WARNING, "round %d: partner %s: %s (%s)", server_round, partner.pseudonym,
                     code, status[W.STATUS_DETAIL])
-                self._failures.append(f"{code}: {status[W.STATUS_DETAIL]}")
+                self._failures.append(code + ": " + str(status[W.STATUS_DETAIL]))
                 continue
             if W.ARRAYS in reply.content.array_records:
                 uploaded += sum(a.numpy().nbytes for a in reply.content[W.ARRAYS].values())

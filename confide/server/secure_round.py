@@ -62,6 +62,7 @@ from confide.privacy.secagg import (
 from confide.privacy.secagg import Message as SecAggMessage
 from confide.privacy.secagg.masking import reduce_mod
 from confide.privacy.secagg.shared_noise import SharedNoiseConfig, decode_sum
+from confide.server.recovery import EveryPartnerFailed
 from confide.strategies.delta_fedavg import arrays_to_numpy
 
 if TYPE_CHECKING:
@@ -362,7 +363,11 @@ class SecureRounds:
                     request.to_bytes()
                 train.add(nodes[cid])
         if self.shared_mode and cur.aborted is None and train:
-            cur.shared = self._shared_config(cur, config)
+            cur.shared, silent = self._shared_config(cur, config, train)
+            for node in silent:  # never reported its rows (e.g. refused the app): a dropout
+                train.discard(node)
+                del parts[node][f"{W.MASKED_REQUEST}/{server_round}"]
+                cur.dropped.add(node)
             for node in train:
                 parts[node][f"{W.SHARED}/{server_round}"] = cur.shared.to_json()
         if nxt is not None and nxt.aborted is None and nxt.directory is not None:
@@ -569,22 +574,33 @@ class SecureRounds:
             self.partner_info = {n: (rows, self.shared_rate)
                                  for n, (rows, _) in self.partner_info.items()}
 
-    def _shared_config(self, session: Session, config: ConfigRecord) -> SharedNoiseConfig:
-        if self.shared_sigma is None or any(n not in self.partner_info for n in session.ids):
+    def _shared_config(self, session: Session, config: ConfigRecord, train: set[int]
+                       ) -> tuple[SharedNoiseConfig, set[int]]:
+        """The round's shared-noise parameters for the nodes asked to train, and those of
+        them that never reported their record count (they are left out of the round like a
+        dropout: the ring is sized from the reported counts only)."""
+        if self.shared_sigma is None or any(n not in self.partner_info for n in train):
             self._shared_info(config, session.round)
         if self.shared_sigma is None:
-            raise RuntimeError("shared noise: no node reported its rows and sampling rate")
-        unknown = [n for n in session.ids if n not in self.partner_info]
-        if unknown:
-            raise RuntimeError(f"shared noise: nodes {unknown} did not report their rows")
+            raise EveryPartnerFailed(
+                f"round {session.round}: shared noise: no sampled partner reported its number "
+                "of records (every one failed or refused the app), so the run's noise cannot "
+                "be set; nothing was trained")
+        silent = {n for n in train if n not in self.partner_info}
+        if silent:
+            log(WARNING, "round %d: shared noise: %s did not report their records; left out "
+                "of this round", session.round,
+                ", ".join(f"partner {self.partner_of[n]} (node {n})" if n in self.partner_of
+                          else f"node {n}" for n in sorted(silent)))
         cfg, sc = self.fed.cfg, session.config
         try:
             return SharedNoiseConfig(
                 clip=cfg.max_grad_norm, noise_multiplier=self.shared_sigma,
                 num_clients=sc.num_clients, min_survivors=int(sc.min_survivors),
                 colluders=cfg.dp_colluders,
-                max_examples=sum(self.partner_info[n][0] for n in session.ids),
-                vector_length=self.vector_length, bits=sc.bits, sample_rate=self.shared_rate)
+                max_examples=max(1, sum(self.partner_info[n][0] for n in train - silent)),
+                vector_length=self.vector_length, bits=sc.bits,
+                sample_rate=self.shared_rate), silent
         except SecAggError as exc:
             raise ConfigError(f"example-dp-noise = 'shared': {exc}") from None
 
