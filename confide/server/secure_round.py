@@ -106,7 +106,11 @@ class Session:
 
 
 def is_simulation(grid: object) -> bool:
-    """Flower's simulation engine drives the ServerApp through an InMemoryGrid."""
+    """Flower's simulation engine drives the ServerApp through an InMemoryGrid (possibly
+    wrapped, e.g. by server_app.AbortableGrid, which keeps it as `.inner`)."""
+    seen = 0
+    while type(grid).__name__ != "InMemoryGrid" and hasattr(grid, "inner") and seen < 8:
+        grid, seen = grid.inner, seen + 1
     return type(grid).__name__ == "InMemoryGrid"
 
 
