@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from confide.audit.verify import verify_run
+from confide.privacy.accountant import SampledGaussianEvent, pld_epsilon
 from confide.server.federation import CRASH_AFTER_ROUND_ENV
 
 ARGS = ["--model", "tiny", "--clients", "2", "--rounds", "2", "--fine-tune", "lora",
@@ -33,7 +34,10 @@ def rows(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, None]:
+    # One real `confide simulate` process killed after round 1 and resumed. The comparison
+    # with an uninterrupted run of the same seed is made in-process, at every crash point,
+    # by server/test_fault_injection.py; here the real CLI, Ray and checkpoint files.
     root = tmp_path_factory.mktemp("resume")
     crashed = root / "crashed"
     first = simulate(crashed, crash_after=1)
@@ -42,20 +46,28 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     assert len(rows(crashed)) == 1
     resumed = simulate(crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = root / "straight"
-    done = simulate(straight)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return crashed, straight
+    return crashed, None
 
 
-def test_resumed_run_matches_uninterrupted(runs: tuple[Path, Path]) -> None:
-    crashed, straight = runs
-    a, b = rows(crashed), rows(straight)
+def test_resumed_run_matches_uninterrupted(runs: tuple[Path, None]) -> None:
+    crashed, _ = runs
+    a = rows(crashed)
     assert [r["round"] for r in a] == [1, 2], "no round counted twice, none lost"
-    # Epsilon is a function of the mechanism events only: identical per round.
+    # Epsilon is a function of the mechanism events only: after round r, each partner's
+    # claim is PLD of exactly its r recorded events (an uninterrupted run records the same
+    # events: noise-multiplier is fixed, rates and steps follow from the seeded split).
+    entries = [json.loads(x) for x in (crashed / "ledger.jsonl").read_text().splitlines()]
+    events: dict[str, list[SampledGaussianEvent]] = {}
+    for e in entries:
+        if e["type"] == "example_dp":
+            pay = e["payload"]
+            events.setdefault(pay["partner"], []).append(SampledGaussianEvent(
+                pay["noise_multiplier"], pay["sample_rate"], int(pay["steps"])))
+    assert all(len(ev) == 2 for ev in events.values()) and len(events) == 2
+    for r, row in enumerate(a, start=1):
+        for partner, eps in row["epsilon_example_level"].items():
+            assert eps == pytest.approx(pld_epsilon(events[partner][:r], 1e-5), rel=1e-6)
     eps_a = [e for r in a for e in sorted(r["epsilon_example_level"].values())]
-    eps_b = [e for r in b for e in sorted(r["epsilon_example_level"].values())]
-    assert eps_a == pytest.approx(eps_b, rel=1e-9)
     assert eps_a[2] > eps_a[0], "round 2 adds to round 1's spend"
     # the partners kept their keys (pseudonyms) across the restart
     assert set(a[0]["epsilon_example_level"]) == set(a[1]["epsilon_example_level"])
@@ -63,7 +75,7 @@ def test_resumed_run_matches_uninterrupted(runs: tuple[Path, Path]) -> None:
     assert summary["rounds_completed"] == 2
 
 
-def test_resumed_ledger_chain_is_continuous_and_verifies(runs: tuple[Path, Path]) -> None:
+def test_resumed_ledger_chain_is_continuous_and_verifies(runs: tuple[Path, None]) -> None:
     crashed, _ = runs
     entries = [json.loads(x) for x in (crashed / "ledger.jsonl").read_text().splitlines()]
     assert [e["index"] for e in entries] == list(range(len(entries)))
@@ -74,7 +86,7 @@ def test_resumed_ledger_chain_is_continuous_and_verifies(runs: tuple[Path, Path]
     assert result.ok, result
 
 
-def test_resume_refuses_changed_configuration(runs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_resume_refuses_changed_configuration(runs: tuple[Path, None], tmp_path: Path) -> None:
     crashed, _ = runs
     again = subprocess.run([sys.executable, "-m", "confide.cli", "simulate", *ARGS,
                             "--set", "learning-rate=0.5", "--out", str(crashed), "--resume"],
