@@ -122,7 +122,6 @@ class Federation:
                  stop: StopRequest | None = None) -> None:
         self.grid = grid
         self.stop = stop  # checked between rounds (see run())
-        self.interrupted = False
         evaluation, num_labels = resolve_evaluation(cfg)
         self.cfg = cfg.replace(num_labels=num_labels)
         self.folder = RunFolder(out_dir)
@@ -259,6 +258,7 @@ class Federation:
             event = E.ExampleDpEvent.from_payload(entry["payload"])
             mechanisms.setdefault(event.partner, []).append(
                 [event.noise_multiplier, event.sample_rate, event.steps])
+            slack[event.partner] = slack.get(event.partner, 0.0) + (event.tv_slack or 0.0)
             partner = self.partners.get(event.partner)
             if partner is None and event.receipt is not None:
                 partner = self.partners[event.partner] = PartnerRecord(
@@ -266,8 +266,7 @@ class Federation:
             if partner is not None:
                 partner.epsilon = event.epsilon_claimed
                 partner.accountant = event.accountant
-                partner.tv_slack = slack.setdefault(event.partner, 0.0) + (event.tv_slack or 0.0)
-                slack[event.partner] = partner.tv_slack
+                partner.tv_slack = slack[event.partner]
         for pseudonym, mechs in mechanisms.items():
             if pseudonym in self.partners and mechs != self.partners[pseudonym].mechanisms:
                 partner = self.partners[pseudonym]
@@ -283,7 +282,9 @@ class Federation:
                     return self.interrupt()
                 self.run_round(server_round)
             return self.finish()
-        except Aborted:  # the driver failed: leave mid-round; resumable from the checkpoint
+        except (Aborted, NoBudgetLeft, EveryPartnerFailed):
+            # the driver failed (leave mid-round; resumable from the checkpoint), or round 1
+            # showed the run cannot train: the ledger as it stands is the record of why
             if self.ledger is not None:
                 self.ledger.close()
             raise
@@ -299,7 +300,6 @@ class Federation:
         self.ledger.append(E.RunInterrupted(after_round=self.rounds_completed,
                                             reason=self.stop.reason or "stop requested"))
         self.ledger.close()
-        self.interrupted = True
         log(WARNING, "Confide: run stopped (%s) after round %d; %s is resumable",
             self.stop.reason, self.rounds_completed, self.folder.root)
         return {"rounds_completed": self.rounds_completed, "interrupted": True}
@@ -464,14 +464,11 @@ class Federation:
         through every round and finishing with nothing aggregated. The ledger ends inside
         round 1 with the partners' signed refusals (their lifetime spend): the record of
         why nothing was trained, and it verifies."""
-        assert self.ledger is not None
         if self.rounds_completed or trained or not self._refusals \
                 or len(self._refusals) < len(self._reply_partner):
             return
-        message = no_budget_message(server_round, self._refusals, self.cfg.target_epsilon)
-        self.ledger.close()
-        self.interrupted = True
-        raise NoBudgetLeft(message)
+        raise NoBudgetLeft(
+            no_budget_message(server_round, self._refusals, self.cfg.target_epsilon))
 
     def check_any_trained(self, server_round: int, trained: list[Message], sampled: int
                           ) -> None:
@@ -479,14 +476,12 @@ class Federation:
         model the configured DP clipping cannot handle): every later round would fail alike,
         so the run stops here naming the errors, instead of going through every round and
         finishing "completed" with nothing aggregated."""
-        assert self.ledger is not None
         if self.rounds_completed or trained or self._refusals or not self._failures \
                 or len(self._failures) < sampled:
             return
         reasons = sorted(set(self._failures), key=self._failures.index)
-        shown = "; ".join(r.strip().splitlines()[-1][:400] for r in reasons[:3])
-        self.ledger.close()
-        self.interrupted = True
+        # the last line of each (a traceback's is the error itself)
+        shown = "; ".join((r.strip().splitlines() or [""])[-1][:400] for r in reasons[:3])
         raise EveryPartnerFailed(
             f"round {server_round}: every sampled partner failed ({len(self._failures)} of "
             f"{sampled}), nothing was trained or aggregated; the run stops here. "

@@ -594,8 +594,7 @@ class SecureRounds:
         if silent:
             log(WARNING, "round %d: shared noise: %s did not report their records; left out "
                 "of this round", session.round,
-                ", ".join(f"partner {self.partner_of[n]} (node {n})" if n in self.partner_of
-                          else f"node {n}" for n in sorted(silent)))
+                ", ".join(self.name(n) for n in sorted(silent)))
         cfg, sc = self.fed.cfg, session.config
         try:
             return SharedNoiseConfig(
