@@ -84,20 +84,34 @@ def central(args: argparse.Namespace, train_file: Path, epsilon: float | None = 
     return evaluate(model, dev, 64)[0], epsilon
 
 
-def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: float | None
-              ) -> tuple[float, float | None]:
-    from confide.simulation.runner import simulate
-
-    values = {
-        "model": args.model, "fine-tune": args.fine_tune, "rounds": args.rounds,
-        "clients": args.clients, "data": str(train_file), "eval-data": str(SST2 / "dev.csv"),
+def _common_values(args: argparse.Namespace, train_file: Path, out: Path
+                    ) -> dict[str, object]:
+    """What every federated row has in common: data, split, model and delta."""
+    return {
+        "model": args.model, "fine-tune": args.fine_tune, "clients": args.clients,
+        "data": str(train_file), "eval-data": str(SST2 / "dev.csv"),
         "partitioner": "dirichlet", "dirichlet-alpha": 1.0, "seed": args.seed,
-        "max-length": args.max_length, "batch-size": args.batch_size,
-        "physical-batch-size": min(args.batch_size, 64), "local-epochs": args.local_epochs,
-        "optimizer": args.optimizer, "learning-rate": args.lr, "out": str(out),
-        "delta": 1e-5, "max-grad-norm": args.clip, "head-learning-rate": args.head_lr,
+        "max-length": args.max_length, "out": str(out), "delta": 1e-5,
         "lora-rank": args.lora_rank, "lora-alpha": 2.0 * args.lora_rank,
         "lora-targets": args.lora_targets, "lora-freeze-a": args.lora_freeze_a,
+    }
+
+
+def _simulate(values: dict[str, object]) -> tuple[float, float | None]:
+    from confide.simulation.runner import simulate
+
+    _, summary = simulate(build_config(values))
+    eps = summary["privacy"]["example_level"]
+    return summary["final_metrics"]["accuracy"], (max(eps.values()) if eps else None)
+
+
+def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: float | None
+              ) -> tuple[float, float | None]:
+    values = {
+        **_common_values(args, train_file, out), "rounds": args.rounds,
+        "batch-size": args.batch_size, "physical-batch-size": min(args.batch_size, 64),
+        "local-epochs": args.local_epochs, "optimizer": args.optimizer,
+        "learning-rate": args.lr, "max-grad-norm": args.clip, "head-learning-rate": args.head_lr,
         "server-optimizer": args.server_optimizer, "server-learning-rate": args.server_lr,
         "server-momentum": args.server_momentum,
     }
@@ -106,9 +120,7 @@ def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: fl
     else:
         values.update({"target-epsilon": epsilon, "max-epsilon": epsilon,
                        "learning-rate": args.dp_lr, "head-learning-rate": args.dp_head_lr})
-    _, summary = simulate(build_config(values))
-    eps = summary["privacy"]["example_level"]
-    return summary["final_metrics"]["accuracy"], (max(eps.values()) if eps else None)
+    return _simulate(values)
 
 
 def shared(args: argparse.Namespace, train_file: Path, out: Path, epsilon: float
@@ -119,23 +131,11 @@ def shared(args: argparse.Namespace, train_file: Path, out: Path, epsilon: float
     expected batch and server optimizer are the mode's own defaults
     (`confide.config.SHARED_NOISE_DEFAULTS`), which is what a user gets.
     """
-    from confide.simulation.runner import simulate
-
-    values = {
-        "model": args.model, "fine-tune": args.fine_tune, "clients": args.clients,
-        "data": str(train_file), "eval-data": str(SST2 / "dev.csv"),
-        "partitioner": "dirichlet", "dirichlet-alpha": 1.0, "seed": args.seed,
-        "max-length": args.max_length, "out": str(out), "delta": 1e-5,
-        "lora-rank": args.lora_rank, "lora-alpha": 2.0 * args.lora_rank,
-        "lora-targets": args.lora_targets, "lora-freeze-a": args.lora_freeze_a,
-        "secure-aggregation": True, "example-dp-noise": "shared",
-        "target-epsilon": epsilon, "max-epsilon": epsilon,
-    }
+    values = {**_common_values(args, train_file, out), "secure-aggregation": True,
+              "example-dp-noise": "shared", "target-epsilon": epsilon, "max-epsilon": epsilon}
     if args.shared_rounds:
         values["rounds"] = args.shared_rounds
-    _, summary = simulate(build_config(values))
-    eps = summary["privacy"]["example_level"]
-    return summary["final_metrics"]["accuracy"], (max(eps.values()) if eps else None)
+    return _simulate(values)
 
 
 ROWS = {  # --only name -> (setting, epsilon)
