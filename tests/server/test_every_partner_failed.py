@@ -5,7 +5,6 @@ the partners' error, and `grad-sample-mode = 'auto'` avoids the failure in the f
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -20,15 +19,14 @@ from confide.server.federation import Federation
 from confide.server.recovery import EveryPartnerFailed
 from confide.task import model_spec
 from tests.inprocess import InProcessGrid
+from tests.tasks.test_causal_lm_task import write_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _config(tmp_path: Path, **extra: object):
-    data = tmp_path / "e2e.csv"
-    with data.open("w", newline="") as fh:
-        csv.writer(fh).writerows([("mr", "ref")] + [(f"name[P{i}]", f"P{i} is a pub.")
-                                                     for i in range(24)])
+    data = write_csv(tmp_path / "e2e.csv",
+                     rows=[(f"name[P{i}]", f"P{i} is a pub.") for i in range(24)])
     return build_config({"task": "causal-lm", "model": "tiny", "fine-tune": "full",
                          "data": str(data), "eval-data": str(data), "prompt-column": "mr",
                          "completion-column": "ref", "clients": 2, "rounds": 2,

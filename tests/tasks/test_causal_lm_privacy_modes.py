@@ -7,7 +7,6 @@ task runs: the same code paths as the classification tests."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from confide.config import build_config
 from confide.privacy import ledger_events as E
 from confide.server.federation import Federation
 from tests.inprocess import InProcessGrid
+from tests.tasks.test_causal_lm_task import write_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -39,9 +39,7 @@ def _one_thread() -> None:
 @pytest.mark.parametrize("mode", list(MODES))
 def test_causal_lm_runs_and_verifies_under_each_privacy_mode(tmp_path: Path, mode: str
                                                              ) -> None:
-    data = tmp_path / "e2e.csv"
-    with data.open("w", newline="") as fh:
-        csv.writer(fh).writerows([("mr", "ref"), *ROWS])
+    data = write_csv(tmp_path / "e2e.csv", rows=ROWS)
     out = tmp_path / "run"
     cfg = build_config({"task": "causal-lm", "model": "tiny", "data": str(data),
                         "eval-data": str(data), "prompt-column": "mr",
