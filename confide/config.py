@@ -400,7 +400,7 @@ def _auto_example_dp_noise(kwargs: Mapping[str, Any]) -> str:
 
     Shared noise wherever secure aggregation makes it possible: at the same epsilon it
     reaches the accuracy of central DP-SGD, where local noise carries about sqrt(N) times
-    the noise on the average (benchmarks/results/utility_sst2.md). Settings that exclude it
+    the noise on the average (benchmarks/results/shared_noise_search.md). Settings that exclude it
     (distributed-dp, several local steps, ghost clipping) keep local noise, as before.
     """
     value = {f.name: kwargs.get(f.name, f.default) for f in dataclasses.fields(RunConfig)}
