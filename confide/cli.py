@@ -219,9 +219,10 @@ def _audit(args: argparse.Namespace) -> int:
                             *(["--json"] if args.json else [])])
     if args.audit_command == "report":
         from confide.audit.report import write_report
+        from confide.run_layout import LEDGER_FILE
 
-        if not (Path(args.run_dir) / "ledger.jsonl").is_file():
-            print(f"confide: error: {args.run_dir} is not a run folder (no ledger.jsonl)",
+        if not (Path(args.run_dir) / LEDGER_FILE).is_file():
+            print(f"confide: error: {args.run_dir} is not a run folder (no {LEDGER_FILE})",
                   file=sys.stderr)
             return 2
         paths = write_report(Path(args.run_dir), out_html=Path(args.out) if args.out else None)

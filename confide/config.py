@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import tomli_w
+
+from confide.run_layout import canonical_json
 
 
 class ConfigError(ValueError):
@@ -327,9 +328,7 @@ class RunConfig:
         """SHA-256 of the canonical JSON of the configuration (recorded in the ledger).
 
         `resume` is left out: a resumed run is the same run."""
-        values = {k: v for k, v in self.to_dict().items() if k != "resume"}
-        blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return config_digest(self.to_dict())
 
     def write_toml(self, path: Path) -> None:
         path.write_text(tomli_w.dumps(self.to_dict()))
@@ -514,6 +513,13 @@ def recorded_value(config: Mapping[str, Any], key: str) -> Any:
         if name in config:
             return config[name]
     return LEGACY_MEANINGS.get(key, spec.default)
+
+
+def config_digest(values: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of a configuration's kebab-case values, as
+    `run_started` records it: `resume` left out (a resumed run is the same run)."""
+    kept = {k: v for k, v in values.items() if k != "resume"}
+    return hashlib.sha256(canonical_json(kept, ascii_escaped=True)).hexdigest()
 
 
 def recorded_config(values: Mapping[str, Any]) -> RunConfig:

@@ -192,7 +192,7 @@ def extrapolated_exposures(secret_scores: Sequence[float] | np.ndarray,
 
 
 # -- the audit's record in the run folder (read by the audit and by the report) --------------
-EXPOSURE_FILE = "canary_exposure.json"  # in the run folder: numbers only
+# (the file: confide.run_layout.CANARY_EXPOSURE_FILE, in the run folder: numbers only)
 INSERTED, CONTROL = "inserted", "control"
 
 

@@ -39,7 +39,6 @@ from rich.table import Table
 
 from confide.audit.canary import (
     CONTROL,
-    EXPOSURE_FILE,
     INSERTED,
     CanaryFormat,
     CanaryFormatError,
@@ -51,7 +50,12 @@ from confide.audit.canary import (
     summary_rows,
 )
 from confide.config import ConfigError, RunConfig
-from confide.run_layout import atomic_write_bytes, atomic_write_text
+from confide.run_layout import (
+    CANARY_EXPOSURE_FILE,
+    METRICS_FILE,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -199,7 +203,7 @@ def check_trained(run_dir: Path) -> None:
     """Refuse to measure a run in which no round aggregated an update (every partner failed
     or refused): its final model is the initial one, and low exposure would look like
     privacy."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     rows = path.read_text().splitlines() if path.is_file() else []
     if not any(json.loads(x).get("num_clients_aggregated", 0) for x in rows if x.strip()):
         raise CanaryAuditError(f"{run_dir}: no round aggregated any partner's update (see "
@@ -284,7 +288,7 @@ def run_canary_audit(cfg: RunConfig, settings: CanarySettings, *, work_dir: Path
         family=settings.family, example_dp=cfg.example_dp,
         claimed_epsilon=max(eps.values()) if eps and cfg.example_dp else None,
         delta=cfg.delta, secrets=rows)
-    atomic_write_bytes(Path(run_dir) / EXPOSURE_FILE,
+    atomic_write_bytes(Path(run_dir) / CANARY_EXPOSURE_FILE,
                        json.dumps(asdict(result), indent=2).encode())
     write_report(run_dir)  # report.html / report.md now show the exposure section
     return result

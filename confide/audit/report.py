@@ -29,9 +29,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from confide.audit.verify import METRICS_FILE, VerifyResult, render_verdict, verify_run
+from confide.audit.verify import VerifyResult, render_verdict, verify_run
 from confide.privacy import ledger_events as ev
-from confide.run_layout import atomic_write_bytes
+from confide.run_layout import (
+    CANARY_EXPOSURE_FILE,
+    EXAMPLES_FILE,
+    LEDGER_FILE,
+    METRICS_FILE,
+    REPORT_HTML_FILE,
+    REPORT_MD_FILE,
+    SUMMARY_FILE,
+    atomic_write_bytes,
+)
 
 EPSILON_HEADER = ["partner", "claimed", "independent replay", "PLD", "RDP", "rounds trained",
                   "refused rounds"]
@@ -114,7 +123,7 @@ class RunReport:
 
     def generation_rows(self, limit: int = 10) -> list[list[str]]:
         """Example generations of the last generating round (examples.jsonl)."""
-        path = self.run_dir / "examples.jsonl"
+        path = self.run_dir / EXAMPLES_FILE
         if not path.is_file():
             return []
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -126,10 +135,10 @@ class RunReport:
     def canary_exposure(self) -> tuple[str, list[list[str]]] | None:
         """(note, rows) of the canary exposure audit (canary_exposure.json, written by
         `confide audit empirical` on a causal-lm run; numbers only, never the secrets)."""
-        from confide.audit.canary import EXPOSURE_FILE, summary_note, summary_rows
+        from confide.audit.canary import summary_note, summary_rows
 
         try:
-            record = json.loads((self.run_dir / EXPOSURE_FILE).read_text())
+            record = json.loads((self.run_dir / CANARY_EXPOSURE_FILE).read_text())
             return summary_note(record), summary_rows(record)
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -219,7 +228,7 @@ class RunReport:
 
     def synthetic(self) -> bool:
         """Whether the run trained on the generated demo corpus (summary.json says so)."""
-        path = Path(self.run_dir) / "summary.json"
+        path = Path(self.run_dir) / SUMMARY_FILE
         try:
             return bool(json.loads(path.read_text()).get("synthetic_data"))
         except (OSError, ValueError):
@@ -229,7 +238,7 @@ class RunReport:
         """(verdict, note, rows) of the pre-flight check in summary.json; None when the run
         has none (preflight = 'off', or an older run)."""
         try:
-            pre = json.loads((self.run_dir / "summary.json").read_text()).get("preflight")
+            pre = json.loads((self.run_dir / SUMMARY_FILE).read_text()).get("preflight")
         except (OSError, ValueError):
             return None
         if not isinstance(pre, dict):
@@ -351,8 +360,8 @@ def write_report(run_dir: Path | str, out_html: Path | str | None = None,
     """Write RUN_DIR/report.html and RUN_DIR/report.md (or the given paths); the Markdown's
     PNGs go to `<md stem>_assets/`. Returns (html path, markdown path)."""
     run_dir = Path(run_dir)
-    html_path = Path(out_html) if out_html else run_dir / "report.html"
-    md_path = Path(out_md) if out_md else run_dir / "report.md"
+    html_path = Path(out_html) if out_html else run_dir / REPORT_HTML_FILE
+    md_path = Path(out_md) if out_md else run_dir / REPORT_MD_FILE
     report = RunReport(run_dir, result)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(html_path, report.html().encode())
@@ -369,8 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--html", type=Path, default=None)
     parser.add_argument("--md", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not (args.run_dir / "ledger.jsonl").is_file():
-        print(f"error: {args.run_dir / 'ledger.jsonl'} does not exist", file=sys.stderr)
+    if not (args.run_dir / LEDGER_FILE).is_file():
+        print(f"error: {args.run_dir / LEDGER_FILE} does not exist", file=sys.stderr)
         return 2
     html_path, md_path = write_report(args.run_dir, args.html, args.md)
     print(f"wrote {html_path} and {md_path}")

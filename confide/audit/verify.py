@@ -24,7 +24,6 @@ Checks, in order (each PASS / FAIL / SKIP, each failure naming the ledger entry)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -33,11 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confide.config import recorded_value
+from confide.config import config_digest, recorded_value
 from confide.privacy import ledger_events as ev
 from confide.privacy.ledger import (
-    LEDGER_FILE,
-    PUBLIC_KEY_FILE,
     LedgerError,
     LedgerLine,
     Problem,
@@ -58,11 +55,17 @@ from confide.privacy.replay import (
     replay_client_level,
     replay_example_level,
 )
+from confide.run_layout import (
+    LEDGER_FILE,
+    LEDGER_PUBLIC_KEY_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+)
 
 REL_TOLERANCE = 0.01
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
-MODEL_FILE = "model/weights.safetensors"
+MODEL_FILE = f"{MODEL_DIR}/{WEIGHTS_FILE}"
 CHECKS = ("chain", "payloads", "ordering", "completeness", "receipts", "replay", "summary",
           "metrics", "model")
 
@@ -211,14 +214,14 @@ class RunVerifier:
         stated = None
         if first is not None and isinstance(first.get("payload"), dict):
             stated = first["payload"].get("ledger_public_key")
-        pem = self.run_dir / PUBLIC_KEY_FILE
+        pem = self.run_dir / LEDGER_PUBLIC_KEY_FILE
         pinned = None
         source = "run_started only (not pinned: no ledger_public_key.pem)"
         if self.pinned_key is not None:
             pinned, source = (public_key_hex(as_public_key(self.pinned_key)),
                               "the given key (the run was not recorded under the expected key)")
         elif pem.is_file():
-            pinned, source = public_key_hex(load_public_key(pem)), PUBLIC_KEY_FILE
+            pinned, source = public_key_hex(load_public_key(pem)), LEDGER_PUBLIC_KEY_FILE
         if pinned is not None and stated != pinned:
             c.add(f"run_started's ledger_public_key differs from {source}", 0)
         key = pinned or stated
@@ -257,12 +260,7 @@ class RunVerifier:
             start = started[0][1]
             self.config, self.delta = start.config, start.delta
             self.run_key = start.ledger_public_key
-            # The rule of confide.config.RunConfig.digest() (`resume` left out: a resumed
-            # run is the same run).
-            hashed = {k: v for k, v in start.config.items() if k != "resume"}
-            digest = hashlib.sha256(json.dumps(hashed, sort_keys=True,
-                                               separators=(",", ":")).encode()).hexdigest()
-            if digest != start.config_digest:
+            if config_digest(start.config) != start.config_digest:
                 c.add("config_digest is not the SHA-256 of the recorded config", started[0][0])
         for i, e in self.events:
             d = getattr(e, "delta", None)
@@ -825,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--public-key", type=Path, default=None, metavar="FILE",
                         help="the server's ledger key, obtained out of band (PEM, or its 64 "
                              "hex digits): every ledger signature must verify with it "
-                             f"(default: RUN_DIR/{PUBLIC_KEY_FILE} if present)")
+                             f"(default: RUN_DIR/{LEDGER_PUBLIC_KEY_FILE} if present)")
     parser.add_argument("--json", action="store_true",
                         help="print the result (verdict, checks, epsilons) as JSON")
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ import yaml
 from cryptography.exceptions import InvalidSignature
 
 from confide.deploy import pki
+from confide.run_layout import canonical_json
 
 SIGNATURE_FILE = "confide-app-signature.json"
 FORMAT = "confide-app-signature/1"
@@ -55,8 +56,9 @@ def build_unsigned_fab(app_dir: Path) -> bytes:
     return build_fab_from_files(files)[0]
 
 
-def _canonical(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+def _signed_bytes(payload: Mapping[str, Any]) -> bytes:
+    # ASCII-escaped, as bundles have always been signed: signed bundles keep verifying
+    return canonical_json(payload, ascii_escaped=True)
 
 
 def sign_app(app_dir: Path, key_path: Path) -> Path:
@@ -71,7 +73,7 @@ def sign_app(app_dir: Path, key_path: Path) -> Path:
         "signed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "files": fab_file_digests(build_unsigned_fab(app_dir)),
     }
-    signed = {**payload, "signature": key.sign(_canonical(payload)).hex()}
+    signed = {**payload, "signature": key.sign(_signed_bytes(payload)).hex()}
     out = app_dir / SIGNATURE_FILE
     out.write_text(json.dumps(signed, indent=1, sort_keys=True) + "\n")
     return out
@@ -115,7 +117,7 @@ def verify_fab(fab: bytes, trusted: Mapping[str, str]) -> str:
     key = pki.load_publisher_public(trusted[publisher])
     payload = {k: v for k, v in signed.items() if k != "signature"}
     try:
-        key.verify(bytes.fromhex(str(signed.get("signature", ""))), _canonical(payload))
+        key.verify(bytes.fromhex(str(signed.get("signature", ""))), _signed_bytes(payload))
     except (InvalidSignature, ValueError):
         raise AppVerificationError(f"bad signature by {publisher} on the app bundle") from None
     actual = fab_file_digests(fab)

@@ -4,10 +4,11 @@ File format (`ledger.jsonl`, one entry per line, each line ends with "\\n"):
 
     {"entry_hash":..,"index":..,"payload":{..},"prev_hash":..,"signature":..,"time":..,"type":..}
 
-* Canonical JSON (`canonical_json`): `json.dumps(obj, sort_keys=True, separators=(",", ":"),
-  ensure_ascii=False, allow_nan=False)` encoded as UTF-8. Keys sorted, no whitespace,
-  floats as Python's shortest round-trip `repr` (so parse + re-encode gives the same
-  bytes), integers as integers, no NaN/Infinity (an infinite epsilon is written "inf").
+* Canonical JSON (`confide.run_layout.canonical_json`): `json.dumps(obj, sort_keys=True,
+  separators=(",", ":"), ensure_ascii=False, allow_nan=False)` encoded as UTF-8. Keys
+  sorted, no whitespace, floats as Python's shortest round-trip `repr` (so parse +
+  re-encode gives the same bytes), integers as integers, no NaN/Infinity (an infinite
+  epsilon is written "inf").
   Every line of the file must be byte-identical to the canonical encoding of what it
   parses to, so there is exactly one byte string per entry and no byte of the file can
   change without changing a hashed or signed value.
@@ -43,26 +44,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from confide.privacy import crash_points
 from confide.privacy import ledger_events as ev
+from confide.run_layout import canonical_json
 
 GENESIS_HASH = "0" * 64
 ENTRY_FIELDS = frozenset({"index", "time", "type", "payload", "prev_hash", "entry_hash",
                           "signature"})
 HASHED_FIELDS = ("index", "time", "type", "payload", "prev_hash")
-LEDGER_FILE = "ledger.jsonl"
-PUBLIC_KEY_FILE = "ledger_public_key.pem"
 
 
 class LedgerError(RuntimeError):
     """The ledger cannot be written or continued (broken chain, torn line, wrong key)."""
 
 
-# -- canonical encoding and hashing -----------------------------------------------------
-
-def canonical_json(obj: Any) -> bytes:
-    """The one byte encoding of `obj` that is hashed and signed (see module docstring)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
-
+# -- hashing ----------------------------------------------------------------------------
 
 def entry_hash_of(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json({k: entry[k] for k in HASHED_FIELDS})).hexdigest()

@@ -21,7 +21,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from confide.privacy.ledger import as_public_key, canonical_json, public_key_hex
+from confide.privacy.ledger import as_public_key, public_key_hex
+from confide.run_layout import canonical_json
 
 DOMAIN = b"confide-dp-receipt-v1\n"
 

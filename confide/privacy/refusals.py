@@ -19,8 +19,9 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from confide.privacy.ledger import as_public_key, canonical_json, public_key_hex
+from confide.privacy.ledger import as_public_key, public_key_hex
 from confide.privacy.receipts import Receipt, ReceiptError, _clean, pseudonym_of
+from confide.run_layout import canonical_json
 
 REFUSAL_DOMAIN = b"confide-budget-refusal-v1\n"
 # Ledger (BudgetRefusal) field -> signed field; the ledger must repeat them exactly.

@@ -111,7 +111,7 @@ def check_resume(folder: RunFolder, cfg: RunConfig
 def describe_checkpoint(folder: RunFolder) -> str:
     """'after round N' of the latest checkpoint, for messages."""
     try:
-        state = json.loads((folder.checkpoint_dir / "server_state.json").read_text())
+        state = json.loads(folder.server_state.read_text())
         return f"after round {int(state['round'])}"
     except (OSError, ValueError, KeyError):
         return "from its last checkpoint"

@@ -1,7 +1,6 @@
-"""The run folder of DESIGN.md's output contract, and the server checkpoint inside it.
-
-    config.toml  metrics.jsonl  summary.json  ledger.jsonl  report.html  model/
-    checkpoint/  (server-private: latest global weights, server state, ledger key)
+"""The server's access to the run folder of DESIGN.md's output contract, and the checkpoint
+inside it (server-private: latest global weights, server state, ledger key). The file names
+are `confide.run_layout`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +18,22 @@ from safetensors.numpy import load_file, save_file
 
 from confide.config import RunConfig
 from confide.privacy.crash_points import crash_point
-from confide.run_layout import MODEL_DIR, MODEL_INFO_FILE, WEIGHTS_FILE, atomic_write_text
+from confide.run_layout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    EXAMPLES_FILE,
+    LEDGER_FILE,
+    LEDGER_KEY_FILE,
+    LEDGER_PUBLIC_KEY_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    MODEL_INFO_FILE,
+    REPORT_HTML_FILE,
+    SERVER_STATE_FILE,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    atomic_write_text,
+)
 
 OPTIMIZER_PREFIX = "server_optimizer_round"
 
@@ -37,28 +51,28 @@ class RunFolder:
 
     @property
     def config(self) -> Path:
-        return self.root / "config.toml"
+        return self.root / CONFIG_FILE
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS_FILE
 
     @property
     def summary(self) -> Path:
-        return self.root / "summary.json"
+        return self.root / SUMMARY_FILE
 
     @property
     def ledger(self) -> Path:
-        return self.root / "ledger.jsonl"
+        return self.root / LEDGER_FILE
 
     @property
     def report(self) -> Path:
-        return self.root / "report.html"
+        return self.root / REPORT_HTML_FILE
 
     @property
     def examples(self) -> Path:
         """Evaluation examples a task writes (causal-lm: generations with references)."""
-        return self.root / "examples.jsonl"
+        return self.root / EXAMPLES_FILE
 
     @property
     def model_dir(self) -> Path:
@@ -66,15 +80,20 @@ class RunFolder:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.root / "checkpoint"
+        return self.root / CHECKPOINT_DIR
 
     @property
     def ledger_key(self) -> Path:
-        return self.checkpoint_dir / "ledger_key.pem"
+        return self.checkpoint_dir / LEDGER_KEY_FILE
+
+    @property
+    def server_state(self) -> Path:
+        """The checkpoint's commit point: it names the weights of the last checkpoint."""
+        return self.checkpoint_dir / SERVER_STATE_FILE
 
     @property
     def ledger_public_key(self) -> Path:
-        return self.root / "ledger_public_key.pem"
+        return self.root / LEDGER_PUBLIC_KEY_FILE
 
     def create(self, cfg: RunConfig) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -168,8 +187,7 @@ class RunFolder:
                       str(tmp))
             os.replace(tmp, moments)
             server_state["optimizer_arrays"] = moments.name
-        atomic_write_text(self.checkpoint_dir / "server_state.json",
-                          json.dumps(server_state, sort_keys=True))
+        atomic_write_text(self.server_state, json.dumps(server_state, sort_keys=True))
         for old in self.checkpoint_dir.glob("global_round*.safetensors"):
             if old != weights:
                 old.unlink()
@@ -178,7 +196,7 @@ class RunFolder:
                 old.unlink()
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
-        path = self.checkpoint_dir / "server_state.json"
+        path = self.server_state
         if not path.exists():
             raise CheckpointError(f"no checkpoint in {self.checkpoint_dir}: nothing to resume")
         try:

@@ -63,7 +63,7 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
     out = default_out_dir(cfg)
     if cfg.resume:
         check_not_finished(RunFolder(out))  # a finished run says so (and stays unchanged)
-        if not (out / "checkpoint" / "server_state.json").exists():
+        if not RunFolder(out).server_state.exists():
             raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoint to resume")
         check_resume(RunFolder(out), cfg)  # in this process: a message, not a Ray traceback
     elif out.exists() and not out.is_dir():
@@ -147,7 +147,7 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
         raise Interrupted(interrupted_message(out, stop.reason))
     if failures:  # e.g. no partner has budget left, a full disk: the message says what
         raise failures[0]
-    summary_path = out / "summary.json"
+    summary_path = RunFolder(out).summary
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log")
     summary = json.loads(summary_path.read_text())
@@ -236,7 +236,7 @@ PARTNER_ROWS_MAX = 20  # above this many partners the console shows a summary in
 def final_table(out: Path, summary: dict[str, Any]) -> Group:
     """Per round: accuracy, loss, participation, epsilon range, bytes; then per partner (or,
     with more than PARTNER_ROWS_MAX partners, their spread). Fits an 80-column terminal."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunFolder(out).metrics.read_text().splitlines()]
     synthetic = " [SYNTHETIC demo data]" if summary.get("synthetic_data") else ""
     rounds = Table(title=f"Confide run {out}{synthetic}")
     for name in ("round", "accuracy", "loss", "agg.", "eps min-max", "client eps",

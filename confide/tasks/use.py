@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from confide.config import RunConfig, load_toml, recorded_config
-from confide.run_layout import MODEL_DIR, MODEL_INFO_FILE, WEIGHTS_FILE
+from confide.run_layout import CONFIG_FILE, MODEL_DIR, MODEL_INFO_FILE, WEIGHTS_FILE
 
 
 class RunUseError(ValueError):
@@ -22,7 +22,7 @@ class RunUseError(ValueError):
 
 def run_config(run_dir: Path) -> RunConfig:
     """The run's resolved configuration (config.toml), minus its output folder."""
-    path = Path(run_dir) / "config.toml"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.toml (not a Confide run folder)")
     if not (Path(run_dir) / MODEL_DIR / MODEL_INFO_FILE).is_file():

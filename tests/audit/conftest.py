@@ -23,8 +23,9 @@ from safetensors.numpy import save_file
 
 from confide.privacy import ledger_events as ev
 from confide.privacy.accountant import PartnerAccountant, SampledGaussianEvent
-from confide.privacy.ledger import LEDGER_FILE, PUBLIC_KEY_FILE, Ledger, save_public_key
+from confide.privacy.ledger import Ledger, save_public_key
 from confide.privacy.receipts import pseudonym_of, sign_receipt
+from confide.run_layout import LEDGER_FILE, LEDGER_PUBLIC_KEY_FILE
 
 DELTA = 1e-5
 ROUNDS = 3
@@ -69,7 +70,7 @@ def build_run(run_dir: Path, *, rounds: int = ROUNDS, seed: int = 7,
     import hashlib
 
     led = Ledger.create(run_dir / LEDGER_FILE, server_key)
-    save_public_key(server_key, run_dir / PUBLIC_KEY_FILE)
+    save_public_key(server_key, run_dir / LEDGER_PUBLIC_KEY_FILE)
     led.append(ev.RunStarted(config=dict(CONFIG), config_digest=hashlib.sha256(blob).hexdigest(),
                              code_version="confide 0.1.0+test",
                              ledger_public_key=led.public_key_hex, delta=DELTA))

@@ -17,7 +17,6 @@ from scipy import stats
 
 from confide.audit.canary import (
     CONTROL,
-    EXPOSURE_FILE,
     INSERTED,
     CanaryFormat,
     CanaryFormatError,
@@ -35,6 +34,7 @@ from confide.audit.canary_audit import (
     insert_rows,
 )
 from confide.cli import main
+from confide.run_layout import CANARY_EXPOSURE_FILE
 from confide.tasks.causal_lm import PromptDataset
 
 # End to end: the inserted secret must beat the controls' mean exposure by this many bits.
@@ -150,7 +150,7 @@ def _in_process_simulate(cfg: Any, console: Any = None, verbose: bool = False
     from tests.inprocess import InProcessGrid
 
     out = Path(cfg.out)
-    return out, Federation(InProcessGrid(cfg.clients), cfg, out).run()
+    return out, Federation.open(InProcessGrid(cfg.clients), cfg, out).run()
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def audit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_inserted_secrets_are_exposed_far_above_controls(audit_dir: Path) -> None:
-    record = json.loads((audit_dir / "run" / EXPOSURE_FILE).read_text())
+    record = json.loads((audit_dir / "run" / CANARY_EXPOSURE_FILE).read_text())
     inserted = [s for s in record["secrets"] if s["kind"] == INSERTED]
     controls = [s for s in record["secrets"] if s["kind"] == CONTROL]
     assert len(inserted) == 1 and len(controls) == 10

@@ -14,7 +14,8 @@ import pytest
 
 from confide.audit.verify import verify_run
 from confide.config import build_config
-from confide.privacy.ledger import LEDGER_FILE, Ledger
+from confide.privacy.ledger import Ledger
+from confide.run_layout import LEDGER_FILE
 from confide.server.federation import Federation
 from confide.server.run_folder import RunFolder
 from tests.inprocess import InProcessGrid
@@ -33,7 +34,7 @@ def run(out: Path, nodes: Path, settings: dict | None = None, **node_caps: float
     grid = InProcessGrid(int(cfg["clients"]), state_root=nodes)  # type: ignore[call-overload]
     for node, cap in node_caps.items():
         grid.contexts[int(node[1:])].node_config["max-epsilon"] = cap
-    return Federation(grid, build_config({**cfg, "out": str(out)}), out).run()
+    return Federation.open(grid, build_config({**cfg, "out": str(out)}), out).run()
 
 
 def entries(out: Path) -> list[dict]:

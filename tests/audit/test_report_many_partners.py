@@ -15,8 +15,9 @@ from confide.audit import report
 from confide.audit.report import RunReport, write_report
 from confide.privacy import ledger_events as ev
 from confide.privacy.accountant import PartnerAccountant, SampledGaussianEvent
-from confide.privacy.ledger import LEDGER_FILE, PUBLIC_KEY_FILE, Ledger, save_public_key
+from confide.privacy.ledger import Ledger, save_public_key
 from confide.privacy.receipts import pseudonym_of, sign_receipt
+from confide.run_layout import LEDGER_FILE, LEDGER_PUBLIC_KEY_FILE
 
 DELTA = 1e-5
 PARTNERS = 22  # above report.PLOT_PARTNERS_MAX
@@ -35,7 +36,7 @@ def build_many(run_dir: Path) -> list[str]:
     config = {"rounds": ROUNDS, "clients": PARTNERS, "example-dp": True, "delta": DELTA}
     blob = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
     led = Ledger.create(run_dir / LEDGER_FILE, server)
-    save_public_key(server, run_dir / PUBLIC_KEY_FILE)
+    save_public_key(server, run_dir / LEDGER_PUBLIC_KEY_FILE)
     led.append(ev.RunStarted(config=config, config_digest=hashlib.sha256(blob).hexdigest(),
                              code_version="confide 0.1.0+test",
                              ledger_public_key=led.public_key_hex, delta=DELTA))
