@@ -190,14 +190,16 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Interrupted):  # stopped on request: how to resume, exit 130
             print(f"confide: {exc}", file=sys.stderr)
             return 130
+        from confide.audit.report import ReportWriteError
         from confide.server.recovery import EveryPartnerFailed, NoBudgetLeft, RunWriteError
 
-        # disk full or permissions (resumable); no partner has budget left for this run
+        # disk full or permissions (resumable, or only the report of a finished run is
+        # missing); no partner has budget left for this run
         from confide.simulation.ray_cluster import SimulationEngineError
 
         # the simulation engine (Flower on Ray) failed: its error, never a hang
-        if isinstance(exc, RunWriteError | NoBudgetLeft | EveryPartnerFailed
-                      | SimulationEngineError):
+        if isinstance(exc, RunWriteError | ReportWriteError | NoBudgetLeft
+                      | EveryPartnerFailed | SimulationEngineError):
             print(f"confide: error: {exc}", file=sys.stderr)
             return 1
         if not isinstance(exc, CheckpointError):  # a bug: keep its traceback

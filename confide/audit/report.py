@@ -17,7 +17,7 @@ import html
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -369,6 +369,32 @@ def write_report(run_dir: Path | str, out_html: Path | str | None = None,
     atomic_write_bytes(md_path, report.markdown(md_path.parent / f"{md_path.stem}_assets",
                                            md_path).encode())
     return html_path, md_path
+
+
+class ReportWriteError(RuntimeError):
+    """A finished run's report could not be written (disk full, permissions). The run's
+    results stand; the message names the command that writes the report later."""
+
+
+def write_report_after_run(run_dir: Path | str, rounds_completed: int,
+                           warn: Callable[[str], None]) -> tuple[Path, Path] | None:
+    """A driver's last step once its run has completed: RUN_DIR/report.html and report.md.
+
+    The ServerApp does not write them (a run started with plain `flwr run` gets its report
+    from `confide audit report RUN_DIR`). An OSError is a ReportWriteError; any other
+    failure goes to `warn` and returns None: the ledger, summary and model are complete
+    and verify without the plots."""
+    try:
+        return write_report(run_dir)
+    except OSError as exc:
+        raise ReportWriteError(
+            f"the run finished ({rounds_completed} rounds: ledger, summary.json and "
+            f"model/ are written), but its report could not be: {exc}. After freeing "
+            f"space: confide audit report {run_dir}") from exc
+    except Exception as exc:  # the run's results stand even if plotting fails
+        warn(f"report.html could not be written: {exc} (later: confide audit report "
+             f"{run_dir})")
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from confide.deploy.verified_clientapp import (
     install_wrapper,
     wrapped_path,
 )
+from confide.run_layout import SUMMARY_FILE
 
 INSECURE_WARNING = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
@@ -514,6 +515,7 @@ def run_app(app: Path, connection: str | None, run_config: str, *, verbose: bool
                           "`confide deploy stage-app`")
     argv = ["flwr", "run", str(app), *([connection] if connection else []), "--stream",
             "--run-config", run_config]
+    started = time.time()
     filt = RunLogFilter(verbose)
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace", bufsize=1) as proc:
@@ -529,11 +531,59 @@ def run_app(app: Path, connection: str | None, run_config: str, *, verbose: bool
         return code or 1
     status, details = run_status(filt.run_id, connection)
     if status == "finished:completed" and filt.failure is None:
-        return 0
+        return write_deployed_report(run_config, started)
     reason = filt.failure or details or status
     print(f"confide deploy run: error: run {filt.run_id} {status.replace(':', ' ')}: "
           f"{reason}", file=sys.stderr, flush=True)
     return 1
+
+
+def finished_run_folder(run_config: str, since: float) -> Path | None:
+    """The run folder (`out` of --run-config) when this machine sees the run that just
+    finished in it: its summary.json written after `since`. None when `out` is not set
+    (the ServerApp then names a folder of its own) or lies on the SuperLink's machine."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        out = parse_config_args([run_config]).get("out")
+    except (ValueError, OSError):
+        return None
+    if not isinstance(out, str) or not out:
+        return None
+    folder = Path(out).expanduser()
+    try:  # an older run folder of the same name elsewhere is not this run's
+        written = (folder / SUMMARY_FILE).stat().st_mtime
+    except OSError:
+        return None
+    return folder if written >= since - 1.0 else None  # 1 s: file-system time granularity
+
+
+def write_deployed_report(run_config: str, since: float, err: TextIO | None = None) -> int:
+    """After a completed deployed run: its report.html / report.md, written here when this
+    machine has the run folder (else a note saying how to write it there). Exit status 1
+    only when the report cannot be written for lack of space or permissions."""
+    from confide.audit.report import ReportWriteError, write_report_after_run
+
+    err = err or sys.stderr
+    folder = finished_run_folder(run_config, since)
+    if folder is None:
+        print("confide deploy run: the run folder is not on this machine; write its report "
+              "where it is: confide audit report RUN_DIR", file=err, flush=True)
+        return 0
+    try:
+        rounds = int(json.loads((folder / SUMMARY_FILE).read_text())["rounds_completed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        rounds = 0  # only the message's count: the report says what the ledger holds
+
+    def warn(text: str) -> None:
+        print(f"confide deploy run: warning: {text}", file=err, flush=True)
+
+    try:
+        write_report_after_run(folder, int(rounds), warn)
+    except ReportWriteError as exc:
+        print(f"confide deploy run: error: {exc}", file=err, flush=True)
+        return 1
+    return 0
 
 
 def _lines(stream: IO[str]) -> Iterable[str]:

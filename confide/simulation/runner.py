@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from confide import logs
+from confide.audit.report import write_report_after_run
 from confide.config import RunConfig
 from confide.privacy.preflight import PreflightRefused, PreflightReport, check, refusal_message
 from confide.server.recovery import (
@@ -61,11 +62,13 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
 
     console = console or Console()
     out = default_out_dir(cfg)
+    folder = RunFolder(out)
     if cfg.resume:
-        check_not_finished(RunFolder(out))  # a finished run says so (and stays unchanged)
-        if not RunFolder(out).server_state.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoint to resume")
-        check_resume(RunFolder(out), cfg)  # in this process: a message, not a Ray traceback
+        check_not_finished(folder)  # a finished run says so (and stays unchanged)
+        if not folder.server_state.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {folder.checkpoint_dir} to "
+                                    "resume")
+        check_resume(folder, cfg)  # in this process: a message, not a Ray traceback
     elif out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is an existing file, not a folder; choose "
                               "another --out")
@@ -147,10 +150,15 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
         raise Interrupted(interrupted_message(out, stop.reason))
     if failures:  # e.g. no partner has budget left, a full disk: the message says what
         raise failures[0]
-    summary_path = RunFolder(out).summary
-    if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log")
-    summary = json.loads(summary_path.read_text())
+    if not folder.summary.exists():
+        raise RuntimeError(f"the simulation ended without writing {folder.summary}; see the "
+                           "log")
+    summary = json.loads(folder.summary.read_text())
+    # The report is the driver's, after the run (it verifies the whole ledger again): an
+    # OSError is a ReportWriteError that says how to write it later; the run stands.
+    write_report_after_run(out, int(summary["rounds_completed"]),
+                           warn=lambda text: console.print(text, style="yellow", markup=False,
+                                                           highlight=False))
     console.print(final_table(out, summary))
     if report is not None and report.needs_attention:  # the warning has scrolled away
         console.print(report.headline(), style="bold red" if report.cannot_learn

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from confide.audit.report import main, write_report
+import pytest
+
+from confide.audit.report import RunReport, main, write_report, write_report_after_run
+from confide.run_layout import REPORT_HTML_FILE, REPORT_MD_FILE
 
 from .conftest import RunInfo
 
@@ -38,3 +41,22 @@ def test_report_labels_a_synthetic_data_run(run: RunInfo) -> None:
     html_path, md_path = write_report(run.dir)
     assert "SYNTHETIC demo corpus" in html_path.read_text()
     assert "SYNTHETIC demo corpus" in md_path.read_text()
+
+
+def test_driver_report_after_a_run_writes_both_files(run: RunInfo) -> None:
+    warnings: list[str] = []
+    paths = write_report_after_run(run.dir, 3, warnings.append)
+    assert paths == (run.dir / REPORT_HTML_FILE, run.dir / REPORT_MD_FILE)
+    assert not warnings and all(p.is_file() for p in paths)
+
+
+def test_driver_report_that_fails_otherwise_is_a_warning_and_the_run_stands(
+        run: RunInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_plot(_self: RunReport) -> str:
+        raise RuntimeError("no font")
+    monkeypatch.setattr(RunReport, "html", broken_plot)
+    warnings: list[str] = []
+    assert write_report_after_run(run.dir, 3, warnings.append) is None
+    assert len(warnings) == 1 and "no font" in warnings[0]
+    assert f"confide audit report {run.dir}" in warnings[0]
+    assert not (run.dir / REPORT_HTML_FILE).exists()

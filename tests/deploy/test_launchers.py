@@ -208,3 +208,34 @@ def test_deployed_process_prints_each_line_once_without_known_notices() -> None:
     verbose = output(CONFIDE_VERBOSE="1")
     assert verbose.count("Confide round 1/1") == 1  # once, also with --verbose
     assert "fraction_evaluate" in verbose and "Full backward hook" in verbose
+
+
+def test_deploy_run_writes_the_report_of_a_finished_run_it_can_see(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`confide deploy run` writes report.html after a completed run when the run folder
+    (`out`) is on this machine and was written by this run; otherwise it says how to."""
+    import io
+
+    import confide.audit.report as report
+    from confide.run_layout import REPORT_HTML_FILE
+    from tests.audit.conftest import build_run
+
+    started = time.time()
+    out = build_run(tmp_path / "run").dir
+    config = f"out='{out}' rounds=3"
+    assert commands.finished_run_folder(config, started) == out
+    assert commands.finished_run_folder(config, time.time() + 60) is None  # an older run's
+    assert commands.finished_run_folder("rounds=3", started) is None  # the ServerApp's name
+    err = io.StringIO()
+    assert commands.write_deployed_report("rounds=3", started, err) == 0
+    assert "confide audit report RUN_DIR" in err.getvalue()
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(report, "atomic_write_bytes", full)
+        err = io.StringIO()
+        assert commands.write_deployed_report(config, started, err) == 1
+    assert f"confide audit report {out}" in err.getvalue()
+    assert commands.write_deployed_report(config, started, io.StringIO()) == 0
+    assert (out / REPORT_HTML_FILE).is_file()
