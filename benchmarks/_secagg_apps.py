@@ -183,23 +183,20 @@ class _Ledger:
 
 
 class BenchFederation:
-    """The parts of `Federation` that `SecureRounds` uses (no model, no evaluation, no run
-    folder); `_sort_replies` and `_partner` are Federation's own."""
+    """What `SecureRounds` reads from its host (confide.server.aggregation.RoundHost): no
+    model, no evaluation, no run folder; replies are recorded by the product's PartnerBook."""
+
+    rounds_completed = 0
 
     def __init__(self, grid: Grid, cfg: Any, d: int) -> None:
-        from confide.server.federation import Federation
+        from confide.server.partners import PartnerBook
         from confide.strategies.delta_fedavg import DeltaFedAvg
 
-        type(self)._sort_replies = Federation._sort_replies  # type: ignore[attr-defined]
-        type(self)._partner = Federation._partner  # type: ignore[attr-defined]
         self.grid, self.cfg, self.timeout = grid, cfg, 3600.0
         self.global_state = {"w": np.zeros(d, dtype=np.float32)}
         self.ledger = _Ledger()
-        self.partners: dict[str, Any] = {}
+        self.book = PartnerBook(cfg)
         self.inner = DeltaFedAvg(server_learning_rate=1.0)
-        self.client_dp_epsilon: float | None = None
-        self._reply_partner: dict[int, str] = {}
-        self._dropped: list[str] = []
 
 
 def ours_config(n: int, rounds: int, dp: bool) -> Any:
@@ -250,9 +247,10 @@ def ours_server(n: int, d: int, rounds: int, warmup: int, out: Path, dp: bool) -
         marks, uploads, info = [], [], {}
         for server_round in range(1, warmup + rounds + 1):
             t0 = time.perf_counter()
-            _, aggregated, uploaded, extra = secure.run_round(
-                server_round, ConfigRecord(cfg.to_dict())
-            )
+            outcome = secure.run_round(server_round, ConfigRecord(cfg.to_dict()))
+            aggregated, uploaded, extra = outcome.aggregated, outcome.uploaded, outcome.metrics
+            if outcome.aggregate is not None:
+                fed.global_state = outcome.aggregate
             marks.append((t0, time.perf_counter()))
             uploads.append(uploaded / max(1, len(aggregated)))
             assert len(aggregated) == n and extra["secagg_aborted"] is None, extra

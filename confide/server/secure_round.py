@@ -62,11 +62,13 @@ from confide.privacy.secagg import (
 from confide.privacy.secagg import Message as SecAggMessage
 from confide.privacy.secagg.masking import reduce_mod
 from confide.privacy.secagg.shared_noise import SharedNoiseConfig, decode_sum
+from confide.server.aggregation import RoundOutcome
+from confide.server.partners import check_budget_left
 from confide.server.recovery import EveryPartnerFailed
 from confide.strategies.delta_fedavg import arrays_to_numpy
 
 if TYPE_CHECKING:
-    from confide.server.round_host import RoundHost
+    from confide.server.aggregation import RoundHost
 
 DDG_MECHANISM = "distributed_discrete_gaussian"
 
@@ -142,13 +144,10 @@ class SecureRounds:
         self.shared_sigma: float | None = None
         self.shared_rate: float = 0.0  # the run's common sampling rate (set with sigma)
         self.partner_info: dict[int, tuple[int, float]] = {}
-        # Flower node id -> partner pseudonym, from every status reply so far: logs name
-        # partners, also for a node that later stops answering
-        self.partner_of: dict[int, str] = {}
 
     def name(self, node: int) -> str:
-        partner = self.partner_of.get(node) or self.fed._reply_partner.get(node)
-        return f"partner {partner} (node {node})" if partner else f"node {node}"
+        """Logs name partners, also for a node that later stops answering."""
+        return self.fed.book.node_name(node)
 
     def _clients_named(self, session: Session, text: str) -> str:
         """`client 2` of the SecAgg core -> `client 2 = partner p-... (node ...)`."""
@@ -338,11 +337,9 @@ class SecureRounds:
             head.config.degree, head.config.bits)
 
     # -- one round -------------------------------------------------------------------
-    def run_round(self, server_round: int, config: ConfigRecord
-                  ) -> tuple[list[int], list[str], int, dict[str, Any]]:
-        """Fit + unmask exchanges of one round. Returns (sampled nodes, aggregated partner
-        pseudonyms, bytes uploaded, extra metrics) and updates the federation's global
-        weights when the secure sum is released."""
+    def run_round(self, server_round: int, config: ConfigRecord) -> RoundOutcome:
+        """Fit + unmask exchanges of one round; the outcome's aggregate is the new global
+        weights when the secure sum is released (None when the round aborted)."""
         fed = self.fed
         assert fed.ledger is not None
         self.uploaded = 0
@@ -379,10 +376,11 @@ class SecureRounds:
                 parts.setdefault(node, {})[f"{W.KEY_DIRECTORY}/{nxt.round}"] = \
                     nxt.directory.to_bytes()
         replies = self._exchange(server_round, config, parts, train)
-        trained, _ = fed._sort_replies(
-            server_round, [r for r in replies if r.metadata.src_node_id in train])
-        self.partner_of.update(fed._reply_partner)
-        fed.check_budget_left(server_round, trained)
+        recorded = fed.book.record_replies(
+            fed.ledger, server_round, [r for r in replies if r.metadata.src_node_id in train])
+        check_budget_left(server_round, recorded, first_round=fed.rounds_completed == 0,
+                          target_epsilon=fed.cfg.target_epsilon)
+        trained = recorded.trained
         if nxt is not None and nxt.aborted is None:
             for reply in replies:
                 self.consume(nxt, reply, f"{W.SHARE_KEYS}/{nxt.round}", ShareKeys)
@@ -436,7 +434,8 @@ class SecureRounds:
         # aggregate, verify, account, record
         extra: dict[str, Any] = {"secagg_aborted": cur.aborted}
         aggregated: list[str] = []
-        partner = fed._reply_partner
+        aggregate: dict[str, np.ndarray] | None = None
+        partner = recorded.partner_of
         nodes = cur.nodes
         # released: the clients in the sum; aborted: the sampled nodes still answering
         # (nothing of theirs was unmasked or aggregated)
@@ -450,8 +449,7 @@ class SecureRounds:
                            for n in survivors)
             gradient = decode_sum(result.ring_sum, cur.shared) / expected
             fed.inner.global_state = fed.global_state
-            fed.global_state = arrays_to_numpy(fed.inner.apply(
-                W.unflatten(-gradient, self.reference)))
+            aggregate = arrays_to_numpy(fed.inner.apply(W.unflatten(-gradient, self.reference)))
             aggregated = [partner.get(n, f"node-{n}") for n in survivors]
             extra.update({"shared_noise_multiplier": cur.shared.effective_noise_multiplier,
                           "shared_noise_shares": cur.shared.m,
@@ -460,20 +458,19 @@ class SecureRounds:
         elif result is not None and survivors:
             mean = result.weighted_sum / len(survivors)  # weight 1 each; the count is public
             fed.inner.global_state = fed.global_state
-            fed.global_state = arrays_to_numpy(fed.inner.apply(
-                W.unflatten(mean, self.reference)))
+            aggregate = arrays_to_numpy(fed.inner.apply(W.unflatten(mean, self.reference)))
             aggregated = [partner.get(n, f"node-{n}") for n in survivors]
             encoder = UpdateEncoder(cur.config)
             extra["secagg_quantization_step"] = encoder.step * cur.config.max_weight
             if verify:
                 extra.update(self._verify(cur, result, verify))
+        dropped = list(recorded.dropped)
         for node in cur.rejected:
             name = f"node-{node}"
-            if name not in fed._dropped:  # counted as a dropout of this round
-                fed._dropped.append(name)
+            if name not in dropped:  # counted as a dropout of this round
+                dropped.append(name)
         gone = [n for n in sampled if n not in survivors]
-        dropouts = sorted(self.partner_of.get(n) or partner.get(n) or f"node-{n}"
-                          for n in gone)
+        dropouts = sorted(fed.book.node_partner.get(n) or f"node-{n}" for n in gone)
         extra["secagg_survivors"] = len(survivors)
         extra["secagg_dropouts"] = len(dropouts)
         dropped_text = ", ".join(self.name(n) for n in gone) or "none"
@@ -484,15 +481,18 @@ class SecureRounds:
         elif gone:
             log(WARNING, "secure round %d: %d of %d sampled in the sum; dropped: %s",
                 server_round, len(survivors), len(sampled), dropped_text)
-        fed.ledger.append(E.SecureAggregationEvent(
-            round=server_round, participants=sorted(aggregated), dropouts=dropouts,
-            threshold=int(cur.config.threshold),
-            bits=cur.config.bits, neighbours=int(cur.config.degree),
-            aborted=cur.aborted))
+        outcome = RoundOutcome(
+            sampled=sampled, aggregate=aggregate, aggregated=aggregated,
+            replied=sorted(partner.values()), dropped=sorted(dropped), uploaded=self.uploaded,
+            events=[E.SecureAggregationEvent(
+                round=server_round, participants=sorted(aggregated), dropouts=dropouts,
+                threshold=int(cur.config.threshold), bits=cur.config.bits,
+                neighbours=int(cur.config.degree), aborted=cur.aborted)],
+            metrics=extra)
         if fed.cfg.distributed_dp:
-            self._record_ddg(cur, released=result is not None)
+            self._distributed_dp(cur, outcome, released=result is not None)
         del self.sessions[server_round]
-        return sampled, aggregated, self.uploaded, extra
+        return outcome
 
     def _verify(self, session: Session, result: Any, encoded: dict[int, np.ndarray]
                 ) -> dict[str, Any]:
@@ -511,18 +511,18 @@ class SecureRounds:
         return {"secagg_max_abs_error": error,
                 "secagg_ring_sum_equal": bool(np.array_equal(total, result.ring_sum))}
 
-    def _record_ddg(self, session: Session, *, released: bool) -> None:
+    def _distributed_dp(self, session: Session, outcome: RoundOutcome, *, released: bool
+                        ) -> None:
         """Client-level DP of the distributed discrete Gaussian (KLS21), accounted for the
         worst case the threshold allows: only min_survivors noise shares in the sum. Cohorts
         are fixed-size samples, so no amplification by sampling is claimed (rate 1). An
         aborted round released nothing and composes nothing (recorded with released=false)."""
         fed = self.fed
-        assert fed.ledger is not None
         params = ddg_params_from_config(session.config)
         self.accountant.step(params, 1.0, rounds=int(released))
         epsilon = self.accountant.epsilon(fed.cfg.delta)
-        fed.client_dp_epsilon = epsilon
-        fed.ledger.append(E.CLIENT_DP, E.ClientDpEvent(
+        outcome.client_level_epsilon = epsilon
+        outcome.events.append(E.ClientDpEvent(
             round=session.round, mechanism=DDG_MECHANISM,
             noise_multiplier=fed.cfg.client_dp_noise_multiplier,
             clipping_norm=fed.cfg.client_dp_clipping_norm,
@@ -531,7 +531,7 @@ class SecureRounds:
             params={"ddg": params.to_dict(), "sampling_rate": 1.0, "released": released,
                     "min_survivors": session.config.min_survivors,
                     "noise_stddev": session.config.noise_stddev,
-                    "bits": session.config.bits}).to_payload())
+                    "bits": session.config.bits}))
 
     # -- shared-noise example-level DP ----------------------------------------------------
     def _shared_info(self, config: ConfigRecord, server_round: int) -> None:

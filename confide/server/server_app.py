@@ -63,7 +63,7 @@ def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None
             grid = AbortableGrid(grid, stop)
         try:
             run_cfg = cfg or from_run_config(dict(context.run_config))
-            Federation(grid, run_cfg, default_out_dir(run_cfg, context.run_id),
+            Federation.open(grid, run_cfg, default_out_dir(run_cfg, context.run_id),
                        on_round=on_round, on_preflight=on_preflight, stop=stop).run()
         except PreflightRefused as exc:  # a plain message, not a traceback: nothing ran
             if cfg is not None:

@@ -50,7 +50,7 @@ def test_run_stops_in_round_one_when_every_partner_fails(tmp_path: Path) -> None
     cfg = _config(tmp_path, **{"grad-sample-mode": "ghost"})
     out = Path(cfg.out)
     with pytest.raises(EveryPartnerFailed) as caught:
-        Federation(InProcessGrid(2), cfg, out).run()
+        Federation.open(InProcessGrid(2), cfg, out).run()
     message = str(caught.value)
     assert "round 1: every sampled partner failed (2 of 2)" in message
     assert "tied" in message and "grad-sample-mode" in message
@@ -62,6 +62,6 @@ def test_run_stops_in_round_one_when_every_partner_fails(tmp_path: Path) -> None
 
 def test_auto_trains_the_same_model(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=1)
-    summary = Federation(InProcessGrid(2), cfg, Path(cfg.out)).run()
+    summary = Federation.open(InProcessGrid(2), cfg, Path(cfg.out)).run()
     assert summary["rounds_completed"] == 1
     assert len(summary["privacy"]["example_level"]) == 2

@@ -78,7 +78,7 @@ def _federate(out: Path, nodes: Path, crash_at: str | None, resume: bool) -> Non
         os.environ[CRASH_AT_ENV] = crash_at
     cfg = build_config({**TINY, "out": str(out), "resume": resume})
     try:
-        Federation(InProcessGrid(NODES, state_root=nodes), cfg, out).run()
+        Federation.open(InProcessGrid(NODES, state_root=nodes), cfg, out).run()
     except Exception as exc:  # for the parent to read (the child exits 1)
         (out.parent / "error.txt").write_text(f"{type(exc).__name__}: {exc}")
         raise

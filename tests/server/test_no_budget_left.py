@@ -27,7 +27,7 @@ def run(out: Path, nodes: Path) -> dict:
     grid = InProcessGrid(2, state_root=nodes)
     for context in grid.contexts.values():
         context.node_config["max-epsilon"] = 8.0  # `confide deploy supernode --max-epsilon 8`
-    return Federation(grid, build_config({**DOCS, "out": str(out)}), out).run()
+    return Federation.open(grid, build_config({**DOCS, "out": str(out)}), out).run()
 
 
 def test_second_run_with_every_budget_spent_stops_before_training_and_says_why(

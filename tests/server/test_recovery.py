@@ -32,7 +32,7 @@ CLI = ["simulate", "--model", "tiny", "--clients", "2", "--rounds", "2", "--seed
 
 def federation(out: Path, **extra: object) -> Federation:
     cfg = build_config({**TINY, "out": str(out), **extra})
-    return Federation(InProcessGrid(2), cfg, out)
+    return Federation.open(InProcessGrid(2), cfg, out)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -45,7 +45,6 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder whose server stopped after round 1's checkpoint."""
     out = tmp_path_factory.mktemp("recovery") / "run"
     fed = federation(out)
-    fed.start()
     fed.run_round(1)
     assert fed.ledger is not None
     fed.ledger.close()
@@ -81,7 +80,7 @@ def test_altered_checkpoint_is_refused_naming_the_file(stopped: Path, tmp_path: 
     save_file(weights, str(path))
     before = snapshot(out)
     with pytest.raises(ResumeRefused, match=r"global_round1\.safetensors") as err:
-        federation(out, resume=True).start()
+        federation(out, resume=True)
     assert "does not hold the model the ledger recorded for round 1" in str(err.value)
     assert snapshot(out) == before, "a refused resume writes nothing"
 
@@ -91,7 +90,7 @@ def test_resume_of_a_finished_run_is_refused_and_writes_nothing(
     out = copy(finished, tmp_path)
     before = snapshot(out)
     with pytest.raises(ResumeRefused, match="finished run"):
-        federation(out, resume=True).start()
+        federation(out, resume=True)
     assert main([*CLI, "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "holds a finished run (2 rounds)" in err and "Traceback" not in err
@@ -104,7 +103,7 @@ def test_resume_with_another_configuration_names_the_keys(
     out = copy(stopped, tmp_path)
     before = snapshot(out)
     with pytest.raises(ResumeRefused, match=r"Differing keys: learning-rate: .* -> 0\.5"):
-        federation(out, resume=True, **{"learning-rate": 0.5}).start()
+        federation(out, resume=True, **{"learning-rate": 0.5})
     assert main([*CLI, "--set", "learning-rate=0.5", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "another configuration" in err and "learning-rate" in err

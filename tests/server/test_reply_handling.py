@@ -14,14 +14,15 @@ from confide import wire as W
 from confide.config import build_config
 from confide.privacy.receipts import pseudonym_of, public_key_hex, sign_receipt
 from confide.server.federation import Federation
+from confide.server.partners import RoundReplies
 
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Federation:
     cfg = build_config({"model": "tiny", "clients": 3, "out": str(tmp_path / "run"),
                         "max-length": 16})
-    fed = Federation(grid=None, cfg=cfg, out_dir=tmp_path / "run")  # type: ignore[arg-type]
-    fed.start()  # run folder, ledger with run_started
+    # run folder, ledger with run_started
+    fed = Federation.create(grid=None, cfg=cfg, out_dir=tmp_path / "run")  # type: ignore[arg-type]
     return fed
 
 
@@ -45,11 +46,16 @@ def reply(fed: Federation, node: int, key: Ed25519PrivateKey, server_round: int 
     }), reply_to=sent)
 
 
+def record(fed: Federation, replies: list[Message], expected: set[int]) -> RoundReplies:
+    assert fed.ledger is not None
+    return fed.book.record_replies(fed.ledger, 1, replies, expected)
+
+
 def test_valid_replies_are_kept_and_their_receipts_recorded(federation: Federation) -> None:
     keys = [Ed25519PrivateKey.generate() for _ in range(2)]
-    trained, uploaded = federation._sort_replies(
-        1, [reply(federation, i + 1, k) for i, k in enumerate(keys)], {1, 2})
-    assert len(trained) == 2 and uploaded > 0
+    recorded = record(federation, [reply(federation, i + 1, k) for i, k in enumerate(keys)],
+                      {1, 2})
+    assert len(recorded.trained) == 2 and recorded.uploaded > 0
     types = [e["type"] for e in federation.ledger.entries]
     assert types.count("example_dp") == 2
 
@@ -59,16 +65,16 @@ def test_duplicate_and_foreign_replies_are_dropped(federation: Federation) -> No
     replies = [reply(federation, 1, a), reply(federation, 1, a),  # same node twice
                reply(federation, 2, a),  # same partner key from another node
                reply(federation, 9, b)]  # a node that was not sampled
-    trained, _ = federation._sort_replies(1, replies, {1, 2})
-    assert [m.metadata.src_node_id for m in trained] == [1]
+    recorded = record(federation, replies, {1, 2})
+    assert [m.metadata.src_node_id for m in recorded.trained] == [1]
+    assert recorded.partner_of == {1: pseudonym_of(a)}
 
 
 def test_tampered_or_misattributed_receipts_drop_the_update(federation: Federation) -> None:
     a, b = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     wrong_round = reply(federation, 2, b, server_round=2)
-    trained, _ = federation._sort_replies(
-        1, [reply(federation, 1, a, tamper=True), wrong_round], {1, 2})
-    assert trained == []
+    recorded = record(federation, [reply(federation, 1, a, tamper=True), wrong_round], {1, 2})
+    assert recorded.trained == []
     assert not [e for e in federation.ledger.entries if e["type"] == "example_dp"]
 
 
@@ -77,5 +83,6 @@ def test_error_replies_count_as_dropouts(federation: Federation) -> None:
 
     sent = Message(RecordDict({}), dst_node_id=3, message_type="train")
     failed = Message(Error(code=0, reason="node crashed"), reply_to=sent)
-    trained, _ = federation._sort_replies(1, [failed], {3})
-    assert trained == [] and federation._dropped == ["node-3"]
+    recorded = record(federation, [failed], {3})
+    assert recorded.trained == [] and recorded.dropped == ["node-3"]
+    assert recorded.failures == ["node crashed"]

@@ -27,7 +27,7 @@ from confide.clients import secure_client as S
 from confide.config import ConfigError, RunConfig, build_config
 from confide.privacy import ledger_events as E
 from confide.privacy.secagg import ddg_accounting
-from confide.server.federation import Federation
+from confide.server.partners import PartnerBook
 from confide.server.secure_round import SecureRounds
 from confide.strategies.delta_fedavg import DeltaFedAvg
 
@@ -111,24 +111,18 @@ class FakeLedger:
 
 
 class FakeFederation:
-    """The parts of Federation the adapter uses; `_sort_replies` is the real one."""
+    """What the adapter reads from its host (confide.server.aggregation.RoundHost); the
+    replies are recorded by the real PartnerBook."""
 
-    _sort_replies = Federation._sort_replies
-    _partner = Federation._partner
-    check_budget_left = Federation.check_budget_left
-    _node_name = Federation._node_name
     rounds_completed = 0
 
     def __init__(self, cfg: RunConfig, grid: LocalGrid) -> None:
         self.cfg, self.grid, self.timeout = cfg, grid, 10.0
         self.global_state = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
         self.ledger = FakeLedger()
-        self.partners: dict[str, Any] = {}
+        self.book = PartnerBook(cfg)
         self.inner = DeltaFedAvg(server_learning_rate=1.0)
         self.client_dp_epsilon: float | None = None
-        self._reply_partner: dict[int, str] = {}
-        self._node_partner: dict[int, str] = {}
-        self._dropped: list[str] = []
 
 
 def make(n: int = 5, rounds: int = 2, **kw: Any) -> tuple[FakeFederation, SecureRounds]:
@@ -147,10 +141,15 @@ def expected_mean(fed: FakeFederation, server_round: int, survivors: list[int]
 
 def run(fed: FakeFederation, secure: SecureRounds, server_round: int) -> dict[str, Any]:
     before = {k: v.copy() for k, v in fed.global_state.items()}
-    sampled, aggregated, uploaded, extra = secure.run_round(server_round, ConfigRecord(
-        fed.cfg.to_dict()))
-    return {"before": before, "sampled": sampled, "aggregated": aggregated,
-            "uploaded": uploaded, **extra}
+    outcome = secure.run_round(server_round, ConfigRecord(fed.cfg.to_dict()))
+    for event in outcome.events:  # as Federation.run_round adopts an outcome
+        fed.ledger.append(event)
+    if outcome.client_level_epsilon is not None:
+        fed.client_dp_epsilon = outcome.client_level_epsilon
+    if outcome.aggregate is not None:
+        fed.global_state = outcome.aggregate
+    return {"before": before, "sampled": outcome.sampled, "aggregated": outcome.aggregated,
+            "uploaded": outcome.uploaded, "dropped": outcome.dropped, **outcome.metrics}
 
 
 def test_two_rounds_fold_into_two_exchanges_each() -> None:
@@ -231,7 +230,7 @@ def test_invalid_messages_are_rejected_naming_the_node() -> None:
     fed.grid.tamper = tamper
     r1 = run(fed, secure, 1)
     assert r1["secagg_survivors"] == 3 and r1["secagg_aborted"] is None
-    assert set(fed._dropped) == {"node-1001", "node-1002", "node-1003"}
+    assert set(r1["dropped"]) == {"node-1001", "node-1002", "node-1003"}
     want = expected_mean(fed, 1, [1000, 1004, 1005])
     for k in SHAPES:
         np.testing.assert_allclose(fed.global_state[k], want[k],

@@ -28,21 +28,19 @@ def test_checkpoint_carries_the_moments_and_resume_restores_them(tmp_path: Path,
                                                                  kind: str) -> None:
     values = {"model": "tiny", "clients": 2, "max-length": 16, "server-optimizer": kind,
               "server-momentum": 0.9, "server-learning-rate": 0.01, "out": str(tmp_path)}
-    fed = Federation(grid=None, cfg=build_config(values), out_dir=tmp_path)  # type: ignore[arg-type]
-    fed.start()
+    fed = Federation.create(grid=None, cfg=build_config(values), out_dir=tmp_path)  # type: ignore[arg-type]
     one_step(fed, 0)
     # as a real round does: the ledger's digest of the weights resume will check
     assert fed.ledger is not None
     fed.ledger.append(E.ModelDigest(round=1, sha256=E.weights_digest(fed.global_state)))
-    fed.folder.save_checkpoint(1, fed.global_state, fed.server_state(),
-                               fed.inner.optimizer.state_dict()["arrays"])
+    fed.rounds_completed = 1
+    fed.save_checkpoint()
     one_step(fed, 1)  # the uninterrupted run's round 2
     assert fed.ledger is not None
     fed.ledger.close()  # the "crashed" server lets go of the ledger
 
-    again = Federation(grid=None, cfg=build_config(values | {"resume": True}),  # type: ignore[arg-type]
+    again = Federation.resume(grid=None, cfg=build_config(values | {"resume": True}),  # type: ignore[arg-type]
                        out_dir=tmp_path)
-    again.start()
     opt = again.inner.optimizer
     assert opt.kind == kind and opt.steps == 1
     assert set(opt.m) == set(fed.global_state)

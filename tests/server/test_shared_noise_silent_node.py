@@ -41,7 +41,7 @@ def test_a_node_that_never_reports_its_rows_is_a_dropout(tmp_path: Path) -> None
                         "secure-aggregation": True, "preflight": "off", "seed": 3,
                         "out": str(out)})
     assert cfg.example_dp_noise == "shared"
-    summary = Federation(OneSilentNode(4), cfg, out).run()
+    summary = Federation.open(OneSilentNode(4), cfg, out).run()
     assert summary["rounds_completed"] == 2
     assert len(summary["privacy"]["example_level"]) == 3  # the three that answered
     import json

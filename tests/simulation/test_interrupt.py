@@ -75,7 +75,7 @@ def test_one_sigint_stops_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
 
     # resume (in process: the same partners, their state is in the run folder)
     cfg = build_config({**VALUES, "out": str(out), "resume": True})
-    Federation(InProcessGrid(2), cfg, out).run()
+    Federation.open(InProcessGrid(2), cfg, out).run()
     types = ledger_types(out)
     assert types.count("run_resumed") == 1 and types[-1] == "run_finished"
     assert types.count("round_completed") == 3

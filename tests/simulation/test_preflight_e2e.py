@@ -36,13 +36,12 @@ class InMemoryGrid:
 
 def federation(tmp_path: Path, **changes: object) -> Federation:
     cfg = build_config({**HOPELESS, **changes, "out": str(tmp_path / "run")})
-    return Federation(InMemoryGrid(), cfg, tmp_path / "run")  # type: ignore[arg-type]
+    return Federation.open(InMemoryGrid(), cfg, tmp_path / "run")  # type: ignore[arg-type]
 
 
 def test_error_refuses_before_the_run_folder_and_ledger_exist(tmp_path: Path) -> None:
-    fed = federation(tmp_path, preflight="error")
     with pytest.raises(PreflightRefused, match="cannot learn") as info:
-        fed.start()
+        federation(tmp_path, preflight="error")
     assert "23.0x the largest possible signal" in str(info.value)
     assert "no privacy budget was spent" in str(info.value)
     assert not (tmp_path / "run" / "ledger.jsonl").exists()
@@ -57,7 +56,6 @@ def test_warn_logs_the_numbers_and_off_is_silent(tmp_path: Path) -> None:
     flwr_logger.addHandler(handler)
     try:
         fed = federation(tmp_path / "warn")
-        fed.start()
         assert fed.preflight is not None and fed.preflight.cannot_learn
         warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
         assert any("CANNOT-LEARN" in w and "would help" in w for w in warnings), warnings
@@ -65,7 +63,6 @@ def test_warn_logs_the_numbers_and_off_is_silent(tmp_path: Path) -> None:
         assert (tmp_path / "warn" / "run" / "ledger.jsonl").exists()  # warn: the run starts
         records.clear()
         off = federation(tmp_path / "off", preflight="off")
-        off.start()
         assert off.preflight is None and off.summary()["preflight"] is None
         assert not [r for r in records if "pre-flight" in r.getMessage()]
     finally:

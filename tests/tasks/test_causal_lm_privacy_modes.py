@@ -49,7 +49,7 @@ def test_causal_lm_runs_and_verifies_under_each_privacy_mode(tmp_path: Path, mod
                         "generate-prompts": 2, "max-new-tokens": 4, "seed": 5,
                         "out": str(out), **MODES[mode]})
     assert cfg.example_dp_noise == ("shared" if mode == "secure-shared" else "local")
-    summary = Federation(InProcessGrid(3), cfg, out).run()
+    summary = Federation.open(InProcessGrid(3), cfg, out).run()
     assert summary["rounds_completed"] == 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["perplexity"] > 1.0 for r in rows)

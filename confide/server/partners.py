@@ -1,0 +1,304 @@
+"""What the server knows of its partners, from their signed replies only.
+
+`PartnerBook.record_replies` takes one round's replies through the pure sort
+(`confide.server.replies`), checks what only a key or the ledger can check (signed budget
+refusals, DP receipts, receipts of earlier lost attempts), records those facts in the ledger
+and in each partner's record, and logs what it drops. Plain and secure rounds both use it, so
+a reply is judged the same way on either path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
+
+from flwr.app import Message
+from flwr.common.logger import log
+
+from confide import wire as W
+from confide.config import RunConfig
+from confide.privacy import ledger_events as E
+from confide.privacy.accountant import SampledGaussianEvent, rdp_epsilon
+from confide.privacy.ledger import Ledger
+from confide.privacy.receipts import Receipt, verify_receipt
+from confide.privacy.refusals import refusal_mismatches, verify_refusal
+from confide.server.recovery import EveryPartnerFailed, NoBudgetLeft, no_budget_message
+from confide.server.replies import FAILED, REFUSED, SortedReply, sort_replies, uploaded_bytes
+
+
+@dataclass
+class PartnerRecord:
+    """What the server knows of a partner: its pseudonym and claimed cumulative epsilon."""
+
+    pseudonym: str
+    public_key: str
+    epsilon: float = 0.0  # cumulative, as claimed (signed) by the partner
+    epsilon_rdp: float = 0.0  # the RDP second opinion on the same events (server-computed)
+    accountant: str = "pld"  # which analysis the partner's claims use
+    # (noise multiplier, sample rate, steps) of each round it trained in, from its receipts
+    mechanisms: list[list[float]] = field(default_factory=list)
+    rounds_trained: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+    # shared noise: total-variation slack of its releases (sum of the receipts' tv_slack)
+    tv_slack: float = 0.0
+
+
+@dataclass
+class Refusal:
+    partner: str
+    spent: float
+    would_be: float
+    max_epsilon: float
+
+
+@dataclass
+class RoundReplies:
+    """One round's replies as recorded: the updates to aggregate and what became of the rest."""
+
+    trained: list[Message] = field(default_factory=list)
+    # node -> partner for every counted reply that named its partner (trained, refused with
+    # a valid refusal, failed with a status)
+    partner_of: dict[int, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # partners (or node-N) that took no part
+    refusals: list[Refusal] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # errors of sampled nodes
+    uploaded: int = 0  # bytes of update arrays received
+
+
+class PartnerBook:
+    """Partner records of one run, and the recording of each round's replies."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.records: dict[str, PartnerRecord] = {}
+        self.node_partner: dict[int, str] = {}  # Flower node id -> partner, for logs
+
+    # -- one round -------------------------------------------------------------------
+    def record_replies(self, ledger: Ledger, server_round: int, replies: Iterable[Message],
+                       expected: set[int] | None = None) -> RoundReplies:
+        """Keep replies that trained; log and record refusals and failures. A trained reply
+        whose DP receipt does not verify is dropped (its spend could not be audited), as is
+        a refusal whose signature does not hold."""
+        sorted_ = sort_replies(replies, expected)
+        for ignored in sorted_.ignored:
+            log(WARNING, "round %d: %s; dropped", server_round, ignored.reason)
+        out = RoundReplies()
+        for r in sorted_.replies:
+            if r.dropped:  # an error reply or one without status
+                log(WARNING, "round %d: %s %s: %s", server_round, self.node_name(r.node),
+                    "failed" if r.kind == FAILED else "replied without status", r.reason)
+                out.dropped.append(f"node-{r.node}")
+                if r.kind == FAILED:
+                    out.failures.append(r.reason)
+                continue
+            partner = self._partner(r)
+            out.partner_of[r.node] = self.node_partner[r.node] = partner.pseudonym
+            if r.kind == REFUSED:
+                self._record_refusal(ledger, server_round, partner, r, out)
+            elif r.kind == FAILED:
+                log(WARNING, "round %d: partner %s: %s", server_round, partner.pseudonym,
+                    r.reason)
+                out.failures.append(r.reason)
+            else:
+                out.uploaded += uploaded_bytes(r.reply)
+                if self.cfg.example_dp and not self._record_example_dp(
+                        ledger, server_round, partner, r.reply):
+                    continue
+                partner.rounds_trained.append(server_round)
+                out.trained.append(r.reply)
+        return out
+
+    def node_name(self, node: int) -> str:
+        """`partner p-... (node N)` once the node has answered with its partner id in this
+        run (a node that fails later is still named by partner), else `node N`."""
+        partner = self.node_partner.get(node)
+        return f"partner {partner} (node {node})" if partner else f"node {node}"
+
+    def _partner(self, r: SortedReply) -> PartnerRecord:
+        assert r.partner is not None
+        if r.partner not in self.records:
+            self.records[r.partner] = PartnerRecord(r.partner, r.public_key)
+        return self.records[r.partner]
+
+    # -- refusals --------------------------------------------------------------------
+    def _record_refusal(self, ledger: Ledger, server_round: int, partner: PartnerRecord,
+                        r: SortedReply, out: RoundReplies) -> None:
+        status = r.reply.content.config_records[W.STATUS]
+        refusal = self._refusal(ledger, server_round, partner, r.reply)
+        if refusal is None:
+            del out.partner_of[r.node]
+            out.dropped.append(partner.pseudonym)
+            return
+        partner.refused.append(server_round)
+        out.refusals.append(Refusal(partner.pseudonym, float(status["spent"]),
+                                    float(status["would_be"]), float(status["max_epsilon"])))
+        log(WARNING, "round %d: partner %s refused: %s", server_round, partner.pseudonym,
+            r.reason)
+        ledger.append(refusal)
+
+    def _refusal(self, ledger: Ledger, server_round: int, partner: PartnerRecord,
+                 reply: Message) -> E.BudgetRefusal | None:
+        """The budget_refusal entry: the partner's signed numbers (its lifetime spend) with
+        the signed refusal attached; None (not recorded) when the signature does not hold.
+        Nodes of earlier versions send no signed refusal: recorded as before."""
+        status = reply.content.config_records[W.STATUS]
+        numbers = {"spent_epsilon": float(status["spent"]),
+                   "would_be_epsilon": float(status["would_be"]),
+                   "max_epsilon": float(status["max_epsilon"])}
+        if W.RECEIPT not in reply.content.config_records:
+            return E.BudgetRefusal(round=server_round, partner=partner.pseudonym, **numbers)
+        try:
+            signed = verify_refusal(Receipt.from_json(
+                str(reply.content[W.RECEIPT][W.RECEIPT_JSON])))
+            if signed.public_key_hex != partner.public_key:
+                raise ValueError("refusal signed by another key than the partner's")
+            event = E.BudgetRefusal(round=server_round, partner=partner.pseudonym,
+                                    **numbers, receipt=signed.to_dict())
+            bad = refusal_mismatches(signed, event.to_payload())
+            if bad or signed.payload.get("run") != ledger.public_key_hex:
+                raise ValueError("; ".join(bad) or "refusal is for another run")
+        except (KeyError, ValueError) as exc:
+            log(WARNING, "round %d: partner %s: invalid signed refusal (%s); counted as "
+                "dropped", server_round, partner.pseudonym, exc)
+            return None
+        return event
+
+    # -- example-level DP receipts ---------------------------------------------------
+    def _record_example_dp(self, ledger: Ledger, server_round: int, partner: PartnerRecord,
+                           reply: Message) -> bool:
+        """Store the partner-signed DP event; an update without a valid receipt is dropped
+        (its privacy spend could not be audited)."""
+        try:
+            receipt = self._checked_receipt(str(reply.content[W.RECEIPT][W.RECEIPT_JSON]),
+                                            server_round, partner)
+        except (KeyError, ValueError, json.JSONDecodeError) as exc:
+            log(WARNING, "round %d: partner %s: invalid DP receipt (%s); update dropped",
+                server_round, partner.pseudonym, exc)
+            return False
+        self._record_lost_attempts(ledger, server_round, partner, reply)
+        self._append_receipt(ledger, partner, receipt)
+        return True
+
+    @staticmethod
+    def _checked_receipt(text: str, server_round: int, partner: PartnerRecord) -> Receipt:
+        """The partner's signed receipt for this round, or ValueError/KeyError saying why not."""
+        receipt = Receipt.from_dict(json.loads(text))
+        verify_receipt(receipt)
+        if receipt.public_key_hex != partner.public_key:
+            raise ValueError("receipt signed by another key than the partner's")
+        claim = receipt.payload
+        if int(claim["round"]) != server_round or claim["partner"] != partner.pseudonym:
+            raise ValueError("receipt is for another round or partner")
+        return receipt
+
+    @staticmethod
+    def _append_receipt(ledger: Ledger, partner: PartnerRecord, receipt: Receipt) -> None:
+        partner.epsilon = float(receipt.payload["epsilon"])
+        event = E.ExampleDpEvent.from_receipt(receipt)
+        partner.accountant = event.accountant
+        partner.tv_slack += event.tv_slack or 0.0
+        partner.mechanisms.append([event.noise_multiplier, event.sample_rate, event.steps])
+        partner.epsilon_rdp = rdp_epsilon(
+            [SampledGaussianEvent(s, q, int(k)) for s, q, k in partner.mechanisms], event.delta)
+        ledger.append(event)
+
+    def _record_lost_attempts(self, ledger: Ledger, server_round: int,
+                              partner: PartnerRecord, reply: Message) -> None:
+        """Receipts the partner signed in earlier attempts of this round that the ledger
+        does not hold (the server died after the node trained, before or while recording
+        its reply): that budget was spent, and each such release is recorded now, before
+        the new receipt (whose claim composes them), so nothing is under-counted and the
+        audit's replay matches every claim. One that does not verify is logged and left
+        out (the new receipt's claim then fails the audit: the record is incomplete)."""
+        earlier = reply.content[W.RECEIPT].get(W.RECEIPT_EARLIER)
+        if not earlier:
+            return
+        recorded = {str((e["payload"].get("receipt") or {}).get("signature"))
+                    for e in ledger.entries if e["type"] == E.EXAMPLE_DP}
+        for text in json.loads(str(earlier)):
+            try:
+                receipt = self._checked_receipt(str(text), server_round, partner)
+            except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
+                log(WARNING, "round %d: partner %s: invalid receipt of an earlier attempt "
+                    "(%s); not recorded", server_round, partner.pseudonym, exc)
+                continue
+            if receipt.signature_hex in recorded:
+                continue
+            log(WARNING, "round %d: partner %s trained in an earlier attempt of this round "
+                "whose reply was lost; its spend is recorded now", server_round,
+                partner.pseudonym)
+            self._append_receipt(ledger, partner, receipt)
+            recorded.add(receipt.signature_hex)
+
+    # -- resume ----------------------------------------------------------------------
+    def account_unfinished_rounds(self, entries: list[dict[str, Any]]) -> None:
+        """Budget spent in a round after the checkpoint (the run stopped before that round
+        was complete) is in the ledger, not in the checkpoint: take every partner's
+        mechanisms and latest claim from the ledger, so nothing is under-counted."""
+        mechanisms: dict[str, list[list[float]]] = {}
+        slack: dict[str, float] = {}
+        for entry in entries:
+            if entry.get("type") != E.EXAMPLE_DP:
+                continue
+            event = E.ExampleDpEvent.from_payload(entry["payload"])
+            mechanisms.setdefault(event.partner, []).append(
+                [event.noise_multiplier, event.sample_rate, event.steps])
+            slack[event.partner] = slack.get(event.partner, 0.0) + (event.tv_slack or 0.0)
+            partner = self.records.get(event.partner)
+            if partner is None and event.receipt is not None:
+                partner = self.records[event.partner] = PartnerRecord(
+                    event.partner, str(event.receipt.get("public_key", "")))
+            if partner is not None:
+                partner.epsilon = event.epsilon_claimed
+                partner.accountant = event.accountant
+                partner.tv_slack = slack[event.partner]
+        for pseudonym, mechs in mechanisms.items():
+            if pseudonym in self.records and mechs != self.records[pseudonym].mechanisms:
+                partner = self.records[pseudonym]
+                partner.mechanisms = mechs
+                partner.epsilon_rdp = rdp_epsilon(
+                    [SampledGaussianEvent(s, q, int(k)) for s, q, k in mechs], self.cfg.delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: vars(v) for k, v in self.records.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records = {k: PartnerRecord(**v) for k, v in state.items()}
+
+
+def check_budget_left(server_round: int, replies: RoundReplies, *, first_round: bool,
+                      target_epsilon: float) -> None:
+    """The first round of a run in which every partner that answered refused for budget
+    (a lifetime budget spent by earlier runs): later rounds would be refused the same
+    way, so the run stops now with the partners' remaining budgets, instead of going
+    through every round and finishing with nothing aggregated. The ledger ends inside
+    round 1 with the partners' signed refusals (their lifetime spend): the record of
+    why nothing was trained, and it verifies."""
+    if not first_round or replies.trained or not replies.refusals \
+            or len(replies.refusals) < len(replies.partner_of):
+        return
+    raise NoBudgetLeft(no_budget_message(
+        server_round, [(r.partner, r.spent, r.would_be, r.max_epsilon)
+                       for r in replies.refusals], target_epsilon))
+
+
+def check_any_trained(server_round: int, replies: RoundReplies, sampled: int, *,
+                      first_round: bool) -> None:
+    """The run's first round, in which every sampled node failed with an error (seen: a
+    model the configured DP clipping cannot handle): every later round would fail alike,
+    so the run stops here naming the errors, instead of going through every round and
+    finishing "completed" with nothing aggregated."""
+    failures = replies.failures
+    if not first_round or replies.trained or replies.refusals or not failures \
+            or len(failures) < sampled:
+        return
+    reasons = sorted(set(failures), key=failures.index)
+    # the last line of each (a traceback's is the error itself)
+    shown = "; ".join((r.strip().splitlines() or [""])[-1][:400] for r in reasons[:3])
+    raise EveryPartnerFailed(
+        f"round {server_round}: every sampled partner failed ({len(failures)} of "
+        f"{sampled}), nothing was trained or aggregated; the run stops here. "
+        f"{'Error' if len(reasons) == 1 else 'Errors'}: {shown}")
