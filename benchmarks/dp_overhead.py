@@ -38,7 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from confide.clients.opacus_compat import make_opacus_ready
-from confide.model import ModelSpec, build_model, load_tokenizer
+from confide.model import ModelSpec, load_tokenizer
+from confide.tasks import build_model
 
 Step = Callable[[], None]
 

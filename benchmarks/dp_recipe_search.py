@@ -192,7 +192,6 @@ def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
     from confide.clients.dp_training import train_dp
     from confide.encoding import encode
     from confide.model import (
-        build_model,
         compute_delta,
         load_tokenizer,
         load_trainable_state,
@@ -200,6 +199,7 @@ def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
     )
     from confide.strategies.server_optimizer import ServerOptimizer
     from confide.task import federated_data, model_spec
+    from confide.tasks import build_model
     from confide.tasks.classification import evaluate
 
     cfg = product_config(recipe)
@@ -256,8 +256,9 @@ def run_central(recipe: dict[str, Any]) -> dict[str, Any]:
     from confide.clients.dp_training import train_dp
     from confide.data import read_text_file
     from confide.encoding import encode
-    from confide.model import build_model, load_tokenizer
+    from confide.model import load_tokenizer
     from confide.task import model_spec
+    from confide.tasks import build_model
     from confide.tasks.classification import evaluate
 
     cfg = product_config(recipe)

@@ -35,13 +35,13 @@ from confide.data import read_text_file
 from confide.encoding import encode
 from confide.model import (
     ModelSpec,
-    build_model,
     load_tokenizer,
     load_trainable_state,
     trainable_state,
 )
 from confide.privacy.accountant import SampledGaussianEvent, calibrate_noise, pld_epsilon
 from confide.strategies.server_optimizer import ServerOptimizer
+from confide.tasks import build_model
 from confide.tasks.classification import evaluate
 
 RESULTS = Path(__file__).with_name("results") / "shared_noise_search.jsonl"

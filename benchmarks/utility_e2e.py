@@ -30,13 +30,12 @@ from confide.config import build_config
 from confide.data import partition
 from confide.model import (
     apply_delta,
-    build_model,
     compute_delta,
     load_trainable_state,
     trainable_state,
 )
 from confide.privacy.accountant import calibrate_noise
-from confide.tasks import get_task
+from confide.tasks import build_model, get_task
 
 E2E = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "e2e"
 
@@ -52,6 +51,14 @@ def main() -> None:
     ap.add_argument("--epsilons", default="8,3")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--dp-batch-size", type=int, default=0,
+                    help="expected batch of the DP rows (default: --batch-size)")
+    ap.add_argument("--dp-lr", type=float, default=0.0,
+                    help="learning rate of the DP rows (default: --lr)")
+    ap.add_argument("--central-dp", action="store_true",
+                    help="add central DP rows at each epsilon: one DP-SGD run on the union "
+                         "of the rows, which is what the shared-noise mode releases (one "
+                         "noisy sum per step, its noise summed from the partners' shares)")
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--out", default="", help="append result rows (JSON lines) here")
     args = ap.parse_args()
@@ -78,16 +85,28 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    dp_batch = args.dp_batch_size or args.batch_size
+    dp_lr = args.dp_lr or args.lr
+
     def local(tensors: dict, sigma: float, dp: bool, epochs: float) -> None:
         train_dp(model, tensors, noise_multiplier=sigma, max_grad_norm=1.0,
-                 batch_size=args.batch_size, physical_batch_size=args.batch_size,
-                 epochs=epochs, optimizer="adam", learning_rate=args.lr, dp=dp,
-                 objective=task.objective)
+                 batch_size=dp_batch if dp else args.batch_size,
+                 physical_batch_size=args.batch_size, epochs=epochs, optimizer="adam",
+                 learning_rate=dp_lr if dp else args.lr, dp=dp, objective=task.objective)
 
     evaluate("zero-shot", 0.0)
     t0 = time.perf_counter()
     local(dict(task.encode(train)), 0.0, False, float(args.rounds))
     evaluate("central non-DP", time.perf_counter() - t0)
+    if args.central_dp:
+        union = dict(task.encode(train))
+        q = min(1.0, dp_batch / len(union["labels"]))
+        for e in args.epsilons.split(","):
+            load_trainable_state(model, start_state)
+            sigma = calibrate_noise(float(e), 1e-5, q, max(1, round(args.rounds / q)))
+            t0 = time.perf_counter()
+            local(union, sigma, True, float(args.rounds))
+            evaluate(f"central DP eps={e} (= shared noise)", time.perf_counter() - t0)
 
     parts = [dict(task.encode(p)) for p in
              partition(train, args.partners, "iid", seed=0)]
@@ -102,7 +121,7 @@ def main() -> None:
             deltas = []
             for p in parts:
                 load_trainable_state(model, state)
-                q = min(1.0, args.batch_size / len(p["labels"]))
+                q = min(1.0, dp_batch / len(p["labels"]))
                 sigma = 0.0 if eps is None else calibrate_noise(
                     eps, 1e-5, q, max(1, round(1 / q)) * args.rounds)
                 local(p, sigma, eps is not None, 1.0)

@@ -42,7 +42,8 @@ from confide.clients.dp_training import train_dp
 from confide.config import build_config
 from confide.data import read_text_file
 from confide.encoding import encode
-from confide.model import ModelSpec, build_model, load_tokenizer
+from confide.model import ModelSpec, load_tokenizer
+from confide.tasks import build_model
 from confide.tasks.classification import evaluate
 
 

@@ -107,7 +107,7 @@ class ModelSpec:
     lora_freeze_a: bool = False
     # full fine-tuning only: word/position/token-type embeddings stay at the checkpoint
     freeze_embeddings: bool = False
-    task: str = "classification"  # or "causal-lm" (confide.tasks.causal_lm builds it)
+    task: str = "classification"  # or "causal-lm": confide.tasks.build_model dispatches
 
     @classmethod
     def from_config(cls, cfg: RunConfig, num_labels: int) -> ModelSpec:
@@ -169,16 +169,16 @@ def resolve_pooling(spec: ModelSpec) -> str:
     return "mean" if is_sentence_transformer(resolve_model_path(spec.model)) else "cls"
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """Build the classifier with exactly the spec's parameters trainable.
+def build_classifier(spec: ModelSpec) -> nn.Module:
+    """Build the classifier with exactly the spec's parameters trainable (the
+    classification task's model; `confide.tasks.build_model` builds any task's).
 
     Seeded so that randomly initialised parts (classifier head, pooler if absent from the
     checkpoint, LoRA A matrices, the whole tiny model) agree across nodes.
     """
-    if spec.task == "causal-lm":
-        from confide.tasks.causal_lm import build_causal_lm
-
-        return build_causal_lm(spec)
+    if spec.task != "classification":
+        raise ModelError(f"build_classifier got a {spec.task!r} spec; confide.tasks.build_model "
+                         "builds the model of any task")
     torch.manual_seed(spec.seed)
     pooling = resolve_pooling(spec)
     if spec.model == TINY:
@@ -196,7 +196,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(resolve_model_path(spec.model)), num_labels=spec.num_labels,
             local_files_only=True)
-    _disable_dropout(model)
+    disable_dropout(model)
     head = _head_parameter_names(model)
     if spec.fine_tune == "full":
         model.requires_grad_(True)
@@ -219,7 +219,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
             if name in head or name.endswith(".bias"):
                 p.requires_grad_(True)
     elif spec.fine_tune == "lora":
-        model = _add_lora(model, spec, head)
+        model = add_lora(model, spec, head)
     else:
         raise ModelError(f"fine-tune = {spec.fine_tune!r}; allowed: lora, full, head, bitfit")
     return model
@@ -229,7 +229,7 @@ EMBEDDING_TABLES = ("embeddings.word_embeddings", "embeddings.position_embedding
                     "embeddings.token_type_embeddings")
 
 
-def _disable_dropout(model: nn.Module) -> None:
+def disable_dropout(model: nn.Module) -> None:
     # DP noise already regularises; dropout only adds variance to per-sample gradients
     # and makes the per-sample-gradient check non-deterministic.
     for m in model.modules():
@@ -256,7 +256,7 @@ def _all_linear_targets(model: nn.Module, head: set[str]) -> list[str]:
                   if isinstance(m, nn.Linear) and f"{name}.weight" not in head)
 
 
-def _add_lora(model: nn.Module, spec: ModelSpec, head: set[str]) -> nn.Module:
+def add_lora(model: nn.Module, spec: ModelSpec, head: set[str]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     if spec.lora_targets.strip().lower() == ALL_LINEAR:

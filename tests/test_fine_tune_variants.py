@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from confide.config import build_config
-from confide.model import ModelSpec, build_model, count_trainable, frozen_digest, trainable_state
+from confide.model import ModelSpec, count_trainable, frozen_digest, trainable_state
 from confide.task import model_spec
+from confide.tasks import build_model
 
 
 def lora_modules(model: torch.nn.Module) -> set[str]:

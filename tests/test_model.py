@@ -5,7 +5,6 @@ from confide.model import (
     ModelError,
     ModelSpec,
     apply_delta,
-    build_model,
     compute_delta,
     count_trainable,
     frozen_digest,
@@ -13,6 +12,7 @@ from confide.model import (
     resolve_model_path,
     trainable_state,
 )
+from confide.tasks import build_model
 
 
 @pytest.mark.parametrize("fine_tune", ["lora", "full", "head"])
@@ -73,3 +73,17 @@ def test_real_packaged_minilm_builds_offline_with_mean_pooling() -> None:
     names = list(trainable_state(model))
     assert any("lora_A" in n for n in names) and names[-1].endswith("classifier.bias")
     assert count_trainable(model) < 100_000  # adapters + head, not the 22.7M base
+
+
+def test_each_task_builds_its_own_model_through_confide_tasks() -> None:
+    from torch import nn
+
+    from confide.model import build_classifier
+
+    causal = build_model(ModelSpec("tiny", 2, fine_tune="full", task="causal-lm"))
+    assert hasattr(causal, "generate") and not hasattr(causal, "classifier")
+    with pytest.raises(ModelError, match=r"confide\.tasks\.build_model"):
+        build_classifier(ModelSpec("tiny", 2, task="causal-lm"))
+    with pytest.raises(ValueError, match="allowed: classification, causal-lm"):
+        build_model(ModelSpec("tiny", 2, task="translation"))
+    assert isinstance(build_model(ModelSpec("tiny", 2)), nn.Module)

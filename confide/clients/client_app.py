@@ -36,7 +36,6 @@ from confide.data import TextDataset
 from confide.logs import deployed_process_logging
 from confide.model import (
     ModelSpec,
-    build_model,
     compute_delta,
     frozen_digest,
     load_trainable_state,
@@ -49,7 +48,7 @@ from confide.privacy.refusals import event_dict, sign_refusal
 from confide.privacy.secagg import SecAggRefusal
 from confide.privacy.secagg.shared_noise import ExampleSumEncoder, SharedNoiseConfig
 from confide.task import data_reader_config, federated_data, model_spec
-from confide.tasks import get_task
+from confide.tasks import build_model, get_task
 
 app = ClientApp()
 

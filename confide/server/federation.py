@@ -25,7 +25,6 @@ from confide import wire as W
 from confide.config import RunConfig
 from confide.data import TextDataset
 from confide.model import (
-    build_model,
     count_trainable,
     frozen_digest,
     load_trainable_state,
@@ -55,7 +54,6 @@ from confide.server.recovery import (
     EveryPartnerFailed,
     NoBudgetLeft,
     ResumeRefused,
-    RunWriteError,
     StopRequest,
     check_resume,
     write_failure,
@@ -66,7 +64,7 @@ from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
 from confide.strategies.server_optimizer import ServerOptimizer
 from confide.task import federated_data, model_spec
-from confide.tasks import get_task
+from confide.tasks import build_model, get_task
 from confide.tasks.base import Evaluation
 
 RoundCallback = Callable[[dict[str, Any]], None]

@@ -219,8 +219,9 @@ def preflight(cfg: RunConfig, partition_rows: list[int]) -> PreflightReport | No
     plain message (the ServerApp repeats it for summary.json; calibrations are cached)."""
     if cfg.preflight == "off":
         return None
-    from confide.model import build_model, count_trainable
+    from confide.model import count_trainable
     from confide.server.federation import resolve_evaluation
+    from confide.tasks import build_model
 
     _, num_labels = resolve_evaluation(cfg)
     d = count_trainable(build_model(model_spec(cfg, num_labels)))

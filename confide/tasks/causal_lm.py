@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from confide.data import SUPPORTED_SUFFIXES, DataError, TextDataset
-from confide.model import TINY, ModelError, ModelSpec, _add_lora, _disable_dropout
+from confide.model import TINY, ModelError, ModelSpec, add_lora, disable_dropout
 from confide.tasks.base import Evaluation, Evaluator, Objective, Task
 from confide.tasks.batches import iter_batches
 
@@ -185,14 +185,14 @@ def build_causal_lm(spec: ModelSpec) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(
             str(resolve_causal_path(spec.model)), local_files_only=True, dtype=torch.float32)
     model.config.use_cache = False
-    _disable_dropout(model)
+    disable_dropout(model)
     if spec.fine_tune == "full":
         model.requires_grad_(True)
         return model
     if spec.fine_tune != "lora":
         raise ModelError(f"fine-tune = {spec.fine_tune!r} is not available for causal-lm; "
                          "allowed: lora, full")
-    return _add_lora(model, spec, set())
+    return add_lora(model, spec, set())
 
 
 def lora_targets_for(model: str, targets: str) -> str:

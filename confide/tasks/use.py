@@ -34,7 +34,8 @@ def load_trained_model(run_dir: str | Path) -> Any:
     """Rebuild the model of a finished run with its trained weights (`model/`)."""
     from safetensors.numpy import load_file
 
-    from confide.model import ModelSpec, build_model, load_trainable_state
+    from confide.model import ModelSpec, load_trainable_state
+    from confide.tasks import build_model
 
     model_dir = Path(run_dir) / MODEL_DIR
     info = json.loads((model_dir / MODEL_INFO_FILE).read_text())

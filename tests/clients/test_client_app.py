@@ -13,9 +13,10 @@ from confide import wire as W
 from confide.clients import client_app
 from confide.clients.client_app import NodeConfigError
 from confide.config import build_config
-from confide.model import build_model, frozen_digest, trainable_state
+from confide.model import frozen_digest, trainable_state
 from confide.privacy.receipts import Receipt, verify_receipt
 from confide.task import model_spec
+from confide.tasks import build_model
 
 
 def train_message(cfg, server_round: int = 1, frozen: str | None = None) -> Message:

@@ -7,7 +7,8 @@ import torch
 
 from confide.clients.dp_training import DPTrainingError, train_dp
 from confide.clients.opacus_compat import has_opacus_state
-from confide.model import ModelSpec, build_model, trainable_state
+from confide.model import ModelSpec, trainable_state
+from confide.tasks import build_model
 from confide.tasks.batches import EmptyDatasetError
 from confide.tasks.classification import evaluate
 

@@ -22,7 +22,8 @@ from confide.clients.opacus_compat import (
     make_opacus_ready,
     strip_opacus_state,
 )
-from confide.model import ModelSpec, build_model
+from confide.model import ModelSpec
+from confide.tasks import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

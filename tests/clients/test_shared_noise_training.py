@@ -12,10 +12,11 @@ import torch
 
 from confide.clients.dp_training import clipped_example_gradients
 from confide.clients.opacus_compat import has_opacus_state, make_opacus_ready, strip_opacus_state
-from confide.model import ModelSpec, build_model, trainable_state
+from confide.model import ModelSpec, trainable_state
 from confide.privacy.secagg import SecAggConfig
 from confide.privacy.secagg.inprocess import run_round
 from confide.privacy.secagg.shared_noise import ExampleSumEncoder, SharedNoiseConfig, decode_sum
+from confide.tasks import build_model
 from confide.wire import flatten
 from tests.clients.test_opacus_per_sample import make_batch, perturb_lora_b
 

@@ -13,11 +13,11 @@ import pytest
 from confide.audit.verify import verify_run
 from confide.clients.opacus_compat import resolve_grad_sample_mode, tied_trainable_parameters
 from confide.config import build_config
-from confide.model import build_model
 from confide.privacy import ledger_events as E
 from confide.server.federation import Federation
 from confide.server.recovery import EveryPartnerFailed
 from confide.task import model_spec
+from confide.tasks import build_model
 from tests.inprocess import InProcessGrid
 from tests.tasks.test_causal_lm_task import write_csv
 

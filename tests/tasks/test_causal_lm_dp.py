@@ -15,8 +15,8 @@ from confide.clients.opacus_compat import (
     make_opacus_ready,
     strip_opacus_state,
 )
-from confide.model import ModelSpec, build_model
-from confide.tasks import smollm2
+from confide.model import ModelSpec
+from confide.tasks import build_model, smollm2
 from confide.tasks.causal_lm import (
     CAUSAL_LM,
     CAUSAL_LM_OBJECTIVE,

@@ -90,7 +90,7 @@ def test_evaluator_generation_run_folder_generate_and_export(
     from transformers import AutoModelForCausalLM
 
     from confide.clients.dp_training import train_dp
-    from confide.model import build_model
+    from confide.tasks import build_model
 
     cfg = cfg_for(tmp_path, out=str(tmp_path / "run"))
     task = get_task(cfg)

@@ -11,9 +11,9 @@ import torch
 
 from confide.cli import main
 from confide.config import build_config
-from confide.model import build_model, trainable_state
+from confide.model import trainable_state
 from confide.server.run_folder import RunFolder
-from confide.tasks import get_task
+from confide.tasks import build_model, get_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TEXTS = ["the film was wonderful", "a dull and tedious plot", "brilliant acting overall"]
