@@ -39,7 +39,8 @@ from confide.model import (
     load_trainable_state,
     trainable_state,
 )
-from confide.privacy.accountant import SampledGaussianEvent, calibrate_noise, pld_epsilon
+from confide.privacy.accountant import calibrate_noise, pld_epsilon
+from confide.privacy.mechanisms import SampledGaussian
 from confide.strategies.server_optimizer import ServerOptimizer
 from confide.tasks import build_model
 from confide.tasks.classification import evaluate
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace, batch: int, rounds: int, lr: float, clip: floa
             curve.append((r, evaluate(model, dev, 256)[0]))
             print(f"  round {r}: {curve[-1][1]:.4f} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
-    eps = pld_epsilon([SampledGaussianEvent(sigma, q, rounds)], 1e-5)
+    eps = pld_epsilon([SampledGaussian(sigma, q, rounds)], 1e-5)
     return {"rows": n, "batch": batch, "rounds": rounds, "lr": lr, "clip": clip,
             "momentum": momentum, "server_optimizer": args.server_optimizer, "tau": args.tau,
             "epsilon": eps, "sigma": sigma, "q": q, "accuracy": curve[-1][1],

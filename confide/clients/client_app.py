@@ -42,9 +42,10 @@ from confide.model import (
     resolve_device,
     trainable_state,
 )
-from confide.privacy.accountant import BudgetExhausted, SampledGaussianEvent, calibrate_noise
-from confide.privacy.receipts import sign_receipt
-from confide.privacy.refusals import event_dict, sign_refusal
+from confide.privacy.accountant import BudgetExhausted, Spend, calibrate_noise
+from confide.privacy.mechanisms import ExampleLevelMechanism, SampledGaussian
+from confide.privacy.receipts import dp_receipt_payload, sign_receipt
+from confide.privacy.refusals import sign_refusal
 from confide.privacy.secagg import SecAggRefusal
 from confide.privacy.secagg.shared_noise import ExampleSumEncoder, SharedNoiseConfig
 from confide.task import data_reader_config, federated_data, model_spec
@@ -147,7 +148,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     sample_rate = min(1.0, cfg.batch_size / n)
     steps = max(1, round(cfg.local_epochs / sample_rate))
     noise = _noise_multiplier(cfg, state, sample_rate, steps, run_key)
-    planned = SampledGaussianEvent(noise, sample_rate, steps, server_round, run_key)
+    planned = Spend(SampledGaussian(noise, sample_rate, steps), server_round, run_key)
     if cfg.example_dp:
         try:
             state.accountant.check(planned)
@@ -180,17 +181,12 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         if not np.all(np.isfinite(value)):
             raise FloatingPointError(f"local update of {name} is not finite; not sent")
 
+    spent = SampledGaussian(result.noise_multiplier, result.sample_rate, result.steps)
     epsilon = 0.0
     receipt_json = ""
     if cfg.example_dp:
-        event = SampledGaussianEvent(result.noise_multiplier, result.sample_rate, result.steps,
-                                     server_round, run_key)
-        epsilon = state.accountant.record(event)
-        receipt_json = json.dumps(sign_receipt(
-            {"round": server_round, "partner": state.pseudonym,
-             "noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
-             "steps": event.steps, "delta": cfg.delta, "epsilon": epsilon,
-             "accountant": state.accountant.accountant}, state.signing_key).to_dict())
+        epsilon = state.accountant.record(Spend(spent, server_round, run_key))
+        receipt_json = _signed_receipt(cfg, state, server_round, spent, epsilon)
     receipt = _receipt_record(state, run_key, server_round, receipt_json)
     log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
         state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
@@ -198,13 +194,26 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         W.ARRAYS: W.to_array_record(delta),
         W.METRICS: MetricRecord({
             W.NUM_EXAMPLES: n, W.TRAIN_LOSS: float(result.mean_loss), W.EPSILON: epsilon,
-            W.STEPS: result.steps, W.SAMPLE_RATE: result.sample_rate,
-            W.NOISE_MULTIPLIER: result.noise_multiplier,
-            W.TRAIN_SECONDS: time.perf_counter() - start}),
+            **_mechanism_metrics(spent), W.TRAIN_SECONDS: time.perf_counter() - start}),
         W.STATUS: _status(state, W.OK, ""),
         W.RECEIPT: receipt,
     })
     return Message(content=content, reply_to=msg)
+
+
+def _signed_receipt(cfg: RunConfig, state: NodeState, server_round: int,
+                    mechanism: ExampleLevelMechanism, epsilon: float) -> str:
+    """The partner's signed receipt of the mechanism it ran this round, as JSON."""
+    payload = dp_receipt_payload(mechanism, round_=server_round, partner=state.pseudonym,
+                                 delta=cfg.delta, epsilon=epsilon,
+                                 accountant=state.accountant.accountant)
+    return json.dumps(sign_receipt(payload, state.signing_key).to_dict())
+
+
+def _mechanism_metrics(mechanism: ExampleLevelMechanism) -> dict[str, float | int]:
+    """The reply's metrics that restate the round's mechanism."""
+    return {W.STEPS: mechanism.steps, W.SAMPLE_RATE: mechanism.sample_rate,
+            W.NOISE_MULTIPLIER: mechanism.noise_multiplier}
 
 
 def _receipt_record(state: NodeState, run_key: str, server_round: int, receipt_json: str
@@ -250,8 +259,9 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     # The run's common rate, set by the server: the node's own budget guard below decides
     # whether it can afford it, whatever the server chose.
     sample_rate = shared.sample_rate or min(1.0, cfg.batch_size / n)
-    sigma = shared.effective_noise_multiplier
-    planned = SampledGaussianEvent(sigma, sample_rate, 1, server_round, run_key)
+    mechanism = shared.mechanism(sample_rate)
+    # the guard and the history compose the sampled Gaussian the shared noise amounts to
+    planned = Spend(mechanism.sampled_gaussian, server_round, run_key)
     try:
         state.accountant.check(planned)
     except BudgetExhausted as exc:
@@ -270,22 +280,17 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         physical_batch_size=cfg.physical_batch_size, on_rows=encoder.add_examples,
         device=device, round_id=server_round, objective=get_task(cfg).objective)
     encoded = encoder.encode()
-    event = SampledGaussianEvent(sigma, sample_rate, 1, server_round, run_key)
-    epsilon = state.accountant.record(event)
-    receipt_json = json.dumps(sign_receipt(
-        {"round": server_round, "partner": state.pseudonym, "noise_multiplier": sigma,
-         "sample_rate": sample_rate, "steps": 1, "delta": cfg.delta, "epsilon": epsilon,
-         "accountant": state.accountant.accountant, "noise": "shared",
-         "noise_shares": shared.m, "colluders": shared.colluders,
-         "tv_slack": shared.tv_slack()}, state.signing_key).to_dict())
+    epsilon = state.accountant.record(planned)
+    receipt_json = _signed_receipt(cfg, state, server_round, mechanism, epsilon)
     receipt = _receipt_record(state, run_key, server_round, receipt_json)
     log(INFO, "partner %s round %d: %d examples, shared noise sigma %.3f over m=%d shares, "
-        "epsilon %.3f", state.pseudonym, server_round, n, sigma, shared.m, epsilon)
+        "epsilon %.3f", state.pseudonym, server_round, n, mechanism.noise_multiplier,
+        mechanism.noise_shares, epsilon)
     # no training loss in the metrics: the loss of this round's sample is not private
     content = RecordDict({
         W.METRICS: MetricRecord({
-            W.NUM_EXAMPLES: n, W.EPSILON: epsilon, W.STEPS: 1, W.SAMPLE_RATE: sample_rate,
-            W.NOISE_MULTIPLIER: sigma, W.TRAIN_SECONDS: result.seconds}),
+            W.NUM_EXAMPLES: n, W.EPSILON: epsilon, **_mechanism_metrics(mechanism),
+            W.TRAIN_SECONDS: result.seconds}),
         W.STATUS: _status(state, W.OK, ""),
         W.RECEIPT: receipt,
     })
@@ -293,8 +298,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
 
 
 def _refusal_reply(msg: Message, cfg: RunConfig, state: NodeState, server_round: int,
-                   run_key: str, exc: BudgetExhausted, planned: SampledGaussianEvent
-                   ) -> Message:
+                   run_key: str, exc: BudgetExhausted, planned: Spend) -> Message:
     """A budget refusal (local and shared noise alike). The spend is the node's lifetime one
     (earlier runs included): signed, with the events behind it, so the run's audit can check
     a refusal it cannot replay."""
@@ -303,10 +307,7 @@ def _refusal_reply(msg: Message, cfg: RunConfig, state: NodeState, server_round:
         round_=server_round, run=run_key, delta=cfg.delta,
         accountant=state.accountant.accountant, spent_epsilon=exc.spent,
         would_be_epsilon=exc.would_be, max_epsilon=exc.max_epsilon,
-        lifetime_events=[event_dict(e.noise_multiplier, e.sample_rate, e.steps, e.round,
-                                    e.run) for e in state.accountant.history],
-        planned=event_dict(planned.noise_multiplier, planned.sample_rate, planned.steps,
-                           server_round, run_key),
+        lifetime_events=state.accountant.history, planned=planned,
         private_key=state.signing_key)
     reply = _status_reply(msg, state, W.BUDGET_EXHAUSTED, str(exc), spent=exc.spent,
                           would_be=exc.would_be, max_epsilon=exc.max_epsilon)

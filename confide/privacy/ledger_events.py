@@ -1,22 +1,32 @@
 """Event types of the privacy ledger and typed payload builders/validators.
 
-Privacy is recorded as *mechanism events* (noise multiplier, sampling rate, steps,
-population, delta) so any accountant can replay them; the epsilon a component claimed is
-stored next to them (`epsilon_claimed`) only so the audit can compare it with its own
+Privacy is recorded as *mechanism events* (confide.privacy.mechanisms: noise multiplier,
+sampling rate, steps, population, ...) so any accountant can replay them: the privacy entries
+(example_dp, client_dp, secure_aggregation) each hold theirs. The epsilon a component claimed
+is stored next to it (`epsilon_claimed`) only so the audit can compare it with its own
 replay. Every payload is a flat JSON object built by `to_payload()` and parsed back (and
-validated: types, ranges, required keys) by `from_payload()`, which raises
-`PayloadError` naming the type and the field.
+validated: types, ranges, required keys) by `from_payload()`, which raises `PayloadError`
+naming the type and the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+
+from confide.privacy import json_fields as F
+from confide.privacy.json_fields import PayloadError
+from confide.privacy.mechanisms import (
+    ClientLevelMechanism,
+    ExampleLevelMechanism,
+    SecureAggregationAbort,
+    client_level_from_json,
+    example_level_from_json,
+)
 
 RUN_STARTED = "run_started"
 ROUND_CONFIGURED = "round_configured"
@@ -33,15 +43,6 @@ RUN_INTERRUPTED = "run_interrupted"
 EVENT_TYPES: tuple[str, ...] = (
     RUN_STARTED, ROUND_CONFIGURED, EXAMPLE_DP, CLIENT_DP, SECURE_AGGREGATION, BUDGET_REFUSAL,
     MODEL_DIGEST, ROUND_COMPLETED, RUN_RESUMED, RUN_FINISHED, RUN_INTERRUPTED)
-
-# Client-level mechanisms the replay knows by name (see confide.privacy.replay).
-GAUSSIAN_FIXED_CLIPPING = "gaussian_fixed_clipping"
-DISTRIBUTED_DISCRETE_GAUSSIAN = "distributed_discrete_gaussian"
-
-
-class PayloadError(ValueError):
-    """A ledger payload misses a field or has a value of the wrong type or range."""
-
 
 def weights_digest(arrays: Mapping[str, Any]) -> str:
     """SHA-256 (hex) of the safetensors serialisation of `arrays` (name -> numpy array).
@@ -66,73 +67,9 @@ def file_digest(path: Path | str) -> str:
     return h.hexdigest()
 
 
-# -- field validators -------------------------------------------------------------------
-
-def _get(kind: str, payload: Mapping[str, Any], key: str) -> Any:
-    if key not in payload:
-        raise PayloadError(f"{kind} payload lacks field {key!r}")
-    return payload[key]
-
-
-def _int(kind: str, key: str, value: Any, lo: int | None = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PayloadError(f"{kind}.{key} = {value!r} is not an integer")
-    if lo is not None and value < lo:
-        raise PayloadError(f"{kind}.{key} = {value} is below {lo}")
-    return value
-
-
-def _float(kind: str, key: str, value: Any, lo: float | None = 0.0,
-           hi: float | None = None, allow_inf: bool = False) -> float:
-    if isinstance(value, str) and allow_inf and value == "inf":
-        # Canonical JSON has no Infinity; an infinite epsilon (sigma = 0) travels as "inf".
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PayloadError(f"{kind}.{key} = {value!r} is not a number")
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise PayloadError(f"{kind}.{key} = {value!r} is not finite")
-    if lo is not None and value < lo:
-        raise PayloadError(f"{kind}.{key} = {value} is below {lo}")
-    if hi is not None and value > hi:
-        raise PayloadError(f"{kind}.{key} = {value} is above {hi}")
-    return value
-
-
-def _opt_float(kind: str, key: str, value: Any) -> float | None:
-    return None if value is None else _float(kind, key, value, lo=None, allow_inf=True)
-
-
-def _str(kind: str, key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise PayloadError(f"{kind}.{key} = {value!r} is not a non-empty string")
-    return value
-
-
-def _str_list(kind: str, key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise PayloadError(f"{kind}.{key} = {value!r} is not a list of strings")
-    return list(value)
-
-
-def _dict(kind: str, key: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise PayloadError(f"{kind}.{key} = {value!r} is not an object")
-    return dict(value)
-
-
-def _hex(kind: str, key: str, value: Any, length: int) -> str:
-    text = _str(kind, key, value)
-    if len(text) != length or any(c not in "0123456789abcdef" for c in text):
-        raise PayloadError(f"{kind}.{key} is not {length} lowercase hex digits")
-    return text
-
-
-def _json_float(value: float | None) -> float | str | None:
-    if value is None:
-        return None
-    return "inf" if math.isinf(value) else float(value)
-
+# the field readers, by their short names here (confide.privacy.json_fields)
+_get, _int, _float, _opt_float = F.required, F.integer, F.number, F.optional_number
+_str, _str_list, _dict, _hex = F.text, F.text_list, F.obj, F.hex_digits
 
 T = TypeVar("T", bound="LedgerEvent")
 
@@ -146,7 +83,7 @@ class LedgerEvent:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
             value = getattr(self, f.name)
-            out[f.name] = _json_float(value) if isinstance(value, float) else value
+            out[f.name] = F.json_number(value) if isinstance(value, float) else value
         return out
 
     @classmethod
@@ -189,57 +126,49 @@ class RoundConfigured(LedgerEvent):
 
 @dataclass(frozen=True)
 class ExampleDpEvent(LedgerEvent):
-    """`steps` DP-SGD steps of one partner in one round (Poisson-sampled Gaussian)."""
+    """One partner's example-level mechanism in one round (`SampledGaussian`, or
+    `SharedNoiseSampledGaussian` when its noise is shared inside the secure sum), as the
+    partner signed it in its receipt."""
 
     TYPE: ClassVar[str] = EXAMPLE_DP
     round: int
     partner: str  # pseudonym, derived from the partner's node key
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
+    mechanism: ExampleLevelMechanism
     delta: float
-    epsilon_claimed: float  # cumulative, as the partner's own (Opacus RDP) accountant says
-    accountant: str = "rdp"
+    epsilon_claimed: float  # cumulative, as the partner's own accountant says
+    accountant: str = "rdp"  # the analysis of the claim (absent in early ledgers: RDP)
     receipt: dict[str, Any] | None = None  # Receipt.to_dict(), signed by the partner
-    # Shared noise (example-dp-noise = 'shared'; absent in older ledgers = 'local'): the
-    # partner added only a share of the noise inside the secure sum; `noise_multiplier` is
-    # the total effective one, carried by at least `noise_shares` = m honest shares
-    # (min_survivors - `colluders`); `tv_slack`: this round's TV distance to the continuous
-    # Gaussian mechanism (confide.privacy.secagg.shared_noise), added to delta.
-    noise: str = "local"
-    noise_shares: int | None = None
-    colluders: int | None = None
-    tv_slack: float | None = None
+
+    # The mechanism's numbers, as the flat payload (and the report) names them.
+    @property
+    def noise_multiplier(self) -> float:
+        return self.mechanism.noise_multiplier
+
+    @property
+    def sample_rate(self) -> float:
+        return self.mechanism.sample_rate
+
+    @property
+    def steps(self) -> int:
+        return self.mechanism.steps
 
     def to_payload(self) -> dict[str, Any]:
-        out = super().to_payload()
-        if self.noise == "local":  # payloads of local-noise events stay as they always were
-            for key in ("noise", "noise_shares", "colluders", "tv_slack"):
-                out.pop(key)
-        return out
+        # the mechanism's numbers sit flat beside the entry's own fields
+        return {"round": self.round, "partner": self.partner, **self.mechanism.to_json(),
+                "delta": self.delta, "epsilon_claimed": F.json_number(self.epsilon_claimed),
+                "accountant": self.accountant, "receipt": self.receipt}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> ExampleDpEvent:
         k = cls.TYPE
         receipt = payload.get("receipt")
-        noise = _str(k, "noise", payload.get("noise", "local"))
-        if noise not in ("local", "shared"):
-            raise PayloadError(f"{k}.noise = {noise!r} is not 'local' or 'shared'")
-        shared = {}
-        if noise == "shared":
-            shared = {"noise_shares": _int(k, "noise_shares", _get(k, payload, "noise_shares"),
-                                           lo=1),
-                      "colluders": _int(k, "colluders", _get(k, payload, "colluders")),
-                      "tv_slack": _float(k, "tv_slack", _get(k, payload, "tv_slack"))}
-        return cls(noise=noise, **shared,  # type: ignore[arg-type]  # shared's values are typed
+        return cls(
             round=_int(k, "round", _get(k, payload, "round"), lo=1),
             partner=_str(k, "partner", _get(k, payload, "partner")),
-            noise_multiplier=_float(k, "noise_multiplier", _get(k, payload, "noise_multiplier")),
-            sample_rate=_float(k, "sample_rate", _get(k, payload, "sample_rate"), hi=1.0),
-            steps=_int(k, "steps", _get(k, payload, "steps")),
+            mechanism=example_level_from_json(payload, k),
             delta=_float(k, "delta", _get(k, payload, "delta"), hi=1.0),
-            epsilon_claimed=_float(k, "epsilon_claimed", _get(k, payload, "epsilon_claimed"),
-                                   allow_inf=True),
+            epsilon_claimed=_float(k, "epsilon_claimed",
+                                     _get(k, payload, "epsilon_claimed"), allow_inf=True),
             accountant=_str(k, "accountant", payload.get("accountant", "rdp")),
             receipt=None if receipt is None else _dict(k, "receipt", receipt))
 
@@ -261,35 +190,68 @@ class ExampleDpEvent(LedgerEvent):
 
 @dataclass(frozen=True)
 class ClientDpEvent(LedgerEvent):
-    """Client-level DP of one round: one release of the noised sum of clipped updates."""
+    """Client-level DP of one round: one release of the noised sum of clipped updates, by
+    the client-level mechanism it holds (`ClientLevelGaussian`,
+    `DistributedDiscreteGaussian`)."""
 
     TYPE: ClassVar[str] = CLIENT_DP
     round: int
-    mechanism: str  # "gaussian_fixed_clipping" | "distributed_discrete_gaussian" | ...
-    noise_multiplier: float
-    clipping_norm: float
-    population: int
-    sampled: int
+    mechanism: ClientLevelMechanism
     delta: float
     epsilon_claimed: float | None = None  # cumulative
-    params: dict[str, Any] = field(default_factory=dict)  # mechanism-specific extras
+    # the analysis of the claim ("pld"), kept under params; None: the mechanism's default
+    # (earlier versions: RDP)
+    accountant: str | None = None
+    # params this version does not read (e.g. flwr's "neighboring" in early ledgers), kept
+    # so that the payload stays as it was written
+    extra_params: dict[str, Any] = field(default_factory=dict)
+
+    # The mechanism's numbers, as the flat payload (and the report) names them.
+    @property
+    def noise_multiplier(self) -> float:
+        return self.mechanism.noise_multiplier
+
+    @property
+    def clipping_norm(self) -> float:
+        return self.mechanism.clipping_norm
+
+    @property
+    def population(self) -> int:
+        return self.mechanism.population
+
+    @property
+    def sampled(self) -> int:
+        return self.mechanism.sampled
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The payload's params: the mechanism's own, the claim's accountant, the rest."""
+        mine = self.mechanism.params()
+        if self.accountant is not None:
+            mine["accountant"] = self.accountant
+        return {**self.extra_params, **mine}
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"round": self.round, "mechanism": self.mechanism.kind,
+                **self.mechanism.to_json(), "params": self.params, "delta": self.delta,
+                "epsilon_claimed": F.json_number(self.epsilon_claimed)}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> ClientDpEvent:
         k = cls.TYPE
-        population = _int(k, "population", _get(k, payload, "population"), lo=1)
-        sampled = _int(k, "sampled", _get(k, payload, "sampled"))
-        if sampled > population:
-            raise PayloadError(f"{k}.sampled = {sampled} exceeds population = {population}")
+        mechanism = client_level_from_json(payload, k)
+        params = _dict(k, "params", payload.get("params", {}))
+        accountant = params.get("accountant")
         return cls(
             round=_int(k, "round", _get(k, payload, "round"), lo=1),
-            mechanism=_str(k, "mechanism", _get(k, payload, "mechanism")),
-            noise_multiplier=_float(k, "noise_multiplier", _get(k, payload, "noise_multiplier")),
-            clipping_norm=_float(k, "clipping_norm", _get(k, payload, "clipping_norm")),
-            population=population, sampled=sampled,
+            mechanism=mechanism,
             delta=_float(k, "delta", _get(k, payload, "delta"), hi=1.0),
-            epsilon_claimed=_opt_float(k, "epsilon_claimed", payload.get("epsilon_claimed")),
-            params=_dict(k, "params", payload.get("params", {})))
+            epsilon_claimed=_opt_float(k, "epsilon_claimed",
+                                              payload.get("epsilon_claimed")),
+            accountant=None if accountant is None
+            else _str(f"{k}.params", "accountant", accountant),
+            extra_params={key: v for key, v in params.items()
+                          if key not in mechanism.params() and key != "accountant"})
 
 
 @dataclass(frozen=True)
@@ -302,20 +264,27 @@ class SecureAggregationEvent(LedgerEvent):
     bits: int
     neighbours: int
     # why the round aborted (too few survivors; nothing was unmasked, the model is
-    # unchanged), None when the secure sum was released. Optional for older ledgers.
-    aborted: str | None = None
+    # unchanged), None when the secure sum was released. Absent in older ledgers.
+    abort: SecureAggregationAbort | None = None
+
+    def to_payload(self) -> dict[str, Any]:
+        out = {"round": self.round, "participants": self.participants,
+               "dropouts": self.dropouts, "threshold": self.threshold, "bits": self.bits,
+               "neighbours": self.neighbours}
+        return {**out, **(self.abort.to_json() if self.abort else {"aborted": None})}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> SecureAggregationEvent:
         k = cls.TYPE
-        aborted = payload.get("aborted")
         return cls(round=_int(k, "round", _get(k, payload, "round"), lo=1),
-                   participants=_str_list(k, "participants", _get(k, payload, "participants")),
+                   participants=_str_list(k, "participants",
+                                            _get(k, payload, "participants")),
                    dropouts=_str_list(k, "dropouts", _get(k, payload, "dropouts")),
                    threshold=_int(k, "threshold", _get(k, payload, "threshold")),
                    bits=_int(k, "bits", _get(k, payload, "bits"), lo=1),
                    neighbours=_int(k, "neighbours", _get(k, payload, "neighbours")),
-                   aborted=None if aborted is None else _str(k, "aborted", aborted))
+                   abort=None if payload.get("aborted") is None
+                   else SecureAggregationAbort.from_json(payload, k))
 
 
 @dataclass(frozen=True)

@@ -22,19 +22,25 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from confide.privacy.ledger import as_public_key, public_key_hex
+from confide.privacy.mechanisms import (
+    EXAMPLE_LEVEL_KEYS,
+    SAMPLED_GAUSSIAN_KEYS,
+    ExampleLevelMechanism,
+)
 from confide.run_layout import canonical_json
 
 DOMAIN = b"confide-dp-receipt-v1\n"
 
-# Numbers a receipt signs and the EXAMPLE_DP entry must repeat exactly. The partner's
-# client signs its cumulative epsilon as "epsilon"; the ledger calls it "epsilon_claimed".
+# Numbers a receipt signs and the EXAMPLE_DP entry must repeat exactly: the entry's own and
+# those of its mechanism (the keys of every example-level class). The partner's client signs
+# its cumulative epsilon as "epsilon"; the ledger calls it "epsilon_claimed".
+_RUN_FIELDS = ("round", "partner")
+_CLAIM_FIELDS = {"delta": "delta", "epsilon": "epsilon_claimed",
+                 "epsilon_claimed": "epsilon_claimed", "accountant": "accountant"}
 SIGNED_FIELDS: dict[str, str] = {
-    "round": "round", "partner": "partner", "noise_multiplier": "noise_multiplier",
-    "sample_rate": "sample_rate", "steps": "steps", "delta": "delta",
-    "epsilon": "epsilon_claimed", "epsilon_claimed": "epsilon_claimed",
-    "accountant": "accountant", "noise": "noise", "noise_shares": "noise_shares",
-    "colluders": "colluders", "tv_slack": "tv_slack"}
-REQUIRED_FIELDS = ("round", "partner", "noise_multiplier", "sample_rate", "steps", "delta")
+    **{k: k for k in (*_RUN_FIELDS, *SAMPLED_GAUSSIAN_KEYS)}, **_CLAIM_FIELDS,
+    **{k: k for k in EXAMPLE_LEVEL_KEYS if k not in SAMPLED_GAUSSIAN_KEYS}}
+REQUIRED_FIELDS = (*_RUN_FIELDS, *SAMPLED_GAUSSIAN_KEYS, "delta")
 
 
 class ReceiptError(ValueError):
@@ -95,6 +101,14 @@ def _clean(payload: Mapping[str, Any]) -> dict[str, Any]:
     # Canonical JSON has no Infinity: an infinite epsilon is signed as the string "inf".
     return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v)
             for k, v in payload.items()}
+
+
+def dp_receipt_payload(mechanism: ExampleLevelMechanism, *, round_: int, partner: str,
+                       delta: float, epsilon: float, accountant: str) -> dict[str, Any]:
+    """What a partner signs for its round: the mechanism it ran (its numbers flat, as the
+    EXAMPLE_DP entry repeats them), the round, its cumulative epsilon and how it computed it."""
+    return {"round": round_, "partner": partner, **mechanism.to_json(), "delta": delta,
+            "epsilon": epsilon, "accountant": accountant}
 
 
 def sign_receipt(event_payload: Mapping[str, Any], private_key: Ed25519PrivateKey) -> Receipt:

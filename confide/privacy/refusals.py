@@ -19,6 +19,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from confide.privacy.accountant import Spend
+from confide.privacy.json_fields import PayloadError
 from confide.privacy.ledger import as_public_key, public_key_hex
 from confide.privacy.receipts import Receipt, ReceiptError, _clean, pseudonym_of
 from confide.run_layout import canonical_json
@@ -35,23 +37,19 @@ def _message(payload: Mapping[str, Any]) -> bytes:
     return REFUSAL_DOMAIN + canonical_json(dict(payload))
 
 
-def event_dict(noise_multiplier: float, sample_rate: float, steps: int, round_: int = 0,
-               run: str = "") -> dict[str, Any]:
-    return {"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
-            "steps": int(steps), "round": int(round_), "run": str(run)}
-
-
 def sign_refusal(*, round_: int, run: str, delta: float, accountant: str,
                  spent_epsilon: float, would_be_epsilon: float, max_epsilon: float,
-                 lifetime_events: Sequence[Mapping[str, Any]], planned: Mapping[str, Any],
+                 lifetime_events: Sequence[Spend], planned: Spend,
                  private_key: Ed25519PrivateKey) -> Receipt:
-    """The partner's signed refusal of round `round_` of run `run` (its ledger key)."""
+    """The partner's signed refusal of round `round_` of run `run` (its ledger key): its
+    lifetime spends and the planned one, each in the layout of the node's history."""
     payload = _clean({
         "kind": "budget_refusal", "round": int(round_), "partner": pseudonym_of(private_key),
         "run": run, "delta": float(delta), "accountant": accountant,
         "spent_epsilon": float(spent_epsilon), "would_be_epsilon": float(would_be_epsilon),
         "max_epsilon": float(max_epsilon),
-        "lifetime_events": [dict(e) for e in lifetime_events], "planned": dict(planned)})
+        "lifetime_events": [e.to_json() for e in lifetime_events],
+        "planned": planned.to_json()})
     signature = private_key.sign(_message(payload))
     return Receipt(payload, public_key_hex(private_key), signature.hex())
 
@@ -72,17 +70,21 @@ def verify_refusal(receipt: Receipt | Mapping[str, Any]) -> Receipt:
     if rec.partner != expected:
         raise ReceiptError(f"refusal names partner {rec.partner!r}, but it is signed by the "
                            f"key of {expected!r}")
-    events = rec.payload["lifetime_events"]
-    if not isinstance(events, list) or not all(_is_event(e) for e in events) or \
-            not _is_event(rec.payload["planned"]):
-        raise ReceiptError("refusal's lifetime_events / planned are not mechanism events")
+    lifetime_spends(rec)  # ReceiptError unless they are the node's history entries
     return rec
 
 
-def _is_event(e: Any) -> bool:
-    return isinstance(e, dict) and all(
-        isinstance(e.get(k), int | float) and not isinstance(e.get(k), bool)
-        for k in ("noise_multiplier", "sample_rate", "steps"))
+def lifetime_spends(refusal: Receipt) -> tuple[list[Spend], Spend]:
+    """The spends a refusal states (its lifetime events) and the one it refused (planned)."""
+    events = refusal.payload.get("lifetime_events")
+    try:
+        if not isinstance(events, list):
+            raise PayloadError(f"lifetime_events = {events!r} is not a list")
+        return ([Spend.from_json(e, "lifetime_events[]") for e in events],
+                Spend.from_json(refusal.payload.get("planned"), "planned"))
+    except PayloadError as exc:
+        raise ReceiptError(f"refusal's lifetime_events / planned are not mechanism events: "
+                           f"{exc}") from None
 
 
 def refusal_mismatches(receipt: Receipt, ledger_payload: Mapping[str, Any]) -> list[str]:
@@ -99,9 +101,3 @@ def refusal_mismatches(receipt: Receipt, ledger_payload: Mapping[str, Any]) -> l
         if not same:
             out.append(f"{ledger_key}: ledger says {stated!r}, partner signed {signed!r}")
     return out
-
-
-def mechanisms(events: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, float, int], ...]:
-    """(sample_rate, noise_multiplier, steps) per event: the replay's parameter order."""
-    return tuple((float(e["sample_rate"]), float(e["noise_multiplier"]), int(e["steps"]))
-                 for e in events)

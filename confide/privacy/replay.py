@@ -1,24 +1,27 @@
 """Recompute every epsilon of a run from its ledger events, independently of the partners.
 
-Only the recorded mechanism events go in; each claim is replayed by the analysis family it
-names (the event's `accountant`), with another implementation than the one that made it.
+Only the recorded mechanism events (confide.privacy.mechanisms) go in; each claim is replayed
+by the analysis family it names (the event's `accountant`), with another implementation than
+the one that made it. The replay of each mechanism class is looked up by the class (the
+callers never ask which kind an event is):
 
-* Example-level, per partner: each round's EXAMPLE_DP event is `steps` Poisson-subsampled
-  Gaussian steps (sample_rate, noise_multiplier); rounds compose.
+* Example-level, per partner: every example-level mechanism is, or amounts to, a sampled
+  Gaussian (`mechanism.sampled_gaussian`: `steps` Poisson-subsampled Gaussian steps); rounds
+  compose.
   - PLD claims (partners use dp-accounting's PLD): replayed with Opacus' PRV accountant
     (Gopi, Lee, Wutschitz 2021), whose estimate must agree within 1% and whose certified
     lower bound the claim must not undercut; dp-accounting's PLD is recomputed too.
   - RDP claims (runs of earlier versions): dp-accounting's RDP at the partners' integer
     orders. RDP is also the second opinion shown for every run.
-* Client-level: dispatched on the event's `mechanism` through a small registry.
-  "gaussian_fixed_clipping" is PoissonSampled(q, Gaussian(sigma)) per round, q =
-  params["sample_rate"] when recorded (1.0 = no amplification), else sampled / population.
-  PLD claims (params["accountant"] == "pld") without sampling are replayed exactly: T
-  Gaussian releases compose to one Gaussian (mu-GDP, mu = sqrt(sum 1/sigma_i^2)), whose
-  delta(epsilon) is closed-form (Balle & Wang 2018; Dong, Roth, Su 2019); with sampling by
-  PRV. RDP claims with dp-accounting's default orders (those of flwr's RdpAccountant).
-  "distributed_discrete_gaussian" is provided by confide.privacy.secagg.ddg_accounting
-  (imported on first use; see `_load_plugin`).
+* Client-level (`CLIENT_REPLAYS`, by the mechanism's class):
+  - `ClientLevelGaussian`: PoissonSampled(q, Gaussian(sigma)) per round, q = its
+    amplification rate (1.0 = none). PLD claims (accountant "pld") without sampling are
+    replayed exactly: T Gaussian releases compose to one Gaussian (mu-GDP, mu =
+    sqrt(sum 1/sigma_i^2)), whose delta(epsilon) is closed-form (Balle & Wang 2018; Dong,
+    Roth, Su 2019); with sampling by PRV. RDP claims with dp-accounting's default orders
+    (those of flwr's RdpAccountant).
+  - `DistributedDiscreteGaussian`: KLS21's RDP bound (confide.privacy.accountant
+    .DISTRIBUTED_DG_RDP); no independent implementation of it exists.
 
 Orders: for large sampling rates and small noise Opacus 1.6's fractional-order series does
 not converge and reports a *smaller* epsilon than dp-accounting (up to 2.6x at q=0.3,
@@ -29,22 +32,23 @@ are exact.
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any
 
 import dp_accounting
 import numpy as np
 from dp_accounting import pld, rdp
 
-from confide.privacy.ledger_events import (
-    DISTRIBUTED_DISCRETE_GAUSSIAN,
-    GAUSSIAN_FIXED_CLIPPING,
-    ClientDpEvent,
-    ExampleDpEvent,
+from confide.privacy.accountant import DISTRIBUTED_DG_RDP
+from confide.privacy.ledger_events import ClientDpEvent, ExampleDpEvent
+from confide.privacy.mechanisms import (
+    ClientLevelGaussian,
+    DistributedDiscreteGaussian,
+    Mechanism,
+    SampledGaussian,
 )
 
 # The RDP orders of the partners' accountant (confide.privacy.accountant.RDP_ORDERS):
@@ -161,7 +165,7 @@ def replay_example_level(events: Sequence[ExampleDpEvent], delta: float | None =
         rep = out.setdefault(e.partner, PartnerReplay(e.partner, d))
         rep.rounds.append(e.round)
         rep.methods.append("prv" if e.accountant == "pld" else "rdp")
-        params.setdefault(e.partner, []).append((e.sample_rate, e.noise_multiplier, e.steps))
+        params.setdefault(e.partner, []).append(_replay_params(e.mechanism.sampled_gaussian))
     for partner, rep in out.items():
         history = tuple(params[partner])
         rep.rdp_epsilons = list(_cumulative_rdp(history, rep.delta))
@@ -176,6 +180,23 @@ def replay_example_level(events: Sequence[ExampleDpEvent], delta: float | None =
         if with_pld:
             rep.pld_epsilon = _cached_pld(history, rep.delta)
     return out
+
+
+def _replay_params(m: SampledGaussian) -> tuple[float, float, int]:
+    """(sample_rate, noise_multiplier, steps): the replay's parameter order."""
+    return float(m.sample_rate), float(m.noise_multiplier), int(m.steps)
+
+
+def replay_sampled_gaussians(mechanisms: Sequence[SampledGaussian], delta: float,
+                             accountant: str) -> tuple[float | None, float]:
+    """(PRV lower bound or None, independent estimate) of the epsilon of a composition,
+    replayed in the family of a claim made with `accountant` (a partner's signed refusal
+    states its lifetime spend this way)."""
+    params = tuple(_replay_params(m) for m in mechanisms)
+    if accountant == "pld":
+        low, est, _ = prv_epsilon(params, delta)
+        return low, est
+    return None, (_cumulative_rdp(params, delta)[-1] if params else 0.0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -196,17 +217,24 @@ def pld_epsilon(events: Sequence[dp_accounting.DpEvent], delta: float) -> float 
 
 # -- client-level -----------------------------------------------------------------------
 
-ClientReplayFn = Callable[[Sequence[ClientDpEvent], float], list[float]]
+ClientReplayFn = Callable[[Sequence[Any], Sequence[ClientDpEvent], float], list[float]]
 
 
-def _gaussian_fixed_clipping(events: Sequence[ClientDpEvent], delta: float) -> list[float]:
-    # params["sample_rate"], when recorded, is the amplification the mechanism claims
-    # (1.0 = none, as flwr's NO_AMPLIFICATION); else Poisson at sampled / population.
-    params = tuple((float(e.params.get("sample_rate", e.sampled / e.population)) if e.sampled
-                    else 0.0, e.noise_multiplier) for e in events)
-    if all(e.params.get("accountant") == "pld" for e in events):
+def _gaussian_fixed_clipping(mechanisms: Sequence[ClientLevelGaussian],
+                             events: Sequence[ClientDpEvent], delta: float) -> list[float]:
+    # the amplification the mechanism claims (1.0 = none, as flwr's NO_AMPLIFICATION;
+    # earlier versions: Poisson at sampled / population); nothing sampled: nothing released
+    params = tuple((0.0 if m.composes_nothing else m.amplification_rate, m.noise_multiplier)
+                   for m in mechanisms)
+    if all(e.accountant == "pld" for e in events):
         return [_tight_client_epsilon(params[:k + 1], delta) for k in range(len(params))]
     return list(_cumulative_client_rdp(params, delta))
+
+
+def _distributed_discrete_gaussian(mechanisms: Sequence[DistributedDiscreteGaussian],
+                                   events: Sequence[ClientDpEvent], delta: float
+                                   ) -> list[float]:
+    return DISTRIBUTED_DG_RDP.cumulative(mechanisms, delta)
 
 
 def _tight_client_epsilon(params: tuple[tuple[float, float], ...], delta: float) -> float:
@@ -262,45 +290,29 @@ def _cumulative_client_rdp(params: tuple[tuple[float, float], ...], delta: float
     return tuple(out)
 
 
-class ClientMechanismRegistry:
-    """Mechanism name -> replay function (events of that mechanism, delta) -> cumulative
-    epsilons after each event. Plugins may call `register` at import time."""
-
-    # Modules that provide a mechanism's replay: on first use the module is imported and
-    # its `ledger_replay(events, delta) -> list[float]` (or a `register` call made at
-    # its import) supplies the function.
-    PLUGINS: ClassVar[dict[str, str]] = {
-        DISTRIBUTED_DISCRETE_GAUSSIAN: "confide.privacy.secagg.ddg_accounting"}
+class ClientReplays:
+    """Mechanism class -> its replay: (the mechanisms, their ledger events, delta) ->
+    cumulative epsilon after each. A new client-level mechanism registers its own."""
 
     def __init__(self) -> None:
-        self._fns: dict[str, ClientReplayFn] = {GAUSSIAN_FIXED_CLIPPING: _gaussian_fixed_clipping}
+        self._fns: dict[type[Mechanism], ClientReplayFn] = {
+            ClientLevelGaussian: _gaussian_fixed_clipping,
+            DistributedDiscreteGaussian: _distributed_discrete_gaussian}
 
-    def register(self, mechanism: str, fn: ClientReplayFn) -> None:
-        self._fns[mechanism] = fn
+    def register(self, cls: type[Mechanism], fn: ClientReplayFn) -> None:
+        self._fns[cls] = fn
 
-    def get(self, mechanism: str) -> ClientReplayFn:
-        if mechanism not in self._fns and mechanism in self.PLUGINS:
-            self._load_plugin(mechanism)
+    def get(self, mechanism: Mechanism) -> ClientReplayFn:
+        """The replay of `mechanism`'s class; UnknownMechanism naming it if none."""
         try:
-            return self._fns[mechanism]
+            return self._fns[type(mechanism)]
         except KeyError:
             raise UnknownMechanism(
-                f"no replay accountant for client-level mechanism {mechanism!r} "
-                f"(known: {sorted(set(self._fns) | set(self.PLUGINS))})") from None
-
-    def _load_plugin(self, mechanism: str) -> None:
-        name = self.PLUGINS[mechanism]
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            raise UnknownMechanism(f"replay of {mechanism!r} needs {name}, which cannot be "
-                                   f"imported: {exc}") from None
-        fn = getattr(module, "ledger_replay", None)
-        if mechanism not in self._fns and callable(fn):
-            self._fns[mechanism] = fn
+                f"no replay accountant for client-level mechanism {mechanism.kind!r} "
+                f"(known: {sorted(c.KIND for c in self._fns)})") from None
 
 
-CLIENT_MECHANISMS = ClientMechanismRegistry()
+CLIENT_REPLAYS = ClientReplays()
 
 
 @dataclass
@@ -323,20 +335,20 @@ class ClientReplay:
 
 
 def replay_client_level(events: Sequence[ClientDpEvent], delta: float | None = None,
-                        registry: ClientMechanismRegistry | None = None) -> ClientReplay:
+                        registry: ClientReplays | None = None) -> ClientReplay:
     """Cumulative client-level epsilon. All events of a run must use one mechanism (mixing
     would need a common accountant; refused rather than guessed). UnknownMechanism if
     no replay is registered for it."""
     out = ClientReplay()
     if not events:
         return out
-    mechanisms = {e.mechanism for e in events}
-    if len(mechanisms) > 1:
-        raise UnknownMechanism(f"client-level events mix mechanisms {sorted(mechanisms)}")
-    fn = (registry or CLIENT_MECHANISMS).get(events[0].mechanism)
+    kinds = {e.mechanism.kind for e in events}
+    if len(kinds) > 1:
+        raise UnknownMechanism(f"client-level events mix mechanisms {sorted(kinds)}")
+    fn = (registry or CLIENT_REPLAYS).get(events[0].mechanism)
     d = events[0].delta if delta is None else delta
     out.rounds = [e.round for e in events]
-    out.epsilons = [float(x) for x in fn(list(events), d)]
+    out.epsilons = [float(x) for x in fn([e.mechanism for e in events], list(events), d)]
     if len(out.epsilons) != len(events):
         raise ValueError(f"replay of {events[0].mechanism!r} returned {len(out.epsilons)} "
                          f"epsilons for {len(events)} events")

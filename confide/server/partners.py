@@ -21,8 +21,14 @@ from flwr.common.logger import log
 from confide import wire as W
 from confide.config import RunConfig
 from confide.privacy import ledger_events as E
-from confide.privacy.accountant import SampledGaussianEvent, rdp_epsilon
+from confide.privacy.accountant import rdp_epsilon
 from confide.privacy.ledger import Ledger
+from confide.privacy.mechanisms import (
+    ExampleLevelMechanism,
+    SampledGaussian,
+    SharedNoiseSampledGaussian,
+    example_level_from_json,
+)
 from confide.privacy.receipts import Receipt, verify_receipt
 from confide.privacy.refusals import refusal_mismatches, verify_refusal
 from confide.server.recovery import EveryPartnerFailed, NoBudgetLeft, no_budget_message
@@ -38,12 +44,38 @@ class PartnerRecord:
     epsilon: float = 0.0  # cumulative, as claimed (signed) by the partner
     epsilon_rdp: float = 0.0  # the RDP second opinion on the same events (server-computed)
     accountant: str = "pld"  # which analysis the partner's claims use
-    # (noise multiplier, sample rate, steps) of each round it trained in, from its receipts
-    mechanisms: list[list[float]] = field(default_factory=list)
+    # the mechanism of each of its releases in this run, from its receipts, in order
+    mechanisms: list[ExampleLevelMechanism] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)
-    # shared noise: total-variation slack of its releases (sum of the receipts' tv_slack)
-    tv_slack: float = 0.0
+
+    @property
+    def tv_slack(self) -> float:
+        """Shared noise: the total-variation slack of its releases, summed."""
+        return sum(m.tv_slack for m in self.mechanisms
+                   if isinstance(m, SharedNoiseSampledGaussian))
+
+    def add_mechanism(self, mechanism: ExampleLevelMechanism, delta: float) -> None:
+        self.mechanisms.append(mechanism)
+        self.epsilon_rdp = rdp_epsilon(self.mechanisms, delta)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"pseudonym": self.pseudonym, "public_key": self.public_key,
+                "epsilon": self.epsilon, "epsilon_rdp": self.epsilon_rdp,
+                "accountant": self.accountant,
+                "mechanisms": [m.to_json() for m in self.mechanisms],
+                "rounds_trained": self.rounds_trained, "refused": self.refused}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PartnerRecord:
+        """A record of a checkpoint; those of earlier versions list each mechanism as
+        [noise multiplier, sample rate, steps] and keep the TV slack apart (the resume takes
+        both from the ledger again: PartnerBook.account_unfinished_rounds)."""
+        fields = {k: v for k, v in state.items() if k not in ("mechanisms", "tv_slack")}
+        return cls(**fields, mechanisms=[
+            SampledGaussian(float(m[0]), float(m[1]), int(m[2])) if isinstance(m, list)
+            else example_level_from_json(m, "checkpoint partner mechanism")
+            for m in state.get("mechanisms", [])])
 
 
 @dataclass
@@ -199,10 +231,7 @@ class PartnerBook:
         partner.epsilon = float(receipt.payload["epsilon"])
         event = E.ExampleDpEvent.from_receipt(receipt)
         partner.accountant = event.accountant
-        partner.tv_slack += event.tv_slack or 0.0
-        partner.mechanisms.append([event.noise_multiplier, event.sample_rate, event.steps])
-        partner.epsilon_rdp = rdp_epsilon(
-            [SampledGaussianEvent(s, q, int(k)) for s, q, k in partner.mechanisms], event.delta)
+        partner.add_mechanism(event.mechanism, event.delta)
         ledger.append(event)
 
     def _record_lost_attempts(self, ledger: Ledger, server_round: int,
@@ -238,15 +267,12 @@ class PartnerBook:
         """Budget spent in a round after the checkpoint (the run stopped before that round
         was complete) is in the ledger, not in the checkpoint: take every partner's
         mechanisms and latest claim from the ledger, so nothing is under-counted."""
-        mechanisms: dict[str, list[list[float]]] = {}
-        slack: dict[str, float] = {}
+        mechanisms: dict[str, list[ExampleLevelMechanism]] = {}
         for entry in entries:
             if entry.get("type") != E.EXAMPLE_DP:
                 continue
             event = E.ExampleDpEvent.from_payload(entry["payload"])
-            mechanisms.setdefault(event.partner, []).append(
-                [event.noise_multiplier, event.sample_rate, event.steps])
-            slack[event.partner] = slack.get(event.partner, 0.0) + (event.tv_slack or 0.0)
+            mechanisms.setdefault(event.partner, []).append(event.mechanism)
             partner = self.records.get(event.partner)
             if partner is None and event.receipt is not None:
                 partner = self.records[event.partner] = PartnerRecord(
@@ -254,19 +280,17 @@ class PartnerBook:
             if partner is not None:
                 partner.epsilon = event.epsilon_claimed
                 partner.accountant = event.accountant
-                partner.tv_slack = slack[event.partner]
         for pseudonym, mechs in mechanisms.items():
             if pseudonym in self.records and mechs != self.records[pseudonym].mechanisms:
                 partner = self.records[pseudonym]
                 partner.mechanisms = mechs
-                partner.epsilon_rdp = rdp_epsilon(
-                    [SampledGaussianEvent(s, q, int(k)) for s, q, k in mechs], self.cfg.delta)
+                partner.epsilon_rdp = rdp_epsilon(mechs, self.cfg.delta)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: vars(v) for k, v in self.records.items()}
+        return {k: v.to_state() for k, v in self.records.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.records = {k: PartnerRecord(**v) for k, v in state.items()}
+        self.records = {k: PartnerRecord.from_state(v) for k, v in state.items()}
 
 
 def check_budget_left(server_round: int, replies: RoundReplies, *, first_round: bool,

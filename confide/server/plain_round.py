@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord
 
 from confide import wire as W
 from confide.privacy import ledger_events as E
+from confide.privacy.accountant import PLD
 from confide.privacy.crash_points import crash_point
 from confide.server.aggregation import RoundOutcome
 from confide.server.partners import check_any_trained, check_budget_left
@@ -59,18 +60,12 @@ class PlainRounds:
     def _client_level_dp(self, server_round: int, outcome: RoundOutcome) -> None:
         """The server's own Gaussian noise on the clipped mean (client-level DP)."""
         strategy = self.strategy
-        if not isinstance(strategy, ClientLevelDp) or strategy.last_event is None:
+        if not isinstance(strategy, ClientLevelDp) or strategy.last_release is None:
             return
-        cfg, ev = self.host.cfg, strategy.last_event
         outcome.client_level_epsilon = strategy.epsilon()
         outcome.events.append(E.ClientDpEvent(
-            round=server_round, mechanism=str(ev["mechanism"]),
-            noise_multiplier=float(ev["noise_multiplier"]),
-            clipping_norm=float(ev["clipping_norm"]), population=int(ev["population"]),
-            sampled=int(ev["sampled"]), delta=cfg.delta,
-            epsilon_claimed=outcome.client_level_epsilon,
-            params={"sample_rate": float(ev["sample_rate"]),
-                    "accountant": str(ev["accountant"])}))
+            round=server_round, mechanism=strategy.last_release, delta=self.host.cfg.delta,
+            epsilon_claimed=outcome.client_level_epsilon, accountant=PLD))
 
     def state_dict(self) -> dict[str, Any]:
         if isinstance(self.strategy, ClientLevelDp):

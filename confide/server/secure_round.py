@@ -44,6 +44,7 @@ from flwr.common.logger import log
 from confide import wire as W
 from confide.config import ConfigError
 from confide.privacy import ledger_events as E
+from confide.privacy.mechanisms import SecureAggregationAbort
 from confide.privacy.secagg import (
     AdvertiseKeys,
     DistributedDGAccountant,
@@ -57,9 +58,9 @@ from confide.privacy.secagg import (
     ShareKeys,
     UnmaskShares,
     UpdateEncoder,
-    ddg_params_from_config,
 )
 from confide.privacy.secagg import Message as SecAggMessage
+from confide.privacy.secagg.ddg_accounting import ddg_mechanism
 from confide.privacy.secagg.masking import reduce_mod
 from confide.privacy.secagg.shared_noise import SharedNoiseConfig, decode_sum
 from confide.server.aggregation import RoundOutcome
@@ -69,9 +70,6 @@ from confide.strategies.delta_fedavg import arrays_to_numpy
 
 if TYPE_CHECKING:
     from confide.server.aggregation import RoundHost
-
-DDG_MECHANISM = "distributed_discrete_gaussian"
-
 
 class SecureMessageRejected(ValueError):
     """A node's secure-aggregation message cannot be accepted (names the node)."""
@@ -432,7 +430,8 @@ class SecureRounds:
                 cur.aborted = f"unmasking failed: {exc}"
 
         # aggregate, verify, account, record
-        extra: dict[str, Any] = {"secagg_aborted": cur.aborted}
+        abort = None if cur.aborted is None else SecureAggregationAbort(cur.aborted)
+        extra: dict[str, Any] = {"secagg_aborted": abort.reason if abort else None}
         aggregated: list[str] = []
         aggregate: dict[str, np.ndarray] | None = None
         partner = recorded.partner_of
@@ -451,8 +450,9 @@ class SecureRounds:
             fed.inner.global_state = fed.global_state
             aggregate = arrays_to_numpy(fed.inner.apply(W.unflatten(-gradient, self.reference)))
             aggregated = [partner.get(n, f"node-{n}") for n in survivors]
-            extra.update({"shared_noise_multiplier": cur.shared.effective_noise_multiplier,
-                          "shared_noise_shares": cur.shared.m,
+            released = cur.shared.mechanism(cur.shared.sample_rate)  # the partners' receipts
+            extra.update({"shared_noise_multiplier": released.noise_multiplier,
+                          "shared_noise_shares": released.noise_shares,
                           "shared_expected_batch": expected,
                           "secagg_quantization_step": 1.0 / cur.shared.scale})
         elif result is not None and survivors:
@@ -487,7 +487,7 @@ class SecureRounds:
             events=[E.SecureAggregationEvent(
                 round=server_round, participants=sorted(aggregated), dropouts=dropouts,
                 threshold=int(cur.config.threshold), bits=cur.config.bits,
-                neighbours=int(cur.config.degree), aborted=cur.aborted)],
+                neighbours=int(cur.config.degree), abort=abort)],
             metrics=extra)
         if fed.cfg.distributed_dp:
             self._distributed_dp(cur, outcome, released=result is not None)
@@ -517,21 +517,17 @@ class SecureRounds:
         worst case the threshold allows: only min_survivors noise shares in the sum. Cohorts
         are fixed-size samples, so no amplification by sampling is claimed (rate 1). An
         aborted round released nothing and composes nothing (recorded with released=false)."""
-        fed = self.fed
-        params = ddg_params_from_config(session.config)
-        self.accountant.step(params, 1.0, rounds=int(released))
-        epsilon = self.accountant.epsilon(fed.cfg.delta)
-        outcome.client_level_epsilon = epsilon
+        cfg = self.fed.cfg
+        mechanism = ddg_mechanism(
+            session.config, noise_multiplier=cfg.client_dp_noise_multiplier,
+            clipping_norm=cfg.client_dp_clipping_norm,
+            population=max(cfg.clients, len(session.ids)), sampled=len(session.ids),
+            released=released)
+        self.accountant.record(mechanism)
+        outcome.client_level_epsilon = self.accountant.epsilon(cfg.delta)
         outcome.events.append(E.ClientDpEvent(
-            round=session.round, mechanism=DDG_MECHANISM,
-            noise_multiplier=fed.cfg.client_dp_noise_multiplier,
-            clipping_norm=fed.cfg.client_dp_clipping_norm,
-            population=max(fed.cfg.clients, len(session.ids)), sampled=len(session.ids),
-            delta=fed.cfg.delta, epsilon_claimed=epsilon,
-            params={"ddg": params.to_dict(), "sampling_rate": 1.0, "released": released,
-                    "min_survivors": session.config.min_survivors,
-                    "noise_stddev": session.config.noise_stddev,
-                    "bits": session.config.bits}))
+            round=session.round, mechanism=mechanism, delta=cfg.delta,
+            epsilon_claimed=outcome.client_level_epsilon))
 
     # -- shared-noise example-level DP ----------------------------------------------------
     def _shared_info(self, config: ConfigRecord, server_round: int) -> None:

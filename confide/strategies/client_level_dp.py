@@ -19,10 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from confide.privacy.accountant import PLD, gaussian_releases_epsilon
+from confide.privacy.accountant import PLD, pld_epsilon
+from confide.privacy.mechanisms import ClientLevelGaussian
 from confide.strategies.delta_fedavg import DeltaFedAvg
-
-MECHANISM = "gaussian_fixed_clipping"
 
 
 def clip_l2(delta: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.ndarray], float]:
@@ -41,9 +40,9 @@ class ClientLevelDp(Strategy):
         self.clipping_norm = clipping_norm
         self.population = population
         self.delta = delta
-        self.released: list[float] = []  # noise multiplier of each release (the events)
+        self.releases: list[ClientLevelGaussian] = []  # the mechanism events, composed
         self.rng = np.random.default_rng(seed)
-        self.last_event: dict[str, float | int | str] | None = None
+        self.last_release: ClientLevelGaussian | None = None  # this round's, if any
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -52,7 +51,7 @@ class ClientLevelDp(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates = self.strategy.valid_updates(replies)
-        self.last_event = None
+        self.last_release = None
         if not updates:
             return None, None
         n = len(updates)
@@ -61,25 +60,37 @@ class ClientLevelDp(Strategy):
         mean = {k: sum(c[k].astype(np.float64) for c in clipped) / n
                 + self.rng.normal(0.0, std, size=ref.shape)
                 for k, ref in self.strategy.global_state.items()}
-        self.released.append(self.noise_multiplier)
-        self.last_event = {"mechanism": MECHANISM, "noise_multiplier": self.noise_multiplier,
-                           "clipping_norm": self.clipping_norm, "population": self.population,
-                           "sampled": n, "sample_rate": 1.0, "accountant": PLD}
+        # no amplification by sampling claimed: the server samples fixed-size cohorts
+        self.last_release = ClientLevelGaussian(self.noise_multiplier, self.clipping_norm,
+                                                self.population, n, sample_rate=1.0)
+        self.releases.append(self.last_release)
         metrics = MetricRecord({"num-aggregated": n})
         return self.strategy.apply(mean), metrics
 
     def epsilon(self) -> float:
-        return gaussian_releases_epsilon(self.released, self.delta)
+        """The cumulative claim: PLD of the releases so far (the accountant of `PLD`)."""
+        return pld_epsilon(self.releases, self.delta)
 
     def state_dict(self) -> dict[str, object]:
-        return {"accountant": PLD, "released": list(self.released)}
+        return {"accountant": PLD, "released": [m.to_json() for m in self.releases]}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         released = state.get("released")
         if state.get("accountant") != PLD or not isinstance(released, list):
             raise ValueError("the checkpoint's client-level accountant state is from another "
                              "version (no recorded releases); start a new run")
-        self.released = [float(x) for x in released]
+        self.releases = [self._release(x) for x in released]
+
+    def _release(self, saved: object) -> ClientLevelGaussian:
+        if isinstance(saved, dict):
+            return ClientLevelGaussian.from_json(saved, "checkpoint client-level release")
+        # Checkpoints of earlier versions kept only each release's noise multiplier. The
+        # claim composes unamplified Gaussians, which the cohort size does not enter, so
+        # the release is restored with the population in its place.
+        if isinstance(saved, bool) or not isinstance(saved, int | float):
+            raise ValueError(f"checkpoint client-level release {saved!r} is not a number")
+        return ClientLevelGaussian(float(saved), self.clipping_norm, self.population,
+                                   self.population, sample_rate=1.0)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

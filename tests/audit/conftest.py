@@ -22,9 +22,10 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant as Fl
 from safetensors.numpy import save_file
 
 from confide.privacy import ledger_events as ev
-from confide.privacy.accountant import PartnerAccountant, SampledGaussianEvent
+from confide.privacy.accountant import PartnerAccountant, Spend
 from confide.privacy.ledger import Ledger, save_public_key
-from confide.privacy.receipts import pseudonym_of, sign_receipt
+from confide.privacy.mechanisms import ClientLevelGaussian, SampledGaussian
+from confide.privacy.receipts import dp_receipt_payload, pseudonym_of, sign_receipt
 from confide.run_layout import LEDGER_FILE, LEDGER_PUBLIC_KEY_FILE
 
 DELTA = 1e-5
@@ -80,30 +81,29 @@ def build_run(run_dir: Path, *, rounds: int = ROUNDS, seed: int = 7,
         replied, aggregated = [], []
         for key, name, acc, (q, sigma, steps) in zip(keys, names, accountants, PARTNER_PARAMS,
                                                      strict=True):
-            event = SampledGaussianEvent(sigma, q, steps, r)
+            spend = Spend(SampledGaussian(sigma, q, steps), r)
             replied.append(name)
             try:
-                acc.check(event)
+                acc.check(spend)
             except Exception as exc:  # BudgetExhausted
                 led.append(ev.BudgetRefusal(round=r, partner=name, spent_epsilon=exc.spent,
                                             max_epsilon=exc.max_epsilon,
                                             would_be_epsilon=exc.would_be))
                 continue
-            eps = acc.record(event)
-            receipt = sign_receipt({"round": r, "partner": name, "noise_multiplier": sigma,
-                                    "sample_rate": q, "steps": steps, "delta": DELTA,
-                                    "epsilon": eps, "accountant": acc.accountant}, key)
+            eps = acc.record(spend)
+            receipt = sign_receipt(dp_receipt_payload(
+                spend.mechanism, round_=r, partner=name, delta=DELTA, epsilon=eps,
+                accountant=acc.accountant), key)
             led.append(ev.ExampleDpEvent.from_receipt(receipt))
             aggregated.append(name)
         client_acc.compose(GaussianPrivacyEvent(CLIENT_SIGMA, len(aggregated), len(keys)))
         client_eps = client_acc.get_epsilon(DELTA)
         led.append(ev.SecureAggregationEvent(round=r, participants=aggregated, dropouts=[],
                                              threshold=2, bits=32, neighbours=2))
-        led.append(ev.ClientDpEvent(round=r, mechanism=ev.GAUSSIAN_FIXED_CLIPPING,
-                                    noise_multiplier=CLIENT_SIGMA, clipping_norm=CLIENT_CLIP,
-                                    population=len(keys), sampled=len(aggregated), delta=DELTA,
-                                    epsilon_claimed=client_eps,
-                                    params={"neighboring": "add-or-remove-one"}))
+        # as earlier versions recorded it: flwr's RDP, Poisson sampling at sampled/population
+        led.append(ev.ClientDpEvent(round=r, mechanism=ClientLevelGaussian(
+            CLIENT_SIGMA, CLIENT_CLIP, len(keys), len(aggregated)), delta=DELTA,
+            epsilon_claimed=client_eps, extra_params={"neighboring": "add-or-remove-one"}))
         led.append(ev.ModelDigest(round=r, sha256=ev.weights_digest(_weights(r))))
         acc_r, loss_r = 0.5 + 0.1 * r, 1.0 / r
         led.append(ev.RoundCompleted(round=r, replied=replied, aggregated=aggregated,

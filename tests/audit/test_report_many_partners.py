@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from confide.audit import report
 from confide.audit.report import RunReport, write_report
 from confide.privacy import ledger_events as ev
-from confide.privacy.accountant import PartnerAccountant, SampledGaussianEvent
+from confide.privacy.accountant import PartnerAccountant, Spend
 from confide.privacy.ledger import Ledger, save_public_key
-from confide.privacy.receipts import pseudonym_of, sign_receipt
+from confide.privacy.mechanisms import SampledGaussian
+from confide.privacy.receipts import dp_receipt_payload, pseudonym_of, sign_receipt
 from confide.run_layout import LEDGER_FILE, LEDGER_PUBLIC_KEY_FILE
 
 DELTA = 1e-5
@@ -47,11 +48,11 @@ def build_many(run_dir: Path) -> list[str]:
         for i, (key, name, acc) in enumerate(zip(keys, names, accountants, strict=True)):
             if (i + r) % 3 == 0:
                 continue
-            eps = acc.record(SampledGaussianEvent(1.0, 0.05, 10, r))
-            led.append(ev.ExampleDpEvent.from_receipt(sign_receipt(
-                {"round": r, "partner": name, "noise_multiplier": 1.0,
-                 "sample_rate": 0.05, "steps": 10, "delta": DELTA, "epsilon": eps,
-                 "accountant": "pld"}, key)))
+            spend = Spend(SampledGaussian(1.0, 0.05, 10), r)
+            eps = acc.record(spend)
+            led.append(ev.ExampleDpEvent.from_receipt(sign_receipt(dp_receipt_payload(
+                spend.mechanism, round_=r, partner=name, delta=DELTA, epsilon=eps,
+                accountant="pld"), key)))
             trained.append(name)
         led.append(ev.RoundCompleted(round=r, replied=trained, aggregated=trained, dropped=[],
                                      accuracy=0.5 + 0.05 * r, loss=1.0 / r))

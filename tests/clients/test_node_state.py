@@ -10,7 +10,8 @@ from confide.clients.node_state import (
     node_state_dir,
     save_node_state,
 )
-from confide.privacy.accountant import SampledGaussianEvent
+from confide.privacy.accountant import Spend
+from confide.privacy.mechanisms import SampledGaussian
 
 
 def context(node_config: dict) -> Context:
@@ -22,7 +23,7 @@ def test_state_survives_a_restart_on_disk(tmp_path: Path) -> None:
     ctx = context({"state-dir": str(tmp_path)})
     sdir = node_state_dir(ctx)
     state = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=sdir)
-    eps = state.accountant.record(SampledGaussianEvent(1.0, 0.1, 10, 1, "run-a"))
+    eps = state.accountant.record(Spend(SampledGaussian(1.0, 0.1, 10), 1, "run-a"))
     state.mark_handled("m1")
     save_node_state(ctx, state, sdir)
     assert oct((tmp_path / STATE_FILE).stat().st_mode & 0o777) == "0o600"
@@ -49,7 +50,7 @@ def test_unreadable_state_is_refused_not_reset(tmp_path: Path) -> None:
 def test_a_lower_node_cap_applies_but_history_stays(tmp_path: Path) -> None:
     ctx = context({"state-dir": str(tmp_path)})
     state = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=tmp_path)
-    state.accountant.record(SampledGaussianEvent(1.0, 0.1, 10, 1, "r"))
+    state.accountant.record(Spend(SampledGaussian(1.0, 0.1, 10), 1, "r"))
     save_node_state(ctx, state, tmp_path)
     lower = load_node_state(ctx, delta=1e-5, max_epsilon=0.5, state_dir=tmp_path)
     assert lower.accountant.max_epsilon == 0.5 and len(lower.accountant.history) == 1

@@ -25,6 +25,7 @@ from confide.privacy.ledger import (
     save_public_key,
     verify_chain,
 )
+from confide.privacy.mechanisms import ClientLevelGaussian, SecureAggregationAbort
 
 
 def _start(led: Ledger) -> dict:
@@ -136,11 +137,13 @@ def test_key_files(tmp_path: Path) -> None:
 
 def test_typed_events_round_trip() -> None:
     events = [
-        ev.ClientDpEvent(round=2, mechanism=ev.GAUSSIAN_FIXED_CLIPPING, noise_multiplier=1.0,
-                         clipping_norm=0.5, population=10, sampled=4, delta=1e-5,
-                         epsilon_claimed=float("inf"), params={"a": 1}),
+        ev.ClientDpEvent(round=2, mechanism=ClientLevelGaussian(1.0, 0.5, 10, 4), delta=1e-5,
+                         epsilon_claimed=float("inf"), extra_params={"a": 1}),
         ev.SecureAggregationEvent(round=1, participants=["a"], dropouts=[], threshold=1,
                                   bits=32, neighbours=2),
+        ev.SecureAggregationEvent(round=2, participants=[], dropouts=["a"], threshold=1,
+                                  bits=32, neighbours=2,
+                                  abort=SecureAggregationAbort("too few survivors")),
         ev.BudgetRefusal(round=3, partner="p", spent_epsilon=1.0, max_epsilon=2.0,
                          would_be_epsilon=2.5),
         ev.RoundCompleted(round=1, replied=["a"], aggregated=["a"], dropped=[], accuracy=0.5),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
+from typing import ClassVar
 
 import pytest
 from flwr.supercore.privacy_accounting import (
@@ -15,16 +17,16 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant as FlwrRdp
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from confide.privacy.accountant import PartnerAccountant, SampledGaussianEvent
-from confide.privacy.ledger_events import (
-    DISTRIBUTED_DISCRETE_GAUSSIAN,
-    GAUSSIAN_FIXED_CLIPPING,
-    ClientDpEvent,
-    ExampleDpEvent,
+from confide.privacy.accountant import PartnerAccountant, Spend
+from confide.privacy.ledger_events import ClientDpEvent, ExampleDpEvent
+from confide.privacy.mechanisms import (
+    ClientLevelGaussian,
+    ClientLevelMechanism,
+    SampledGaussian,
 )
 from confide.privacy.replay import (
     OPACUS_RDP_ORDERS,
-    ClientMechanismRegistry,
+    ClientReplays,
     UnknownMechanism,
     replay_client_level,
     replay_example_level,
@@ -41,8 +43,8 @@ def _opacus(q: float, sigma: float, steps: int) -> float:
 
 
 def _replay(q: float, sigma: float, steps: int) -> float:
-    event = ExampleDpEvent(round=1, partner="p", noise_multiplier=sigma, sample_rate=q,
-                           steps=steps, delta=DELTA, epsilon_claimed=0.0)
+    event = ExampleDpEvent(round=1, partner="p", mechanism=SampledGaussian(sigma, q, steps),
+                           delta=DELTA, epsilon_claimed=0.0)
     return replay_example_level([event], with_pld=False)["p"].final
 
 
@@ -87,9 +89,9 @@ def test_replay_matches_the_partners_accountant_cumulatively(accountant: str) ->
     acc = PartnerAccountant(DELTA, 100.0, accountant)
     events, claimed = [], []
     for r, (q, sigma, steps) in enumerate([(0.02, 1.1, 50), (0.05, 1.3, 20), (0.02, 1.1, 80)], 1):
-        claimed.append(acc.record(SampledGaussianEvent(sigma, q, steps, r)))
-        events.append(ExampleDpEvent(round=r, partner="p", noise_multiplier=sigma,
-                                     sample_rate=q, steps=steps, delta=DELTA,
+        claimed.append(acc.record(Spend(SampledGaussian(sigma, q, steps), r)))
+        events.append(ExampleDpEvent(round=r, partner="p",
+                                     mechanism=SampledGaussian(sigma, q, steps), delta=DELTA,
                                      epsilon_claimed=claimed[-1], accountant=accountant))
     rep = replay_example_level(events)["p"]
     assert rep.methods == ["prv" if accountant == "pld" else "rdp"] * 3
@@ -111,9 +113,8 @@ def test_client_level_matches_flwr_rdp_accountant(sampled: int, population: int,
     for r in range(1, 6):
         flwr_acc.compose(GaussianPrivacyEvent(sigma, sampled, population))
         claimed.append(flwr_acc.get_epsilon(DELTA))
-        events.append(ClientDpEvent(round=r, mechanism=GAUSSIAN_FIXED_CLIPPING,
-                                    noise_multiplier=sigma, clipping_norm=1.0,
-                                    population=population, sampled=sampled, delta=DELTA))
+        events.append(ClientDpEvent(round=r, mechanism=ClientLevelGaussian(
+            sigma, 1.0, population, sampled), delta=DELTA))
     assert replay_client_level(events).epsilons == pytest.approx(claimed, rel=0.01)
 
 
@@ -127,30 +128,30 @@ def test_client_level_pld_claims_replay_with_the_closed_form() -> None:
                              population=20, delta=DELTA)
     events, claimed = [], []
     for r in range(1, 5):
-        strategy.released.append(0.8)
+        release = ClientLevelGaussian(0.8, 1.0, 20, 4, sample_rate=1.0)
+        strategy.releases.append(release)
         claimed.append(strategy.epsilon())
-        events.append(ClientDpEvent(round=r, mechanism=GAUSSIAN_FIXED_CLIPPING,
-                                    noise_multiplier=0.8, clipping_norm=1.0, population=20,
-                                    sampled=4, delta=DELTA,
-                                    params={"sample_rate": 1.0, "accountant": "pld"}))
+        events.append(ClientDpEvent(round=r, mechanism=release, delta=DELTA, accountant="pld"))
     assert replay_client_level(events).epsilons == pytest.approx(claimed, rel=0.01)
-    rdp_events = [ClientDpEvent(**{**vars(e), "params": {"sample_rate": 1.0}}) for e in events]
+    rdp_events = [dataclasses.replace(e, accountant=None) for e in events]
     assert replay_client_level(rdp_events).final > claimed[-1]
 
 
-def test_client_mechanism_registry_dispatch_and_unknown() -> None:
-    event = ClientDpEvent(round=1, mechanism="custom", noise_multiplier=1.0, clipping_norm=1.0,
-                          population=10, sampled=5, delta=DELTA)
-    registry = ClientMechanismRegistry()
+@dataclasses.dataclass(frozen=True)
+class CustomMechanism(ClientLevelMechanism):
+    KIND: ClassVar[str] = "custom"
+
+
+def test_client_replays_dispatch_on_the_mechanism_class_and_refuse_unknown() -> None:
+    event = ClientDpEvent(round=1, mechanism=CustomMechanism(1.0, 1.0, 10, 5), delta=DELTA)
+    registry = ClientReplays()
     with pytest.raises(UnknownMechanism, match="custom"):
         replay_client_level([event], registry=registry)
-    registry.register("custom", lambda evs, d: [42.0] * len(evs))
+    registry.register(CustomMechanism, lambda mechanisms, events, d: [42.0] * len(events))
     assert replay_client_level([event], registry=registry).final == 42.0
-    ddg = ClientDpEvent(round=1, mechanism=DISTRIBUTED_DISCRETE_GAUSSIAN, noise_multiplier=1.0,
-                        clipping_norm=1.0, population=10, sampled=5, delta=DELTA)
-    # the distributed discrete Gaussian replay is a plugin that needs the mechanism's params
-    with pytest.raises(ValueError, match=r"params\.ddg"):
-        replay_client_level([ddg], registry=ClientMechanismRegistry())
+    fixed = ClientDpEvent(round=2, mechanism=ClientLevelGaussian(1.0, 1.0, 10, 5), delta=DELTA)
+    with pytest.raises(UnknownMechanism, match="mix"):
+        replay_client_level([event, fixed], registry=registry)
 
 
 def test_client_level_without_amplification_matches_flwr() -> None:
@@ -161,7 +162,6 @@ def test_client_level_without_amplification_matches_flwr() -> None:
     for r in range(1, 4):
         flwr_acc.compose(GaussianPrivacyEvent(2.0, 4, 20))
         claimed.append(flwr_acc.get_epsilon(DELTA))
-        events.append(ClientDpEvent(round=r, mechanism=GAUSSIAN_FIXED_CLIPPING,
-                                    noise_multiplier=2.0, clipping_norm=1.0, population=20,
-                                    sampled=4, delta=DELTA, params={"sample_rate": 1.0}))
+        events.append(ClientDpEvent(round=r, mechanism=ClientLevelGaussian(
+            2.0, 1.0, 20, 4, sample_rate=1.0), delta=DELTA))
     assert replay_client_level(events).epsilons == pytest.approx(claimed, rel=0.01)

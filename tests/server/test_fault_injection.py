@@ -32,13 +32,12 @@ import peft  # noqa: F401  (a run imports it lazily: once here, not in every chi
 import pytest
 import torch
 
-import confide.audit.report
-import confide.encoding  # imported lazily by a run: once here, not in every child
+import confide.encoding  # noqa: F401  (imported lazily by a run: once here, not in every child)
 from confide.audit.verify import verify_run
 from confide.clients.node_state import STATE_FILE, NodeState
 from confide.config import build_config
 from confide.privacy import ledger_events as E
-from confide.privacy.accountant import PartnerAccountant, SampledGaussianEvent, epsilon_of
+from confide.privacy.accountant import PartnerAccountant, epsilon_of
 from confide.privacy.crash_points import CRASH_AT_ENV, CRASH_EXIT_CODE
 from confide.privacy.ledger import (
     canonical_json,
@@ -46,6 +45,7 @@ from confide.privacy.ledger import (
     load_private_key,
     read_lines,
 )
+from confide.privacy.mechanisms import SampledGaussian
 from confide.server.federation import Federation
 from tests.inprocess import InProcessGrid
 
@@ -70,9 +70,6 @@ STAGES = {
 
 def _federate(out: Path, nodes: Path, crash_at: str | None, resume: bool) -> None:
     torch.set_num_threads(1)  # 2 shared cores: no oversubscription
-    # report.html (plots and a second full audit) is half a finished run's time and not
-    # what this suite checks; the run's ledger, metrics, summary and model are all written
-    confide.audit.report.write_report = lambda *_args, **_kwargs: None  # type: ignore
     os.environ.pop(CRASH_AT_ENV, None)
     if crash_at:
         os.environ[CRASH_AT_ENV] = crash_at
@@ -122,8 +119,8 @@ class Run:
     def node_events(self) -> list[tuple[str, list[tuple[float, float, int, int]]]]:
         """Each node's events of this run: (noise multiplier, sample rate, steps, round)."""
         key = self.run_key()
-        return [(p, [(e.noise_multiplier, e.sample_rate, e.steps, e.round)
-                     for e in acc.history if e.run == key])
+        return [(p, [(s.mechanism.noise_multiplier, s.mechanism.sample_rate,
+                      s.mechanism.steps, s.round) for s in acc.history if s.run == key])
                 for p, acc in self.node_accountants()]
 
     def ledger_events(self, partner: str) -> list[tuple[float, float, int, int]]:
@@ -197,7 +194,7 @@ def test_server_killed_at_each_stage_resumes_with_nothing_lost_or_counted_twice(
         # no record lost, none invented: the partner's own record of this run is the ledger's
         assert sorted(run.ledger_events(partner)) == sorted(events), partner
         # the claim is what the partner's own accountant says of its events
-        own = epsilon_of([SampledGaussianEvent(s, q, k) for s, q, k, _ in events], delta)
+        own = epsilon_of([SampledGaussian(s, q, k) for s, q, k, _ in events], delta)
         assert claimed[partner] == pytest.approx(own, rel=1e-9)
         rounds = sorted(r for *_, r in events)
         if not STAGES[stage]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from confide.audit.verify import verify_run
-from confide.privacy.accountant import SampledGaussianEvent, pld_epsilon
+from confide.privacy.accountant import pld_epsilon
+from confide.privacy.mechanisms import SampledGaussian
 from confide.server.federation import CRASH_AFTER_ROUND_ENV
 
 ARGS = ["--model", "tiny", "--clients", "2", "--rounds", "2", "--fine-tune", "lora",
@@ -57,12 +58,11 @@ def test_resumed_run_matches_uninterrupted(runs: tuple[Path, None]) -> None:
     # claim is PLD of exactly its r recorded events (an uninterrupted run records the same
     # events: noise-multiplier is fixed, rates and steps follow from the seeded split).
     entries = [json.loads(x) for x in (crashed / "ledger.jsonl").read_text().splitlines()]
-    events: dict[str, list[SampledGaussianEvent]] = {}
+    events: dict[str, list[SampledGaussian]] = {}
     for e in entries:
         if e["type"] == "example_dp":
             pay = e["payload"]
-            events.setdefault(pay["partner"], []).append(SampledGaussianEvent(
-                pay["noise_multiplier"], pay["sample_rate"], int(pay["steps"])))
+            events.setdefault(pay["partner"], []).append(SampledGaussian.from_json(pay))
     assert all(len(ev) == 2 for ev in events.values()) and len(events) == 2
     for r, row in enumerate(a, start=1):
         for partner, eps in row["epsilon_example_level"].items():

@@ -12,7 +12,8 @@ import pytest
 from confide.audit.verify import verify_run
 from confide.config import build_config
 from confide.privacy import ledger_events as E
-from confide.privacy.accountant import SampledGaussianEvent, calibrate_noise, pld_epsilon
+from confide.privacy.accountant import calibrate_noise, pld_epsilon
+from confide.privacy.mechanisms import SharedNoiseSampledGaussian
 from confide.privacy.replay import replay_example_level
 from confide.simulation.runner import simulate
 
@@ -61,8 +62,10 @@ def test_ledger_records_the_shared_mechanism_per_partner(run_dir: Path) -> None:
     assert len(sigma) == 1  # one sigma per run
     rates = {e.sample_rate for e in events}
     for e in events:
-        assert e.noise == "shared" and e.steps == 1 and e.colluders == 0
-        assert e.noise_shares >= 1 and 0 < e.tv_slack < 1e-6
+        m = e.mechanism
+        assert isinstance(m, SharedNoiseSampledGaussian)
+        assert m.steps == 1 and m.colluders == 0
+        assert m.noise_shares >= 1 and 0 < m.tv_slack < 1e-6
         assert e.receipt is not None and e.receipt["payload"]["noise"] == "shared"
     # one sampling rate for every partner (central DP-SGD on the union), calibrated so it
     # reaches the target after 2 rounds: every partner ends at the target
@@ -80,8 +83,8 @@ def test_ledger_records_the_shared_mechanism_per_partner(run_dir: Path) -> None:
     for partner, rep in replay.items():
         mine = [e for e in events if e.partner == partner]
         assert rep.final == pytest.approx(mine[-1].epsilon_claimed, rel=0.01)
-        assert pld_epsilon([SampledGaussianEvent(e.noise_multiplier, e.sample_rate, 1)
-                            for e in mine], 1e-5) == pytest.approx(mine[-1].epsilon_claimed)
+        assert pld_epsilon([e.mechanism for e in mine], 1e-5) == pytest.approx(
+            mine[-1].epsilon_claimed)
 
 
 def test_audit_verify_passes_and_checks_the_noise_shares(run_dir: Path, tmp_path: Path

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from confide import wire as W
+from confide.privacy.mechanisms import ClientLevelGaussian
 from confide.strategies.client_level_dp import ClientLevelDp, clip_l2
 from confide.strategies.delta_fedavg import DeltaFedAvg
 from tests.strategies.conftest import reply
@@ -60,9 +61,8 @@ def test_client_level_dp_clips_and_noises_with_the_right_scale() -> None:
     clipped_mean = 1.0 / np.sqrt(20000)  # each update clipped to norm 1, equal weights
     assert abs(w.mean() - clipped_mean) < 4 * 0.125 / np.sqrt(20000)  # 4 std errors
     assert w.std() == pytest.approx(0.5 * 1.0 / 4, rel=0.03)
-    assert dp.last_event == {"mechanism": "gaussian_fixed_clipping", "noise_multiplier": 0.5,
-                             "clipping_norm": 1.0, "population": 10, "sampled": 4,
-                             "sample_rate": 1.0, "accountant": "pld"}
+    assert dp.last_release == ClientLevelGaussian(noise_multiplier=0.5, clipping_norm=1.0,
+                                                  population=10, sampled=4, sample_rate=1.0)
     eps1 = dp.epsilon()
     dp.aggregate_train(2, [reply(i, big, 1) for i in range(4)])
     assert dp.epsilon() > eps1 > 0

@@ -6,12 +6,17 @@ from __future__ import annotations
 from confide.audit.checks.base import REL_TOLERANCE, CheckResult, close
 from confide.audit.checks.loaded_run import LoadedRun
 from confide.privacy import ledger_events as ev
+from confide.privacy.mechanisms import SampledGaussian
 from confide.privacy.receipts import ReceiptError, mismatches, verify_receipt
-from confide.privacy.refusals import mechanisms, refusal_mismatches, verify_refusal
-from confide.privacy.replay import _cumulative_rdp, prv_epsilon
+from confide.privacy.refusals import (
+    lifetime_spends,
+    refusal_mismatches,
+    verify_refusal,
+)
+from confide.privacy.replay import replay_sampled_gaussians
 
-# (noise multiplier, sample rate, steps, round) of one example_dp event
-RunEvent = tuple[float, float, int, int]
+# what one example_dp event of a partner composes, and its round
+RunEvent = tuple[SampledGaussian, int]
 
 
 def check_receipts(run: LoadedRun) -> CheckResult:
@@ -70,8 +75,7 @@ def check_replay(run: LoadedRun) -> CheckResult:
         if isinstance(e, ev.ExampleDpEvent):
             point = replay.example_at[i]
             current[e.partner] = point.epsilon
-            history.setdefault(e.partner, []).append(
-                (e.noise_multiplier, e.sample_rate, e.steps, e.round))
+            history.setdefault(e.partner, []).append((e.mechanism.sampled_gaussian, e.round))
             if not close(e.epsilon_claimed, point.epsilon):
                 c.add(f"partner {e.partner} round {e.round}: claimed epsilon "
                       f"{e.epsilon_claimed:.6g} ({e.accountant}), independent {point.method} "
@@ -115,11 +119,12 @@ def _check_lifetime_refusal(run: LoadedRun, c: CheckResult, i: int, e: ev.Budget
     except ReceiptError:
         return  # the receipts check names it
     pay = rec.payload
-    events = pay["lifetime_events"]
+    spends, planned = lifetime_spends(rec)
     delta = run.delta if run.delta is not None else float(pay["delta"])
-    lifetime = _replay_events(mechanisms(events), str(pay["accountant"]), delta)
-    would_be = _replay_events(mechanisms([*events, pay["planned"]]), str(pay["accountant"]),
-                              delta)
+    signed = [s.mechanism for s in spends]
+    lifetime = replay_sampled_gaussians(signed, delta, str(pay["accountant"]))
+    would_be = replay_sampled_gaussians([*signed, planned.mechanism], delta,
+                                        str(pay["accountant"]))
     who = f"budget refusal of {e.partner}"
     if not close(e.spent_epsilon, lifetime[1]):
         c.add(f"{who}: stated lifetime spend {e.spent_epsilon:.6g}, replay of its signed "
@@ -133,22 +138,11 @@ def _check_lifetime_refusal(run: LoadedRun, c: CheckResult, i: int, e: ev.Budget
     if e.spent_epsilon < run_spent * (1 - REL_TOLERANCE):
         c.add(f"{who}: stated lifetime spend {e.spent_epsilon:.6g} is below this run's "
               f"replay {run_spent:.6g}", i)
-    signed_here = [(float(x["noise_multiplier"]), float(x["sample_rate"]), int(x["steps"]),
-                    int(x.get("round", 0))) for x in events
-                   if x.get("run") == run.run_key]
+    signed_here = [(s.mechanism, s.round) for s in spends if s.run == run.run_key]
     for event in run_events:
         if event in signed_here:
             signed_here.remove(event)
         else:
-            c.add(f"{who}: its signed lifetime events omit this run's round {event[3]} "
+            c.add(f"{who}: its signed lifetime events omit this run's round {event[1]} "
                   "(the stated spend leaves out budget this ledger records)", i)
             break
-
-
-def _replay_events(params: tuple[tuple[float, float, int], ...], accountant: str,
-                   delta: float) -> tuple[float | None, float]:
-    """(PRV lower bound or None, independent estimate) of a composition."""
-    if accountant == "pld":
-        low, est, _ = prv_epsilon(params, delta)
-        return low, est
-    return None, (_cumulative_rdp(params, delta)[-1] if params else 0.0)

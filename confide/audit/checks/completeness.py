@@ -11,6 +11,7 @@ from confide.audit.checks.ledger_walk import IndexedEvent
 from confide.audit.checks.loaded_run import LoadedRun
 from confide.config import recorded_value
 from confide.privacy import ledger_events as ev
+from confide.privacy.mechanisms import SharedNoiseSampledGaussian
 
 
 def check_completeness(run: LoadedRun) -> CheckResult:
@@ -114,26 +115,27 @@ def _check_shared_noise(run: LoadedRun, r: int, kinds: dict[str, list[IndexedEve
         min_survivors = math.ceil(n * t / (min(k, n - 1) + 1)) if n > 1 else None
     for i, e in kinds.get(ev.EXAMPLE_DP, []):
         assert isinstance(e, ev.ExampleDpEvent)
-        if (e.noise == "shared") != shared:
-            c.add(f"example_dp of partner {e.partner} round {r} has noise = {e.noise!r}, "
+        m = e.mechanism
+        if isinstance(m, SharedNoiseSampledGaussian) != shared:
+            c.add(f"example_dp of partner {e.partner} round {r} has noise = {m.NOISE!r}, "
                   f"but the run's example-dp-noise is "
                   f"{recorded_value(run.config, 'example-dp-noise')!r}", i)
             continue
-        if not shared:
+        if not isinstance(m, SharedNoiseSampledGaussian):
             continue
-        if e.colluders != colluders:
-            c.add(f"example_dp of partner {e.partner} round {r}: colluders {e.colluders}, "
+        if m.colluders != colluders:
+            c.add(f"example_dp of partner {e.partner} round {r}: colluders {m.colluders}, "
                   f"the run's dp-colluders is {colluders}", i)
         if min_survivors is None:
             c.add(f"shared-noise example_dp of partner {e.partner} round {r} without a "
                   "secure_aggregation event to check its noise shares against", i)
-        elif e.noise_shares != min_survivors - colluders:
-            c.add(f"example_dp of partner {e.partner} round {r}: {e.noise_shares} noise "
+        elif m.noise_shares != min_survivors - colluders:
+            c.add(f"example_dp of partner {e.partner} round {r}: {m.noise_shares} noise "
                   f"shares accounted, but min_survivors {min_survivors} - colluders "
                   f"{colluders} = {min_survivors - colluders}", i)
     if shared and min_survivors is not None:
         for e in secure:
-            if e.aborted is None and len(e.participants) < min_survivors:
+            if e.abort is None and len(e.participants) < min_survivors:
                 c.add(f"round {r}: secure sum released with {len(e.participants)} inputs "
                       f"< min_survivors {min_survivors}: fewer noise shares than "
                       "accounted")

@@ -186,10 +186,10 @@ def replay_ledger(events: Sequence[IndexedEvent], delta: float | None, *, pld: b
         example_at[i] = ReplayPoint(rep.epsilons[k], rep.lower_bounds[k], rep.methods[k])
         cursor[e.partner] = k + 1
     client, client_at, failure = None, {}, None
-    odd = [i for i, e in clients if e.mechanism != clients[0][1].mechanism]
+    odd = [i for i, e in clients if e.mechanism.kind != clients[0][1].mechanism.kind]
     if odd:
         failure = (f"client-level events mix mechanisms "
-                   f"{sorted({e.mechanism for _, e in clients})}", odd[0])
+                   f"{sorted({e.mechanism.kind for _, e in clients})}", odd[0])
     elif clients:
         try:
             client = replay_client_level([e for _, e in clients], delta)

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
+from confide.privacy.mechanisms import DistributedDiscreteGaussian
+
 from .config import SecAggConfig
 from .quantize import UpdateEncoder
 
@@ -77,6 +79,25 @@ def ddg_params_from_config(config: SecAggConfig) -> DDGParams:
     d2 = enc.l2_sensitivity
     d1 = min(d2 * d2, math.sqrt(enc.dim) * d2)
     return DDGParams(d2, d1, enc.local_noise_sigma_int, config.min_survivors, enc.dim)
+
+
+def ddg_mechanism(config: SecAggConfig, *, noise_multiplier: float, clipping_norm: float,
+                  population: int, sampled: int, released: bool) -> DistributedDiscreteGaussian:
+    """One round's mechanism event under session `config` (requires ``noise_stddev``): its
+    DDG parameters, no amplification by sampling claimed (the cohorts are fixed-size
+    samples), and whether the secure sum was released."""
+    p = ddg_params_from_config(config)
+    return DistributedDiscreteGaussian(
+        noise_multiplier=noise_multiplier, clipping_norm=clipping_norm, population=population,
+        sampled=sampled, l2_sensitivity=p.l2_sensitivity, l1_sensitivity=p.l1_sensitivity,
+        local_sigma=p.local_sigma, num_summed=p.num_summed, dim=p.dim, sampling_rate=1.0,
+        released=released, min_survivors=config.min_survivors,
+        noise_stddev=config.noise_stddev, bits=config.bits)
+
+
+def ddg_params_of(mechanism: DistributedDiscreteGaussian) -> DDGParams:
+    m = mechanism
+    return DDGParams(m.l2_sensitivity, m.l1_sensitivity, m.local_sigma, m.num_summed, m.dim)
 
 
 def ddg_tau(local_sigma: float, num_summed: int) -> float:
@@ -222,6 +243,12 @@ class DistributedDGAccountant:
         self._rdp = np.zeros(len(self.orders))
         self.events: list[dict] = []
 
+    def record(self, mechanism: DistributedDiscreteGaussian) -> None:
+        """Add one round's mechanism event (an unreleased round adds nothing to the RDP,
+        but counts: see DistributedDiscreteGaussian)."""
+        self.step(ddg_params_of(mechanism), mechanism.sampling_rate,
+                  rounds=int(mechanism.released))
+
     def step(self, params: DDGParams, sampling_rate: float = 1.0, rounds: int = 1) -> None:
         if rounds < 0:
             raise ValueError("rounds must be >= 0")
@@ -248,25 +275,3 @@ class DistributedDGAccountant:
         if len(rdp) != len(orders):
             raise ValueError("state_dict orders and rdp lengths differ")
         self.orders, self._rdp, self.events = orders, rdp, list(state["events"])
-
-
-def ledger_replay(events: Sequence[object], delta: float) -> list[float]:
-    """Cumulative client-level epsilon after each ledger CLIENT_DP event of mechanism
-    "distributed_discrete_gaussian" (the hook :mod:`confide.privacy.replay` loads).
-
-    Each event's ``params`` carry ``ddg`` (the :class:`DDGParams` fields of that round),
-    ``sampling_rate`` and ``released`` (False for a round that aborted before anything was
-    unmasked: it composes nothing, the server learnt nothing)."""
-    accountant = DistributedDGAccountant()
-    out = []
-    for event in events:
-        params = dict(getattr(event, "params", {}) or {})
-        if "ddg" not in params:
-            raise ValueError("distributed_discrete_gaussian event without params.ddg")
-        ddg = DDGParams(**{k: params["ddg"][k] for k in
-                           ("l2_sensitivity", "l1_sensitivity", "local_sigma", "num_summed",
-                            "dim")})
-        released = bool(params.get("released", True))
-        accountant.step(ddg, float(params.get("sampling_rate", 1.0)), rounds=int(released))
-        out.append(accountant.epsilon(delta))
-    return out

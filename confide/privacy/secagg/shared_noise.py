@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from confide.privacy.mechanisms import SharedNoiseSampledGaussian
+
 from .ddg_accounting import ddg_tau
 from .discrete_gaussian import sample_discrete_gaussian, sampler_tv_per_sample
 from .errors import SecAggValidationError
@@ -177,6 +179,13 @@ class SharedNoiseConfig:
                           + ddg_tau(self.local_sigma, self.num_clients)
                           + 1.0 / (24.0 * s2))
         return self.dim * per_coordinate
+
+    def mechanism(self, sample_rate: float) -> SharedNoiseSampledGaussian:
+        """A partner's mechanism event for this round, sampling its records at
+        `sample_rate`: one step with the effective multiplier over m honest shares."""
+        return SharedNoiseSampledGaussian(
+            self.effective_noise_multiplier, sample_rate, 1, noise_shares=self.m,
+            colluders=self.colluders, tv_slack=self.tv_slack())
 
     # -- wire -------------------------------------------------------------------------
     def to_json(self) -> str:
