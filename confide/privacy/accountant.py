@@ -176,7 +176,8 @@ class RdpAnalysis:
 
     def epsilon(self, mechanisms: Sequence[Mechanism], delta: float) -> float:
         """Epsilon of the composition of `mechanisms` (pure)."""
-        return self.cumulative(_counted(mechanisms), delta, every=False)[-1]
+        counted = _counted(mechanisms)
+        return self.cumulative(counted, delta, every=False)[-1] if counted else 0.0
 
     def cumulative(self, mechanisms: Sequence[Mechanism], delta: float, *,
                    every: bool = True) -> list[float]:
@@ -193,7 +194,7 @@ class RdpAnalysis:
             if every or k == len(mechanisms) - 1:
                 out.append(math.inf if noiseless else 0.0 if total is None
                            else self.to_epsilon(self.orders, total, delta))
-        return out or [0.0]
+        return out
 
 
 def _opacus_epsilon(orders: Sequence[float], rdp: np.ndarray, delta: float) -> float:
