@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from confide.audit.canary import INSERTED, CanaryFormat
-from confide.audit.canary_audit import CanarySettings, run_canary_audit
 from confide.config import build_config
+from confide.empirical.canaries import CanarySettings, run_canary_audit
 
 E2E = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "e2e"
 

@@ -233,7 +233,7 @@ def _audit(args: argparse.Namespace) -> int:
             print(f"  {path}")
         return 0
     if args.audit_command == "empirical":
-        from confide.audit.empirical import main as empirical_main
+        from confide.empirical.one_run import main as empirical_main
 
         return empirical_main(args)
     return 1

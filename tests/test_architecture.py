@@ -31,3 +31,12 @@ def test_architecture_doc_names_every_layer_of_the_contract() -> None:
     missing = sorted(n for n in names if f"`{n}" not in doc and f"{n}/" not in doc
                      and f"{n}.py" not in doc)
     assert not missing, f"docs/ARCHITECTURE.md does not name {missing}"
+
+
+def test_no_contract_excuses_an_import() -> None:
+    # "no import cycle anywhere" (issue 12): an ignored import would be a cycle or an
+    # upward import let through
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    excused = {c["name"]: c.get("ignore_imports") for c in config["contracts"]
+               if c.get("ignore_imports") or c.get("allow_indirect_imports")}
+    assert not excused, excused

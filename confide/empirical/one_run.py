@@ -14,7 +14,7 @@ The bound is a lower bound: on an honest DP run it must stay below the claimed e
 clearly higher bound.
 
 For causal-LM configurations (task = 'causal-lm') `confide audit empirical` runs the canary
-exposure audit of `confide.audit.canary_audit` instead (secrets a language model can repeat).
+exposure audit of `confide.empirical.canaries` instead (secrets a language model can repeat).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def main(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose another --out")
     if cfg.task == "causal-lm":  # a generative model: canary exposure (Secret Sharer)
-        from confide.audit.canary_audit import main as canary_main
+        from confide.empirical.canaries import main as canary_main
 
         return canary_main(args, cfg, out)
     canaries = 200 if getattr(args, "canaries", None) is None else args.canaries

@@ -27,13 +27,13 @@ from confide.audit.canary import (
     rank_exposures,
     sample_secrets,
 )
-from confide.audit.canary_audit import (
+from confide.cli import main
+from confide.empirical.canaries import (
     SECRETS_FILE,
     CanaryAuditError,
     check_trained,
     insert_rows,
 )
-from confide.cli import main
 from confide.run_layout import CANARY_EXPOSURE_FILE
 from confide.tasks.causal_lm import PromptDataset
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from confide.audit.empirical import guess_and_count, run_empirical_audit
 from confide.audit.empirical_bounds import (
     epsilon_lower_bound,
     max_certifiable_epsilon,
@@ -19,6 +18,7 @@ from confide.audit.empirical_bounds import (
 )
 from confide.config import build_config
 from confide.data import synthetic_sentiment
+from confide.empirical.one_run import guess_and_count, run_empirical_audit
 
 NOISE_OFF_THRESHOLD = 1.5  # stated: with noise off the audit must certify more than this
 
