@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,13 @@ def main() -> None:
                          "of the rows, which is what the shared-noise mode releases (one "
                          "noisy sum per step, its noise summed from the partners' shares)")
     ap.add_argument("--max-length", type=int, default=96)
-    ap.add_argument("--out", default="", help="append result rows (JSON lines) here")
+    ap.add_argument("--out", default="",
+                    help="append each result row here (JSON lines) as soon as it is measured; "
+                         "rows already in it (same setting, model and rows) are not rerun")
+    ap.add_argument("--only", default="zero-shot,central,central-dp,fed,fed-dp,ratio",
+                    help="settings to run, in this order: zero-shot, central, central-dp "
+                         "(one row per --epsilons), fed, fed-dp (one row per --epsilons), "
+                         "ratio; e.g. fed-dp:8 for one epsilon only")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = build_config({"task": "causal-lm", "model": args.model, "prompt-column": "mr",
@@ -73,17 +80,28 @@ def main() -> None:
     model = build_model(task.model_spec(2))
     start_state = trainable_state(model)
     evaluator = task.evaluator(evaluation)
+    out = Path(args.out) if args.out else None
     rows: list[dict[str, object]] = []
+    if out is not None and out.exists():
+        rows = [r for r in map(json.loads, out.read_text().splitlines())
+                if r.get("model") == args.model and r.get("rows") in (None, len(train))]
+    done = {str(r["setting"]) for r in rows}
+
+    def record(row: dict[str, object]) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if out is not None:
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
 
     def evaluate(name: str, seconds: float) -> None:
         t0 = time.perf_counter()
         ev = evaluator(model, torch.device("cpu"), round_=args.rounds, final=True)
-        row = {"setting": name, **{k: round(v, 3) for k, v in ev.metrics.items()},
-               "train_seconds": round(seconds, 1),
-               "eval_seconds": round(time.perf_counter() - t0, 1),
-               "model": args.model, "rows": len(train), "partners": args.partners}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        record({"setting": name, **{k: round(v, 3) for k, v in ev.metrics.items()},
+                "train_seconds": round(seconds, 1),
+                "eval_seconds": round(time.perf_counter() - t0, 1),
+                "model": args.model, "rows": len(train), "partners": args.partners,
+                "rounds": args.rounds, "dp_batch": dp_batch, "dp_lr": dp_lr})
 
     dp_batch = args.dp_batch_size or args.batch_size
     dp_lr = args.dp_lr or args.lr
@@ -94,26 +112,21 @@ def main() -> None:
                  physical_batch_size=args.batch_size, epochs=epochs, optimizer="adam",
                  learning_rate=dp_lr if dp else args.lr, dp=dp, objective=task.objective)
 
-    evaluate("zero-shot", 0.0)
-    t0 = time.perf_counter()
-    local(dict(task.encode(train)), 0.0, False, float(args.rounds))
-    evaluate("central non-DP", time.perf_counter() - t0)
-    if args.central_dp:
+    def central(eps: float | None) -> None:
+        load_trainable_state(model, start_state)
         union = dict(task.encode(train))
-        q = min(1.0, dp_batch / len(union["labels"]))
-        for e in args.epsilons.split(","):
-            load_trainable_state(model, start_state)
-            sigma = calibrate_noise(float(e), 1e-5, q, max(1, round(args.rounds / q)))
-            t0 = time.perf_counter()
-            local(union, sigma, True, float(args.rounds))
-            evaluate(f"central DP eps={e} (= shared noise)", time.perf_counter() - t0)
+        q = min(1.0, (dp_batch if eps else args.batch_size) / len(union["labels"]))
+        sigma = 0.0 if eps is None else calibrate_noise(
+            eps, 1e-5, q, max(1, round(args.rounds / q)))
+        t0 = time.perf_counter()
+        local(union, sigma, eps is not None, float(args.rounds))
+        evaluate(name, time.perf_counter() - t0)
 
     parts = [dict(task.encode(p)) for p in
              partition(train, args.partners, "iid", seed=0)]
     sizes = np.array([len(p["labels"]) for p in parts], dtype=float)
-    settings = [("federated non-DP", None)] + [
-        (f"federated DP eps={e}", float(e)) for e in args.epsilons.split(",")]
-    for name, eps in settings:
+
+    def federated(eps: float | None) -> None:
         load_trainable_state(model, start_state)
         state = trainable_state(model)
         t0 = time.perf_counter()
@@ -132,31 +145,57 @@ def main() -> None:
         load_trainable_state(model, state)
         evaluate(name, time.perf_counter() - t0)
 
-    # DP step vs non-DP step, same batch, same model (median of 3 each)
-    batch = {k: v[:args.batch_size] for k, v in task.encode(train).items()}
-    times = {}
-    for dp in (False, True):
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            train_dp(model, batch, noise_multiplier=1.0, max_grad_norm=1.0,
-                     batch_size=len(batch["labels"]), physical_batch_size=args.batch_size,
-                     epochs=1.0, learning_rate=1e-6, dp=dp, objective=task.objective)
-            runs.append(time.perf_counter() - t0)
-        times[dp] = float(np.median(runs))
-    ratio = {"setting": "DP step / non-DP step", "dp_seconds": round(times[True], 3),
-             "non_dp_seconds": round(times[False], 3),
-             "ratio": round(times[True] / times[False], 3), "model": args.model}
-    rows.append(ratio)
-    print(json.dumps(ratio))
+    def step_ratio() -> None:
+        """DP step vs non-DP step, same batch, same model (median of 3 each)."""
+        batch = {k: v[:args.batch_size] for k, v in task.encode(train).items()}
+        times = {}
+        for dp in (False, True):
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                train_dp(model, batch, noise_multiplier=1.0, max_grad_norm=1.0,
+                         batch_size=len(batch["labels"]), physical_batch_size=args.batch_size,
+                         epochs=1.0, learning_rate=1e-6, dp=dp, objective=task.objective)
+                runs.append(time.perf_counter() - t0)
+            times[dp] = float(np.median(runs))
+        record({"setting": name, "dp_seconds": round(times[True], 3),
+                "non_dp_seconds": round(times[False], 3),
+                "ratio": round(times[True] / times[False], 3), "model": args.model})
+
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    plan: list[tuple[str, Any]] = []
+    for key in args.only.split(","):
+        kind, _, only_eps = key.partition(":")
+        eps_list = [float(only_eps)] if only_eps else epsilons
+        if kind == "zero-shot":
+            plan.append(("zero-shot", lambda: evaluate(name, 0.0)))
+        elif kind == "central":
+            plan.append(("central non-DP", lambda: central(None)))
+        elif kind == "central-dp":
+            plan += [(f"central DP eps={e:g} (= shared noise)",
+                      lambda e=e: central(e)) for e in eps_list]
+        elif kind == "fed":
+            plan.append(("federated non-DP", lambda: federated(None)))
+        elif kind == "fed-dp":
+            plan += [(f"federated DP eps={e:g}", lambda e=e: federated(e)) for e in eps_list]
+        elif kind == "ratio":
+            plan.append(("DP step / non-DP step", step_ratio))
+        else:
+            raise SystemExit(f"--only: unknown setting {key!r}")
+    for name, run in plan:
+        if name in done:
+            print(f"{name}: already in {out}", flush=True)
+            continue
+        run()
+
     print("\n| setting | perplexity | BLEU | ROUGE-L | train s |\n|---|---|---|---|---|")
-    for r in rows[:-1]:
-        print(f"| {r['setting']} | {r['perplexity']:.2f} | {r['bleu']:.1f} | "
-              f"{r['rouge_l']:.1f} | {r['train_seconds']} |")
-    print(f"\nDP step / non-DP step: {ratio['ratio']}x")
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    for r in rows:
+        if "perplexity" in r:
+            print(f"| {r['setting']} | {r['perplexity']:.2f} | {r['bleu']:.1f} | "
+                  f"{r['rouge_l']:.1f} | {r['train_seconds']} |")
+    for r in rows:
+        if "ratio" in r:
+            print(f"\nDP step / non-DP step: {r['ratio']}x")
 
 
 if __name__ == "__main__":
