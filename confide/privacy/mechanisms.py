@@ -329,7 +329,9 @@ class DistributedDiscreteGaussian(ClientLevelMechanism):
     def params(self) -> dict[str, Any]:
         session = {"min_survivors": self.min_survivors, "noise_stddev": self.noise_stddev,
                    "bits": self.bits}
-        return {"ddg": {k: getattr(self, k) for k in self.DDG_FIELDS},
+        # the DDG numbers in the order a parsed entry has them (canonical JSON sorts keys),
+        # so that whoever prints them sees one order
+        return {"ddg": {k: getattr(self, k) for k in sorted(self.DDG_FIELDS)},
                 "sampling_rate": self.sampling_rate, "released": self.released,
                 **{k: v for k, v in session.items() if v is not None}}
 

@@ -3,6 +3,7 @@ verifies and replays to the numbers that version computed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,19 @@ def _events(group: str) -> list[Any]:
 def test_payloads_parse_and_keep_their_bytes(entry: dict[str, Any]) -> None:
     event = ev.parse_payload(entry["type"], entry["payload"])
     assert canonical_json(event.to_payload()) == canonical_json(entry["payload"])
+
+
+def test_client_level_params_read_as_they_were_written() -> None:
+    """The report prints a client_dp's params, sorted, nested objects as Python dicts: the
+    same text whether the event was parsed from the ledger or built by the server."""
+    for entry in [*V1["client_fixed"], *V1["client_ddg"]]:
+        event = ev.parse_payload(entry["type"], entry["payload"])
+        assert isinstance(event, ev.ClientDpEvent)
+        built = ev.ClientDpEvent(round=event.round, mechanism=dataclasses.replace(
+            event.mechanism), delta=event.delta, accountant=event.accountant)
+        shown = [repr(sorted(params.items())) for params in
+                 (built.params, event.params, entry["payload"]["params"])]
+        assert shown[0] == shown[1] == shown[2]
 
 
 def test_each_entry_holds_its_mechanism() -> None:
