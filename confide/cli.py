@@ -78,14 +78,10 @@ def _simulate_parser(sub: Any) -> None:
 def _audit_parser(sub: Any) -> None:
     p = sub.add_parser("audit", help="check a run's privacy record")
     asub = p.add_subparsers(dest="audit_command", required=True)
-    v = asub.add_parser("verify", help="verify ledger chain, signatures, receipts, epsilons")
-    v.add_argument("run_dir")
-    v.add_argument("--public-key", metavar="FILE",
-                   help="the server's ledger key, obtained out of band (PEM, or its 64 hex "
-                   "digits): every ledger signature must verify with it (default: "
-                   "RUN_DIR/ledger_public_key.pem if present)")
-    v.add_argument("--json", action="store_true",
-                   help="print the result (verdict, checks, epsilons) as JSON")
+    from confide.audit.verify import add_arguments as add_verify_arguments
+
+    add_verify_arguments(asub.add_parser(
+        "verify", help="verify ledger chain, signatures, receipts, epsilons"))
     r = asub.add_parser("report", help="write report.html and report.md")
     r.add_argument("run_dir")
     r.add_argument("--out", help="HTML path (default RUN_DIR/report.html)")
@@ -214,11 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     if args.audit_command == "verify":
-        from confide.audit.verify import main as verify_main
-
-        return verify_main([args.run_dir,
-                            *(["--public-key", args.public_key] if args.public_key else []),
-                            *(["--json"] if args.json else [])])
+        from confide.audit.verify import run as verify
+        return verify(args)
     if args.audit_command == "report":
         from confide.audit.report import write_report
         from confide.run_layout import LEDGER_FILE

@@ -36,6 +36,8 @@ from typing import Any
 from confide.audit.checks.base import CheckResult
 from confide.audit.checks.claims import check_receipts, check_replay
 from confide.audit.checks.completeness import check_completeness
+from confide.audit.checks.cross_run import NAME as CROSS_RUN_CHECK
+from confide.audit.checks.cross_run import check_earlier_runs
 from confide.audit.checks.integrity import check_chain, check_ordering, check_payloads
 from confide.audit.checks.loaded_run import LoadedRun, load_run
 from confide.audit.checks.outputs import check_metrics, check_model, check_summary
@@ -138,12 +140,20 @@ def verdict(run: LoadedRun, results: Sequence[CheckResult]) -> VerifyResult:
                         run.rounds.rounds_completed)
 
 
-def verify_run(run_dir: Path | str, public_key: Any = None, *, pld: bool = True
-               ) -> VerifyResult:
+def verify_run(run_dir: Path | str, public_key: Any = None, *, pld: bool = True,
+               earlier: Sequence[Path | str] = ()) -> VerifyResult:
     """Verify a run folder. `public_key` (key object, raw bytes or hex) pins the ledger key
-    instead of ledger_public_key.pem; `pld=False` skips the PLD second opinion (faster)."""
+    instead of ledger_public_key.pem; `pld=False` skips the PLD second opinion (faster).
+    `earlier`: folders of earlier runs on the same partners' data; the partners' signed
+    budget refusals are then also compared with those runs' ledgers (check earlier-runs)."""
     run = load_run(run_dir, public_key, pld=pld)
-    return verdict(run, run_checks(run))
+    results = run_checks(run)
+    if run.ledger_found:
+        results.append(check_earlier_runs(run, tuple(load_run(d, pld=False)
+                                                      for d in earlier)))
+    else:
+        results.append(CheckResult(CROSS_RUN_CHECK, skipped=True))
+    return verdict(run, results)
 
 
 def render_verdict(result: VerifyResult) -> str:
@@ -196,18 +206,33 @@ def read_public_key(path: Path) -> Any:
     return as_public_key(text)  # ValueError on a non-hex digit
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit 0 when every check passes, 1 on any failure, 2 when there is nothing to check."""
-    parser = argparse.ArgumentParser(prog="confide audit verify",
-                                     description="Verify a run's privacy ledger.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `confide audit verify` (this module's main and the confide CLI)."""
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--public-key", type=Path, default=None, metavar="FILE",
                         help="the server's ledger key, obtained out of band (PEM, or its 64 "
                              "hex digits): every ledger signature must verify with it "
                              f"(default: RUN_DIR/{LEDGER_PUBLIC_KEY_FILE} if present)")
+    parser.add_argument("--earlier-run", type=Path, action="append", default=[],
+                        metavar="DIR",
+                        help="the folder of an earlier run on the same partners' data "
+                             "(repeatable): each partner's signed budget refusal, which "
+                             "states its lifetime spend, is also compared with that run's "
+                             "ledger")
     parser.add_argument("--json", action="store_true",
                         help="print the result (verdict, checks, epsilons) as JSON")
-    args = parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 when every check passes, 1 on any failure, 2 when there is nothing to check."""
+    parser = argparse.ArgumentParser(prog="confide audit verify",
+                                     description="Verify a run's privacy ledger.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """`confide audit verify` with parsed options (see add_arguments)."""
     if not (args.run_dir / LEDGER_FILE).is_file():
         print(f"error: {args.run_dir / LEDGER_FILE} does not exist", file=sys.stderr)
         return 2
@@ -218,7 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError, LedgerError) as exc:
             print(f"error: --public-key {args.public_key}: {exc}", file=sys.stderr)
             return 2
-    result = verify_run(args.run_dir, key)
+    for earlier in args.earlier_run:
+        if not (earlier / LEDGER_FILE).is_file():
+            print(f"error: --earlier-run {earlier}: {earlier / LEDGER_FILE} does not exist",
+                  file=sys.stderr)
+            return 2
+    result = verify_run(args.run_dir, key, earlier=args.earlier_run)
     print(json.dumps(result.to_dict(), indent=2) if args.json else render_verdict(result))
     return 0 if result.ok else 1
 

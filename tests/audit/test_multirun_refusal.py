@@ -104,3 +104,46 @@ def test_shared_noise_refusal_is_signed_and_verifies(tmp_path: Path) -> None:
     assert len(refusals) == 1 and refusals[0]["payload"]["receipt"] is not None
     result = verify_run(tmp_path / "b")
     assert result.ok, [str(p) for p in result.problems]
+
+
+def test_refusal_compared_with_the_earlier_run_folder(two_runs: tuple[Path, Path],
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """With run A's folder the auditor compares the lifetime spend partner 1 signed in
+    run B with what run A's ledger records of it: equal here, so both verify."""
+    import shutil
+
+    from confide.cli import main
+
+    a, b = two_runs
+    result = verify_run(b, earlier=[a])
+    cross = result.check("earlier-runs")
+    assert result.ok and cross.status == "PASS", [str(p) for p in result.problems]
+    assert cross.detail.startswith("1 signed refusal(s) compared with 1 earlier run(s)")
+    assert verify_run(b).check("earlier-runs").status == "SKIP"  # nothing to compare
+    assert main(["audit", "verify", str(b), "--earlier-run", str(a)]) == 0
+    assert "earlier-runs" in capsys.readouterr().out
+    assert main(["audit", "verify", str(b), "--earlier-run", str(tmp_path / "none")]) == 2
+    assert "--earlier-run" in capsys.readouterr().err
+
+    # run A's server records partner 1 as having run one more step than the partner
+    # states (re-signed with run A's own key, so run A's chain holds): the comparison
+    # names both sides of the difference
+    partner = next(e for e in entries(b) if e["type"] == "budget_refusal")["payload"]["partner"]
+    altered = tmp_path / "a"
+    shutil.copytree(a, altered)
+
+    def one_more_step(e: dict) -> dict:
+        if e["type"] == "example_dp" and e["payload"]["partner"] == partner:
+            return {**e["payload"], "steps": e["payload"]["steps"] + 1}
+        return e["payload"]
+
+    _resign(altered, one_more_step)
+    cross = verify_run(b, earlier=[altered]).check("earlier-runs")
+    reasons = [p.reason for p in cross.problems]
+    assert any("leaves out round 1 of the earlier run" in r for r in reasons), reasons
+    assert any("that the run's ledger does not record" in r for r in reasons), reasons
+    # the run itself given as its own earlier run is named, not compared
+    assert "is this run itself" in str(verify_run(b, earlier=[b]).check("earlier-runs")
+                                       .problems[0])

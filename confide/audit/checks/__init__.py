@@ -10,4 +10,6 @@ runs them in order and combines their results into the verdict.
     completeness.py  completeness
     claims.py        receipts, replay
     outputs.py       summary, metrics, model
+    cross_run.py     earlier-runs: signed refusals against earlier run folders (only when
+                     the auditor gives them: `--earlier-run`)
 """
