@@ -59,6 +59,11 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
     from flwr.simulation import run_simulation
 
     from confide.clients.client_app import app as client_app
+    from confide.simulation import engine_polling
+
+    # Flower 1.41's engine polls every registered partner every 0.1 s (O(partners x messages
+    # in flight)); poll only partners with a message. No-op (debug log) on other versions.
+    engine_polling.apply()
 
     console = console or Console()
     out = default_out_dir(cfg)
