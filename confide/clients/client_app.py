@@ -4,58 +4,29 @@ Each train message carries the global trainable weights and the run configuratio
 node loads its own data, checks its budget, trains with Opacus, and replies with the delta
 of the trainable weights, its example count, metrics, and a DP receipt it signs itself.
 Data, budget and accountant never leave the node; only the (noised) delta does.
+
+This module only registers the handlers and imports nothing heavy: the training round
+(`confide.clients.local_round`, torch and friends) is imported when a `train` message
+arrives, so the secure-aggregation stages answer without it.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import time
-from functools import lru_cache
-from logging import INFO, WARNING
-from pathlib import Path
+from logging import INFO
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from confide import wire as W
 from confide.clients import secure_client
-from confide.clients.dp_training import clipped_example_gradients, train_dp
-from confide.clients.node_state import (
-    NodeState,
-    load_node_state,
-    node_state_dir,
-    save_node_state,
-)
-from confide.clients.opacus_compat import resolve_grad_sample_mode
 from confide.clients.threads import apply_threads, node_threads
-from confide.config import RunConfig, from_flat_record
-from confide.data import TextDataset
+from confide.config import from_flat_record
 from confide.logs import deployed_process_logging
-from confide.model import (
-    ModelSpec,
-    compute_delta,
-    frozen_digest,
-    load_trainable_state,
-    resolve_device,
-    trainable_state,
-)
-from confide.privacy.accountant import BudgetExhausted, Spend, calibrate_noise
-from confide.privacy.mechanisms import ExampleLevelMechanism, SampledGaussian
-from confide.privacy.receipts import dp_receipt_payload, sign_receipt
-from confide.privacy.refusals import sign_refusal
-from confide.privacy.secagg import SecAggRefusal
-from confide.privacy.secagg.shared_noise import ExampleSumEncoder, SharedNoiseConfig
-from confide.task import data_reader_config, federated_data, model_spec
-from confide.tasks import build_model, get_task
 
 app = ClientApp()
-
-
-class NodeConfigError(ValueError):
-    """The partner's node configuration is unusable."""
 
 
 def _ignore_terminal_interrupt() -> None:
@@ -76,39 +47,9 @@ def _ignore_terminal_interrupt() -> None:
 def train(msg: Message, context: Context) -> Message:
     _ignore_terminal_interrupt()
     _deployed_node_setup(context)
-    config_record = msg.content[W.CONFIG]
-    cfg = from_flat_record(dict(config_record))
-    server_round = int(config_record[W.ROUND])
-    max_epsilon = _node_max_epsilon(cfg, context)
-    state_dir = node_state_dir(context, cfg.out)
-    state = load_node_state(context, delta=cfg.delta, max_epsilon=max_epsilon,
-                            state_dir=state_dir)
-    # Flower's message id is the content hash (incl. creation time): a replayed message has
-    # the same id, a re-sent round (e.g. after a server resume) a new one.
-    message_id = msg.metadata.message_id or msg.object_id
-    if state.seen(message_id):
-        return _status_reply(msg, state, W.STALE, f"message {message_id} was already handled")
-    secure = cfg.secure_aggregation and W.SECAGG in msg.content.config_records
-    if secure and (dropped := secure_client.injected_dropout(msg, context, cfg)) is not None:
-        return dropped
-    data = _partner_data(cfg, context)
-    run_key = str(config_record.get(W.RUN_KEY, ""))
-    if secure and cfg.example_dp_noise == "shared":
-        # one clipped per-example gradient sum + a share of the noise, into the secure sum
-        reply, encoded = _shared_round(msg, cfg, server_round, run_key, data, state, context)
-        state.mark_handled(message_id)
-        save_node_state(context, state, state_dir)
-        return secure_client.secure_reply(msg, context, cfg, reply, None, encoded=encoded)
-    reply = _train_round(msg, cfg, server_round, run_key, data, state, context)
-    state.mark_handled(message_id)
-    save_node_state(context, state, state_dir)
-    if secure:
-        # The delta goes into the secure sum (clipped, quantized, noised, masked) instead
-        # of travelling in plaintext; status, metrics and DP receipt travel as before.
-        delta = (W.from_array_record(reply.content[W.ARRAYS])
-                 if W.ARRAYS in reply.content.array_records else None)
-        return secure_client.secure_reply(msg, context, cfg, reply, delta)
-    return reply
+    from confide.clients.local_round import handle_train
+
+    return handle_train(msg, context)
 
 
 def _deployed_node_setup(context: Context) -> None:
@@ -136,286 +77,11 @@ def secagg_stage(msg: Message, context: Context) -> Message:
     if down is not None and bool(down.get(W.SHARED_INFO, False)):
         # shared noise: the server calibrates one sigma for the run from every partner's
         # sampling rate, and divides the sum by sum_i q_i n_i (so it learns n_i)
-        n = len(_partner_data(cfg, context))
+        from confide.clients.local_round import partner_data
+
+        n = len(partner_data(cfg, context))
         extra = {W.SHARED_INFO: json.dumps(
             {"examples": n, "sample_rate": min(1.0, cfg.batch_size / n)})}
     return secure_client.secure_reply(msg, context, cfg, None, None, extra_up=extra)
 
 
-def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
-                 data: TextDataset, state: NodeState, context: Context) -> Message:
-    n = len(data)
-    sample_rate = min(1.0, cfg.batch_size / n)
-    steps = max(1, round(cfg.local_epochs / sample_rate))
-    noise = _noise_multiplier(cfg, state, sample_rate, steps, run_key)
-    planned = Spend(SampledGaussian(noise, sample_rate, steps), server_round, run_key)
-    if cfg.example_dp:
-        try:
-            state.accountant.check(planned)
-        except BudgetExhausted as exc:
-            return _refusal_reply(msg, cfg, state, server_round, run_key, exc, planned)
-
-    spec = model_spec(cfg, _num_labels(cfg))
-    model = _cached_model(spec)
-    if msg.content[W.CONFIG].get(W.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
-        raise NodeConfigError("this node's frozen base model differs from the server's "
-                              "(different model files or versions?)")
-    global_state = {k: v.numpy() for k, v in msg.content[W.ARRAYS].items()}
-    load_trainable_state(model, global_state)
-    tensors = _encoded(cfg, data)
-    device = resolve_device(str(context.node_config.get("device", cfg.device)))
-    start = time.perf_counter()
-    result = train_dp(
-        model, tensors, noise_multiplier=noise, max_grad_norm=cfg.max_grad_norm,
-        batch_size=cfg.batch_size, physical_batch_size=cfg.physical_batch_size,
-        epochs=cfg.local_epochs, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, device=device,
-        head_learning_rate=cfg.head_learning_rate or None,
-        seed=cfg.seed * 100_003 + server_round * 1009 + _partition_id(context),
-        dp=cfg.example_dp, round_id=server_round,
-        grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune,
-                                                  model),
-        objective=get_task(cfg).objective)
-    delta = compute_delta(trainable_state(model), global_state)
-    for name, value in delta.items():
-        if not np.all(np.isfinite(value)):
-            raise FloatingPointError(f"local update of {name} is not finite; not sent")
-
-    spent = SampledGaussian(result.noise_multiplier, result.sample_rate, result.steps)
-    epsilon = 0.0
-    receipt_json = ""
-    if cfg.example_dp:
-        epsilon = state.accountant.record(Spend(spent, server_round, run_key))
-        receipt_json = _signed_receipt(cfg, state, server_round, spent, epsilon)
-    receipt = _receipt_record(state, run_key, server_round, receipt_json)
-    log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
-        state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
-    content = RecordDict({
-        W.ARRAYS: W.to_array_record(delta),
-        W.METRICS: MetricRecord({
-            W.NUM_EXAMPLES: n, W.TRAIN_LOSS: float(result.mean_loss), W.EPSILON: epsilon,
-            **_mechanism_metrics(spent), W.TRAIN_SECONDS: time.perf_counter() - start}),
-        W.STATUS: _status(state, W.OK, ""),
-        W.RECEIPT: receipt,
-    })
-    return Message(content=content, reply_to=msg)
-
-
-def _signed_receipt(cfg: RunConfig, state: NodeState, server_round: int,
-                    mechanism: ExampleLevelMechanism, epsilon: float) -> str:
-    """The partner's signed receipt of the mechanism it ran this round, as JSON."""
-    payload = dp_receipt_payload(mechanism, round_=server_round, partner=state.pseudonym,
-                                 delta=cfg.delta, epsilon=epsilon,
-                                 accountant=state.accountant.accountant)
-    return json.dumps(sign_receipt(payload, state.signing_key).to_dict())
-
-
-def _mechanism_metrics(mechanism: ExampleLevelMechanism) -> dict[str, float | int]:
-    """The reply's metrics that restate the round's mechanism."""
-    return {W.STEPS: mechanism.steps, W.SAMPLE_RATE: mechanism.sample_rate,
-            W.NOISE_MULTIPLIER: mechanism.noise_multiplier}
-
-
-def _receipt_record(state: NodeState, run_key: str, server_round: int, receipt_json: str
-                    ) -> ConfigRecord:
-    """The reply's receipt, with the receipts of earlier attempts of the same round of
-    this run (a server that died before recording them re-sent the round)."""
-    if not receipt_json:  # no example-level DP: nothing spent, nothing to sign
-        return ConfigRecord({W.RECEIPT_JSON: receipt_json})
-    earlier = state.earlier_attempts(run_key, server_round)
-    state.remember_receipt(run_key, server_round, receipt_json)
-    record = ConfigRecord({W.RECEIPT_JSON: receipt_json})
-    if earlier:
-        record[W.RECEIPT_EARLIER] = json.dumps(earlier)
-    return record
-
-
-def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
-                  data: TextDataset, state: NodeState, context: Context
-                  ) -> tuple[Message, np.ndarray | None]:
-    """Shared-noise example-level DP (confide.privacy.secagg.shared_noise): one Poisson
-    sample at rate q = min(1, batch-size / n), per-example gradients clipped to
-    max-grad-norm, each rounded, summed, plus this node's share of the noise. The node
-    recomputes every derived parameter itself and checks the server's against its own
-    session and run configuration; its budget guard uses the effective multiplier."""
-    down = msg.content.config_records[W.SECAGG]
-    key = f"{W.SHARED}/{server_round}"
-    if key not in down:
-        raise NodeConfigError(f"round {server_round}: no shared-noise parameters in the "
-                              "message (server and node disagree on example-dp-noise)")
-    shared = SharedNoiseConfig.from_json(str(down[key]))
-    session = secure_client.ClientStore(context).get(server_round).config
-    problems = [f"{name} {got} != {want}" for name, got, want in (
-        ("colluders", shared.colluders, cfg.dp_colluders),
-        ("clip", shared.clip, cfg.max_grad_norm),
-        ("min_survivors", shared.min_survivors, session.min_survivors),
-        ("num_clients", shared.num_clients, session.num_clients),
-        ("bits", shared.bits, session.bits),
-        ("vector_length", shared.vector_length, session.vector_length)) if got != want]
-    if problems:
-        raise SecAggRefusal(f"round {server_round}: shared-noise parameters differ from this "
-                            f"node's session and run configuration: {'; '.join(problems)}")
-    n = len(data)
-    # The run's common rate, set by the server: the node's own budget guard below decides
-    # whether it can afford it, whatever the server chose.
-    sample_rate = shared.sample_rate or min(1.0, cfg.batch_size / n)
-    mechanism = shared.mechanism(sample_rate)
-    # the guard and the history compose the sampled Gaussian the shared noise amounts to
-    planned = Spend(mechanism.sampled_gaussian, server_round, run_key)
-    try:
-        state.accountant.check(planned)
-    except BudgetExhausted as exc:
-        return _refusal_reply(msg, cfg, state, server_round, run_key, exc, planned), None
-
-    spec = model_spec(cfg, _num_labels(cfg))
-    model = _cached_model(spec)
-    if msg.content[W.CONFIG].get(W.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
-        raise NodeConfigError("this node's frozen base model differs from the server's "
-                              "(different model files or versions?)")
-    load_trainable_state(model, {k: v.numpy() for k, v in msg.content[W.ARRAYS].items()})
-    device = resolve_device(str(context.node_config.get("device", cfg.device)))
-    encoder = ExampleSumEncoder(shared)
-    result = clipped_example_gradients(
-        model, _encoded(cfg, data), sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm,
-        physical_batch_size=cfg.physical_batch_size, on_rows=encoder.add_examples,
-        device=device, round_id=server_round, objective=get_task(cfg).objective)
-    encoded = encoder.encode()
-    epsilon = state.accountant.record(planned)
-    receipt_json = _signed_receipt(cfg, state, server_round, mechanism, epsilon)
-    receipt = _receipt_record(state, run_key, server_round, receipt_json)
-    log(INFO, "partner %s round %d: %d examples, shared noise sigma %.3f over m=%d shares, "
-        "epsilon %.3f", state.pseudonym, server_round, n, mechanism.noise_multiplier,
-        mechanism.noise_shares, epsilon)
-    # no training loss in the metrics: the loss of this round's sample is not private
-    content = RecordDict({
-        W.METRICS: MetricRecord({
-            W.NUM_EXAMPLES: n, W.EPSILON: epsilon, **_mechanism_metrics(mechanism),
-            W.TRAIN_SECONDS: result.seconds}),
-        W.STATUS: _status(state, W.OK, ""),
-        W.RECEIPT: receipt,
-    })
-    return Message(content=content, reply_to=msg), encoded
-
-
-def _refusal_reply(msg: Message, cfg: RunConfig, state: NodeState, server_round: int,
-                   run_key: str, exc: BudgetExhausted, planned: Spend) -> Message:
-    """A budget refusal (local and shared noise alike). The spend is the node's lifetime one
-    (earlier runs included): signed, with the events behind it, so the run's audit can check
-    a refusal it cannot replay."""
-    log(WARNING, "partner %s refuses round %d: %s", state.pseudonym, server_round, exc)
-    refusal = sign_refusal(
-        round_=server_round, run=run_key, delta=cfg.delta,
-        accountant=state.accountant.accountant, spent_epsilon=exc.spent,
-        would_be_epsilon=exc.would_be, max_epsilon=exc.max_epsilon,
-        lifetime_events=state.accountant.history, planned=planned,
-        private_key=state.signing_key)
-    reply = _status_reply(msg, state, W.BUDGET_EXHAUSTED, str(exc), spent=exc.spent,
-                          would_be=exc.would_be, max_epsilon=exc.max_epsilon)
-    reply.content[W.RECEIPT] = ConfigRecord({W.RECEIPT_JSON: refusal.to_json()})
-    return reply
-
-
-def _status(state: NodeState, code: str, detail: str, **extra: float) -> ConfigRecord:
-    return ConfigRecord({W.STATUS_CODE: code, W.STATUS_DETAIL: detail,
-                         W.PARTNER: state.pseudonym, W.PUBLIC_KEY: state.public_key.hex(),
-                         **extra})
-
-
-def _status_reply(msg: Message, state: NodeState, code: str, detail: str, **extra: float
-                  ) -> Message:
-    return Message(content=RecordDict({W.STATUS: _status(state, code, detail, **extra)}),
-                   reply_to=msg)
-
-
-def _noise_multiplier(cfg: RunConfig, state: NodeState, sample_rate: float, steps: int,
-                      run_key: str) -> float:
-    if not cfg.example_dp:
-        return 0.0
-    if cfg.noise_multiplier > 0:
-        return cfg.noise_multiplier
-    if state.noise_multiplier is None or state.noise_run != run_key:
-        # Calibrated once per run over all its planned rounds (as if sampled every round:
-        # the conservative choice when fraction-train < 1), then kept fixed for that run;
-        # with the node's own (tight, PLD) accountant, the one its claims and guard use.
-        state.noise_multiplier = calibrate_noise(cfg.target_epsilon, cfg.delta, sample_rate,
-                                                 steps * cfg.rounds,
-                                                 accountant=state.accountant.accountant)
-        state.noise_run = run_key
-    return state.noise_multiplier
-
-
-def _node_max_epsilon(cfg: RunConfig, context: Context) -> float:
-    """The partner's own cap (node config) wins when it is lower than the run's."""
-    node_cap = context.node_config.get("max-epsilon")
-    if node_cap is None:
-        return cfg.max_epsilon
-    try:
-        cap = float(node_cap)
-    except (TypeError, ValueError):
-        raise NodeConfigError(f"node config max-epsilon = {node_cap!r} is not a number") \
-            from None
-    if not cap > 0:
-        raise NodeConfigError(f"node config max-epsilon = {cap} must be > 0")
-    return min(cap, cfg.max_epsilon)
-
-
-def _partition_id(context: Context) -> int:
-    return int(context.node_config.get("partition-id", 0))
-
-
-def _partner_data(cfg: RunConfig, context: Context) -> TextDataset:
-    """Deployment: the node's own `data-path`. Simulation: its partition of the run data."""
-    path = context.node_config.get("data-path")
-    if path:
-        return _read_cached(str(path), cfg.num_labels, cfg.max_train_examples,
-                            data_reader_config(cfg))
-    pid = _partition_id(context)
-    # Flower's simulation says how many virtual partners there are; `clients` may differ
-    # (e.g. `flwr run .` with the engine's default number of SuperNodes).
-    num = int(context.node_config.get("num-partitions", cfg.clients))
-    parts = _simulation_partitions(cfg.replace(clients=num) if num != cfg.clients else cfg)
-    if not 0 <= pid < len(parts):
-        raise NodeConfigError(f"partition-id {pid} is outside 0..{len(parts) - 1}")
-    return parts[pid]
-
-
-@lru_cache(maxsize=4)
-def _read_cached(path: str, num_labels: int, max_rows: int,
-                 reader_cfg: RunConfig | None = None) -> TextDataset:
-    # the task reads its own file format (text,label or prompt,completion)
-    return get_task(reader_cfg or RunConfig()).read(Path(path), num_labels=num_labels,
-                                                    max_rows=max_rows)
-
-
-def _simulation_partitions(cfg: RunConfig) -> list[TextDataset]:
-    return federated_data(cfg).partitions
-
-
-def _num_labels(cfg: RunConfig) -> int:
-    if cfg.num_labels < 2:
-        # The server resolves num-labels from the data before the first round.
-        raise NodeConfigError("num-labels missing from the round configuration")
-    return cfg.num_labels
-
-
-@lru_cache(maxsize=2)
-def _cached_model(spec: ModelSpec):
-    # Built once per process: every round loads the global trainable weights over it,
-    # and frozen weights never change.
-    return build_model(spec)
-
-
-@lru_cache(maxsize=2)
-def _cached_frozen_digest(spec: ModelSpec) -> str:
-    return frozen_digest(_cached_model(spec))
-
-
-_ENCODED: dict[tuple, dict] = {}
-
-
-def _encoded(cfg: RunConfig, data: TextDataset) -> dict:
-    key = (cfg.task, cfg.model, cfg.max_length, data.source, len(data))
-    if key not in _ENCODED:
-        _ENCODED.clear()
-        _ENCODED[key] = dict(get_task(cfg).encode(data))
-    return _ENCODED[key]

@@ -176,7 +176,7 @@ def _calibrated(target_epsilon: float, delta: float, q: float, steps: int) -> fl
 
 
 def _plan(cfg: RunConfig, rows: int, batch_size: int | None = None) -> tuple[float, int]:
-    """(q, steps per round) exactly as the node plans them (client_app._train_round)."""
+    """(q, steps per round) exactly as the node plans them (local_round._train_round)."""
     q = min(1.0, (batch_size or cfg.batch_size) / rows)
     return q, max(1, round(cfg.local_epochs / q))
 

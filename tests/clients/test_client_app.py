@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from confide import wire as W
 from confide.clients import client_app
-from confide.clients.client_app import NodeConfigError
+from confide.clients.local_round import NodeConfigError
 from confide.config import build_config
 from confide.model import frozen_digest, trainable_state
 from confide.privacy.receipts import Receipt, verify_receipt
@@ -84,3 +84,17 @@ def test_different_base_model_is_refused(cfg, tmp_path) -> None:
 def test_bad_node_max_epsilon_is_named(cfg, tmp_path, value: object, needle: str) -> None:
     with pytest.raises(NodeConfigError, match=needle):
         client_app.train(train_message(cfg, 1), node(tmp_path, **{"max-epsilon": value}))
+
+
+def test_the_client_app_answers_secure_aggregation_stages_without_the_training_stack(
+) -> None:
+    # A deployed node starts a fresh process per message: the key setup, shares and
+    # unmasking must not pay for importing torch, transformers and Opacus.
+    import subprocess
+    import sys
+
+    code = ("import sys, confide.clients.client_app; print(sorted(m for m in "
+            "('torch', 'transformers', 'opacus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert out.strip() == "[]"
