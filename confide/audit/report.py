@@ -200,18 +200,12 @@ class RunReport:
                     ", ".join(e.dropped) or "-",
                     "-" if sa is None else f"{len(sa.participants)} / {len(sa.dropouts)}",
                     _num(e.accuracy), _num(e.loss)])
-            elif isinstance(e, ev.ExampleDpEvent):
+            elif isinstance(e, ev.ExampleDpEvent | ev.ClientDpEvent):
+                # each mechanism names and describes itself (confide.privacy.mechanisms)
+                who = e.partner if isinstance(e, ev.ExampleDpEvent) else "all"
                 t.mechanisms.append([
-                    str(e.round), "example-level DP-SGD (Poisson-sampled Gaussian)", e.partner,
-                    f"sigma={e.noise_multiplier:g}, q={e.sample_rate:g}, steps={e.steps}, "
-                    f"delta={e.delta:g}", _num(e.epsilon_claimed)])
-            elif isinstance(e, ev.ClientDpEvent):
-                extra = ", ".join(f"{k}={v}" for k, v in sorted(e.params.items()))
-                t.mechanisms.append([
-                    str(e.round), f"client-level {e.mechanism}", "all",
-                    f"sigma={e.noise_multiplier:g}, clip={e.clipping_norm:g}, "
-                    f"sampled={e.sampled}/{e.population}, delta={e.delta:g}"
-                    + (f", {extra}" if extra else ""), _num(e.epsilon_claimed)])
+                    str(e.round), f"{e.mechanism.title} [{e.mechanism.kind}]", who,
+                    f"{e.mechanism.describe()}, delta={e.delta:g}", _num(e.epsilon_claimed)])
             elif isinstance(e, ev.SecureAggregationEvent):
                 t.mechanisms.append([
                     str(e.round), "secure aggregation", f"{len(e.participants)} clients",

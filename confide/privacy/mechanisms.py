@@ -41,9 +41,26 @@ class Mechanism:
     """Base of the mechanism events: `KIND` is the name it is registered and recorded by."""
 
     KIND: ClassVar[str] = ""
+    TITLE: ClassVar[str] = ""  # what the report calls it
 
     def to_json(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    @property
+    def title(self) -> str:
+        return self.TITLE or self.kind
+
+    def describe(self) -> str:
+        """Its parameters in one line (`name=value, ...`), for the report and messages: a
+        new mechanism is described without the report knowing it."""
+        parts = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            parts.append(f"{f.name}={value:g}" if isinstance(value, float)
+                         else f"{f.name}={value}")
+        return ", ".join(parts)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], where: str | None = None) -> Self:
@@ -92,6 +109,7 @@ class SampledGaussian(Mechanism):
     norm that the partner adds itself."""
 
     KIND: ClassVar[str] = "sampled_gaussian"
+    TITLE: ClassVar[str] = "example-level DP-SGD, local noise (Poisson-sampled Gaussian)"
     # the tag of example-level mechanisms in example_dp entries and receipts (`noise`;
     # entries of earlier versions have none: local)
     NOISE: ClassVar[str] = "local"
@@ -140,6 +158,8 @@ class SharedNoiseSampledGaussian(Mechanism):
     `sampled_gaussian`, so its epsilon is that of the same release with local noise."""
 
     KIND: ClassVar[str] = "shared_noise_sampled_gaussian"
+    TITLE: ClassVar[str] = ("example-level DP-SGD, noise shared inside secure aggregation "
+                            "(Poisson-sampled Gaussian)")
     NOISE: ClassVar[str] = "shared"
     noise_multiplier: float
     sample_rate: float
@@ -269,6 +289,7 @@ class ClientLevelGaussian(ClientLevelMechanism):
     Poisson sampling at sampled / population."""
 
     KIND: ClassVar[str] = "gaussian_fixed_clipping"
+    TITLE: ClassVar[str] = "client-level Gaussian, fixed clipping"
     sample_rate: float | None = None
 
     @property
@@ -313,6 +334,7 @@ class DistributedDiscreteGaussian(ClientLevelMechanism):
     the same numbers."""
 
     KIND: ClassVar[str] = "distributed_discrete_gaussian"
+    TITLE: ClassVar[str] = "client-level distributed discrete Gaussian"
     DDG_FIELDS: ClassVar[tuple[str, ...]] = ("l2_sensitivity", "l1_sensitivity", "local_sigma",
                                              "num_summed", "dim")
     l2_sensitivity: float
@@ -405,6 +427,7 @@ class SecureAggregationAbort(Mechanism):
     still counts."""
 
     KIND: ClassVar[str] = "secure_aggregation_abort"
+    TITLE: ClassVar[str] = "secure aggregation aborted (nothing released)"
     reason: str
 
     @property

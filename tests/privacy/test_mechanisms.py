@@ -54,6 +54,18 @@ def test_every_registered_kind_has_an_example_here() -> None:
 
 
 @pytest.mark.parametrize("mechanism", ONE_OF_EACH, ids=lambda m: f"{m.KIND}")
+def test_each_mechanism_names_and_describes_itself_for_the_report(mechanism: Mechanism
+                                                                  ) -> None:
+    import dataclasses
+
+    assert mechanism.title and mechanism.title != mechanism.KIND
+    text = mechanism.describe()
+    for f in dataclasses.fields(mechanism):  # type: ignore[arg-type]  # mechanisms are dataclasses
+        if getattr(mechanism, f.name) is not None:
+            assert f"{f.name}=" in text, (f.name, text)
+
+
+@pytest.mark.parametrize("mechanism", ONE_OF_EACH, ids=lambda m: f"{m.KIND}")
 def test_to_json_and_from_json_round_trip(mechanism: Mechanism) -> None:
     data = json.loads(json.dumps(mechanism.to_json()))  # through JSON text
     assert type(mechanism).from_json(data) == mechanism
