@@ -148,11 +148,10 @@ def verify_run(run_dir: Path | str, public_key: Any = None, *, pld: bool = True,
     budget refusals are then also compared with those runs' ledgers (check earlier-runs)."""
     run = load_run(run_dir, public_key, pld=pld)
     results = run_checks(run)
-    if run.ledger_found:
+    if earlier:  # only then: a single-run audit has no row for it
         results.append(check_earlier_runs(run, tuple(load_run(d, pld=False)
-                                                      for d in earlier)))
-    else:
-        results.append(CheckResult(CROSS_RUN_CHECK, skipped=True))
+                                                      for d in earlier))
+                       if run.ledger_found else CheckResult(CROSS_RUN_CHECK, skipped=True))
     return verdict(run, results)
 
 

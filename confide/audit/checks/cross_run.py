@@ -63,15 +63,10 @@ def check_earlier_runs(run: LoadedRun, earlier: tuple[LoadedRun, ...]) -> CheckR
         unknown.update(k for k in stated if k and k != run.run_key and k not in by_key)
         for key, other in by_key.items():
             _compare(c, i, e.partner, stated.get(key, Counter()), other)
-    if not earlier:
-        c.skipped = True
-        c.detail = "no earlier run folders given"
-    else:
-        c.detail = (f"{refusals} signed refusal(s) compared with {len(by_key)} earlier "
-                    f"run(s)")
-        if unknown:
-            c.detail += (f"; {len(unknown)} run(s) they name not given (not compared): "
-                         + ", ".join(sorted(k[:16] for k in unknown)))
+    c.detail = f"{refusals} signed refusal(s) compared with {len(by_key)} earlier run(s)"
+    if unknown:
+        c.detail += (f"; {len(unknown)} run(s) they name not given (not compared): "
+                     + ", ".join(sorted(k[:16] for k in unknown)))
     return c
 
 
