@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def main() -> None:
                  physical_batch_size=args.batch_size, epochs=epochs, optimizer="adam",
                  learning_rate=dp_lr if dp else args.lr, dp=dp, objective=task.objective)
 
-    def central(eps: float | None) -> None:
+    def central(name: str, eps: float | None) -> None:
         load_trainable_state(model, start_state)
         union = dict(task.encode(train))
         q = min(1.0, (dp_batch if eps else args.batch_size) / len(union["labels"]))
@@ -126,7 +126,7 @@ def main() -> None:
              partition(train, args.partners, "iid", seed=0)]
     sizes = np.array([len(p["labels"]) for p in parts], dtype=float)
 
-    def federated(eps: float | None) -> None:
+    def federated(name: str, eps: float | None) -> None:
         load_trainable_state(model, start_state)
         state = trainable_state(model)
         t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def main() -> None:
         load_trainable_state(model, state)
         evaluate(name, time.perf_counter() - t0)
 
-    def step_ratio() -> None:
+    def step_ratio(name: str) -> None:
         """DP step vs non-DP step, same batch, same model (median of 3 each)."""
         batch = {k: v[:args.batch_size] for k, v in task.encode(train).items()}
         times = {}
@@ -163,21 +163,22 @@ def main() -> None:
                 "ratio": round(times[True] / times[False], 3), "model": args.model})
 
     epsilons = [float(e) for e in args.epsilons.split(",")]
-    plan: list[tuple[str, Any]] = []
+    plan: list[tuple[str, Callable[[str], None]]] = []
     for key in args.only.split(","):
         kind, _, only_eps = key.partition(":")
         eps_list = [float(only_eps)] if only_eps else epsilons
         if kind == "zero-shot":
-            plan.append(("zero-shot", lambda: evaluate(name, 0.0)))
+            plan.append(("zero-shot", lambda name: evaluate(name, 0.0)))
         elif kind == "central":
-            plan.append(("central non-DP", lambda: central(None)))
+            plan.append(("central non-DP", lambda name: central(name, None)))
         elif kind == "central-dp":
             plan += [(f"central DP eps={e:g} (= shared noise)",
-                      lambda e=e: central(e)) for e in eps_list]
+                      lambda name, e=e: central(name, e)) for e in eps_list]
         elif kind == "fed":
-            plan.append(("federated non-DP", lambda: federated(None)))
+            plan.append(("federated non-DP", lambda name: federated(name, None)))
         elif kind == "fed-dp":
-            plan += [(f"federated DP eps={e:g}", lambda e=e: federated(e)) for e in eps_list]
+            plan += [(f"federated DP eps={e:g}", lambda name, e=e: federated(name, e))
+                     for e in eps_list]
         elif kind == "ratio":
             plan.append(("DP step / non-DP step", step_ratio))
         else:
@@ -186,7 +187,7 @@ def main() -> None:
         if name in done:
             print(f"{name}: already in {out}", flush=True)
             continue
-        run()
+        run(name)
 
     print("\n| setting | perplexity | BLEU | ROUGE-L | train s |\n|---|---|---|---|---|")
     for r in rows:
