@@ -259,12 +259,10 @@ class Federation:
         except (Aborted, NoBudgetLeft, EveryPartnerFailed):
             # the driver failed (leave mid-round; resumable from the checkpoint), or round 1
             # showed the run cannot train: the ledger as it stands is the record of why
-            if self.ledger is not None:
-                self.ledger.close()
+            self.ledger.close()
             raise
         except OSError as exc:  # disk full, permissions: a message, and resumable
-            if self.ledger is not None:
-                self.ledger.close()
+            self.ledger.close()
             raise write_failure(self.folder, exc) from exc
 
     def interrupt(self) -> dict[str, Any]:
