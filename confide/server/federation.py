@@ -440,9 +440,15 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     def num(v: Any) -> str:
         return "n/a" if v is None else f"{float(v):.4f}"
 
-    text = (f"Confide round {row['round']}/{rounds}: accuracy {num(row.get('accuracy'))}, "
-            f"loss {num(row.get('loss'))}, aggregated {row['num_clients_aggregated']}"
-            f"/{row['num_clients_sampled']}")
+    text = f"Confide round {row['round']}/{rounds}: "
+    if row.get("perplexity") is not None:  # causal-lm: accuracy is next-token accuracy
+        text += f"perplexity {float(row['perplexity']):.4g}, "
+        if row.get("bleu") is not None:
+            text += f"BLEU {float(row['bleu']):.1f}, ROUGE-L {float(row['rouge_l']):.1f}, "
+        text += "next-token "
+    text += (f"accuracy {num(row.get('accuracy'))}, "
+             f"loss {num(row.get('loss'))}, aggregated {row['num_clients_aggregated']}"
+             f"/{row['num_clients_sampled']}")
     if eps:
         text += (f", example-level epsilon max {max(eps.values()):.3f} ("
                  + ", ".join(f"{p} {e:.3f}" for p, e in sorted(eps.items())) + ")")
