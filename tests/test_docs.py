@@ -37,3 +37,15 @@ def test_deployment_docs_use_the_launcher_and_explain_budgets() -> None:
     rows = [int(m) for m in re.findall(r"^\| (\d+) \|", (ROOT / "docs" / "BAD_INPUTS.md")
                                        .read_text(), re.MULTILINE)]
     assert rows == list(range(1, len(rows) + 1))
+
+
+def test_deployment_docs_describe_a_causal_lm_run() -> None:
+    """Issue 13 item 9: the run config of a deployed causal-lm run and what a partner's file
+    must hold (the deployment test runs it through `flwr run` on text,label files that also
+    carry prompt and completion columns)."""
+    operators = " ".join((ROOT / "docs" / "OPERATORS.md").read_text().split())
+    partners = " ".join((ROOT / "docs" / "PARTNERS.md").read_text().split())
+    for doc in (operators, partners):
+        assert "prompt-column" in doc and "completion-column" in doc
+        assert "text,label,prompt,completion" in doc
+    assert "task='causal-lm'" in operators and "causal-lm" in partners

@@ -116,8 +116,9 @@ def add_parser(sub: Any) -> None:
     sn.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     sn.add_argument("--ca", type=Path, help="the federation's ca.crt")
     sn.add_argument("--key", type=Path, help="this node's private key (node-key)")
-    sn.add_argument("--data-path", type=Path, required=True, help="the partner's text,label "
-                    "file (never leaves the node)")
+    sn.add_argument("--data-path", type=Path, required=True, help="the partner's data file "
+                    "(never leaves the node): text,label rows for classification, "
+                    "prompt,completion rows for causal-lm (the run names the columns)")
     sn.add_argument("--max-epsilon", type=float, required=True,
                     help="the partner's hard example-level budget, over all runs")
     sn.add_argument("--state-dir", type=Path, required=True,

@@ -4,6 +4,8 @@ run` (the docs' `flwr run --stream`) of the signed app, and the refusals that ma
 (unregistered node key, untrusted app publisher). Issue 11 items 14-21 ride along on the same
 federation: the streamed log, the node's state folder and threads, the exit status of runs
 that fail, a run with no partner budget left, and stopping the SuperLink during a run.
+Issue 13 item 9: the restart test's run is a causal-lm run on the same nodes (each partner's
+file carries both tasks' columns), so language-model deployment costs no extra federation.
 
 One federation serves the module (starting it costs ~20 s); tests run in file order.
 Each ClientApp call is a fresh `flwr-clientapp` process that imports torch, so a round takes
@@ -16,6 +18,7 @@ import contextlib
 import csv
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -39,6 +42,10 @@ PARTNERS = ("alpha", "beta", "gamma")
 RUN_TIMEOUT = 600  # seconds for one run (2 rounds are ~2 min on 2 busy cores; 7 under a load of 15)
 BASE_CONFIG = ("model='tiny' clients=3 max-length=16 batch-size=16 target-epsilon=4.0 "
                "max-epsilon=50.0 num-labels=2 data='partner-nodes' device='cpu' seed=7")
+# The same nodes and files, the other task: the columns travel in the run config only.
+CAUSAL_LM_CONFIG = (f"{BASE_CONFIG} task='causal-lm' prompt-column='request' "
+                    "completion-column='reply' generate-prompts=4 max-new-tokens=4")
+SENTIMENT = ("negative", "positive")
 
 
 def _free_port() -> int:
@@ -63,11 +70,14 @@ def _port_open(port: int) -> bool:
 
 
 def _write_csv(path: Path, rows: int, seed: int) -> Path:
+    """Both tasks' columns in one file, so the same nodes serve classification (text,label)
+    and causal-lm runs (request,reply: mapped by prompt-column / completion-column)."""
     data = synthetic_sentiment(rows, seed=seed)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(data.texts, (int(v) for v in data.labels), strict=True))
+        writer.writerow(["text", "label", "request", "reply"])
+        for text, label in zip(data.texts, (int(v) for v in data.labels), strict=True):
+            writer.writerow([text, label, f"review: {text}", SENTIMENT[label]])
     return path
 
 
@@ -248,21 +258,35 @@ def test_two_rounds_over_tls_with_node_auth(fed: Federation) -> None:
         assert any((fed.root / "state" / name / "flwr" / "apps").iterdir())
 
 
-def test_restarted_node_remembers_spent_budget(fed: Federation) -> None:
+def test_restarted_node_remembers_spent_budget_across_tasks(fed: Federation) -> None:
+    # A causal-lm run on the same nodes (issue 13 item 9): `flwr run` carries the task and
+    # the column mapping to the nodes, which read their own request,reply columns; the
+    # budget a partner spent on classification counts against the language-model run.
     fed.stop("untrusting")  # done with it; frees CPU
     before = _node_state(fed, "alpha")
     spent_before = before.accountant.epsilon()
     fed.stop("alpha")
     fed.start_node("alpha", fed.root / "trusted.yaml")
     run_dir = fed.root / "run-after-restart"
-    result = fed.flwr_run(run_dir, f"{BASE_CONFIG} rounds=1 eval-data='{fed.root}/eval.csv'")
+    result = fed.flwr_run(run_dir, f"{CAUSAL_LM_CONFIG} rounds=1 "
+                                   f"eval-data='{fed.root}/eval.csv'")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    _check_run_folder(run_dir, rounds=1)
+    summary = _check_run_folder(run_dir, rounds=1)  # includes `confide audit verify`
+    assert 'task = "causal-lm"' in (run_dir / "config.toml").read_text()
+    (row,) = _metrics(run_dir)
+    assert row["num_clients_aggregated"] == 3, row
+    assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1, row
+    assert {"bleu", "rouge_l"} <= set(row), row  # generation at the end, on the server
+    assert set(row["epsilon_example_level"]) == set(summary["privacy"]["example_level"])
+    assert len(row["epsilon_example_level"]) == 3, row
+    generated = [json.loads(x) for x in (run_dir / "examples.jsonl").read_text().splitlines()]
+    assert len(generated) == 4 and all(g["references"][0] in SENTIMENT for g in generated)
+    assert "Confide round 1/1: perplexity " in result.stdout, result.stdout[-4000:]
     after = _node_state(fed, "alpha")
     assert after.pseudonym == before.pseudonym  # same node identity, reloaded from disk
     assert len(after.accountant.state_dict()["history"]) == 3
     # A run reports its own share; the budget guard composes everything the node spent.
-    reported = _metrics(run_dir)[0]["epsilon_example_level"][before.pseudonym]
+    reported = row["epsilon_example_level"][before.pseudonym]
     total = after.accountant.epsilon()
     assert total > spent_before > 0 and total > reported + 1e-6
 
