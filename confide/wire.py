@@ -64,6 +64,18 @@ RECEIPT_JSON = "json"
 # (the server died before recording them): their spend is recorded too
 RECEIPT_EARLIER = "earlier"
 
+# RecordDict entry of a train message: the receipts of the node's partner that the server's
+# ledger holds for this run (key ACKNOWLEDGED: JSON list of `receipt_ack_name`s), so the
+# node stops re-sending them. Absent when the server does not know the node's partner yet.
+RECORDED = "recorded"
+ACKNOWLEDGED = "receipts"
+_ACK_DIGITS = 16  # 64 bits of the signature: names one of a partner's receipts
+
+
+def receipt_ack_name(signature_hex: str) -> str:
+    """How an acknowledgement names a receipt: the start of its signature."""
+    return str(signature_hex)[:_ACK_DIGITS]
+
 
 def to_array_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     """name -> numpy array, in order, as a Flower ArrayRecord."""

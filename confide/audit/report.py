@@ -203,8 +203,10 @@ class RunReport:
             elif isinstance(e, ev.ExampleDpEvent | ev.ClientDpEvent):
                 # each mechanism names and describes itself (confide.privacy.mechanisms)
                 who = e.partner if isinstance(e, ev.ExampleDpEvent) else "all"
+                late = getattr(e, "recorded_in_round", None)  # a lost reply, recorded later
                 t.mechanisms.append([
-                    str(e.round), f"{e.mechanism.title} [{e.mechanism.kind}]", who,
+                    str(e.round) if late is None else f"{e.round} (recorded in {late})",
+                    f"{e.mechanism.title} [{e.mechanism.kind}]", who,
                     f"{e.mechanism.describe()}, delta={e.delta:g}", _num(e.epsilon_claimed)])
             elif isinstance(e, ev.SecureAggregationEvent):
                 t.mechanisms.append([

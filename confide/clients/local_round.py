@@ -134,7 +134,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     if cfg.example_dp:
         epsilon = state.accountant.record(Spend(spent, server_round, run_key))
         receipt_json = _signed_receipt(cfg, state, server_round, spent, epsilon)
-    receipt = _receipt_record(state, run_key, server_round, receipt_json)
+    receipt = _receipt_record(msg, state, run_key, receipt_json)
     log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
         state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
     content = RecordDict({
@@ -163,18 +163,28 @@ def _mechanism_metrics(mechanism: ExampleLevelMechanism) -> dict[str, float | in
             W.NOISE_MULTIPLIER: mechanism.noise_multiplier}
 
 
-def _receipt_record(state: NodeState, run_key: str, server_round: int, receipt_json: str
+def _receipt_record(msg: Message, state: NodeState, run_key: str, receipt_json: str
                     ) -> ConfigRecord:
-    """The reply's receipt, with the receipts of earlier attempts of the same round of
-    this run (a server that died before recording them re-sent the round)."""
+    """The reply's receipt, with this run's receipts the server has not acknowledged (a
+    reply lost when the server died or in transit: a real spend the ledger must record)."""
     if not receipt_json:  # no example-level DP: nothing spent, nothing to sign
         return ConfigRecord({W.RECEIPT_JSON: receipt_json})
-    earlier = state.earlier_attempts(run_key, server_round)
-    state.remember_receipt(run_key, server_round, receipt_json)
     record = ConfigRecord({W.RECEIPT_JSON: receipt_json})
+    _attach_unrecorded(msg, state, run_key, record)
+    state.remember_receipt(run_key, receipt_json)
+    return record
+
+
+def _attach_unrecorded(msg: Message, state: NodeState, run_key: str,
+                       record: ConfigRecord) -> None:
+    """Put the node's unacknowledged receipts of this run into the reply's receipt record."""
+    acknowledged = None
+    if W.RECORDED in msg.content.config_records:
+        acknowledged = {str(a) for a in json.loads(
+            str(msg.content.config_records[W.RECORDED][W.ACKNOWLEDGED]))}
+    earlier = state.unrecorded_receipts(run_key, acknowledged)
     if earlier:
         record[W.RECEIPT_EARLIER] = json.dumps(earlier)
-    return record
 
 
 def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
@@ -229,7 +239,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     encoded = encoder.encode()
     epsilon = state.accountant.record(planned)
     receipt_json = _signed_receipt(cfg, state, server_round, mechanism, epsilon)
-    receipt = _receipt_record(state, run_key, server_round, receipt_json)
+    receipt = _receipt_record(msg, state, run_key, receipt_json)
     log(INFO, "partner %s round %d: %d examples, shared noise sigma %.3f over m=%d shares, "
         "epsilon %.3f", state.pseudonym, server_round, n, mechanism.noise_multiplier,
         mechanism.noise_shares, epsilon)
@@ -259,6 +269,9 @@ def _refusal_reply(msg: Message, cfg: RunConfig, state: NodeState, server_round:
     reply = _status_reply(msg, state, W.BUDGET_EXHAUSTED, str(exc), spent=exc.spent,
                           would_be=exc.would_be, max_epsilon=exc.max_epsilon)
     reply.content[W.RECEIPT] = ConfigRecord({W.RECEIPT_JSON: refusal.to_json()})
+    # lost receipts of this run reach the ledger with a refusal too (its signed spend
+    # includes them)
+    _attach_unrecorded(msg, state, run_key, reply.content[W.RECEIPT])
     return reply
 
 

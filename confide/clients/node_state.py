@@ -10,17 +10,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context
 
+from confide import wire as W
 from confide.privacy.accountant import PartnerAccountant
 from confide.privacy.receipts import pseudonym_of
 from confide.run_layout import atomic_write_text
 
 STATE_RECORD = "confide-node-state"
 STATE_FILE = "node_state.json"
+MAX_PENDING = 256  # unacknowledged receipts a node keeps per run (one per round trained)
+MAX_PENDING_RUNS = 8  # runs whose unacknowledged receipts a node keeps
 
 
 @dataclass
@@ -33,21 +37,37 @@ class NodeState:
     # Ids of train messages already handled: a replayed or duplicated message must not
     # spend budget twice (a resumed round comes in a new message and is accounted again).
     handled: list[str] = field(default_factory=list)
-    # The receipts this node signed for the round it trained last ("run key/round"). A
-    # server that died (or tore its ledger line) before recording a reply re-sends that
-    # round after its resume; the node trains again (fresh noise: a new release) and
-    # attaches these receipts, so the lost attempt's spend reaches the ledger as well.
-    attempt_round: str = ""
-    attempt_receipts: list[str] = field(default_factory=list)
+    # Receipts this node signed that the server of their run has not acknowledged as
+    # recorded in its ledger (run key -> receipts, oldest first). A reply can be lost (the
+    # server died before recording it, or the reply never arrived); the spend was real all
+    # the same. The node attaches these to its next reply in that run, whatever round that
+    # is (a resumed run included), and the server records the ones its ledger lacks; each
+    # train message acknowledges what the ledger holds, and those are forgotten here.
+    pending: dict[str, list[str]] = field(default_factory=dict)
 
-    def earlier_attempts(self, run_key: str, round_: int) -> list[str]:
-        """Receipts signed in earlier attempts of this run's round `round_`."""
-        return list(self.attempt_receipts) if self.attempt_round == f"{run_key}/{round_}" \
-            else []
+    def unrecorded_receipts(self, run_key: str, acknowledged: set[str] | None) -> list[str]:
+        """Receipts of run `run_key` its server has not acknowledged, oldest first.
+        `acknowledged`: `wire.receipt_ack_name`s the server says its ledger holds for this
+        partner (None: it did not say, so every pending one is re-sent)."""
+        kept = self.pending.get(run_key, [])
+        if acknowledged is not None:
+            kept = [r for r in kept if W.receipt_ack_name(
+                str(json.loads(r).get("signature", ""))) not in acknowledged]
+            self._set_pending(run_key, kept)
+        return list(kept)
 
-    def remember_receipt(self, run_key: str, round_: int, receipt_json: str) -> None:
-        self.attempt_receipts = [*self.earlier_attempts(run_key, round_), receipt_json]
-        self.attempt_round = f"{run_key}/{round_}"
+    def remember_receipt(self, run_key: str, receipt_json: str) -> None:
+        # bounded: a server that never acknowledges (an older version) must not grow the
+        # node's state without end; the node's own accountant keeps every spend regardless
+        self._set_pending(run_key, [*self.pending.get(run_key, []), receipt_json]
+                          [-MAX_PENDING:])
+
+    def _set_pending(self, run_key: str, receipts: list[str]) -> None:
+        others = {k: v for k, v in self.pending.items() if k != run_key}
+        # the runs touched most recently last; a few runs at most
+        self.pending = dict(list(others.items())[-(MAX_PENDING_RUNS - 1):])
+        if receipts:
+            self.pending[run_key] = receipts
 
     def seen(self, message_id: str) -> bool:
         return message_id in self.handled
@@ -71,8 +91,7 @@ class NodeState:
         return json.dumps({"accountant": self.accountant.state_dict(), "key": key.hex(),
                            "noise_multiplier": self.noise_multiplier,
                            "noise_run": self.noise_run,
-                           "handled": self.handled, "attempt_round": self.attempt_round,
-                           "attempt_receipts": self.attempt_receipts})
+                           "handled": self.handled, "pending_receipts": self.pending})
 
     @classmethod
     def from_json(cls, text: str, delta: float, max_epsilon: float) -> NodeState:
@@ -85,8 +104,18 @@ class NodeState:
             noise_multiplier=data.get("noise_multiplier"),
             noise_run=str(data.get("noise_run", "")),
             handled=list(data.get("handled", [])),
-            attempt_round=str(data.get("attempt_round", "")),
-            attempt_receipts=[str(r) for r in data.get("attempt_receipts", [])])
+            pending=_pending_of(data))
+
+
+def _pending_of(data: dict[str, Any]) -> dict[str, list[str]]:
+    """The pending receipts of a state file; earlier versions kept only the receipts of
+    the last round they trained in ("run key/round")."""
+    if isinstance(data.get("pending_receipts"), dict):
+        return {str(k): [str(r) for r in v]
+                for k, v in data["pending_receipts"].items()}
+    run_key = str(data.get("attempt_round", "")).rpartition("/")[0]
+    receipts = [str(r) for r in data.get("attempt_receipts", [])]
+    return {run_key: receipts} if run_key and receipts else {}
 
 
 def node_state_dir(context: Context, run_out: str = "") -> Path | None:

@@ -138,6 +138,11 @@ class ExampleDpEvent(LedgerEvent):
     epsilon_claimed: float  # cumulative, as the partner's own accountant says
     accountant: str = "rdp"  # the analysis of the claim (absent in early ledgers: RDP)
     receipt: dict[str, Any] | None = None  # Receipt.to_dict(), signed by the partner
+    # Set when the server records the release in a later round than `round` (the reply
+    # of `round` was lost: the server died, or the reply never arrived; the partner sent
+    # the receipt again with its next reply): the round whose entries hold it. Absent
+    # (None) for a release recorded in its own round, as in every earlier ledger.
+    recorded_in_round: int | None = None
 
     # The mechanism's numbers, as the flat payload (and the report) names them.
     @property
@@ -154,9 +159,11 @@ class ExampleDpEvent(LedgerEvent):
 
     def to_payload(self) -> dict[str, Any]:
         # the mechanism's numbers sit flat beside the entry's own fields
+        late = {} if self.recorded_in_round is None else \
+            {"recorded_in_round": self.recorded_in_round}
         return {"round": self.round, "partner": self.partner, **self.mechanism.to_json(),
                 "delta": self.delta, "epsilon_claimed": F.json_number(self.epsilon_claimed),
-                "accountant": self.accountant, "receipt": self.receipt}
+                "accountant": self.accountant, "receipt": self.receipt, **late}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> ExampleDpEvent:
@@ -170,10 +177,13 @@ class ExampleDpEvent(LedgerEvent):
             epsilon_claimed=_float(k, "epsilon_claimed",
                                      _get(k, payload, "epsilon_claimed"), allow_inf=True),
             accountant=_str(k, "accountant", payload.get("accountant", "rdp")),
-            receipt=None if receipt is None else _dict(k, "receipt", receipt))
+            receipt=None if receipt is None else _dict(k, "receipt", receipt),
+            recorded_in_round=None if payload.get("recorded_in_round") is None
+            else _int(k, "recorded_in_round", payload["recorded_in_round"], lo=1))
 
     @classmethod
-    def from_receipt(cls, receipt: Any) -> ExampleDpEvent:
+    def from_receipt(cls, receipt: Any, recorded_in_round: int | None = None
+                     ) -> ExampleDpEvent:
         """The event exactly as the partner signed it, with the receipt attached.
 
         The server should build EXAMPLE_DP entries this way: it then copies the partner's
@@ -185,6 +195,8 @@ class ExampleDpEvent(LedgerEvent):
             signed["epsilon_claimed"] = signed.get("epsilon")
         signed.pop("epsilon", None)
         signed["receipt"] = data
+        if recorded_in_round is not None:
+            signed["recorded_in_round"] = recorded_in_round
         return cls.from_payload(signed)
 
 
@@ -409,6 +421,9 @@ def parse_payload(event_type: str, payload: Mapping[str, Any]) -> LedgerEvent:
 
 
 def round_of(event: LedgerEvent) -> int | None:
-    """The round an event belongs to (None for run-level events)."""
-    value = getattr(event, "round", None)
+    """The round whose entries hold an event (None for run-level events): its own round,
+    or for a release recorded late, the round that recorded it."""
+    value = getattr(event, "recorded_in_round", None)
+    if value is None:
+        value = getattr(event, "round", None)
     return value if isinstance(value, int) else None

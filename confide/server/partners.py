@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
 from confide import wire as W
@@ -107,6 +107,10 @@ class PartnerBook:
         self.cfg = cfg
         self.records: dict[str, PartnerRecord] = {}
         self.node_partner: dict[int, str] = {}  # Flower node id -> partner, for logs
+        # signatures of the example-level receipts this run's ledger holds, and per partner
+        # their acknowledgement names (what a train message tells the node is recorded)
+        self.signatures: set[str] = set()
+        self.acknowledged: dict[str, list[str]] = {}
 
     # -- one round -------------------------------------------------------------------
     def record_replies(self, ledger: Ledger, server_round: int, replies: Iterable[Message],
@@ -164,6 +168,7 @@ class PartnerBook:
             del out.partner_of[r.node]
             out.dropped.append(partner.pseudonym)
             return
+        self._record_earlier_receipts(ledger, server_round, partner, r.reply)
         partner.refused.append(server_round)
         out.refusals.append(Refusal(partner.pseudonym, float(status["spent"]),
                                     float(status["would_be"]), float(status["max_epsilon"])))
@@ -210,57 +215,88 @@ class PartnerBook:
             log(WARNING, "round %d: partner %s: invalid DP receipt (%s); update dropped",
                 server_round, partner.pseudonym, exc)
             return False
-        self._record_lost_attempts(ledger, server_round, partner, reply)
+        self._record_earlier_receipts(ledger, server_round, partner, reply)
+        if receipt.signature_hex in self.signatures:
+            log(WARNING, "round %d: partner %s sent a receipt the ledger already holds; "
+                "update dropped", server_round, partner.pseudonym)
+            return False
         self._append_receipt(ledger, partner, receipt)
         return True
 
     @staticmethod
-    def _checked_receipt(text: str, server_round: int, partner: PartnerRecord) -> Receipt:
-        """The partner's signed receipt for this round, or ValueError/KeyError saying why not."""
+    def _checked_receipt(text: str, server_round: int, partner: PartnerRecord, *,
+                         rounds: int | None = None) -> Receipt:
+        """The partner's signed receipt for this round (with `rounds`: for any round
+        1..rounds of the run), or ValueError/KeyError saying why not."""
         receipt = Receipt.from_dict(json.loads(text))
         verify_receipt(receipt)
         if receipt.public_key_hex != partner.public_key:
             raise ValueError("receipt signed by another key than the partner's")
         claim = receipt.payload
-        if int(claim["round"]) != server_round or claim["partner"] != partner.pseudonym:
-            raise ValueError("receipt is for another round or partner")
+        if claim["partner"] != partner.pseudonym:
+            raise ValueError("receipt is for another partner")
+        if rounds is None and int(claim["round"]) != server_round:
+            raise ValueError("receipt is for another round")
+        if rounds is not None and not 1 <= int(claim["round"]) <= rounds:
+            raise ValueError(f"receipt is for round {claim['round']}, not a round of this "
+                             f"run (1..{rounds})")
         return receipt
 
-    @staticmethod
-    def _append_receipt(ledger: Ledger, partner: PartnerRecord, receipt: Receipt) -> None:
+    def _append_receipt(self, ledger: Ledger, partner: PartnerRecord, receipt: Receipt,
+                        recorded_in_round: int | None = None) -> None:
         partner.epsilon = float(receipt.payload["epsilon"])
-        event = E.ExampleDpEvent.from_receipt(receipt)
+        event = E.ExampleDpEvent.from_receipt(receipt, recorded_in_round)
         partner.accountant = event.accountant
         partner.add_mechanism(event.mechanism, event.delta)
         ledger.append(event)
+        self._index_receipt(partner.pseudonym, receipt.signature_hex)
 
-    def _record_lost_attempts(self, ledger: Ledger, server_round: int,
-                              partner: PartnerRecord, reply: Message) -> None:
-        """Receipts the partner signed in earlier attempts of this round that the ledger
-        does not hold (the server died after the node trained, before or while recording
-        its reply): that budget was spent, and each such release is recorded now, before
-        the new receipt (whose claim composes them), so nothing is under-counted and the
-        audit's replay matches every claim. One that does not verify is logged and left
-        out (the new receipt's claim then fails the audit: the record is incomplete)."""
+    def _index_receipt(self, partner: str, signature_hex: str) -> None:
+        self.signatures.add(signature_hex)
+        self.acknowledged.setdefault(partner, []).append(W.receipt_ack_name(signature_hex))
+
+    def _record_earlier_receipts(self, ledger: Ledger, server_round: int,
+                                 partner: PartnerRecord, reply: Message) -> None:
+        """Receipts the partner signed earlier in this run that the ledger does not hold
+        (its reply was lost: the server died after the node trained, before or while
+        recording it, or the reply never arrived): that budget was spent, and each such
+        release is recorded now, before the reply's own receipt (whose claim composes them),
+        so nothing is under-counted and the audit's replay matches every claim. One of an
+        earlier round is recorded with `recorded_in_round` (this round). The node re-sends
+        every receipt the server has not acknowledged: those the ledger holds are skipped
+        silently. One that does not verify is logged and left out (the partner's next claim
+        then fails the audit: the record is incomplete)."""
         earlier = reply.content[W.RECEIPT].get(W.RECEIPT_EARLIER)
         if not earlier:
             return
-        recorded = {str((e["payload"].get("receipt") or {}).get("signature"))
-                    for e in ledger.entries if e["type"] == E.EXAMPLE_DP}
         for text in json.loads(str(earlier)):
             try:
-                receipt = self._checked_receipt(str(text), server_round, partner)
+                receipt = self._checked_receipt(str(text), server_round, partner,
+                                                rounds=self.cfg.rounds)
             except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
-                log(WARNING, "round %d: partner %s: invalid receipt of an earlier attempt "
+                log(WARNING, "round %d: partner %s: invalid receipt of an earlier reply "
                     "(%s); not recorded", server_round, partner.pseudonym, exc)
                 continue
-            if receipt.signature_hex in recorded:
+            if receipt.signature_hex in self.signatures:
                 continue
-            log(WARNING, "round %d: partner %s trained in an earlier attempt of this round "
-                "whose reply was lost; its spend is recorded now", server_round,
-                partner.pseudonym)
-            self._append_receipt(ledger, partner, receipt)
-            recorded.add(receipt.signature_hex)
+            trained_in = int(receipt.payload["round"])
+            log(WARNING, "round %d: partner %s trained in %s whose reply was lost; its "
+                "spend is recorded now", server_round, partner.pseudonym,
+                "an earlier attempt of this round" if trained_in == server_round
+                else f"round {trained_in}")
+            self._append_receipt(ledger, partner, receipt,
+                                 None if trained_in == server_round else server_round)
+
+    def acknowledge(self, message: Message) -> None:
+        """Tell a train message's node which of its partner's receipts the ledger holds,
+        so it stops re-sending them (nothing when its partner is not known yet: the node
+        then re-sends what it holds, and the ledger's copies are skipped)."""
+        partner = self.node_partner.get(message.metadata.dst_node_id)
+        if partner is not None:
+            # a copy: a strategy's messages of one round share one content object
+            message.content = RecordDict({
+                **dict(message.content.items()), W.RECORDED: ConfigRecord(
+                    {W.ACKNOWLEDGED: json.dumps(self.acknowledged.get(partner, []))})})
 
     # -- resume ----------------------------------------------------------------------
     def account_unfinished_rounds(self, entries: list[dict[str, Any]]) -> None:
@@ -268,10 +304,13 @@ class PartnerBook:
         was complete) is in the ledger, not in the checkpoint: take every partner's
         mechanisms and latest claim from the ledger, so nothing is under-counted."""
         mechanisms: dict[str, list[ExampleLevelMechanism]] = {}
+        self.signatures, self.acknowledged = set(), {}
         for entry in entries:
             if entry.get("type") != E.EXAMPLE_DP:
                 continue
             event = E.ExampleDpEvent.from_payload(entry["payload"])
+            if event.receipt is not None:
+                self._index_receipt(event.partner, str(event.receipt.get("signature")))
             mechanisms.setdefault(event.partner, []).append(event.mechanism)
             partner = self.records.get(event.partner)
             if partner is None and event.receipt is not None:

@@ -200,9 +200,11 @@ class SecureRounds:
             content = RecordDict({W.CONFIG: config, W.SECAGG: down})
             if node in train:
                 content[W.ARRAYS] = W.to_array_record(self.fed.global_state)
-            messages.append(Message(content=content, dst_node_id=node,
-                                    message_type="train" if node in train
-                                    else W.SECAGG_MESSAGE_TYPE))
+            message = Message(content=content, dst_node_id=node, message_type="train"
+                              if node in train else W.SECAGG_MESSAGE_TYPE)
+            if node in train:
+                self.fed.book.acknowledge(message)
+            messages.append(message)
         if not messages:
             return []
         replies = list(self.fed.grid.send_and_receive(messages, timeout=self.fed.timeout))

@@ -58,3 +58,39 @@ def test_a_lower_node_cap_applies_but_history_stays(tmp_path: Path) -> None:
     assert data["accountant"]["history"][0]["run"] == "r"
     with pytest.raises(RuntimeError, match="saved accountant used delta=1e-05"):
         load_node_state(ctx, delta=1e-6, max_epsilon=5.0, state_dir=tmp_path)
+
+
+def _receipt(signature: str) -> str:
+    return json.dumps({"payload": {"round": 1}, "public_key": "k", "signature": signature})
+
+
+def test_unacknowledged_receipts_are_kept_per_run_until_the_server_acknowledges(
+        tmp_path: Path) -> None:
+    ctx = context({"state-dir": str(tmp_path)})
+    state = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=tmp_path)
+    a1, a2, b1 = _receipt("aa" * 64), _receipt("ab" * 64), _receipt("bb" * 64)
+    state.remember_receipt("run-a", a1)
+    state.remember_receipt("run-a", a2)
+    state.remember_receipt("run-b", b1)
+    save_node_state(ctx, state, tmp_path)
+    again = load_node_state(context({"state-dir": str(tmp_path)}), delta=1e-5,
+                            max_epsilon=5.0, state_dir=tmp_path)
+    # no acknowledgement (the server does not know this node yet): everything is re-sent
+    assert again.unrecorded_receipts("run-a", None) == [a1, a2]
+    # the server names what its ledger holds by the start of each signature
+    assert again.unrecorded_receipts("run-a", {"aa" * 8}) == [a2]
+    assert again.unrecorded_receipts("run-a", {"ab" * 8}) == []
+    # another run's receipts are untouched (that run may still be resumed)
+    assert again.unrecorded_receipts("run-b", None) == [b1]
+
+
+def test_receipts_of_an_earlier_version_state_file_are_kept(tmp_path: Path) -> None:
+    """Earlier versions kept the receipts of the last round trained ("run/round")."""
+    ctx = context({"state-dir": str(tmp_path)})
+    state = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=tmp_path)
+    data = json.loads(state.to_json())
+    del data["pending_receipts"]
+    data.update({"attempt_round": "run-a/3", "attempt_receipts": [_receipt("cc" * 64)]})
+    (tmp_path / STATE_FILE).write_text(json.dumps(data))
+    again = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=tmp_path)
+    assert again.unrecorded_receipts("run-a", None) == [_receipt("cc" * 64)]

@@ -65,6 +65,9 @@ def check_completeness(run: LoadedRun) -> CheckResult:
         for i, e in kinds.get(ev.EXAMPLE_DP, []):
             assert isinstance(e, ev.ExampleDpEvent)
             signature = (e.receipt or {}).get("signature")
+            if e.recorded_in_round is not None:
+                _check_late_release(run, r, i, e, signatures, done, c)
+                continue
             if e.partner in trained and not (
                     rerun and all(x is not None and signatures.count(x) == 1
                                   for x in (signature, first_signature[e.partner]))):
@@ -99,6 +102,28 @@ def check_completeness(run: LoadedRun) -> CheckResult:
     return c
 
 
+def _check_late_release(run: LoadedRun, r: int, i: int, e: ev.ExampleDpEvent,
+                        signatures: list[Any], done: ev.RoundCompleted, c: CheckResult
+                        ) -> None:
+    """A release recorded in a later round than its own (its reply was lost; the partner
+    sent the receipt again with a reply of round r): a distinct signed receipt, of a round
+    this run had configured before, arriving with a reply of round r."""
+    signature = (e.receipt or {}).get("signature")
+    if e.recorded_in_round == e.round:
+        c.add(f"example_dp of partner {e.partner} round {e.round} says it was recorded late "
+              "in its own round", i)
+    if signature is None or signatures.count(signature) != 1:
+        c.add(f"late example_dp of partner {e.partner} (round {e.round}) repeats a receipt "
+              "the ledger already holds", i)
+    if not any(isinstance(x, ev.RoundConfigured) and x.round == e.round
+               for j, x in run.events if j < i):
+        c.add(f"late example_dp of partner {e.partner} for round {e.round}, which this run "
+              "had not configured before", i)
+    if e.partner not in done.replied:
+        c.add(f"late example_dp of partner {e.partner}, who is not among round {r}'s "
+              "replies", i)
+
+
 def _check_shared_noise(run: LoadedRun, r: int, kinds: dict[str, list[IndexedEvent]],
                         c: CheckResult, configured: ev.RoundConfigured | None) -> None:
     """Shared-noise rounds (example-dp-noise = 'shared'): every example_dp says so, with
@@ -126,6 +151,8 @@ def _check_shared_noise(run: LoadedRun, r: int, kinds: dict[str, list[IndexedEve
         if m.colluders != colluders:
             c.add(f"example_dp of partner {e.partner} round {r}: colluders {m.colluders}, "
                   f"the run's dp-colluders is {colluders}", i)
+        if e.recorded_in_round is not None:
+            continue  # its own round's cohort, not this one's, fixed its noise shares
         if min_survivors is None:
             c.add(f"shared-noise example_dp of partner {e.partner} round {r} without a "
                   "secure_aggregation event to check its noise shares against", i)
