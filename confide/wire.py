@@ -26,7 +26,7 @@ from confide.config import RunConfig
 from confide.privacy.secagg import SecAggConfig
 
 if TYPE_CHECKING:
-    from flwr.app import ArrayRecord
+    from flwr.app import ArrayRecord, Message
 
 # RecordDict entries
 ARRAYS = "arrays"  # ArrayRecord: global trainable weights (to nodes) or a delta (from nodes)
@@ -77,6 +77,13 @@ def receipt_ack_name(signature_hex: str) -> str:
     return str(signature_hex)[:_ACK_DIGITS]
 
 
+def acknowledged_receipts(message: Message) -> set[str] | None:
+    """The `receipt_ack_name`s a train message acknowledges (None: it says nothing)."""
+    if RECORDED not in message.content.config_records:
+        return None
+    return {str(a) for a in json.loads(str(message.content[RECORDED][ACKNOWLEDGED]))}
+
+
 def to_array_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     """name -> numpy array, in order, as a Flower ArrayRecord."""
     from flwr.app import Array, ArrayRecord
@@ -94,6 +101,8 @@ SECAGG_UP = "secagg-up"  # ConfigRecord, up
 MASKED = "secagg-masked"  # ArrayRecord, up: {"vector": uint32/uint64}
 VERIFY = "secagg-verify"  # ArrayRecord, up, simulation only: {"encoded": pre-mask vector}
 SECAGG_MESSAGE_TYPE = "train.secagg"  # setup / key-only / unmask exchanges
+# the server asks a node for its receipts of the run the ledger may lack (no training)
+RECEIPTS_MESSAGE_TYPE = "train.receipts"
 SECAGG_ROUND = "round"
 ADVERTISE = "advertise"
 KEY_DIRECTORY = "key-directory"

@@ -54,8 +54,9 @@ class InProcessGrid:
             msg.metadata.__dict__["_message_id"] = f"msg-{os.getpid()}-{next(_ids)}"
             node = msg.metadata.dst_node_id
             try:
-                handler = (client_app.secagg_stage if msg.metadata.message_type
-                           == "train.secagg" else client_app.train)
+                handler = {"train.secagg": client_app.secagg_stage,
+                           "train.receipts": client_app.receipts}.get(
+                    msg.metadata.message_type, client_app.train)
                 reply = handler(msg, self.contexts[node])
             except Exception as exc:  # the runtime turns a ClientApp exception into an error
                 reply = Message(Error(code=0, reason=str(exc)), reply_to=msg)

@@ -16,7 +16,7 @@ import json
 import signal
 from logging import INFO
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
@@ -62,6 +62,27 @@ def _deployed_node_setup(context: Context) -> None:
     threads = node_threads(context.node_config.get("threads"))
     apply_threads(threads)
     log(INFO, "confide: this node trains with %d CPU threads", threads)
+
+
+@app.train("receipts")
+def receipts(msg: Message, context: Context) -> Message:
+    """The receipts of this run the server has not acknowledged (message type
+    `train.receipts`, sent in a run's last round to nodes whose reply may have been lost):
+    no training, nothing spent, the node's state unchanged."""
+    from confide.clients.node_state import load_node_state, node_state_dir
+
+    cfg = from_flat_record(dict(msg.content[W.CONFIG]))
+    state = load_node_state(context, delta=cfg.delta, max_epsilon=cfg.max_epsilon,
+                            state_dir=node_state_dir(context, cfg.out))
+    acknowledged = W.acknowledged_receipts(msg)
+    earlier = state.unrecorded_receipts(str(msg.content[W.CONFIG].get(W.RUN_KEY, "")),
+                                        acknowledged)
+    return Message(content=RecordDict({
+        W.STATUS: ConfigRecord({W.STATUS_CODE: W.OK, W.STATUS_DETAIL: "receipts",
+                                W.PARTNER: state.pseudonym,
+                                W.PUBLIC_KEY: state.public_key.hex()}),
+        W.RECEIPT: ConfigRecord({W.RECEIPT_JSON: "", W.RECEIPT_EARLIER: json.dumps(earlier)}),
+    }), reply_to=msg)
 
 
 @app.train("secagg")

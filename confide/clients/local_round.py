@@ -178,11 +178,7 @@ def _receipt_record(msg: Message, state: NodeState, run_key: str, receipt_json: 
 def _attach_unrecorded(msg: Message, state: NodeState, run_key: str,
                        record: ConfigRecord) -> None:
     """Put the node's unacknowledged receipts of this run into the reply's receipt record."""
-    acknowledged = None
-    if W.RECORDED in msg.content.config_records:
-        acknowledged = {str(a) for a in json.loads(
-            str(msg.content.config_records[W.RECORDED][W.ACKNOWLEDGED]))}
-    earlier = state.unrecorded_receipts(run_key, acknowledged)
+    earlier = state.unrecorded_receipts(run_key, W.acknowledged_receipts(msg))
     if earlier:
         record[W.RECEIPT_EARLIER] = json.dumps(earlier)
 

@@ -8,7 +8,8 @@ what `kill -9` or a power cut leaves). Unset, a crash point costs one dictionary
 
 Stages (where they are consulted):
     before-sampling   federation: a round starts, before any node is sampled
-    after-replies     federation: the nodes' replies are in (they spent budget), none recorded
+    after-replies     plain and secure rounds: the nodes' replies are in (they spent
+                      budget), none recorded
     mid-aggregation   federation: the aggregate is computed, not yet applied or recorded
     mid-checkpoint    run_folder: the checkpoint's weights are in their temp file, not renamed
     ledger-append     ledger: part of an entry's line is written (detail: the entry type)

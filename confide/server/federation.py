@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -122,6 +122,8 @@ class Federation:
         # the task evaluates (accuracy/loss; perplexity and generation for causal-lm)
         self.evaluator = get_task(self.cfg).evaluator(evaluation)
         self.book = PartnerBook(self.cfg)
+        # resumed: nodes may hold receipts of the lost attempt that no later round asks for
+        self.resumed = False
         self.client_dp_epsilon: float | None = None
         self.rounds_completed = 0
         self.last_metrics: dict[str, Any] = {}
@@ -241,6 +243,7 @@ class Federation:
         rows = self.folder.read_metrics()
         self.last_metrics = rows[-1] if rows else {}
         self.book.account_unfinished_rounds(self.ledger.entries)
+        self.resumed = True
         self.ledger.append(E.RunResumed(from_round=round_))
         log(INFO, "Confide: resuming %s after round %d", self.folder.root, round_)
 
@@ -286,6 +289,9 @@ class Federation:
         outcome = self.aggregation.run_round(server_round, config)
         for event in outcome.events:
             self.ledger.append(event)
+        if server_round == self.cfg.rounds and self.cfg.example_dp:
+            late = self.collect_unrecorded_receipts(server_round, config)
+            outcome.replied = sorted({*outcome.replied, *late})
         if outcome.client_level_epsilon is not None:
             self.client_dp_epsilon = outcome.client_level_epsilon
         if outcome.aggregate is not None:
@@ -324,6 +330,32 @@ class Federation:
             self.on_round(row)
         crash_point("after-round", server_round, run_dir=self.folder.root)
         return row
+
+    def collect_unrecorded_receipts(self, server_round: int, config: ConfigRecord
+                                    ) -> list[str]:
+        """The run's last round: a node whose train reply was lost (or that trained in an
+        attempt a resume superseded) and was not asked again still holds that receipt.
+        Ask those nodes (every node after a resume: a resumed server cannot tell which
+        nodes the lost attempt reached) for their receipts of this run; the ledger
+        records the ones it lacks in this round, so the run ends with every spend.
+        Returns the partners whose lost reply was of this round (they replied after all)."""
+        assert self.ledger is not None
+        nodes = set(self.grid.get_node_ids()) if self.resumed \
+            else self.book.unanswered_nodes()
+        if not nodes:
+            return []
+        messages = []
+        for node in sorted(nodes):
+            message = Message(content=RecordDict({W.CONFIG: config}), dst_node_id=node,
+                              message_type=W.RECEIPTS_MESSAGE_TYPE)
+            self.book.prepare_train(message, server_round)
+            messages.append(message)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        answered, this_round = self.book.record_unrecorded_receipts(self.ledger, server_round,
+                                                                    replies)
+        log(INFO, "round %d: asked %d node(s) for receipts the ledger may lack; %d answered",
+            server_round, len(messages), answered)
+        return this_round
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, server_round: int = 0) -> Evaluation:

@@ -29,7 +29,7 @@ from confide.privacy.mechanisms import (
     SharedNoiseSampledGaussian,
     example_level_from_json,
 )
-from confide.privacy.receipts import Receipt, verify_receipt
+from confide.privacy.receipts import Receipt, pseudonym_of, verify_receipt
 from confide.privacy.refusals import refusal_mismatches, verify_refusal
 from confide.server.recovery import EveryPartnerFailed, NoBudgetLeft, no_budget_message
 from confide.server.replies import FAILED, REFUSED, SortedReply, sort_replies, uploaded_bytes
@@ -111,6 +111,10 @@ class PartnerBook:
         # their acknowledgement names (what a train message tells the node is recorded)
         self.signatures: set[str] = set()
         self.acknowledged: dict[str, list[str]] = {}
+        # node -> the last round it was sent a train message / its reply was recorded in
+        # (a receipt or a refusal): a node sent more than recorded may hold a lost receipt
+        self.last_sent: dict[int, int] = {}
+        self.last_recorded: dict[int, int] = {}
 
     # -- one round -------------------------------------------------------------------
     def record_replies(self, ledger: Ledger, server_round: int, replies: Iterable[Message],
@@ -132,6 +136,7 @@ class PartnerBook:
                 continue
             partner = self._partner(r)
             out.partner_of[r.node] = self.node_partner[r.node] = partner.pseudonym
+            self.last_recorded[r.node] = server_round
             if r.kind == REFUSED:
                 self._record_refusal(ledger, server_round, partner, r, out)
             elif r.kind == FAILED:
@@ -256,7 +261,7 @@ class PartnerBook:
         self.acknowledged.setdefault(partner, []).append(W.receipt_ack_name(signature_hex))
 
     def _record_earlier_receipts(self, ledger: Ledger, server_round: int,
-                                 partner: PartnerRecord, reply: Message) -> None:
+                                 partner: PartnerRecord, reply: Message) -> list[int]:
         """Receipts the partner signed earlier in this run that the ledger does not hold
         (its reply was lost: the server died after the node trained, before or while
         recording it, or the reply never arrived): that budget was spent, and each such
@@ -265,10 +270,11 @@ class PartnerBook:
         earlier round is recorded with `recorded_in_round` (this round). The node re-sends
         every receipt the server has not acknowledged: those the ledger holds are skipped
         silently. One that does not verify is logged and left out (the partner's next claim
-        then fails the audit: the record is incomplete)."""
+        then fails the audit: the record is incomplete). Returns the rounds recorded."""
         earlier = reply.content[W.RECEIPT].get(W.RECEIPT_EARLIER)
+        rounds: list[int] = []
         if not earlier:
-            return
+            return rounds
         for text in json.loads(str(earlier)):
             try:
                 receipt = self._checked_receipt(str(text), server_round, partner,
@@ -286,17 +292,57 @@ class PartnerBook:
                 else f"round {trained_in}")
             self._append_receipt(ledger, partner, receipt,
                                  None if trained_in == server_round else server_round)
+            rounds.append(trained_in)
+        return rounds
 
-    def acknowledge(self, message: Message) -> None:
-        """Tell a train message's node which of its partner's receipts the ledger holds,
-        so it stops re-sending them (nothing when its partner is not known yet: the node
-        then re-sends what it holds, and the ledger's copies are skipped)."""
-        partner = self.node_partner.get(message.metadata.dst_node_id)
+    def prepare_train(self, message: Message, server_round: int) -> None:
+        """A train message about to go out: note it, and tell its node which of its
+        partner's receipts the ledger holds, so it stops re-sending them (nothing when its
+        partner is not known yet: the node then re-sends what it holds, and the ledger's
+        copies are skipped)."""
+        node = message.metadata.dst_node_id
+        self.last_sent[node] = server_round
+        partner = self.node_partner.get(node)
         if partner is not None:
             # a copy: a strategy's messages of one round share one content object
             message.content = RecordDict({
                 **dict(message.content.items()), W.RECORDED: ConfigRecord(
                     {W.ACKNOWLEDGED: json.dumps(self.acknowledged.get(partner, []))})})
+
+    def unanswered_nodes(self) -> set[int]:
+        """Nodes sent a train message whose reply this server did not record: each may
+        hold a receipt the ledger lacks (it trained, the reply was lost)."""
+        return {n for n, r in self.last_sent.items() if self.last_recorded.get(n, 0) < r}
+
+    def record_unrecorded_receipts(self, ledger: Ledger, server_round: int,
+                                   replies: Iterable[Message]) -> tuple[int, list[str]]:
+        """Replies to a receipts query (`wire.RECEIPTS_MESSAGE_TYPE`): each node's receipts
+        of this run the server never acknowledged; those the ledger lacks are recorded in
+        `server_round`. Returns how many nodes answered, and the partners that released in
+        this very round (their train reply was lost): they replied in this round after all."""
+        answered, this_round = 0, []
+        for reply in replies:
+            if reply.has_error() or W.STATUS not in reply.content.config_records \
+                    or W.RECEIPT not in reply.content.config_records:
+                continue
+            status = reply.content[W.STATUS]
+            pseudonym, key = str(status.get(W.PARTNER, "")), str(status.get(W.PUBLIC_KEY, ""))
+            try:
+                if pseudonym_of(bytes.fromhex(key)) != pseudonym:
+                    raise ValueError("pseudonym is not its key's")
+            except ValueError as exc:
+                log(WARNING, "round %d: node %d: receipts reply without a valid partner "
+                    "key (%s); ignored", server_round, reply.metadata.src_node_id, exc)
+                continue
+            answered += 1
+            node = reply.metadata.src_node_id
+            self.node_partner[node] = pseudonym
+            self.last_recorded[node] = self.last_sent.get(node, server_round)
+            partner = self.records.setdefault(pseudonym, PartnerRecord(pseudonym, key))
+            if server_round in self._record_earlier_receipts(ledger, server_round, partner,
+                                                             reply):
+                this_round.append(pseudonym)
+        return answered, this_round
 
     # -- resume ----------------------------------------------------------------------
     def account_unfinished_rounds(self, entries: list[dict[str, Any]]) -> None:

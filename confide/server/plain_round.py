@@ -35,7 +35,7 @@ class PlainRounds:
             server_round, W.to_array_record(host.global_state), config, host.grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         for message in messages:
-            host.book.acknowledge(message)
+            host.book.prepare_train(message, server_round)
         host.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
             round=server_round, sampled=[str(n) for n in sampled]).to_payload())
         replies = list(host.grid.send_and_receive(messages, timeout=host.timeout))

@@ -44,6 +44,7 @@ from flwr.common.logger import log
 from confide import wire as W
 from confide.config import ConfigError
 from confide.privacy import ledger_events as E
+from confide.privacy.crash_points import crash_point
 from confide.privacy.mechanisms import SecureAggregationAbort
 from confide.privacy.secagg import (
     AdvertiseKeys,
@@ -203,7 +204,7 @@ class SecureRounds:
             message = Message(content=content, dst_node_id=node, message_type="train"
                               if node in train else W.SECAGG_MESSAGE_TYPE)
             if node in train:
-                self.fed.book.acknowledge(message)
+                self.fed.book.prepare_train(message, server_round)
             messages.append(message)
         if not messages:
             return []
@@ -376,6 +377,7 @@ class SecureRounds:
                 parts.setdefault(node, {})[f"{W.KEY_DIRECTORY}/{nxt.round}"] = \
                     nxt.directory.to_bytes()
         replies = self._exchange(server_round, config, parts, train)
+        crash_point("after-replies", server_round, run_dir=fed.folder.root)
         recorded = fed.book.record_replies(
             fed.ledger, server_round, [r for r in replies if r.metadata.src_node_id in train])
         check_budget_left(server_round, recorded, first_round=fed.rounds_completed == 0,

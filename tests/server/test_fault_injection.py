@@ -68,24 +68,25 @@ STAGES = {
 }
 
 
-def _federate(out: Path, nodes: Path, crash_at: str | None, resume: bool) -> None:
+def _federate(out: Path, nodes: Path, crash_at: str | None, resume: bool,
+              values: dict[str, Any]) -> None:
     torch.set_num_threads(1)  # 2 shared cores: no oversubscription
     os.environ.pop(CRASH_AT_ENV, None)
     if crash_at:
         os.environ[CRASH_AT_ENV] = crash_at
-    cfg = build_config({**TINY, "out": str(out), "resume": resume})
+    cfg = build_config({**values, "out": str(out), "resume": resume})
     try:
-        Federation.open(InProcessGrid(NODES, state_root=nodes), cfg, out).run()
+        Federation.open(InProcessGrid(cfg.clients, state_root=nodes), cfg, out).run()
     except Exception as exc:  # for the parent to read (the child exits 1)
         (out.parent / "error.txt").write_text(f"{type(exc).__name__}: {exc}")
         raise
 
 
-def federate(out: Path, nodes: Path, crash_at: str | None = None, resume: bool = False
-             ) -> int | None:
+def federate(out: Path, nodes: Path, crash_at: str | None = None, resume: bool = False,
+             values: dict[str, Any] | None = None) -> int | None:
     """Run (or resume) the federation in a forked child; its exit status."""
     child = multiprocessing.get_context("fork").Process(
-        target=_federate, args=(out, nodes, crash_at, resume))
+        target=_federate, args=(out, nodes, crash_at, resume, values or TINY))
     child.start()
     child.join(timeout=180)
     if child.is_alive():
@@ -110,7 +111,7 @@ class Run:
         """(pseudonym, the partner's own lifetime accountant), by node."""
         cfg = build_config(TINY)
         found = []
-        for i in range(1, NODES + 1):
+        for i in range(1, len(list(self.nodes.glob("node-*"))) + 1):
             state = NodeState.from_json((self.nodes / f"node-{i}" / STATE_FILE).read_text(),
                                         cfg.delta, cfg.max_epsilon)
             found.append((state.pseudonym, state.accountant))
@@ -128,6 +129,13 @@ class Run:
                   if e["type"] == E.EXAMPLE_DP]
         return [(e.noise_multiplier, e.sample_rate, e.steps, e.round) for e in events
                 if e.partner == partner]
+
+    def late_releases(self) -> list[tuple[str, int, int]]:
+        """(partner, round trained, round recorded) of each release recorded late."""
+        events = [E.ExampleDpEvent.from_payload(e["payload"]) for e in self.entries()
+                  if e["type"] == E.EXAMPLE_DP]
+        return [(e.partner, e.round, e.recorded_in_round) for e in events
+                if e.recorded_in_round is not None]
 
     def claimed(self) -> dict[str, float]:
         return json.loads((self.out / "summary.json").read_text())["privacy"]["example_level"]
@@ -264,3 +272,33 @@ def test_a_torn_tail_never_covers_for_a_tampered_complete_entry(tmp_path: Path) 
     assert error.startswith("ResumeRefused: cannot resume") and "is broken" in error
     assert f"entry {at}: entry_hash does not match" in error
     assert snapshot(run.out) == before, "a refused resume writes (and moves) nothing"
+
+
+# Secure aggregation with shared noise, 4 partners, half of them per round: the resumed run
+# sets up fresh keys and samples the crashed round's cohort again, which here (seed 2) is
+# another cohort. A partner that trained in the lost attempt and is not asked again sends
+# that receipt with its next reply of the run; the ledger must still hold every spend.
+SECURE = {**TINY, "clients": 4, "rounds": 3, "secure-aggregation": True,
+          "fraction-train": 0.5, "local-epochs": 1.0, "batch-size": 32,
+          "physical-batch-size": 32, "seed": 2}
+
+
+def test_secure_run_killed_after_replies_records_the_lost_spend_in_a_later_round(
+        tmp_path: Path) -> None:
+    run = Run(tmp_path / "run", tmp_path / "nodes")
+    assert build_config(SECURE).example_dp_noise == "shared"
+    assert federate(run.out, run.nodes, crash_at="after-replies:2", values=SECURE) \
+        == CRASH_EXIT_CODE
+    assert federate(run.out, run.nodes, resume=True, values=SECURE) == 0, \
+        (tmp_path / "error.txt").read_text()
+    result = verify_run(run.out)
+    assert result.ok, [str(p) for p in result.problems]
+    assert run.metrics_rounds() == [1, 2, 3]
+    claimed = run.claimed()
+    for partner, events in run.node_events():
+        assert run.ledger_events(partner) == events, partner  # same releases, same order
+        if events:
+            assert claimed[partner] > 0
+    # the cohort of round 2 changed: a lost attempt's spend arrived in a later round
+    late = run.late_releases()
+    assert late and all(trained == 2 and recorded > 2 for _, trained, recorded in late)

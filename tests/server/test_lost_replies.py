@@ -36,14 +36,17 @@ BASE = {"model": "tiny", "rounds": 3, "max-length": 16, "num-labels": 2, "batch-
 
 
 class LosesOneReply(InProcessGrid):
-    """Node LOST_NODE trains in round LOST_ROUND (its state, budget included, is saved) but
-    its reply never reaches the server, as after a timeout."""
+    """Node LOST_NODE trains in round `lost_round` (its state, budget included, is saved)
+    but its reply never reaches the server, as after a timeout."""
+
+    lost_round = LOST_ROUND
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         messages = list(messages)
         lose = any(m.metadata.dst_node_id == LOST_NODE and m.metadata.message_type == "train"
-                   and int(m.content[W.CONFIG][W.ROUND]) == LOST_ROUND for m in messages)
+                   and int(m.content[W.CONFIG][W.ROUND]) == self.lost_round
+                   for m in messages)
         replies = super().send_and_receive(messages, timeout=timeout)
         return [r for r in replies if not (lose and r.metadata.src_node_id == LOST_NODE)]
 
@@ -142,3 +145,29 @@ def a_late_release_recorded_twice_or_out_of_place_fails_the_audit(
     assert f"[ordering] entry {i}: example_dp of round 1 out of order (round 2 is open)" \
         in problems, problems
     assert resigned(out, original) == []
+
+
+def test_a_reply_lost_in_the_last_round_is_collected_before_the_run_ends(
+        tmp_path: Path) -> None:
+    """No later round asks the node again: the last round asks every node whose reply it
+    did not record for the receipts its ledger lacks."""
+    out, states = tmp_path / "run", tmp_path / "nodes"
+    cfg = build_config({**BASE, "clients": 3, "out": str(out), "noise-multiplier": 1.1,
+                        "local-epochs": 0.04})
+    grid = LosesOneReply(3, state_root=states)
+    grid.lost_round = 3
+    Federation.open(grid, cfg, out).run()
+    ledger = entries(out)
+    state = NodeState.from_json((states / f"node-{LOST_NODE}" / STATE_FILE).read_text(),
+                                cfg.delta, cfg.max_epsilon)
+    own = [s.round for s in state.accountant.history
+           if s.run == ledger[0]["payload"]["ledger_public_key"]]
+    recorded = [e["payload"]["round"] for e in ledger if e["type"] == E.EXAMPLE_DP
+                and e["payload"]["partner"] == state.pseudonym]
+    assert own == recorded == [1, 2, 3]
+    last = [e["payload"] for e in ledger if e["type"] == E.ROUND_COMPLETED][-1]
+    assert state.pseudonym in last["replied"] and state.pseudonym not in last["aggregated"]
+    claimed = json.loads((out / "summary.json").read_text())["privacy"]["example_level"]
+    assert claimed[state.pseudonym] == pytest.approx(state.accountant.epsilon(), rel=1e-9)
+    result = verify_run(out)
+    assert result.ok, [str(p) for p in result.problems]

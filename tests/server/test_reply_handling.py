@@ -127,10 +127,12 @@ def test_train_messages_acknowledge_what_the_ledger_holds_per_node(
     shared = RecordDict({W.CONFIG: ConfigRecord({W.ROUND: 2})})  # as a strategy sends
     known, unknown = (Message(shared, dst_node_id=n, message_type="train") for n in (1, 2))
     for message in (known, unknown):
-        federation.book.acknowledge(message)
+        federation.book.prepare_train(message, 2)
     signature = json.loads(str(first.content[W.RECEIPT][W.RECEIPT_JSON]))["signature"]
     assert json.loads(str(known.content[W.RECORDED][W.ACKNOWLEDGED])) == [
         W.receipt_ack_name(signature)]
     # a node whose partner the server does not know gets none; the shared content is intact
     assert W.RECORDED not in unknown.content.config_records
     assert W.RECORDED not in shared.config_records
+    # both were sent and neither reply recorded: both may hold a lost receipt
+    assert federation.book.unanswered_nodes() == {1, 2}

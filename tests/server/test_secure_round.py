@@ -6,6 +6,7 @@ a deployment, without a runtime or training."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from confide.privacy import ledger_events as E
 from confide.privacy.mechanisms import DistributedDiscreteGaussian
 from confide.privacy.replay import replay_client_level
 from confide.server.partners import PartnerBook
+from confide.server.run_folder import RunFolder
 from confide.server.secure_round import SecureRounds
 from confide.strategies.delta_fedavg import DeltaFedAvg
 
@@ -121,6 +123,7 @@ class FakeFederation:
         self.cfg, self.grid, self.timeout = cfg, grid, 10.0
         self.global_state = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
         self.ledger = FakeLedger()
+        self.folder = RunFolder(Path(cfg.out))  # nothing is written: for crash points only
         self.book = PartnerBook(cfg)
         self.inner = DeltaFedAvg(server_learning_rate=1.0)
         self.client_dp_epsilon: float | None = None

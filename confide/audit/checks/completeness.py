@@ -66,7 +66,7 @@ def check_completeness(run: LoadedRun) -> CheckResult:
             assert isinstance(e, ev.ExampleDpEvent)
             signature = (e.receipt or {}).get("signature")
             if e.recorded_in_round is not None:
-                _check_late_release(run, r, i, e, signatures, done, c)
+                _check_late_release(i, e, run, signatures, c)
                 continue
             if e.partner in trained and not (
                     rerun and all(x is not None and signatures.count(x) == 1
@@ -102,12 +102,11 @@ def check_completeness(run: LoadedRun) -> CheckResult:
     return c
 
 
-def _check_late_release(run: LoadedRun, r: int, i: int, e: ev.ExampleDpEvent,
-                        signatures: list[Any], done: ev.RoundCompleted, c: CheckResult
-                        ) -> None:
+def _check_late_release(i: int, e: ev.ExampleDpEvent, run: LoadedRun,
+                        signatures: list[Any], c: CheckResult) -> None:
     """A release recorded in a later round than its own (its reply was lost; the partner
-    sent the receipt again with a reply of round r): a distinct signed receipt, of a round
-    this run had configured before, arriving with a reply of round r."""
+    sent the receipt again with a later reply, or when the run's last round asked for
+    it): a distinct signed receipt of a round this run had configured before."""
     signature = (e.receipt or {}).get("signature")
     if e.recorded_in_round == e.round:
         c.add(f"example_dp of partner {e.partner} round {e.round} says it was recorded late "
@@ -119,9 +118,6 @@ def _check_late_release(run: LoadedRun, r: int, i: int, e: ev.ExampleDpEvent,
                for j, x in run.events if j < i):
         c.add(f"late example_dp of partner {e.partner} for round {e.round}, which this run "
               "had not configured before", i)
-    if e.partner not in done.replied:
-        c.add(f"late example_dp of partner {e.partner}, who is not among round {r}'s "
-              "replies", i)
 
 
 def _check_shared_noise(run: LoadedRun, r: int, kinds: dict[str, list[IndexedEvent]],
