@@ -10,7 +10,8 @@ Stages (where they are consulted):
     before-sampling   federation: a round starts, before any node is sampled
     after-replies     plain and secure rounds: the nodes' replies are in (they spent
                       budget), none recorded
-    mid-aggregation   federation: the aggregate is computed, not yet applied or recorded
+    mid-aggregation   plain and secure rounds: the aggregate is computed (secure: the sum
+                      unmasked), not yet applied or recorded
     mid-checkpoint    run_folder: the checkpoint's weights are in their temp file, not renamed
     ledger-append     ledger: part of an entry's line is written (detail: the entry type)
     after-round       federation: the round is complete and checkpointed

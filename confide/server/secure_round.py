@@ -434,6 +434,7 @@ class SecureRounds:
                 cur.aborted = f"unmasking failed: {exc}"
 
         # aggregate, verify, account, record
+        crash_point("mid-aggregation", server_round, run_dir=fed.folder.root)  # sum released
         abort = None if cur.aborted is None else SecureAggregationAbort(cur.aborted)
         extra: dict[str, Any] = {"secagg_aborted": abort.reason if abort else None}
         aggregated: list[str] = []
