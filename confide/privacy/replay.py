@@ -140,7 +140,14 @@ def prv_epsilon(params: tuple[tuple[float, float, int], ...], delta: float
     an implementation independent of dp-accounting's PLD."""
     from opacus.accountants import PRVAccountant
 
-    history = [(sigma, q, steps) for q, sigma, steps in params if steps > 0 and q > 0]
+    # Composition commutes, so the releases of one (sigma, q) are one entry of their summed
+    # steps: Opacus discretises every history entry on its own (a numerical integration
+    # each), which made a 30-round replay ~50x slower for the same epsilon (to ~1e-10).
+    steps_of: dict[tuple[float, float], int] = {}
+    for q, sigma, steps in params:
+        if steps > 0 and q > 0:
+            steps_of[(sigma, q)] = steps_of.get((sigma, q), 0) + steps
+    history = [(sigma, q, steps) for (sigma, q), steps in steps_of.items()]
     if not history:
         return 0.0, 0.0, 0.0
     if any(sigma == 0 for sigma, _, _ in history):
