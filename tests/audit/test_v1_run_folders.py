@@ -23,7 +23,12 @@ def test_previous_run_folders_verify_to_the_same_numbers(accountant: str) -> Non
     assert set(want["checks"].values()) == {"PASS"}
     for partner, rep in result.example_level.items():
         w = want["example"][partner]
-        assert (rep.epsilons, rep.rdp_epsilons, rep.lower_bounds, rep.pld_epsilon) == \
-            (w["epsilons"], w["rdp"], w["lower"], w["pld"])
+        assert (rep.rdp_epsilons, rep.pld_epsilon) == (w["rdp"], w["pld"])
+        # PRV: one (sigma, q)'s releases are folded into one history entry (the same
+        # composition; Opacus' numerics differ in the 12th digit)
+        assert rep.epsilons == pytest.approx(w["epsilons"], rel=1e-9)
+        assert [x is None for x in rep.lower_bounds] == [x is None for x in w["lower"]]
+        assert [x for x in rep.lower_bounds if x is not None] == pytest.approx(
+            [x for x in w["lower"] if x is not None], rel=1e-9)
     assert result.client_level is not None
     assert result.client_level.epsilons == want["client"]
