@@ -92,7 +92,9 @@ def table(cells: list[dict[str, object]], args: argparse.Namespace) -> str:
         for c in cells:
             if c["partners"] == n:
                 by.setdefault(str(c["setting"]), []).append(c)
-        base = statistics.mean(float(c["later"]) for c in by.get("none", []))  # type: ignore[arg-type]
+        # without a `none` cell (a --settings subset) there is no ratio to state
+        base = statistics.mean(float(c["later"]) for c in by["none"]) \
+            if by.get("none") else None  # type: ignore[arg-type]
         for setting in SETTINGS:
             got = by.get(setting)
             if not got:
@@ -104,7 +106,8 @@ def table(cells: list[dict[str, object]], args: argparse.Namespace) -> str:
             eps = got[-1]["epsilon"]
             client = got[-1]["client_epsilon"]
             lines.append(
-                f"| {n} | {setting} | {first:.1f} | {later:.1f} | {later / base:.2f}x | "
+                f"| {n} | {setting} | {first:.1f} | {later:.1f} | "
+                f"{'-' if base is None else f'{later / base:.2f}x'} | "
                 f"{acc:.4f} | {wall:.0f} | {'-' if eps is None else f'{eps:.2f}'} | "
                 f"{'-' if client is None else f'{client:.1f}'} |")
     return "\n".join(lines)
