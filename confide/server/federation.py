@@ -352,7 +352,7 @@ class Federation:
             messages.append(message)
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         answered, this_round = self.book.record_unrecorded_receipts(self.ledger, server_round,
-                                                                    replies)
+                                                                    replies, nodes)
         log(INFO, "round %d: asked %d node(s) for receipts the ledger may lack; %d answered",
             server_round, len(messages), answered)
         return this_round

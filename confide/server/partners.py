@@ -29,10 +29,17 @@ from confide.privacy.mechanisms import (
     SharedNoiseSampledGaussian,
     example_level_from_json,
 )
-from confide.privacy.receipts import Receipt, pseudonym_of, verify_receipt
+from confide.privacy.receipts import Receipt, verify_receipt
 from confide.privacy.refusals import refusal_mismatches, verify_refusal
 from confide.server.recovery import EveryPartnerFailed, NoBudgetLeft, no_budget_message
-from confide.server.replies import FAILED, REFUSED, SortedReply, sort_replies, uploaded_bytes
+from confide.server.replies import (
+    FAILED,
+    REFUSED,
+    TRAINED,
+    SortedReply,
+    sort_replies,
+    uploaded_bytes,
+)
 
 
 @dataclass
@@ -315,34 +322,23 @@ class PartnerBook:
         return {n for n, r in self.last_sent.items() if self.last_recorded.get(n, 0) < r}
 
     def record_unrecorded_receipts(self, ledger: Ledger, server_round: int,
-                                   replies: Iterable[Message]) -> tuple[int, list[str]]:
-        """Replies to a receipts query (`wire.RECEIPTS_MESSAGE_TYPE`): each node's receipts
-        of this run the server never acknowledged; those the ledger lacks are recorded in
-        `server_round`. Returns how many nodes answered, and the partners that released in
-        this very round (their train reply was lost): they replied in this round after all."""
-        answered, this_round = 0, []
-        for reply in replies:
-            if reply.has_error() or W.STATUS not in reply.content.config_records \
-                    or W.RECEIPT not in reply.content.config_records:
-                continue
-            status = reply.content[W.STATUS]
-            pseudonym, key = str(status.get(W.PARTNER, "")), str(status.get(W.PUBLIC_KEY, ""))
-            try:
-                if pseudonym_of(bytes.fromhex(key)) != pseudonym:
-                    raise ValueError("pseudonym is not its key's")
-            except ValueError as exc:
-                log(WARNING, "round %d: node %d: receipts reply without a valid partner "
-                    "key (%s); ignored", server_round, reply.metadata.src_node_id, exc)
-                continue
-            answered += 1
-            node = reply.metadata.src_node_id
-            self.node_partner[node] = pseudonym
-            self.last_recorded[node] = self.last_sent.get(node, server_round)
-            partner = self.records.setdefault(pseudonym, PartnerRecord(pseudonym, key))
-            if server_round in self._record_earlier_receipts(ledger, server_round, partner,
-                                                             reply):
-                this_round.append(pseudonym)
-        return answered, this_round
+                                   replies: Iterable[Message], asked: set[int]
+                                   ) -> tuple[int, list[str]]:
+        """Replies to a receipts query (`wire.RECEIPTS_MESSAGE_TYPE`) sent to `asked`: each
+        node's receipts of this run the server never acknowledged; those the ledger lacks
+        are recorded in `server_round` (each checked against the partner's key, as any
+        receipt). Returns how many nodes answered, and the partners that released in this
+        very round (their train reply was lost): they replied in this round after all."""
+        answered = sort_replies(replies, asked).of_kind(TRAINED)
+        this_round = []
+        for r in answered:
+            partner = self._partner(r)
+            self.node_partner[r.node] = partner.pseudonym
+            self.last_recorded[r.node] = self.last_sent.get(r.node, server_round)
+            if W.RECEIPT in r.reply.content.config_records and server_round in \
+                    self._record_earlier_receipts(ledger, server_round, partner, r.reply):
+                this_round.append(partner.pseudonym)
+        return len(answered), this_round
 
     # -- resume ----------------------------------------------------------------------
     def account_unfinished_rounds(self, entries: list[dict[str, Any]]) -> None:
