@@ -19,6 +19,7 @@ transient per-sample tensors count.
     python benchmarks/dp_overhead.py                # MiniLM, batch 32, seq len 64
     python benchmarks/dp_overhead.py --model tiny --quick
     python benchmarks/dp_overhead.py --modes lora --grad-sample-modes hooks,functorch,ghost
+    python benchmarks/dp_overhead.py --modes full --grad-sample-modes ghost,bookkeeping
 """
 
 from __future__ import annotations
@@ -76,6 +77,21 @@ def dp_step(spec: ModelSpec, batch: dict[str, torch.Tensor], device: torch.devic
     params = [p for p in wrapper.parameters() if p.requires_grad]
     base = torch.optim.SGD(params, lr=1e-4)
     n = len(batch["labels"])
+    if mode == "bookkeeping":
+        from confide.clients.book_keeping import BookKeepingClipper
+
+        clipper = BookKeepingClipper(wrapper, max_grad_norm=1.0)
+        bk_opt = DPOptimizerFastGradientClipping(base, noise_multiplier=1.0, max_grad_norm=1.0,
+                                                 expected_batch_size=n, loss_reduction="mean")
+
+        def bk_step() -> None:
+            with clipper.recording():
+                logits = wrapper(batch["input_ids"], batch["attention_mask"])
+                F.cross_entropy(logits, batch["labels"], reduction="sum").backward()
+            clipper.clip_into_grads()
+            bk_opt.step()
+            bk_opt.zero_grad(set_to_none=True)
+        return bk_step
     if mode == "ghost":
         gsm: nn.Module = GradSampleModuleFastGradientClipping(
             wrapper, max_grad_norm=1.0, use_ghost_clipping=True, loss_reduction="mean")
@@ -188,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="minilm", help="minilm (default) or tiny")
     parser.add_argument("--modes", default="lora,full,head")
     parser.add_argument("--grad-sample-modes", default="hooks",
-                        help="comma list of hooks, functorch, ghost (default hooks)")
+                        help="comma list of hooks, functorch, ghost, bookkeeping (default hooks)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)

@@ -191,9 +191,11 @@ class RunConfig:
         1e-5, "0 < x < 1", _range(0, 1, lo_open=True, hi_open=True), "delta of (epsilon, delta)-DP")
     max_grad_norm: float = option(1.0, "x > 0", _range(0, lo_open=True), "per-sample clip norm")
     grad_sample_mode: str = option(
-        "auto", "'auto', 'hooks' or 'ghost'", _one_of("auto", "hooks", "ghost"),
-        "how per-example gradients are clipped: 'auto' = ghost "
-        "clipping for fine-tune = 'full', hooks otherwise")
+        "auto", "'auto', 'hooks', 'ghost' or 'bookkeeping'",
+        _one_of("auto", "hooks", "ghost", "bookkeeping"),
+        "how per-example gradients are clipped: 'auto' = book-keeping "
+        "(one backward pass) for fine-tune = 'full' where the model allows it, else ghost "
+        "clipping; hooks otherwise")
     example_dp_noise: str = option(
         "auto", "'auto', 'local' or 'shared'", _one_of("auto", "local", "shared"),
         "where the DP-SGD noise is added: 'local' = each partner "
@@ -313,10 +315,10 @@ class RunConfig:
             raise ConfigError(f"{why} takes exactly one noisy gradient per round (local "
                               "steps on a share of the noise would not be private); "
                               f"local-epochs = {self.local_epochs} is not allowed, leave it 1")
-        if self.grad_sample_mode == "ghost":
+        if self.grad_sample_mode in ("ghost", "bookkeeping"):
             raise ConfigError(f"{why} rounds each per-example gradient and needs them "
-                              "materialised: grad-sample-mode = 'ghost' is not supported, use "
-                              "'auto' or 'hooks'")
+                              f"materialised: grad-sample-mode = '{self.grad_sample_mode}' is "
+                              "not supported, use 'auto' or 'hooks'")
 
     # -- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -400,12 +402,13 @@ def _auto_example_dp_noise(kwargs: Mapping[str, Any]) -> str:
     Shared noise wherever secure aggregation makes it possible: at the same epsilon it
     reaches the accuracy of central DP-SGD, where local noise carries about sqrt(N) times
     the noise on the average (benchmarks/results/shared_noise_search.md). Settings that exclude it
-    (distributed-dp, several local steps, ghost clipping) keep local noise, as before.
+    (distributed-dp, several local steps, ghost or book-keeping clipping) keep local noise,
+    as before.
     """
     value = {f.name: kwargs.get(f.name, f.default) for f in dataclasses.fields(RunConfig)}
     shared = (value["secure_aggregation"] and value["example_dp"]
               and not value["distributed_dp"] and value["local_epochs"] == 1.0
-              and value["grad_sample_mode"] != "ghost")
+              and value["grad_sample_mode"] not in ("ghost", "bookkeeping"))
     return "shared" if shared else "local"
 
 

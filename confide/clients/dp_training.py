@@ -21,6 +21,8 @@ computes the per-example norms without materialising per-example gradients, then
 backward of the loss reweighted by the clip factors gives the sum of clipped gradients. The
 mechanism is the same: same clip factor min(1, C / (norm + 1e-6)), same noise on the sum,
 same divisor, same sampler and steps; only the way the clipped sum is computed differs.
+`grad_sample_mode="bookkeeping"` (`confide.clients.book_keeping`) computes the same clipped
+sum in one backward pass without weight gradients; the noise is added by the same optimizer.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from confide.clients.book_keeping import BookKeepingClipper
 from confide.clients.opacus_compat import (
     DEFAULT_GRAD_SAMPLE_MODE,
     SUPPORTED_GRAD_SAMPLE_MODES,
@@ -150,15 +153,26 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
 
     noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
     ghost = mode == "ghost"
-    if ghost:
+    clipper: BookKeepingClipper | None = None
+    gsm: GradSampleModule | None = None
+    if mode == "bookkeeping":
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        # p.grad holds the clipped sum, as with ghost clipping: the same optimizer adds the
+        # noise and divides by the expected batch.
+        clipper = BookKeepingClipper(wrapper, max_grad_norm)
+        dp_opt: DPOptimizer = DPOptimizerFastGradientClipping(
+            base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
+    elif ghost:
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-        gsm: GradSampleModule = GradSampleModuleFastGradientClipping(
+        gsm = GradSampleModuleFastGradientClipping(
             wrapper, batch_first=True, max_grad_norm=max_grad_norm, use_ghost_clipping=True,
             loss_reduction="mean", strict=True)
-        dp_opt: DPOptimizer = DPOptimizerFastGradientClipping(
+        dp_opt = DPOptimizerFastGradientClipping(
             base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
         criterion = DPLossFastGradientClipping(gsm, dp_opt, PerExampleCriterion(objective),
@@ -181,12 +195,28 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                     # No backward: give the optimizer zero per-sample rows so it still
                     # clips nothing, adds noise and steps (Opacus would raise otherwise).
                     for p in params:
-                        if ghost:  # ghost accumulates p.grad, the clipped sum: here 0
+                        if ghost or clipper:  # p.grad accumulates the clipped sum: here 0
                             p.grad = torch.zeros_like(p)
                         else:
                             p.grad_sample = torch.zeros(  # type: ignore[attr-defined]  # Opacus'
                                 (0, *p.shape), dtype=p.dtype, device=p.device)
+                elif clipper is not None:
+                    batch = to_batch(input_ids, attention_mask, labels, device)
+                    with clipper.recording():
+                        losses = objective.per_example_loss(
+                            wrapper(batch["input_ids"], batch["attention_mask"]),
+                            batch["labels"])
+                        _check_finite(losses.detach().mean(), where, taken + 1, phys)
+                        losses.sum().backward()  # each example's own gradient, unscaled
+                    norms = clipper.clip_into_grads()
+                    if tuple(norms.shape) != (rows,):
+                        raise OpacusCompatError(
+                            f"{where}: book-keeping gave per-example norms of shape "
+                            f"{tuple(norms.shape)} for {rows} rows")
+                    loss_sum += losses.detach().sum().item()
+                    seen += rows
                 elif ghost:
+                    assert gsm is not None
                     batch = to_batch(input_ids, attention_mask, labels, device)
                     logits = gsm(batch["input_ids"], batch["attention_mask"])
                     dp_loss = criterion(logits.float(), batch["labels"])
@@ -203,6 +233,7 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                     loss_sum += mean_loss.item() * rows
                     seen += rows
                 else:
+                    assert gsm is not None
                     batch = to_batch(input_ids, attention_mask, labels, device)
                     logits = gsm(batch["input_ids"], batch["attention_mask"])
                     # mean of per-example losses: Opacus (loss_reduction="mean") rescales
@@ -218,7 +249,8 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                     taken += 1
                 dp_opt.zero_grad(set_to_none=True)
     finally:
-        gsm.to_standard_module()
+        if gsm is not None:
+            gsm.to_standard_module()
     return taken, loss_sum, seen
 
 

@@ -41,10 +41,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from confide.clients.book_keeping import unsupported_parameters
 from confide.model import explicit_position_inputs
 
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
-SUPPORTED_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+SUPPORTED_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "bookkeeping")
 
 # Attributes Opacus monkey-patches onto parameters/modules; all must be gone after a round so
 # the next round can wrap the same model again (or a checkpoint does not carry them).
@@ -70,19 +71,34 @@ def tied_trainable_parameters(model: nn.Module) -> list[str]:
 
 
 def resolve_grad_sample_mode(mode: str, fine_tune: str, model: nn.Module | None = None) -> str:
-    """'auto' -> ghost for full fine-tuning (hooks would materialise a per-sample copy of
-    every weight, the word embeddings first), hooks for the small trainable sets (LoRA, head,
-    BitFit), where ghost's second backward through the frozen encoder is the larger cost.
-    Models with tied trainable weights get hooks under 'auto' (Opacus' ghost clipping
-    refuses them) and a clear error under an explicit 'ghost'."""
+    """'auto' -> for full fine-tuning, book-keeping when it can clip every trainable layer of
+    `model` (one backward pass), else ghost clipping (two), else hooks (tied trainable
+    weights, which both refuse); hooks would materialise a per-sample copy of every weight,
+    the word embeddings first. For the small trainable sets (LoRA, head, BitFit) hooks: the
+    per-sample products of a few small layers cost less than anything else
+    (benchmarks/results/dp_overhead.md). Without a model 'auto' cannot check book-keeping's
+    layers and keeps ghost for full. An explicit mode the model cannot use is a clear error."""
     tied = tied_trainable_parameters(model) if model is not None else []
     if mode == "auto":
-        return "ghost" if fine_tune == "full" and not tied else "hooks"
+        if fine_tune != "full":
+            return "hooks"
+        if model is not None and not unsupported_parameters(model):
+            return "bookkeeping"
+        return "ghost" if not tied else "hooks"
     if mode == "ghost" and tied:
         raise OpacusCompatError(
             f"grad-sample-mode = 'ghost' cannot clip this model: its trainable weights "
             f"{', '.join(tied)} are tied (shared by two layers), which Opacus' ghost clipping "
             "does not support; use grad-sample-mode = 'auto' or 'hooks'")
+    if mode == "bookkeeping" and model is not None:
+        problems = unsupported_parameters(model)
+        if problems:
+            raise OpacusCompatError(
+                "grad-sample-mode = 'bookkeeping' cannot clip this model's trainable "
+                f"weights {'; '.join(problems[:3])}"
+                + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+                + ": it knows Linear, Embedding and LayerNorm layers with unshared weights; "
+                "use grad-sample-mode = 'auto', 'ghost' or 'hooks'")
     return mode
 
 
