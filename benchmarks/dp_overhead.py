@@ -13,8 +13,9 @@ before it. On CPU (tracemalloc cannot see torch's allocator) each variant runs a
 fresh subprocess, resets the kernel's peak-RSS mark (Linux /proc/self/clear_refs "5")
 once model and batch exist, runs 2 steps, and reports peak RSS (VmHWM) minus RSS before the
 steps: the extra memory the step needs (without /proc it falls back on ru_maxrss deltas,
-which can read 0 when loading the model peaked higher). Both are high-water marks, so
-transient per-sample tensors count.
+which can read 0 when loading the model peaked higher), the median of --memory-repeats such
+processes per variant, DP and plain alternating. Both are high-water marks, so transient
+per-sample tensors count.
 
     python benchmarks/dp_overhead.py                # MiniLM, batch 32, seq len 64
     python benchmarks/dp_overhead.py --model tiny --quick
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch CPU threads (default 1: the machine is shared)")
     parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
     parser.add_argument("--no-memory", action="store_true", help="skip memory subprocesses")
+    parser.add_argument("--memory-repeats", type=int, default=3,
+                        help="fresh processes per memory figure (median; default 3)")
     parser.add_argument("--child-fine-tune", help=argparse.SUPPRESS)
     parser.add_argument("--child-variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -245,8 +248,13 @@ def main(argv: list[str] | None = None) -> None:
             if args.no_memory:
                 mem = "       -        -      -"
             else:
-                m_dp = memory_in_subprocess(args, fine_tune, mode)
-                m_plain = memory_in_subprocess(args, fine_tune, "plain")
+                # alternately, median of --memory-repeats fresh processes each: one
+                # process's peak RSS varies by tens of MB with the allocator's layout
+                dp_mem, plain_mem = [], []
+                for _ in range(args.memory_repeats):
+                    dp_mem.append(memory_in_subprocess(args, fine_tune, mode))
+                    plain_mem.append(memory_in_subprocess(args, fine_tune, "plain"))
+                m_dp, m_plain = statistics.median(dp_mem), statistics.median(plain_mem)
                 mem = (f"{m_dp / 2**20:>9.0f} {m_plain / 2**20:>8.0f} "
                        f"{m_dp / max(m_plain, 1.0):>6.2f}")
             print(f"{fine_tune:<9} {mode:<11} {t_dp:>9.3f} {t_plain:>8.3f} "

@@ -29,9 +29,12 @@ layer under vmap; `hooks` only adds per-sample outer products for the few small 
 layers (LoRA A/B, pooler, classifier). Opacus hooks only modules that hold trainable
 parameters, so the frozen encoder pays nothing beyond ordinary backward. In `full` mode
 ghost is faster (2.1x vs 4.4x): hooks materialise a [B, 30522, 384] word-embedding
-grad_sample. So `auto` (the config default) picks ghost for `full` and hooks otherwise;
-train_dp runs ghost through Opacus' fast-gradient-clipping module, optimizer and loss with
-the same mechanism (same clip formula, noise std and divisor) as hooks.
+grad_sample. Book-keeping (`confide.clients.book_keeping`: one backward pass without weight
+gradients, the clipped sum from one product per layer) is faster still for `full`, so `auto`
+(the config default) picks book-keeping for `full` where it can clip every trainable layer,
+ghost where not, and hooks otherwise; train_dp runs ghost through Opacus' fast-gradient-
+clipping module, optimizer and loss, and book-keeping through the same optimizer, with the
+same mechanism (same clip formula, noise std and divisor) as hooks.
 """
 
 from __future__ import annotations
