@@ -302,10 +302,11 @@ class _LayerPass:
                 grad = torch.zeros_like(param).index_add_(0, x.reshape(-1), weighted)
             else:  # Linear weight through the ghost norm: one product over all tokens,
                 # the clip factors folded into the narrower of input and output gradient
-                d, p = x.shape[-1], g.shape[-1]
-                if d <= p:
+                d_in, d_out = x.shape[-1], g.shape[-1]
+                if d_in <= d_out:
                     xc = self._shared(shared, "weighted", lambda: x * c.view(-1, 1, 1))
-                    grad = g.reshape(-1, p).t() @ xc.reshape(-1, d)
+                    grad = g.reshape(-1, d_out).t() @ xc.reshape(-1, d_in)
                 else:
-                    grad = (g * c.view(-1, 1, 1)).reshape(-1, p).t() @ x.reshape(-1, d)
+                    grad = ((g * c.view(-1, 1, 1)).reshape(-1, d_out).t()
+                            @ x.reshape(-1, d_in))
             param.grad = grad.to(param.dtype).reshape(param.shape)

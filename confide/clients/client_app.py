@@ -78,9 +78,7 @@ def receipts(msg: Message, context: Context) -> Message:
     earlier = state.unrecorded_receipts(str(msg.content[W.CONFIG].get(W.RUN_KEY, "")),
                                         acknowledged)
     return Message(content=RecordDict({
-        W.STATUS: ConfigRecord({W.STATUS_CODE: W.OK, W.STATUS_DETAIL: "receipts",
-                                W.PARTNER: state.pseudonym,
-                                W.PUBLIC_KEY: state.public_key.hex()}),
+        W.STATUS: state.status(W.OK, "receipts"),
         W.RECEIPT: ConfigRecord({W.RECEIPT_JSON: "", W.RECEIPT_EARLIER: json.dumps(earlier)}),
     }), reply_to=msg)
 

@@ -208,11 +208,11 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                             batch["labels"])
                         _check_finite(losses.detach().mean(), where, taken + 1, phys)
                         losses.sum().backward()  # each example's own gradient, unscaled
-                    norms = clipper.clip_into_grads()
-                    if tuple(norms.shape) != (rows,):
+                    example_norms = clipper.clip_into_grads()
+                    if tuple(example_norms.shape) != (rows,):
                         raise OpacusCompatError(
                             f"{where}: book-keeping gave per-example norms of shape "
-                            f"{tuple(norms.shape)} for {rows} rows")
+                            f"{tuple(example_norms.shape)} for {rows} rows")
                     loss_sum += losses.detach().sum().item()
                     seen += rows
                 elif ghost:

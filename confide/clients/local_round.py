@@ -142,7 +142,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         W.METRICS: MetricRecord({
             W.NUM_EXAMPLES: n, W.TRAIN_LOSS: float(result.mean_loss), W.EPSILON: epsilon,
             **_mechanism_metrics(spent), W.TRAIN_SECONDS: time.perf_counter() - start}),
-        W.STATUS: _status(state, W.OK, ""),
+        W.STATUS: state.status(W.OK, ""),
         W.RECEIPT: receipt,
     })
     return Message(content=content, reply_to=msg)
@@ -244,7 +244,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         W.METRICS: MetricRecord({
             W.NUM_EXAMPLES: n, W.EPSILON: epsilon, **_mechanism_metrics(mechanism),
             W.TRAIN_SECONDS: result.seconds}),
-        W.STATUS: _status(state, W.OK, ""),
+        W.STATUS: state.status(W.OK, ""),
         W.RECEIPT: receipt,
     })
     return Message(content=content, reply_to=msg), encoded
@@ -271,15 +271,9 @@ def _refusal_reply(msg: Message, cfg: RunConfig, state: NodeState, server_round:
     return reply
 
 
-def _status(state: NodeState, code: str, detail: str, **extra: float) -> ConfigRecord:
-    return ConfigRecord({W.STATUS_CODE: code, W.STATUS_DETAIL: detail,
-                         W.PARTNER: state.pseudonym, W.PUBLIC_KEY: state.public_key.hex(),
-                         **extra})
-
-
 def _status_reply(msg: Message, state: NodeState, code: str, detail: str, **extra: float
                   ) -> Message:
-    return Message(content=RecordDict({W.STATUS: _status(state, code, detail, **extra)}),
+    return Message(content=RecordDict({W.STATUS: state.status(code, detail, **extra)}),
                    reply_to=msg)
 
 

@@ -45,6 +45,12 @@ class NodeState:
     # train message acknowledges what the ledger holds, and those are forgotten here.
     pending: dict[str, list[str]] = field(default_factory=dict)
 
+    def status(self, code: str, detail: str, **extra: float) -> ConfigRecord:
+        """The STATUS record of every reply: outcome, and who answers (partner, key)."""
+        return ConfigRecord({W.STATUS_CODE: code, W.STATUS_DETAIL: detail,
+                             W.PARTNER: self.pseudonym, W.PUBLIC_KEY: self.public_key.hex(),
+                             **extra})
+
     def unrecorded_receipts(self, run_key: str, acknowledged: set[str] | None) -> list[str]:
         """Receipts of run `run_key` its server has not acknowledged, oldest first.
         `acknowledged`: `wire.receipt_ack_name`s the server says its ledger holds for this
