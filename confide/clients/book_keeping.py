@@ -81,6 +81,14 @@ class _Layer:
     params: dict[str, nn.Parameter]
     inputs: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor | None] = field(default_factory=list)
+    # LayerNorm: per-example gradients ([B, d]) summed over its uses, made during the
+    # backward pass so that neither its input nor its output gradient is kept
+    per_example: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.grads.clear()
+        self.per_example.clear()
 
 
 class BookKeepingClipper:
@@ -122,8 +130,7 @@ class BookKeepingClipper:
         handles = [layer.module.register_forward_hook(self._forward_hook(layer))
                    for layer in self.layers]
         for layer in self.layers:
-            layer.inputs.clear()
-            layer.grads.clear()
+            layer.clear()
         params = self.parameters
         try:
             for p in params:
@@ -150,7 +157,12 @@ class BookKeepingClipper:
             layer.grads.append(None)
 
             def keep(grad: torch.Tensor) -> None:
-                layer.grads[use] = grad.detach()
+                if isinstance(module, nn.LayerNorm):
+                    x = layer.inputs[use]
+                    _add_layer_norm_grads(module, layer, x, grad.detach())
+                    layer.inputs[use] = x.new_empty((x.shape[0], 0))  # rows only
+                else:
+                    layer.grads[use] = grad.detach()
             output.register_hook(keep)
             return replaced
         return hook
@@ -186,8 +198,23 @@ class BookKeepingClipper:
             return norms
         finally:
             for layer in self.layers:
-                layer.inputs.clear()
-                layer.grads.clear()
+                layer.clear()
+
+
+def _add_layer_norm_grads(module: nn.LayerNorm, layer: _Layer, x: torch.Tensor,
+                          grad: torch.Tensor) -> None:
+    rows, shape = x.shape[0], tuple(module.normalized_shape)
+    g = grad.reshape(rows, -1, *shape)
+    for name in layer.params:
+        if name == "weight":
+            normed = F.layer_norm(x, shape, eps=module.eps).reshape(rows, -1, *shape)
+            per = (g * normed).sum(1)
+        else:
+            per = g.sum(1)
+        if name in layer.per_example:
+            layer.per_example[name] = layer.per_example[name] + per
+        else:
+            layer.per_example[name] = per
 
 
 class _LayerPass:
@@ -202,27 +229,24 @@ class _LayerPass:
                 raise BookKeepingError(
                     f"a {type(module).__name__} layer saw {x.shape[0]} rows where the batch "
                     f"has {rows}: book-keeping needs the batch on the first axis")
-            if g is None:  # this use did not reach the loss
+            if g is None:  # did not reach the loss, or a LayerNorm's (done in backward)
                 continue
             if isinstance(module, nn.Embedding):
                 inputs.append(x.reshape(rows, -1))
                 grads.append(g.reshape(rows, -1, module.embedding_dim))
-            elif isinstance(module, nn.LayerNorm):
-                shape = tuple(module.normalized_shape)
-                inputs.append(x.reshape(rows, -1, *shape))
-                grads.append(g.reshape(rows, -1, *shape))
             else:
                 inputs.append(x.reshape(rows, -1, x.shape[-1]))
                 grads.append(g.reshape(rows, -1, g.shape[-1]))
-        self.empty = not inputs
+        self.per_example: dict[str, torch.Tensor] = dict(layer.per_example)
+        self.empty = not inputs and not self.per_example
         self.key: tuple[Any, ...] | None = None
-        if not self.empty:
+        self.x = self.g = torch.empty(0)
+        if inputs:
             self.x = torch.cat(inputs, dim=1) if len(inputs) > 1 else inputs[0]
             self.g = torch.cat(grads, dim=1) if len(grads) > 1 else grads[0]
             if len(inputs) == 1 and isinstance(module, nn.Linear):
                 x = self.x
                 self.key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-        self.per_example: dict[str, torch.Tensor] = {}
 
     def _shared(self, shared: dict[tuple[Any, ...], torch.Tensor], what: str,
                 make: Any) -> torch.Tensor:
@@ -247,26 +271,17 @@ class _LayerPass:
     def norm_sq(self, shared: dict[tuple[Any, ...], torch.Tensor]) -> torch.Tensor:
         if self.empty:
             return torch.zeros(())
-        module, x, g = self.layer.module, self.x, self.g
+        module = self.layer.module
+        if isinstance(module, nn.LayerNorm):  # per-example gradients made in backward
+            return sum((per.pow(2).flatten(1).sum(1).double()
+                        for per in self.per_example.values()), torch.zeros(()))
+        x, g = self.x, self.g
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         if isinstance(module, nn.Embedding):
             if module.padding_idx is not None:
                 g = self.g = g * (x != module.padding_idx).unsqueeze(-1).to(g.dtype)
             same = (x.unsqueeze(2) == x.unsqueeze(1)).to(g.dtype)
             total += (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2)).double()
-            return total
-        if isinstance(module, nn.LayerNorm):
-            # per-example gradients are [B, d]-sized: keep them, not the input
-            assert isinstance(module, nn.LayerNorm)
-            for name in self.layer.params:
-                if name == "weight":
-                    normed = F.layer_norm(x, tuple(module.normalized_shape), eps=module.eps)
-                    per = (g * normed).sum(1)
-                else:
-                    per = g.sum(1)
-                self.per_example[name] = per
-                total += per.pow(2).flatten(1).sum(1).double()
-            self.x = self.g = torch.empty(0)
             return total
         tokens, d, p = x.shape[1], x.shape[2], g.shape[2]
         if "weight" in self.layer.params:
@@ -296,7 +311,7 @@ class _LayerPass:
         for name, param in params.items():
             if name in self.per_example:
                 per = self.per_example[name]
-                grad = (per * c.view(-1, *([1] * (per.dim() - 1)))).sum(0)
+                grad = (per * c.to(per.dtype).view(-1, *([1] * (per.dim() - 1)))).sum(0)
             elif isinstance(module, nn.Embedding):
                 weighted = (g * c.view(-1, 1, 1)).reshape(-1, g.shape[-1])
                 grad = torch.zeros_like(param).index_add_(0, x.reshape(-1), weighted)
