@@ -158,3 +158,26 @@ def test_refusal_message_and_config_key() -> None:
     msg = P.refusal_message(P.check(hopeless_distributed(), D_MINILM_LORA, [300] * 10))
     assert "cannot learn" in msg and "no privacy budget was spent" in msg
     assert issubclass(P.PreflightRefused, ConfigError)  # the CLI prints it without traceback
+
+
+def test_shared_noise_with_few_passes_suggests_more_rounds() -> None:
+    """At 20,000 records the shared defaults (30 x 1,024) make 1.5 passes: signal-dominated
+    rounds, too few of them (measured: 90 rounds gained 2.2 points). At 3,000 records the
+    same settings make 10 passes and nothing is suggested."""
+    cfg = build_config({"clients": 10, "secure-aggregation": True,
+                        "example-dp-noise": "shared", "target-epsilon": 8.0})
+    big = P.check(cfg, D_MINILM_LORA, [2000] * 10)
+    (ex,) = big.mechanisms
+    assert big.verdict == P.OK and "1.5 passes over the records in 30 rounds" in ex.reason
+    (advice,) = ex.suggestions
+    assert advice.startswith("more rounds if compute allows")
+    rounds = int(advice.split("; at the same epsilon")[1].split("(")[1].split(" rounds")[0])
+    assert rounds == math.ceil(30 * P.FEW_PASSES / (30 * 1024 / 20000))
+    sigma_more = P.calibrate_noise(8.0, 1e-5, 1024 / 20000, rounds)
+    assert f"sigma {sigma_more:.3f} instead of {ex.noise_multiplier:.3f}" in advice
+    assert ex.noise_multiplier < sigma_more < 1.2 * ex.noise_multiplier  # slow growth
+    small = P.check(cfg, D_MINILM_LORA, [300] * 10)
+    assert small.mechanisms[0].suggestions == ()
+    assert "10.2 passes" in small.mechanisms[0].reason
+    fixed = P.check(cfg.replace(noise_multiplier=0.7), D_MINILM_LORA, [2000] * 10)
+    assert fixed.mechanisms[0].suggestions == ()  # more rounds would raise epsilon instead
