@@ -276,6 +276,10 @@ class _LayerPass:
             return sum((per.pow(2).flatten(1).sum(1).double()
                         for per in self.per_example.values()), torch.zeros(()))
         x, g = self.x, self.g
+        if g.dtype in (torch.float16, torch.bfloat16):
+            # the norms decide the clip factors: not in half precision
+            g = g.float()
+            x = x.float() if x.is_floating_point() else x
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         if isinstance(module, nn.Embedding):
             if module.padding_idx is not None:
@@ -314,7 +318,8 @@ class _LayerPass:
                 grad = (per * c.to(per.dtype).view(-1, *([1] * (per.dim() - 1)))).sum(0)
             elif isinstance(module, nn.Embedding):
                 weighted = (g * c.view(-1, 1, 1)).reshape(-1, g.shape[-1])
-                grad = torch.zeros_like(param).index_add_(0, x.reshape(-1), weighted)
+                grad = torch.zeros_like(param, dtype=weighted.dtype).index_add_(
+                    0, x.reshape(-1), weighted)
             else:  # Linear weight through the ghost norm: one product over all tokens,
                 # the clip factors folded into the narrower of input and output gradient
                 d_in, d_out = x.shape[-1], g.shape[-1]

@@ -253,3 +253,19 @@ def test_book_keeping_with_empty_poisson_batches_takes_every_noisy_step() -> Non
     for name in a:
         torch.testing.assert_close(torch.from_numpy(b[name]), torch.from_numpy(a[name]),
                                    rtol=1e-4, atol=2e-6)
+
+
+def test_half_precision_model_is_clipped() -> None:
+    """A bfloat16 model trains through book-keeping (norms in float32 from its bfloat16
+    gradients; gradients written in the parameters' dtype): close to the float32 result
+    within what a bfloat16 forward pass changes."""
+    torch.manual_seed(0)
+    model = Reuser()
+    ids = torch.tensor([[3, 3, 0, 5], [7, 0, 0, 7], [1, 2, 3, 4]])
+    labels = torch.tensor([0, 2, 1])
+    want, _ = book_keeping(model, (ids, labels), 0.1, reuser_loss)
+    model.to(torch.bfloat16)
+    got, grads = book_keeping(model, (ids, labels), 0.1, reuser_loss)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=0)  # bf16 forward, fp32 sums
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
