@@ -3,8 +3,8 @@
 The per-example norms and the sum of clipped per-example gradients that
 `BookKeepingClipper` computes from one batched pass are compared with per-example backward
 passes (each example alone at its own length, no padding), on the tiny model, on a model
-that reuses its layers, and on the real packaged MiniLM; then `train_dp` with it is compared
-with Opacus hooks step for step.
+that reuses its layers, and on the real packaged MiniLM. `train_dp` with it is compared with
+Opacus hooks step for step in test_ghost_clipping.py (beside ghost clipping).
 """
 
 from __future__ import annotations
@@ -19,17 +19,14 @@ from confide.clients.book_keeping import (
     BookKeepingError,
     unsupported_parameters,
 )
-from confide.clients.dp_training import train_dp
 from confide.clients.opacus_compat import (
     OpacusCompatError,
-    has_opacus_state,
     make_opacus_ready,
     resolve_grad_sample_mode,
 )
 from confide.config import ConfigError, build_config
-from confide.model import ModelSpec, trainable_state
+from confide.model import ModelSpec
 from confide.tasks import build_model
-from tests.clients.test_dp_training import easy_task
 from tests.clients.test_opacus_per_sample import make_batch, perturb_lora_b
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -203,56 +200,6 @@ def test_config_accepts_it_and_the_shared_noise_mode_refuses_it() -> None:
                       "example-dp-noise": "shared"})
     auto = build_config({"grad-sample-mode": "bookkeeping", "secure-aggregation": True})
     assert auto.example_dp_noise == "local"
-
-
-def train(mode: str, spec: ModelSpec, data: dict[str, torch.Tensor], **overrides: object):
-    model = build_model(spec)
-    settings: dict[str, object] = dict(
-        noise_multiplier=0.0, max_grad_norm=0.05, batch_size=12, physical_batch_size=5,
-        epochs=2.0, optimizer="sgd", learning_rate=0.5, seed=3, dp=True,
-        private_randomness=False)
-    settings.update(overrides)
-    result = train_dp(model, data, grad_sample_mode=mode, **settings)  # type: ignore[arg-type]
-    assert not has_opacus_state(model)
-    fresh = build_model(spec)
-    assert [p.requires_grad for p in model.parameters()] == \
-        [p.requires_grad for p in fresh.parameters()]  # trainable again after the passes
-    return model, result
-
-
-@pytest.mark.parametrize("noise", [0.0, 0.7])
-def test_book_keeping_step_equals_hooks_step(noise: float) -> None:
-    """Same Poisson batches (seeded), clip 0.05 (binding), physical batches of 5: the
-    clipped sum, noise (same seeded generator) and divisor agree."""
-    spec = ModelSpec("tiny", 2, fine_tune="full")
-    data = easy_task(n=30)
-    start = trainable_state(build_model(spec))
-    hooks, r_hooks = train("hooks", spec, data, noise_multiplier=noise)
-    bk, r_bk = train("bookkeeping", spec, data, noise_multiplier=noise)
-    assert (r_bk.steps, r_bk.sample_rate, r_bk.noise_multiplier) == \
-        (r_hooks.steps, r_hooks.sample_rate, r_hooks.noise_multiplier)
-    assert r_bk.mean_loss == pytest.approx(r_hooks.mean_loss, rel=1e-4)
-    a, b = trainable_state(hooks), trainable_state(bk)
-    moved = 0.0
-    for name in a:
-        torch.testing.assert_close(torch.from_numpy(b[name]), torch.from_numpy(a[name]),
-                                   rtol=1e-4, atol=2e-6)
-        moved = max(moved, float(abs(a[name] - start[name]).max()))
-    assert moved > 1e-3
-
-
-def test_book_keeping_with_empty_poisson_batches_takes_every_noisy_step() -> None:
-    spec = ModelSpec("tiny", 2, fine_tune="full", freeze_embeddings=True)
-    data = easy_task(n=8)
-    model, result = train("bookkeeping", spec, data, batch_size=1, physical_batch_size=1,
-                          epochs=2.0, noise_multiplier=0.5)
-    assert result.steps == 16
-    hooks, _ = train("hooks", spec, data, batch_size=1, physical_batch_size=1, epochs=2.0,
-                     noise_multiplier=0.5)
-    a, b = trainable_state(hooks), trainable_state(model)
-    for name in a:
-        torch.testing.assert_close(torch.from_numpy(b[name]), torch.from_numpy(a[name]),
-                                   rtol=1e-4, atol=2e-6)
 
 
 def test_half_precision_model_is_clipped() -> None:

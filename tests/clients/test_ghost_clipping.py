@@ -1,4 +1,6 @@
-"""Ghost clipping in train_dp: the same mechanism as hooks, computed another way."""
+"""Ghost and book-keeping clipping in train_dp: the same mechanism as hooks, computed
+another way (their per-example norms are checked in test_book_keeping.py and
+test_opacus_per_sample.py)."""
 
 from __future__ import annotations
 
@@ -30,19 +32,23 @@ def train(mode: str, spec: ModelSpec, data: dict[str, torch.Tensor], **overrides
     settings.update(overrides)
     result = train_dp(model, data, grad_sample_mode=mode, **settings)  # type: ignore[arg-type]
     assert not has_opacus_state(model)
+    # book-keeping switches requires_grad off during its passes: it must come back
+    assert [p.requires_grad for p in model.parameters()] == \
+        [p.requires_grad for p in build_model(spec).parameters()]
     return model, result
 
 
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
 @pytest.mark.parametrize("noise", [0.0, 0.7])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_ghost_step_equals_hooks_step(noise: float, pooling: str) -> None:
+def test_ghost_step_equals_hooks_step(mode: str, noise: float, pooling: str) -> None:
     """Same Poisson batches (seeded), clip 0.05 (binding for every example), physical
     batches of 5: the clipped sum, noise (same seeded generator) and divisor agree."""
     spec = ModelSpec("tiny", 2, fine_tune="full", pooling=pooling)
     data = easy_task(n=30)
     start = trainable_state(build_model(spec))
     hooks, r_hooks = train("hooks", spec, data, noise_multiplier=noise)
-    ghost, r_ghost = train("ghost", spec, data, noise_multiplier=noise)
+    ghost, r_ghost = train(mode, spec, data, noise_multiplier=noise)
     # the facts the accountant reads are unchanged
     assert (r_ghost.steps, r_ghost.sample_rate, r_ghost.noise_multiplier) == \
         (r_hooks.steps, r_hooks.sample_rate, r_hooks.noise_multiplier)
@@ -57,11 +63,12 @@ def test_ghost_step_equals_hooks_step(noise: float, pooling: str) -> None:
     assert moved > 1e-3  # the comparison is between real updates, not two no-ops
 
 
-def test_ghost_with_empty_poisson_batches_still_takes_every_noisy_step() -> None:
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
+def test_ghost_with_empty_poisson_batches_still_takes_every_noisy_step(mode: str) -> None:
     spec = ModelSpec("tiny", 2, fine_tune="full", freeze_embeddings=True)
     data = easy_task(n=8)
     # q = 1/8 over 16 steps: with this seed several logical batches are empty
-    model, result = train("ghost", spec, data, batch_size=1, physical_batch_size=1,
+    model, result = train(mode, spec, data, batch_size=1, physical_batch_size=1,
                           epochs=2.0, noise_multiplier=0.5)
     assert result.steps == 16
     hooks, _ = train("hooks", spec, data, batch_size=1, physical_batch_size=1, epochs=2.0,
