@@ -242,13 +242,18 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 
     if not target_epsilon > 0:
         raise ValueError(f"target-epsilon must be > 0, got {target_epsilon}")
-    # RDP is never tighter than PLD, so RDP's (cheap) sigma brackets PLD's from above.
+    # RDP is never tighter than PLD, so RDP's (cheap) sigma brackets PLD's from above. Only
+    # the accountant itself may raise the lower end: RDP above the target at sigma does not
+    # mean PLD is (that mistake returned sigma = 1.001 where PLD needs less, i.e. epsilon
+    # 2.62 for a target of 3 at q = 0.05 over 45 steps).
     high = 1.0
     low = 0.0
     bracket = RDP if accountant == PLD else accountant
     while epsilon_of([SampledGaussian(high, sample_rate, steps)], delta,
                      bracket) > target_epsilon:
-        low, high = high, 2 * high
+        if bracket == accountant or eps(high) > target_epsilon:
+            low = high
+        high = 2 * high
         if high > 1e4:
             raise ValueError(f"target-epsilon {target_epsilon} is unreachable with "
                              f"{steps} steps at sampling rate {sample_rate}")

@@ -123,7 +123,9 @@ def test_calibration_hits_target() -> None:
 
 
 @pytest.mark.parametrize(("target", "q", "steps"), [
-    (8.0, 0.43, 21), (8.0, 0.064, 32), (3.0, 0.21, 15), (8.0, 1.0, 30), (1.0, 0.01, 2000)])
+    (8.0, 0.43, 21), (8.0, 0.064, 32), (3.0, 0.21, 15), (8.0, 1.0, 30), (1.0, 0.01, 2000),
+    # RDP needs sigma > 1 here and PLD less: the bracket once kept sigma >= 1 (epsilon 2.62)
+    (3.0, 0.0512, 45)])
 def test_tight_calibration_needs_less_noise_and_replays_independently(
         target: float, q: float, steps: int) -> None:
     """PLD calibration: sigma below RDP's for the same target; the resulting claim is at
