@@ -78,33 +78,33 @@ def dp_step(spec: ModelSpec, batch: dict[str, torch.Tensor], device: torch.devic
     params = [p for p in wrapper.parameters() if p.requires_grad]
     base = torch.optim.SGD(params, lr=1e-4)
     n = len(batch["labels"])
+    if mode in ("ghost", "bookkeeping"):  # both leave the clipped sum in p.grad
+        fast_opt = DPOptimizerFastGradientClipping(
+            base, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=n,
+            loss_reduction="mean")
     if mode == "bookkeeping":
         from confide.clients.book_keeping import BookKeepingClipper
 
         clipper = BookKeepingClipper(wrapper, max_grad_norm=1.0)
-        bk_opt = DPOptimizerFastGradientClipping(base, noise_multiplier=1.0, max_grad_norm=1.0,
-                                                 expected_batch_size=n, loss_reduction="mean")
 
         def bk_step() -> None:
             with clipper.recording():
                 logits = wrapper(batch["input_ids"], batch["attention_mask"])
                 F.cross_entropy(logits, batch["labels"], reduction="sum").backward()
             clipper.clip_into_grads()
-            bk_opt.step()
-            bk_opt.zero_grad(set_to_none=True)
+            fast_opt.step()
+            fast_opt.zero_grad(set_to_none=True)
         return bk_step
     if mode == "ghost":
         gsm: nn.Module = GradSampleModuleFastGradientClipping(
             wrapper, max_grad_norm=1.0, use_ghost_clipping=True, loss_reduction="mean")
-        opt = DPOptimizerFastGradientClipping(base, noise_multiplier=1.0, max_grad_norm=1.0,
-                                              expected_batch_size=n, loss_reduction="mean")
-        criterion = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(), "mean")
+        criterion = DPLossFastGradientClipping(gsm, fast_opt, nn.CrossEntropyLoss(), "mean")
 
         def step() -> None:
             criterion(gsm(batch["input_ids"], batch["attention_mask"]),
                       batch["labels"]).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            fast_opt.step()
+            fast_opt.zero_grad(set_to_none=True)
         return step
 
     gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="mean",

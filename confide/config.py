@@ -72,6 +72,11 @@ def option(default: Any, allowed: str, check: Callable[[Any], bool], help: str) 
                  metadata={"allowed": allowed, "check": check, "help": help})
 
 
+# Grad-sample modes that give only the sum of clipped per-example gradients, never one
+# example's gradient (which the shared-noise mode must round)
+SUM_ONLY_GRAD_SAMPLE_MODES = ("ghost", "bookkeeping")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The resolved configuration of one run, and the one definition of every key.
@@ -315,7 +320,7 @@ class RunConfig:
             raise ConfigError(f"{why} takes exactly one noisy gradient per round (local "
                               "steps on a share of the noise would not be private); "
                               f"local-epochs = {self.local_epochs} is not allowed, leave it 1")
-        if self.grad_sample_mode in ("ghost", "bookkeeping"):
+        if self.grad_sample_mode in SUM_ONLY_GRAD_SAMPLE_MODES:
             raise ConfigError(f"{why} rounds each per-example gradient and needs them "
                               f"materialised: grad-sample-mode = '{self.grad_sample_mode}' is "
                               "not supported, use 'auto' or 'hooks'")
@@ -408,7 +413,7 @@ def _auto_example_dp_noise(kwargs: Mapping[str, Any]) -> str:
     value = {f.name: kwargs.get(f.name, f.default) for f in dataclasses.fields(RunConfig)}
     shared = (value["secure_aggregation"] and value["example_dp"]
               and not value["distributed_dp"] and value["local_epochs"] == 1.0
-              and value["grad_sample_mode"] not in ("ghost", "bookkeeping"))
+              and value["grad_sample_mode"] not in SUM_ONLY_GRAD_SAMPLE_MODES)
     return "shared" if shared else "local"
 
 

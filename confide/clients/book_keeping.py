@@ -46,22 +46,35 @@ class BookKeepingError(RuntimeError):
     """The model holds trainable weights book-keeping cannot clip, or a pass went wrong."""
 
 
+def shared_trainable_parameters(model: nn.Module) -> list[list[str]]:
+    """Trainable parameters that more than one module holds (tied weights, e.g. a causal
+    LM's input embedding and output head): the names of each, in module order."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                holders.setdefault(id(param), []).append(f"{module_name}.{name}".lstrip("."))
+    return [names for names in holders.values() if len(names) > 1]
+
+
 def unsupported_parameters(model: nn.Module) -> list[str]:
     """Trainable parameters book-keeping cannot clip: held by a layer type it does not know
     (or one with an option that changes its gradient), or by more than one layer."""
-    holders: dict[int, list[str]] = {}
     problems = []
     for module_name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        for name, param in own:
-            full = f"{module_name}.{name}".lstrip(".")
-            holders.setdefault(id(param), []).append(full)
-            why = _unsupported_reason(module, name)
+        for name, param in module.named_parameters(recurse=False):
+            why = _unsupported_reason(module, name) if param.requires_grad else ""
             if why:
-                problems.append(f"{full} ({why})")
+                problems.append(f"{module_name}.{name}".lstrip(".") + f" ({why})")
     problems += [f"{names[0]} (shared with {', '.join(names[1:])})"
-                 for names in holders.values() if len(names) > 1]
+                 for names in shared_trainable_parameters(model)]
     return sorted(problems)
+
+
+def summarise(problems: list[str], shown: int) -> str:
+    """The first `shown` problems, and how many more."""
+    more = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _unsupported_reason(module: nn.Module, name: str) -> str:
@@ -107,10 +120,8 @@ class BookKeepingClipper:
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
         problems = unsupported_parameters(model)
         if problems:
-            raise BookKeepingError("book-keeping clipping cannot clip "
-                                   + "; ".join(problems[:5])
-                                   + (f" and {len(problems) - 5} more" if len(problems) > 5
-                                      else ""))
+            raise BookKeepingError(
+                f"book-keeping clipping cannot clip {summarise(problems, 5)}")
         self.max_grad_norm = float(max_grad_norm)
         self.layers = [
             _Layer(m, {n: p for n, p in m.named_parameters(recurse=False) if p.requires_grad})

@@ -49,6 +49,7 @@ from confide.clients.opacus_compat import (
     strip_opacus_state,
     trainable_parameters,
 )
+from confide.config import SUM_ONLY_GRAD_SAMPLE_MODES
 from confide.tasks.base import Objective, PerExampleCriterion
 from confide.tasks.batches import (
     DPTrainingError,
@@ -155,26 +156,24 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
     ghost = mode == "ghost"
     clipper: BookKeepingClipper | None = None
     gsm: GradSampleModule | None = None
-    if mode == "bookkeeping":
+    dp_opt: DPOptimizer
+    if mode in SUM_ONLY_GRAD_SAMPLE_MODES:
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
-        # p.grad holds the clipped sum, as with ghost clipping: the same optimizer adds the
-        # noise and divides by the expected batch.
-        clipper = BookKeepingClipper(wrapper, max_grad_norm)
-        dp_opt: DPOptimizer = DPOptimizerFastGradientClipping(
+        # Both leave the clipped sum in p.grad: this optimizer adds the noise and divides
+        # by the expected batch.
+        dp_opt = DPOptimizerFastGradientClipping(
             base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
+    if mode == "bookkeeping":
+        clipper = BookKeepingClipper(wrapper, max_grad_norm)
     elif ghost:
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        from opacus.optimizers import DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
         gsm = GradSampleModuleFastGradientClipping(
             wrapper, batch_first=True, max_grad_norm=max_grad_norm, use_ghost_clipping=True,
             loss_reduction="mean", strict=True)
-        dp_opt = DPOptimizerFastGradientClipping(
-            base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
         criterion = DPLossFastGradientClipping(gsm, dp_opt, PerExampleCriterion(objective),
                                                "mean")
     else:

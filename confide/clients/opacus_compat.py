@@ -44,7 +44,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from confide.clients.book_keeping import unsupported_parameters
+from confide.clients.book_keeping import (
+    shared_trainable_parameters,
+    summarise,
+    unsupported_parameters,
+)
 from confide.model import explicit_position_inputs
 
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
@@ -65,12 +69,7 @@ class OpacusCompatError(RuntimeError):
 def tied_trainable_parameters(model: nn.Module) -> list[str]:
     """Names of trainable parameters that more than one module holds (tied weights, e.g. a
     causal LM's input embedding and output head), which Opacus' ghost clipping refuses."""
-    holders: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad:
-                holders.setdefault(id(param), []).append(f"{module_name}.{name}".lstrip("."))
-    return sorted(names[0] for names in holders.values() if len(names) > 1)
+    return sorted(names[0] for names in shared_trainable_parameters(model))
 
 
 def resolve_grad_sample_mode(mode: str, fine_tune: str, model: nn.Module | None = None) -> str:
@@ -98,10 +97,8 @@ def resolve_grad_sample_mode(mode: str, fine_tune: str, model: nn.Module | None 
         if problems:
             raise OpacusCompatError(
                 "grad-sample-mode = 'bookkeeping' cannot clip this model's trainable "
-                f"weights {'; '.join(problems[:3])}"
-                + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
-                + ": it knows Linear, Embedding and LayerNorm layers with unshared weights; "
-                "use grad-sample-mode = 'auto', 'ghost' or 'hooks'")
+                f"weights {summarise(problems, 3)}: it knows Linear, Embedding and LayerNorm "
+                "layers with unshared weights; use grad-sample-mode = 'auto', 'ghost' or 'hooks'")
     return mode
 
 
