@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, batch: int, rounds: int, lr: float, clip: floa
     state = {k: v.copy() for k, v in trainable_state(model).items()}
     shapes = {k: state[k].shape for k in names}
     opt = ServerOptimizer(args.server_optimizer, learning_rate=lr, momentum=momentum,
-                          tau=args.tau)
+                          tau=args.tau, schedule=args.schedule, schedule_steps=rounds)
     rng = np.random.default_rng()
     curve: list[tuple[int, float]] = []
     t0 = time.perf_counter()
@@ -98,6 +98,7 @@ def run(args: argparse.Namespace, batch: int, rounds: int, lr: float, clip: floa
     eps = pld_epsilon([SampledGaussian(sigma, q, rounds)], 1e-5)
     return {"rows": n, "batch": batch, "rounds": rounds, "lr": lr, "clip": clip,
             "momentum": momentum, "server_optimizer": args.server_optimizer, "tau": args.tau,
+            "schedule": args.schedule,
             "epsilon": eps, "sigma": sigma, "q": q, "accuracy": curve[-1][1],
             "best": max(a for _, a in curve), "curve": curve, "model": args.model,
             "fine_tune": args.fine_tune, "lora_targets": args.lora_targets,
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--momentum", default="0.9", help="comma list")
     p.add_argument("--server-optimizer", default="adam")
     p.add_argument("--tau", type=float, default=1e-3)
+    p.add_argument("--schedule", default="constant", help="server learning-rate schedule")
     p.add_argument("--eval-every", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=str(RESULTS))

@@ -228,6 +228,9 @@ class RunConfig:
     server_tau: float = option(
         1e-3, "x > 0", _range(0, lo_open=True),
         "adaptivity of server adam/yogi (added to sqrt of the 2nd moment)")
+    server_lr_schedule: str = option(
+        "constant", "'constant' or 'cosine'", _one_of("constant", "cosine"),
+        "server learning rate over the rounds: 'cosine' decays it to 0 by the last round")
     client_dp: bool = option(
         False, "true or false", _any,
         "client-level DP: clip each update, Gaussian noise on the sum")

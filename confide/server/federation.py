@@ -134,7 +134,9 @@ class Federation:
                                      self.cfg.server_optimizer,
                                      learning_rate=self.cfg.server_learning_rate,
                                      momentum=self.cfg.server_momentum,
-                                     beta2=self.cfg.server_beta2, tau=self.cfg.server_tau))
+                                     beta2=self.cfg.server_beta2, tau=self.cfg.server_tau,
+                                     schedule=self.cfg.server_lr_schedule,
+                                     schedule_steps=self.cfg.rounds))
         self.ledger: Ledger | None = None
         self.aggregation: RoundAggregation
         if self.cfg.secure_aggregation:

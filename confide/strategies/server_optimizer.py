@@ -11,23 +11,40 @@ post-processing of an already private release, so it costs no privacy.
 
 As in the paper: no bias correction, m starts at 0 and v at tau^2 (Algorithm 2 asks for
 v_{-1} >= tau^2), tau (the adaptivity) defaults to 1e-3, and b1 is `momentum`.
+
+`schedule = "cosine"` decays lr over `schedule_steps` steps (lr_t = lr (1 + cos(pi t / T)) / 2,
+then 0): with one noisy gradient per round the last steps' noise is what the final model
+keeps, and a decaying step averages it out (post-processing as well).
 Pure numpy, so the strategy, the secure-aggregation path and benchmarks share it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 KINDS = ("sgd", "adam", "yogi")
+SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_learning_rate(base: float, schedule: str, step: int, total: int) -> float:
+    """The learning rate of 0-based `step` of `total` under `schedule`."""
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    raise ValueError(f"server learning-rate schedule {schedule!r}: expected one of "
+                     f"{', '.join(SCHEDULES)}")
 
 
 class ServerOptimizer:
     """One optimizer step per round on `global_state` along `mean_delta`."""
 
     def __init__(self, kind: str = "sgd", *, learning_rate: float = 1.0,
-                 momentum: float = 0.0, beta2: float = 0.99, tau: float = 1e-3) -> None:
+                 momentum: float = 0.0, beta2: float = 0.99, tau: float = 1e-3,
+                 schedule: str = "constant", schedule_steps: int = 0) -> None:
         if kind not in KINDS:
             raise ValueError(f"server optimizer {kind!r}: expected one of {', '.join(KINDS)}")
         if not 0.0 <= momentum < 1.0:
@@ -36,6 +53,14 @@ class ServerOptimizer:
             raise ValueError(f"server beta2 {beta2}: expected 0 <= x < 1")
         if not tau > 0.0:
             raise ValueError(f"server tau {tau}: expected x > 0")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"server learning-rate schedule {schedule!r}: expected one of "
+                             f"{', '.join(SCHEDULES)}")
+        if schedule != "constant" and schedule_steps < 1:
+            raise ValueError(f"server learning-rate schedule {schedule!r} needs the number of "
+                             f"rounds it spans (got {schedule_steps})")
+        self.schedule = schedule
+        self.schedule_steps = int(schedule_steps)
         self.kind = kind
         self.learning_rate = float(learning_rate)
         self.momentum = float(momentum)
@@ -49,7 +74,13 @@ class ServerOptimizer:
     @property
     def stateless(self) -> bool:
         """Plain FedAvg with a server learning rate: nothing to remember between rounds."""
-        return self.kind == "sgd" and self.momentum == 0.0
+        return self.kind == "sgd" and self.momentum == 0.0 and self.schedule == "constant"
+
+    @property
+    def current_learning_rate(self) -> float:
+        """The learning rate the next step uses."""
+        return scheduled_learning_rate(self.learning_rate, self.schedule, self.steps,
+                                       self.schedule_steps)
 
     def step(self, global_state: dict[str, np.ndarray], mean_delta: dict[str, np.ndarray]
              ) -> dict[str, np.ndarray]:
@@ -57,7 +88,7 @@ class ServerOptimizer:
         missing = sorted(set(global_state) - set(mean_delta))[:3]
         if missing:
             raise ValueError(f"server optimizer: mean delta lacks {missing}")
-        lr = self.learning_rate
+        lr = self.current_learning_rate
         if self.stateless:
             # exactly the FedAvg expression used before optimizers existed (bit-for-bit)
             self.steps += 1
@@ -101,6 +132,7 @@ class ServerOptimizer:
         arrays.update({f"v/{k}": v for k, v in self.v.items()})
         return {"meta": {"kind": self.kind, "learning_rate": self.learning_rate,
                          "momentum": self.momentum, "beta2": self.beta2, "tau": self.tau,
+                         "schedule": self.schedule, "schedule_steps": self.schedule_steps,
                          "steps": self.steps},
                 "arrays": arrays}
 
@@ -109,6 +141,11 @@ class ServerOptimizer:
         if meta["kind"] != self.kind:
             raise ValueError(f"server optimizer state is for {meta['kind']!r}, "
                              f"this run uses {self.kind!r}")
+        saved_schedule = (meta.get("schedule", "constant"), int(meta.get("schedule_steps", 0)))
+        if saved_schedule != (self.schedule, self.schedule_steps):
+            raise ValueError(f"server optimizer state has schedule {saved_schedule[0]!r} over "
+                             f"{saved_schedule[1]} rounds, this run uses {self.schedule!r} over "
+                             f"{self.schedule_steps}")
         self.steps = int(meta["steps"])
         self.m, self.v = {}, {}
         for key, value in state["arrays"].items():

@@ -98,9 +98,43 @@ def test_state_round_trips_and_resume_continues_identically(kind: str) -> None:
         ServerOptimizer("sgd" if kind != "sgd" else "adam").load_state_dict(saved)
 
 
+def test_cosine_schedule_decays_each_step_to_zero_and_resumes_in_place() -> None:
+    total = 4
+    opt = ServerOptimizer("sgd", learning_rate=0.8, schedule="cosine", schedule_steps=total)
+    assert not opt.stateless  # the step count is state
+    g = {"w": np.zeros(1)}
+    taken = []
+    for _ in range(total + 1):
+        before = g["w"][0]
+        g = opt.step(g, {"w": np.array([1.0])})
+        taken.append(g["w"][0] - before)
+    expected = [0.8 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)] + [0.0]
+    np.testing.assert_allclose(taken, expected, atol=1e-12)
+    assert taken[0] == pytest.approx(0.8) and taken[1] < taken[0]
+
+    first = ServerOptimizer("adam", learning_rate=0.3, momentum=0.9, schedule="cosine",
+                            schedule_steps=total)
+    straight = ServerOptimizer("adam", learning_rate=0.3, momentum=0.9, schedule="cosine",
+                               schedule_steps=total)
+    g1 = g2 = state()
+    for seed in range(2):
+        g1, g2 = straight.step(g1, delta(seed)), first.step(g2, delta(seed))
+    resumed = ServerOptimizer("adam", learning_rate=0.3, momentum=0.9, schedule="cosine",
+                              schedule_steps=total)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.current_learning_rate == straight.current_learning_rate < 0.3
+    g1, g2 = straight.step(g1, delta(2)), resumed.step(g2, delta(2))
+    for k in g1:
+        assert g1[k].tobytes() == g2[k].tobytes()
+    with pytest.raises(ValueError, match="schedule 'cosine' over 4 rounds"):
+        ServerOptimizer("adam", momentum=0.9).load_state_dict(first.state_dict())
+
+
 @pytest.mark.parametrize(("kwargs", "needle"), [
     ({"kind": "adagrad"}, "expected one of"), ({"momentum": 1.0}, "momentum"),
-    ({"beta2": -0.1}, "beta2"), ({"tau": 0.0}, "tau")])
+    ({"beta2": -0.1}, "beta2"), ({"tau": 0.0}, "tau"),
+    ({"schedule": "step"}, "schedule 'step'"),
+    ({"schedule": "cosine"}, "needs the number of rounds")])
 def test_bad_settings_are_refused(kwargs: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         ServerOptimizer(**kwargs)
