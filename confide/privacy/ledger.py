@@ -196,7 +196,9 @@ def load_entries(path: Path | str) -> list[LedgerLine]:
 # -- verification -----------------------------------------------------------------------
 
 def _verify_signature(public_key: Ed25519PublicKey, entry_hash: str, signature: Any) -> bool:
-    if not isinstance(signature, str) or len(signature) != 128:
+    # lower-case hex only: bytes.fromhex also reads "AB", so an edited letter's case would
+    # otherwise verify (the signature is the one field outside entry_hash)
+    if not _is_hex(signature, 128):
         return False
     try:
         public_key.verify(bytes.fromhex(signature), bytes.fromhex(entry_hash))

@@ -50,6 +50,20 @@ def test_entries_are_chained_hashed_and_signed(tmp_path: Path) -> None:
     assert verify_chain(load_entries(path), generate_key().public_key()) != []
 
 
+def test_a_signature_letter_changed_to_upper_case_is_an_edit(tmp_path: Path) -> None:
+    # bytes.fromhex reads "AB" as "ab": the same signature bytes, an edited file
+    key = generate_key()
+    path = tmp_path / "ledger.jsonl"
+    with Ledger.create(path, key) as led:
+        entry = _start(led)
+    at = next(i for i, c in enumerate(entry["signature"]) if c in "abcdef")
+    signature = entry["signature"][:at] + entry["signature"][at].upper() + \
+        entry["signature"][at + 1:]
+    path.write_bytes(canonical_json({**entry, "signature": signature}) + b"\n")
+    problems = verify_chain(load_entries(path), key.public_key())
+    assert [(p.check, p.index) for p in problems] == [("signature", 0)], problems
+
+
 def test_canonical_json_is_sorted_compact_utf8_and_round_trips_floats() -> None:
     obj = {"b": 0.1, "a": [1, 1e-05, "é"], "c": None}
     assert canonical_json(obj) == '{"a":[1,1e-05,"é"],"b":0.1,"c":null}'.encode()
