@@ -42,7 +42,7 @@ import dp_accounting
 import numpy as np
 from dp_accounting import pld, rdp
 
-from confide.privacy.accountant import DISTRIBUTED_DG_RDP
+from confide.privacy.accountant import DISTRIBUTED_DG_RDP, grouped_events
 from confide.privacy.ledger_events import ClientDpEvent, ExampleDpEvent
 from confide.privacy.mechanisms import (
     ClientLevelGaussian,
@@ -215,7 +215,7 @@ def pld_epsilon(events: Sequence[dp_accounting.DpEvent], delta: float) -> float 
     """PLD epsilon of the composition, or None when PLD cannot do it (then RDP stands)."""
     try:
         acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
-        acc.compose(dp_accounting.ComposedDpEvent(list(events)))
+        acc.compose(grouped_events(events))
         return _epsilon(acc, delta)
     except Exception as exc:  # a second opinion must never break the audit
         log.warning("PLD accountant failed (%s); reporting RDP only", exc)

@@ -1,19 +1,25 @@
 import itertools
 import math
 
+import dp_accounting
 import pytest
+from dp_accounting import pld
 
 from confide.privacy.accountant import (
+    PLD_DISCRETIZATION,
     RDP_ORDERS,
     BudgetExhausted,
     PartnerAccountant,
     Spend,
     calibrate_noise,
+    grouped_events,
     pld_epsilon,
+    pld_event,
     rdp_epsilon,
 )
 from confide.privacy.mechanisms import ClientLevelGaussian, SampledGaussian
 from confide.privacy.replay import gaussian_epsilon, prv_epsilon
+from confide.privacy.replay import pld_epsilon as replay_pld_epsilon
 
 
 def test_epsilon_is_cumulative_and_monotone() -> None:
@@ -137,3 +143,17 @@ def test_tight_calibration_needs_less_noise_and_replays_independently(
     assert target * 0.995 < claim <= target
     low, estimate, _ = prv_epsilon(((q, sigma, steps),), 1e-5)
     assert claim == pytest.approx(estimate, rel=0.01) and claim >= low
+
+
+def test_repeated_rounds_compose_as_one_self_composition_with_the_same_epsilon() -> None:
+    # a shared-noise history: one event per round, most of them the same step
+    step, other = SampledGaussian(0.7, 0.05, 1), SampledGaussian(0.9, 0.05, 2)
+    history = [step] * 12 + [other] + [step] * 3
+    grouped = grouped_events([pld_event(m) for m in history])
+    assert sorted(e.count for e in grouped.events) == [2, 15]
+    one_by_one = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    one_by_one.compose(dp_accounting.ComposedDpEvent([pld_event(m) for m in history]))
+    assert pld_epsilon(history, 1e-5) == pytest.approx(one_by_one.get_epsilon(1e-5), rel=1e-8)
+    # the audit's independent PLD replay folds them alike
+    assert replay_pld_epsilon([pld_event(m) for m in history], 1e-5) == pytest.approx(
+        one_by_one.get_epsilon(1e-5), rel=1e-8)
