@@ -34,6 +34,7 @@ from confide.clients.dp_training import clipped_example_gradients
 from confide.data import read_text_file
 from confide.encoding import encode
 from confide.model import (
+    HEAD_MARKER,
     ModelSpec,
     load_tokenizer,
     load_trainable_state,
@@ -58,6 +59,28 @@ class RowSum:
         self.value += rows.sum(axis=0)
 
 
+class TorchAdamStep:
+    """`ServerOptimizer.step`'s interface over torch.optim.Adam with per-group rates."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, head_lr: float, beta1: float
+                 ) -> None:
+        self.model = model
+        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        self.params = dict(named)
+        head = [p for k, p in named if "classifier." in k]
+        body = [p for k, p in named if "classifier." not in k]
+        self.opt = torch.optim.Adam([{"params": body, "lr": lr},
+                                     {"params": head, "lr": head_lr}], betas=(beta1, 0.999))
+
+    def step(self, state: dict[str, np.ndarray], ascent: dict[str, np.ndarray]
+             ) -> dict[str, np.ndarray]:
+        load_trainable_state(self.model, state)
+        for k, p in self.params.items():
+            p.grad = torch.as_tensor(-ascent[k], dtype=p.dtype)
+        self.opt.step()
+        return {k: v.copy() for k, v in trainable_state(self.model).items()}
+
+
 def run(args: argparse.Namespace, batch: int, rounds: int, lr: float, clip: float,
         epsilon: float, momentum: float) -> dict[str, object]:
     torch.manual_seed(args.seed)
@@ -72,8 +95,16 @@ def run(args: argparse.Namespace, batch: int, rounds: int, lr: float, clip: floa
     names = sorted(trainable_state(model))
     state = {k: v.copy() for k, v in trainable_state(model).items()}
     shapes = {k: state[k].shape for k in names}
-    opt = ServerOptimizer(args.server_optimizer, learning_rate=lr, momentum=momentum,
-                          tau=args.tau, schedule=args.schedule, schedule_steps=rounds)
+    if args.server_optimizer == "torch-adam":
+        # the central DP row's optimizer on the same noisy gradient: torch Adam (bias
+        # correction, eps 1e-8, beta2 0.999) with the classifier head at --head-lr
+        opt = TorchAdamStep(model, lr, args.head_lr or lr, momentum)
+    else:
+        opt = ServerOptimizer(args.server_optimizer, learning_rate=lr, momentum=momentum,
+                              beta2=args.beta2, tau=args.tau, schedule=args.schedule,
+                              schedule_steps=rounds, bias_correction=args.bias_correction,
+                              name_learning_rates=((HEAD_MARKER, args.head_lr),)
+                              if args.head_lr else ())
     rng = np.random.default_rng()
     curve: list[tuple[int, float]] = []
     t0 = time.perf_counter()
@@ -98,7 +129,8 @@ def run(args: argparse.Namespace, batch: int, rounds: int, lr: float, clip: floa
     eps = pld_epsilon([SampledGaussian(sigma, q, rounds)], 1e-5)
     return {"rows": n, "batch": batch, "rounds": rounds, "lr": lr, "clip": clip,
             "momentum": momentum, "server_optimizer": args.server_optimizer, "tau": args.tau,
-            "schedule": args.schedule,
+            "schedule": args.schedule, "head_lr": args.head_lr, "beta2": args.beta2,
+            "bias_correction": args.bias_correction,
             "epsilon": eps, "sigma": sigma, "q": q, "accuracy": curve[-1][1],
             "best": max(a for _, a in curve), "curve": curve, "model": args.model,
             "fine_tune": args.fine_tune, "lora_targets": args.lora_targets,
@@ -125,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-optimizer", default="adam")
     p.add_argument("--tau", type=float, default=1e-3)
     p.add_argument("--schedule", default="constant", help="server learning-rate schedule")
+    p.add_argument("--head-lr", type=float, default=0.0,
+                   help="the classifier head's server rate (0: --lr)")
+    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--bias-correction", action="store_true", help="adam/yogi: Kingma & Ba's")
     p.add_argument("--eval-every", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=str(RESULTS))

@@ -228,6 +228,13 @@ class RunConfig:
     server_tau: float = option(
         1e-3, "x > 0", _range(0, lo_open=True),
         "adaptivity of server adam/yogi (added to sqrt of the 2nd moment)")
+    server_head_learning_rate: float = option(
+        0.0, "0 (= server-learning-rate) or 0 < x <= 10", _range(0, 10),
+        "server step size of the classifier head")
+    server_bias_correction: bool = option(
+        False, "true or false", _any,
+        "adam/yogi: Adam's bias correction (moments start at 0; torch.optim.Adam's step with "
+        "eps = server-tau); false: FedAdam as in Reddi et al.")
     server_lr_schedule: str = option(
         "constant", "'constant' or 'cosine'", _one_of("constant", "cosine"),
         "server learning rate over the rounds: 'cosine' decays it to 0 by the last round")

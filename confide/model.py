@@ -237,6 +237,11 @@ def disable_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
+# The classifier head's parameters carry this in their (possibly peft-prefixed) names; the
+# head may step at its own rate, on the partner (head-learning-rate) and on the server.
+HEAD_MARKER = "classifier."
+
+
 def _head_parameter_names(model: nn.Module) -> set[str]:
     # With CLS pooling the (pretrained) pooler belongs to the head: it adapts the CLS state.
     return {n for n, _ in model.named_parameters()

@@ -50,6 +50,7 @@ from confide.clients.opacus_compat import (
     trainable_parameters,
 )
 from confide.config import SUM_ONLY_GRAD_SAMPLE_MODES
+from confide.model import HEAD_MARKER
 from confide.tasks.base import Objective, PerExampleCriterion
 from confide.tasks.batches import (
     DPTrainingError,
@@ -340,7 +341,7 @@ def _param_groups(model: nn.Module, lr: float, head_lr: float | None
     body: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (head if "classifier." in name else body).append(p)
+            (head if HEAD_MARKER in name else body).append(p)
     if head_lr is None or not head or not body:
         return [{"params": head + body, "lr": lr}]
     return [{"params": body, "lr": lr}, {"params": head, "lr": head_lr}]

@@ -25,6 +25,7 @@ from confide import wire as W
 from confide.config import RunConfig
 from confide.data import TextDataset
 from confide.model import (
+    HEAD_MARKER,
     count_trainable,
     frozen_digest,
     load_trainable_state,
@@ -136,7 +137,11 @@ class Federation:
                                      momentum=self.cfg.server_momentum,
                                      beta2=self.cfg.server_beta2, tau=self.cfg.server_tau,
                                      schedule=self.cfg.server_lr_schedule,
-                                     schedule_steps=self.cfg.rounds))
+                                     schedule_steps=self.cfg.rounds,
+                                     bias_correction=self.cfg.server_bias_correction,
+                                     name_learning_rates=(
+                                         ((HEAD_MARKER, self.cfg.server_head_learning_rate),)
+                                         if self.cfg.server_head_learning_rate else ())))
         self.ledger: Ledger | None = None
         self.aggregation: RoundAggregation
         if self.cfg.secure_aggregation:

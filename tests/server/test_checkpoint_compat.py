@@ -42,7 +42,10 @@ def test_client_level_accountant_of_the_previous_version_claims_the_same() -> No
     strategy = ClientLevelDp(DeltaFedAvg(), noise_multiplier=0.9, clipping_norm=0.7,
                              population=12, delta=V1["delta"])
     strategy.load_state_dict(V1["client_dp_state"])
-    assert strategy.epsilon() == V1["client_fixed"][-1]["payload"]["epsilon_claimed"]
+    # repeats of one release compose as one self-composition now (the same composition;
+    # PLD's numerics differ in the 8th digit)
+    assert strategy.epsilon() == pytest.approx(
+        V1["client_fixed"][-1]["payload"]["epsilon_claimed"], rel=1e-6)
     again = ClientLevelDp(DeltaFedAvg(), noise_multiplier=0.9, clipping_norm=0.7,
                           population=12, delta=V1["delta"])
     again.load_state_dict(json.loads(json.dumps(strategy.state_dict())))

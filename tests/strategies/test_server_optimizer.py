@@ -130,11 +130,45 @@ def test_cosine_schedule_decays_each_step_to_zero_and_resumes_in_place() -> None
         ServerOptimizer("adam", momentum=0.9).load_state_dict(first.state_dict())
 
 
+def test_bias_corrected_adam_is_torch_adam_step_for_step_with_a_head_rate() -> None:
+    import torch
+
+    rng = np.random.default_rng(3)
+    shapes = {"body.lora_A": (4, 3), "classifier.weight": (2, 4)}
+    start = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()}
+    reference = torch.optim.Adam(
+        [{"params": [params["body.lora_A"]], "lr": 0.01},
+         {"params": [params["classifier.weight"]], "lr": 0.02}],
+        betas=(0.9, 0.999), eps=1e-8)
+    ours = ServerOptimizer("adam", learning_rate=0.01, momentum=0.9, beta2=0.999, tau=1e-8,
+                           bias_correction=True, name_learning_rates=[("classifier.", 0.02)])
+    g = dict(start)
+    for _ in range(5):
+        grads = {k: rng.normal(size=s) * 1e-3 for k, s in shapes.items()}
+        for k, p in params.items():
+            p.grad = torch.tensor(grads[k], dtype=torch.float32)
+        reference.step()
+        g = ours.step(g, {k: -v for k, v in grads.items()})  # the delta is the descent
+    for k, p in params.items():
+        np.testing.assert_allclose(g[k], p.detach().numpy(), rtol=1e-5, atol=1e-7)
+    # the first step of bias-corrected Adam moves every coordinate by ~lr (sign of the grad)
+    first = ServerOptimizer("adam", learning_rate=0.01, momentum=0.9, beta2=0.999, tau=1e-8,
+                            bias_correction=True).step(state(), {"w": np.array([3e-4, -2.0,
+                                                                                5.0]),
+                                                                 "b": np.array([1e-5])})
+    moved = np.concatenate([first["w"] - state()["w"], first["b"] - state()["b"]])
+    np.testing.assert_allclose(np.abs(moved), 0.01, rtol=1e-3)
+    with pytest.raises(ValueError, match="bias_correction"):
+        ServerOptimizer("adam", momentum=0.9).load_state_dict(ours.state_dict())
+
+
 @pytest.mark.parametrize(("kwargs", "needle"), [
     ({"kind": "adagrad"}, "expected one of"), ({"momentum": 1.0}, "momentum"),
     ({"beta2": -0.1}, "beta2"), ({"tau": 0.0}, "tau"),
     ({"schedule": "step"}, "schedule 'step'"),
-    ({"schedule": "cosine"}, "needs the number of rounds")])
+    ({"schedule": "cosine"}, "needs the number of rounds"),
+    ({"name_learning_rates": [("classifier.", 0.0)]}, "expected a marker and a rate")])
 def test_bad_settings_are_refused(kwargs: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         ServerOptimizer(**kwargs)
