@@ -404,6 +404,11 @@ def _coerce(key: str, value: Any) -> Any:
 SHARED_NOISE_DEFAULTS: dict[str, Any] = {
     "rounds": 30, "batch-size": 1024, "server-optimizer": "adam",
     "server-learning-rate": 0.01, "server-momentum": 0.9,
+    # the step of central DP-SGD with Adam (bias correction, beta2 0.999, eps 1e-8, the head
+    # at twice the adapters' rate): 81.4% vs 79.2% for FedAdam's form at 3,000 SST-2 rows,
+    # epsilon 8 (central Opacus DP 81.1%)
+    "server-bias-correction": True, "server-beta2": 0.999, "server-tau": 1e-8,
+    "server-head-learning-rate": 0.02,
     # a finer quantisation grid: at 32 bits the discrete-vs-continuous Gaussian slack
     # (~d / (24 s^2) per round) would add ~3e-4 to delta over 30 rounds at epsilon 8; from
     # 40 bits on only the sampler's ~1e-17 per coordinate remains (shared_noise.tv_slack)
