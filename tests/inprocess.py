@@ -13,8 +13,17 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from confide.clients import client_app
+from confide.config import RunConfig, build_config
 
 _ids = itertools.count(1)
+
+
+def tiny_secure_config(out: Path, clients: int, rounds: int, seed: int) -> RunConfig:
+    """A tiny-model run with secure aggregation (so, by default, shared example noise)."""
+    return build_config({"model": "tiny", "clients": clients, "rounds": rounds,
+                         "max-length": 16, "num-labels": 2, "batch-size": 32,
+                         "physical-batch-size": 32, "secure-aggregation": True,
+                         "preflight": "off", "seed": seed, "out": str(out)})
 
 
 def set_task_identity() -> None:

@@ -9,20 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from confide.config import SHARED_NOISE_DEFAULTS, build_config
+from confide.config import SHARED_NOISE_DEFAULTS
 from confide.model import HEAD_MARKER
 from confide.server.federation import Federation
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, tiny_secure_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def test_first_shared_round_moves_every_weight_by_its_adam_rate(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = build_config({"model": "tiny", "clients": 3, "rounds": 1, "max-length": 16,
-                        "num-labels": 2, "batch-size": 32, "physical-batch-size": 32,
-                        "secure-aggregation": True, "preflight": "off", "seed": 5,
-                        "out": str(out)})
+    cfg = tiny_secure_config(out, clients=3, rounds=1, seed=5)
     assert cfg.example_dp_noise == "shared" and cfg.server_bias_correction
     fed = Federation.open(InProcessGrid(3), cfg, out)
     before = {k: v.astype(np.float64) for k, v in fed.global_state.items()}

@@ -12,9 +12,8 @@ import pytest
 from flwr.app import Error, Message
 
 from confide.audit.verify import verify_run
-from confide.config import build_config
 from confide.server.federation import Federation
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, tiny_secure_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SILENT = 4
@@ -36,10 +35,7 @@ class OneSilentNode(InProcessGrid):
 
 def test_a_node_that_never_reports_its_rows_is_a_dropout(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = build_config({"model": "tiny", "clients": 4, "rounds": 2, "max-length": 16,
-                        "num-labels": 2, "batch-size": 32, "physical-batch-size": 32,
-                        "secure-aggregation": True, "preflight": "off", "seed": 3,
-                        "out": str(out)})
+    cfg = tiny_secure_config(out, clients=4, rounds=2, seed=3)
     assert cfg.example_dp_noise == "shared"
     summary = Federation.open(OneSilentNode(4), cfg, out).run()
     assert summary["rounds_completed"] == 2
