@@ -67,8 +67,8 @@ class TorchAdamStep:
         self.model = model
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         self.params = dict(named)
-        head = [p for k, p in named if "classifier." in k]
-        body = [p for k, p in named if "classifier." not in k]
+        head = [p for k, p in named if HEAD_MARKER in k]
+        body = [p for k, p in named if HEAD_MARKER not in k]
         self.opt = torch.optim.Adam([{"params": body, "lr": lr},
                                      {"params": head, "lr": head_lr}], betas=(beta1, 0.999))
 
