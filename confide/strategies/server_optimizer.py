@@ -44,8 +44,12 @@ def scheduled_learning_rate(base: float, schedule: str, step: int, total: int) -
         return base
     if schedule == "cosine":
         return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    raise ValueError(f"server learning-rate schedule {schedule!r}: expected one of "
-                     f"{', '.join(SCHEDULES)}")
+    raise _unknown_schedule(schedule)
+
+
+def _unknown_schedule(schedule: str) -> ValueError:
+    return ValueError(f"server learning-rate schedule {schedule!r}: expected one of "
+                      f"{', '.join(SCHEDULES)}")
 
 
 class ServerOptimizer:
@@ -65,8 +69,7 @@ class ServerOptimizer:
         if not tau > 0.0:
             raise ValueError(f"server tau {tau}: expected x > 0")
         if schedule not in SCHEDULES:
-            raise ValueError(f"server learning-rate schedule {schedule!r}: expected one of "
-                             f"{', '.join(SCHEDULES)}")
+            raise _unknown_schedule(schedule)
         if schedule != "constant" and schedule_steps < 1:
             raise ValueError(f"server learning-rate schedule {schedule!r} needs the number of "
                              f"rounds it spans (got {schedule_steps})")
