@@ -259,6 +259,10 @@ class RunConfig:
     secagg_bits: int = option(32, "16 <= b <= 62", _range(16, 62), "ring Z_2^b bit width")
     secagg_clip: float = option(
         1.0, "x > 0", _range(0, lo_open=True), "per-coordinate clip range of quantised updates")
+    secagg_max_weight: int = option(
+        100_000, "integer >= 1", _range(1),
+        "local-noise and non-DP secure rounds: an update counts with its rows (at most this "
+        "many), as in the plaintext mean; distributed DP counts each update once")
     dropout_rate: float = option(
         0.0, "0 <= p < 1", _range(0, 1, hi_open=True),
         "fault injection: chance a client drops (simulation)")
@@ -310,6 +314,15 @@ class RunConfig:
                               f"({self.clients}); allowed: 1 <= min-clients <= clients")
         if self.physical_batch_size > self.batch_size and not self.example_dp:
             object.__setattr__(self, "physical_batch_size", self.batch_size)
+
+    @property
+    def secure_sum_weighted(self) -> bool:
+        """Whether the secure sum weights each update by its rows (capped at
+        secagg-max-weight), as the plaintext mean does. Distributed DP keeps weight 1 (its
+        client-level guarantee bounds each update's contribution, DP-FedAvg); the shared-noise
+        mode sums clipped gradients, not weighted updates."""
+        return self.secure_aggregation and not self.distributed_dp \
+            and self.example_dp_noise != "shared"
 
     def _check_shared_noise(self) -> None:
         """Shared noise is private only inside the secure sum, and its guarantee is that of

@@ -160,10 +160,14 @@ def session_config(cfg: RunConfig, *, session_id: bytes, num_clients: int,
     Threshold: `secagg-threshold` is a fraction of the closed neighbourhood (k + 1 parties,
     which is all sampled clients when the graph is complete), t = ceil(fraction * (k + 1))
     clamped to [2, k + 1]. Distributed DP: total noise stddev = client-dp-noise-multiplier x
-    client-dp-clipping-norm in update units, L2 clip = client-dp-clipping-norm."""
+    client-dp-clipping-norm in update units, L2 clip = client-dp-clipping-norm. Weights: an
+    update's rows, capped at secagg-max-weight, where the sum is weighted (`RunConfig.
+    secure_sum_weighted`); 1 each otherwise."""
     base = SecAggConfig(session_id, num_clients=num_clients, vector_length=vector_length,
                         degree=cfg.secagg_neighbours or None, bits=cfg.secagg_bits,
-                        coord_clip=cfg.secagg_clip)
+                        coord_clip=cfg.secagg_clip,
+                        max_weight=float(cfg.secagg_max_weight if cfg.secure_sum_weighted
+                                         else 1))
     k = int(base.degree)  # type: ignore[arg-type]  # resolved to an int in __post_init__
     t = min(k + 1, max(2, math.ceil(cfg.secagg_threshold * (k + 1))))
     noise = (cfg.client_dp_noise_multiplier * cfg.client_dp_clipping_norm

@@ -32,6 +32,7 @@ from confide.privacy.secagg import (
     SecAggConfig,
     SecAggError,
     SecAggRefusal,
+    SecAggValidationError,
     UnmaskRequest,
 )
 from confide.wire import (
@@ -42,6 +43,8 @@ from confide.wire import (
     MASKED_REQUEST,
     MASKED_ROUND,
     MASKED_SENDER,
+    METRICS,
+    NUM_EXAMPLES,
     SECAGG,
     SECAGG_ROUND,
     SECAGG_UP,
@@ -73,6 +76,20 @@ def check_session_config(config: SecAggConfig, cfg: RunConfig) -> None:
     if config.l2_clip is None or config.l2_clip > cfg.client_dp_clipping_norm * (1 + 1e-9):
         raise SecAggRefusal(f"session L2 clip {config.l2_clip} exceeds the run's "
                             f"client-dp-clipping-norm {cfg.client_dp_clipping_norm}")
+
+
+def update_weight(cfg: RunConfig, plain: Message | None) -> float:
+    """The weight this node's update enters the secure sum with: its training rows where
+    the sum is weighted (the plaintext mean's weights; the encoder caps them at the
+    session's max_weight), else 1 (distributed DP: each update counts once, DP-FedAvg's
+    bounded contribution)."""
+    if not cfg.secure_sum_weighted or plain is None or plain.has_error():
+        return 1.0
+    rows = plain.content[METRICS].get(NUM_EXAMPLES) if METRICS in plain.content else None
+    if isinstance(rows, bool) or not isinstance(rows, int | float) or not rows > 0:
+        raise SecAggValidationError(f"the training reply has no positive {NUM_EXAMPLES} ({rows!r}) "
+                          "to weight the update by")
+    return float(rows)
 
 
 # -- the node's clients, persisted in Context.state -----------------------------------------
@@ -201,11 +218,10 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
                 return
             request = MaskedInputRequest.from_bytes(bytes(down[f"{MASKED_REQUEST}/{q}"]))
             verify = bool(down.get(VERIFY_FLAG, False)) and simulation
-            # uniform weight 1: each surviving client counts once (DP-FedAvg's bounded
-            # contribution; example counts would need a public cap and widen sensitivity)
             out = client.masked_input(request,
                                       None if delta is None else flatten(delta),
-                                      1.0, keep_encoded=verify, encoded=encoded)
+                                      update_weight(cfg, plain), keep_encoded=verify,
+                                      encoded=encoded)
             content[MASKED] = ArrayRecord({"vector": Array(out.vector)})
             up[MASKED_ROUND] = q
             up[MASKED_SENDER] = out.sender

@@ -235,8 +235,10 @@ def _example_ratio(cfg: RunConfig, sizes: Sequence[int], d: int, n: int,
     batch = np.array([q * r for (q, _), r in zip(plans, rows, strict=True)])
     steps = np.array([s for _, s in plans], dtype=float)
     per_partner = sigmas * math.sqrt(d) / (batch * np.sqrt(steps))
-    # weights of the server's mean: example counts, or 1 each inside secure aggregation
-    w = np.ones_like(rows) if cfg.secure_aggregation else rows
+    # weights of the server's mean: example counts (capped inside a weighted secure sum), or
+    # 1 each with distributed DP
+    w = (np.ones_like(rows) if cfg.secure_aggregation and not cfg.secure_sum_weighted
+         else np.minimum(rows, cfg.secagg_max_weight) if cfg.secure_aggregation else rows)
     # a sample of n partners: sum over the sample ~ n * mean over all partners
     with np.errstate(invalid="ignore"):
         agg = math.sqrt(n * float(np.mean(w ** 2 * per_partner ** 2))) / (n * float(np.mean(w)))
@@ -326,8 +328,8 @@ def _example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | None
                 ": the nodes would refuse to train."),
             suggestions=("a larger target-epsilon, fewer rounds or local epochs",))
     verdict = _verdict(agg, R)
-    weighting = ("equal weights: secure aggregation" if cfg.secure_aggregation
-                 else "weighted by example counts")
+    weighting = ("equal weights: distributed DP" if cfg.secure_aggregation
+                 and not cfg.secure_sum_weighted else "weighted by example counts")
     reason = (f"each partner adds noise std sigma*C per coordinate to a step's gradient sum "
               f"and divides by its expected batch: median partner sigma {sigma:.3f}, "
               f"B = {B:.0f} rows, {k} steps per round, d = {d:,}: noise/signal "

@@ -17,12 +17,13 @@ likewise get `train.secagg` messages.
 Folding has a consequence a plain protocol does not: a node that drops during fit r also
 loses its ShareKeys(r+1) and so sits out round r+1 (it can come back from r+2 on).
 
-Aggregation: every surviving client has weight 1 (see the node's side,
-`confide.clients.secure_client.secure_reply`); the server learns the (noised) sum of the
-survivors' clipped, quantized updates, divides by the number of survivors (public) and
-applies the server learning rate. If too few survive, the core aborts (`SecAggAbort`):
-nothing is unmasked, the global model stays as it was, the ledger records the abort, and
-the run continues with the next round.
+Aggregation: with local example noise or none, each surviving update is weighted by its
+rows (capped at `secagg-max-weight`), as in the plaintext mean; with distributed DP each
+counts once (see the node's side, `confide.clients.secure_client.update_weight`). The server
+learns the (noised) weighted sum of the survivors' clipped, quantized updates and their
+total weight, divides, and applies its optimizer. If too few survive, the core aborts
+(`SecAggAbort`): nothing is unmasked, the global model stays as it was, the ledger records
+the abort, and the run continues with the next round.
 """
 
 from __future__ import annotations
@@ -461,7 +462,11 @@ class SecureRounds:
                           "shared_expected_batch": expected,
                           "secagg_quantization_step": 1.0 / cur.shared.scale})
         elif result is not None and survivors:
-            mean = result.weighted_sum / len(survivors)  # weight 1 each; the count is public
+            # weighted: sum_i w_i x_i / sum_i w_i, as the plaintext mean (the total weight
+            # is decoded from the sum's weight coordinate); else weight 1 each, and the
+            # count of survivors is public and exact
+            mean = result.weighted_sum / (result.total_weight if fed.cfg.secure_sum_weighted
+                                          else len(survivors))
             fed.inner.global_state = fed.global_state
             aggregate = arrays_to_numpy(fed.inner.apply(W.unflatten(mean, self.reference)))
             aggregated = [partner.get(n, f"node-{n}") for n in survivors]

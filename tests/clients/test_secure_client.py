@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from confide import wire as W
 from confide.clients import secure_client as S
@@ -19,6 +19,7 @@ from confide.privacy.secagg import (
     SecAggConfig,
     SecAggRefusal,
     SecAggServer,
+    UpdateEncoder,
 )
 from confide.privacy.secagg import Message as SecAggMessage
 
@@ -109,11 +110,14 @@ def test_reply_carries_the_masked_vector_not_the_delta() -> None:
         down = ConfigRecord({W.SECAGG_ROUND: 1, **part})
         msg = Message(RecordDict({W.CONFIG: ConfigRecord(run.to_dict()), W.SECAGG: down}),
                       dst_node_id=node, message_type="train" if train else "train.secagg")
-        plain = Message(RecordDict({W.ARRAYS: W.to_array_record(delta)}), reply_to=msg) \
+        plain = Message(RecordDict({
+            W.ARRAYS: W.to_array_record(delta),
+            W.METRICS: MetricRecord({W.NUM_EXAMPLES: rows[node]})}), reply_to=msg) \
             if train else None
         return S.secure_reply(msg, ctx[node], run, plain, delta)
 
     ids = {10: 1, 11: 2}
+    rows = {10: 30, 11: 10}
     for node, cid in ids.items():
         up = send(node, {W.ADVERTISE: "[1]", "config/1": W.config_to_json(cfg), "id/1": cid})
         server.receive(SecAggMessage.from_bytes(up.content[W.SECAGG_UP]["advertise/1"]))
@@ -125,7 +129,9 @@ def test_reply_carries_the_masked_vector_not_the_delta() -> None:
     requests = server.masked_input_requests()
     delta = {"w": np.array([0.25, -0.5, 0.125], np.float32)}
     for node, cid in ids.items():
-        reply = send(node, {"masked-input-request/1": requests[cid].to_bytes()}, True, delta)
+        sign = 1 if node == 10 else -1
+        reply = send(node, {"masked-input-request/1": requests[cid].to_bytes()}, True,
+                     {"w": sign * delta["w"]})
         assert W.ARRAYS not in reply.content.array_records  # no plaintext delta
         vector = reply.content[W.MASKED]["vector"].numpy()
         server.receive(MaskedInput(cfg.session_id, 1, sender=cid, vector=vector))
@@ -133,4 +139,8 @@ def test_reply_carries_the_masked_vector_not_the_delta() -> None:
     for node in ids:
         up = send(node, {"unmask-request/1": unmask})
         server.receive(SecAggMessage.from_bytes(up.content[W.SECAGG_UP]["unmask-shares/1"]))
-    np.testing.assert_allclose(server.result().weighted_sum, [0.5, -1.0, 0.25], atol=1e-6)
+    # weighted by rows, as the plaintext mean: (30 d - 10 d) over 40 rows
+    result = server.result()
+    rounding = UpdateEncoder(cfg).sum_error_bound(2)  # per coordinate, in weight units
+    assert result.total_weight == pytest.approx(40, abs=rounding)
+    np.testing.assert_allclose(result.weighted_sum, 20 * delta["w"], atol=rounding)

@@ -90,10 +90,16 @@ def test_example_dp_weighting_follows_the_servers_mean() -> None:
         per.append(1.0 * math.sqrt(10_000) / (q * rows * math.sqrt(steps)))
     weighted = math.sqrt(sum((n * r) ** 2 for n, r in zip(sizes, per, strict=True))) / sum(sizes)
     assert report.mechanisms[0].ratio == pytest.approx(weighted)
-    # inside secure aggregation every survivor has weight 1
-    secure = P.check(cfg.replace(secure_aggregation=True), 10_000, sizes)
-    assert secure.mechanisms[0].ratio == pytest.approx(
-        math.sqrt(sum(r ** 2 for r in per)) / 3)
+    # a (local-noise) secure sum weights as the plaintext mean, rows capped at max-weight
+    secure = cfg.replace(secure_aggregation=True, example_dp_noise="local")
+    assert P.check(secure, 10_000, sizes).mechanisms[0].ratio == pytest.approx(weighted)
+    capped = P.check(secure.replace(secagg_max_weight=100), 10_000, sizes)
+    assert capped.mechanisms[0].ratio == pytest.approx(math.sqrt(sum(
+        (min(n, 100) * r) ** 2 for n, r in zip(sizes, per, strict=True))) / 240)
+    # with distributed DP every survivor has weight 1
+    dd = P.check(secure.replace(distributed_dp=True), 10_000, sizes)
+    example = next(m for m in dd.mechanisms if m.mechanism == "example-dp")
+    assert example.ratio == pytest.approx(math.sqrt(sum(r ** 2 for r in per)) / 3)
 
 
 def test_client_level_dp_ratio_and_partners_per_round() -> None:

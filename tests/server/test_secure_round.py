@@ -49,6 +49,10 @@ def node_delta(node: int, server_round: int) -> dict[str, np.ndarray]:
     return {k: rng.uniform(-0.5, 0.5, s).astype(np.float32) for k, s in SHAPES.items()}
 
 
+def node_rows(node: int) -> int:
+    return 4 + 3 * (node % 7)  # unequal, so weighting shows
+
+
 Tamper = Callable[[int, Message, Message], Message]
 
 
@@ -86,7 +90,7 @@ class LocalGrid:
                 self.trained.setdefault(server_round, {})[node] = delta
                 plain = Message(RecordDict({
                     W.ARRAYS: W.to_array_record(delta),
-                    W.METRICS: MetricRecord({W.NUM_EXAMPLES: 10}),
+                    W.METRICS: MetricRecord({W.NUM_EXAMPLES: node_rows(node)}),
                     W.STATUS: ConfigRecord({W.STATUS_CODE: W.OK, W.STATUS_DETAIL: "",
                                             W.PARTNER: f"p{node}", W.PUBLIC_KEY: f"k{node}"})}),
                     reply_to=msg)
@@ -139,8 +143,12 @@ def make(n: int = 5, rounds: int = 2, **kw: Any) -> tuple[FakeFederation, Secure
 
 def expected_mean(fed: FakeFederation, server_round: int, survivors: list[int]
                   ) -> dict[str, np.ndarray]:
+    """The plaintext mean of the survivors' (clipped) deltas: weighted by rows, as
+    DeltaFedAvg weights them, unless distributed DP counts each once."""
     deltas = [fed.grid.trained[server_round][n] for n in survivors]
-    return {k: np.mean([np.clip(d[k], -1, 1) for d in deltas], axis=0) for k in SHAPES}
+    weights = [1 if fed.cfg.distributed_dp else node_rows(n) for n in survivors]
+    return {k: np.average([np.clip(d[k], -1, 1) for d in deltas], axis=0, weights=weights)
+            for k in SHAPES}
 
 
 def run(fed: FakeFederation, secure: SecureRounds, server_round: int) -> dict[str, Any]:
