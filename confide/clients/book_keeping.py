@@ -198,14 +198,17 @@ class BookKeepingClipper:
             norms = norm_sq.sqrt()
             factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             shared.clear()
-            for part in parts:
-                part.keep_only_own(shared)
-                part.write_clipped_sum(factor, shared)
-                part.release()
+            # Last layer first, each layer's kept input and output gradient freed once its
+            # sum is written: the embeddings' large gradients are made when little else is
+            # kept (peak memory of a full fine-tuning step, benchmarks/dp_overhead.py).
             for layer in self.layers:
                 if not layer.inputs:  # did not run: its gradient is zero for every example
                     for p in layer.params.values():
                         p.grad = torch.zeros_like(p)
+            for part in reversed(parts):
+                part.keep_only_own(shared)
+                part.write_clipped_sum(factor, shared)
+                part.release()
             return norms
         finally:
             for layer in self.layers:
@@ -278,6 +281,7 @@ class _LayerPass:
     def release(self) -> None:
         self.x = self.g = torch.empty(0)
         self.per_example.clear()
+        self.layer.clear()  # the recorded tensors themselves, not only this pass's views
 
     def norm_sq(self, shared: dict[tuple[Any, ...], torch.Tensor]) -> torch.Tensor:
         if self.empty:
