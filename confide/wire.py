@@ -84,6 +84,16 @@ def acknowledged_receipts(message: Message) -> set[str] | None:
     return {str(a) for a in json.loads(str(message.content[RECORDED][ACKNOWLEDGED]))}
 
 
+def reported_rows(reply: Message) -> float | None:
+    """The training rows a node's reply reports (its metrics' NUM_EXAMPLES, the weight of
+    its update in the mean), or None unless that is a positive finite number."""
+    rows = reply.content[METRICS].get(NUM_EXAMPLES) if METRICS in reply.content else None
+    if isinstance(rows, bool) or not isinstance(rows, int | float) or not rows > 0 \
+            or not math.isfinite(rows):
+        return None
+    return float(rows)
+
+
 def to_array_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     """name -> numpy array, in order, as a Flower ArrayRecord."""
     from flwr.app import Array, ArrayRecord

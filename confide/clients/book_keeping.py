@@ -198,13 +198,13 @@ class BookKeepingClipper:
             norms = norm_sq.sqrt()
             factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             shared.clear()
-            # Last layer first, each layer's kept input and output gradient freed once its
-            # sum is written: the embeddings' large gradients are made when little else is
-            # kept (peak memory of a full fine-tuning step, benchmarks/dp_overhead.py).
-            for layer in self.layers:
+            for layer in self.layers:  # before `release` below clears what ran
                 if not layer.inputs:  # did not run: its gradient is zero for every example
                     for p in layer.params.values():
                         p.grad = torch.zeros_like(p)
+            # Last layer first, each layer's kept input and output gradient freed once its
+            # sum is written: the embeddings' large gradients are made when little else is
+            # kept (peak memory of a full fine-tuning step, benchmarks/dp_overhead.py).
             for part in reversed(parts):
                 part.keep_only_own(shared)
                 part.write_clipped_sum(factor, shared)

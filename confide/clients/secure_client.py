@@ -43,7 +43,6 @@ from confide.wire import (
     MASKED_REQUEST,
     MASKED_ROUND,
     MASKED_SENDER,
-    METRICS,
     NUM_EXAMPLES,
     SECAGG,
     SECAGG_ROUND,
@@ -57,6 +56,7 @@ from confide.wire import (
     config_from_json,
     config_to_json,
     flatten,
+    reported_rows,
 )
 
 DROPOUT_ERROR_CODE = 701  # Error code of an injected dropout (simulation only)
@@ -85,11 +85,11 @@ def update_weight(cfg: RunConfig, plain: Message | None) -> float:
     bounded contribution)."""
     if not cfg.secure_sum_weighted or plain is None or plain.has_error():
         return 1.0
-    rows = plain.content[METRICS].get(NUM_EXAMPLES) if METRICS in plain.content else None
-    if isinstance(rows, bool) or not isinstance(rows, int | float) or not rows > 0:
-        raise SecAggValidationError(f"the training reply has no positive {NUM_EXAMPLES} ({rows!r}) "
-                          "to weight the update by")
-    return float(rows)
+    rows = reported_rows(plain)
+    if rows is None:
+        raise SecAggValidationError(f"the training reply reports no positive {NUM_EXAMPLES} "
+                                    "to weight the update by")
+    return rows
 
 
 # -- the node's clients, persisted in Context.state -----------------------------------------

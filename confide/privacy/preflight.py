@@ -237,8 +237,12 @@ def _example_ratio(cfg: RunConfig, sizes: Sequence[int], d: int, n: int,
     per_partner = sigmas * math.sqrt(d) / (batch * np.sqrt(steps))
     # weights of the server's mean: example counts (capped inside a weighted secure sum), or
     # 1 each with distributed DP
-    w = (np.ones_like(rows) if cfg.secure_aggregation and not cfg.secure_sum_weighted
-         else np.minimum(rows, cfg.secagg_max_weight) if cfg.secure_aggregation else rows)
+    if not cfg.secure_aggregation:
+        w = rows
+    elif cfg.secure_sum_weighted:
+        w = np.minimum(rows, cfg.secagg_max_weight)
+    else:
+        w = np.ones_like(rows)
     # a sample of n partners: sum over the sample ~ n * mean over all partners
     with np.errstate(invalid="ignore"):
         agg = math.sqrt(n * float(np.mean(w ** 2 * per_partner ** 2))) / (n * float(np.mean(w)))

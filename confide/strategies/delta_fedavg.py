@@ -47,12 +47,12 @@ def validate_delta(delta: dict[str, np.ndarray], reference: dict[str, np.ndarray
 
 
 def reply_weight(reply: Message) -> float:
-    weight = reply.content[W.METRICS].get(W.NUM_EXAMPLES)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
-            or not np.isfinite(weight):
+    weight = W.reported_rows(reply)
+    if weight is None:
+        reported = reply.content[W.METRICS].get(W.NUM_EXAMPLES)
         raise UpdateRejected(f"update from node {reply.metadata.src_node_id}: "
-                             f"{W.NUM_EXAMPLES} = {weight!r} is not a positive number")
-    return float(weight)
+                             f"{W.NUM_EXAMPLES} = {reported!r} is not a positive number")
+    return weight
 
 
 class DeltaFedAvg(FedAvg):
