@@ -85,7 +85,20 @@ def main() -> None:
     if out is not None and out.exists():
         rows = [r for r in map(json.loads, out.read_text().splitlines())
                 if r.get("model") == args.model and r.get("rows") in (None, len(train))]
-    done = {str(r["setting"]) for r in rows}
+    dp_batch = args.dp_batch_size or args.batch_size
+    dp_lr = args.dp_lr or args.lr
+
+    def row_key(setting: str, rounds: object, batch: object, lr: object
+                ) -> tuple[object, ...]:
+        """What makes a row distinct: a DP setting run with other rounds, DP batch or DP
+        learning rate is another row (so a schedule search adds rows); a non-DP training
+        row depends on the rounds only; zero-shot and the step ratio on nothing."""
+        if setting == "zero-shot" or setting.startswith("DP step"):
+            return (setting,)
+        return (setting, rounds, batch, lr) if "DP eps" in setting else (setting, rounds)
+
+    done = {row_key(str(r["setting"]), r.get("rounds"), r.get("dp_batch"), r.get("dp_lr"))
+            for r in rows}
 
     def record(row: dict[str, object]) -> None:
         rows.append(row)
@@ -102,9 +115,6 @@ def main() -> None:
                 "eval_seconds": round(time.perf_counter() - t0, 1),
                 "model": args.model, "rows": len(train), "partners": args.partners,
                 "rounds": args.rounds, "dp_batch": dp_batch, "dp_lr": dp_lr})
-
-    dp_batch = args.dp_batch_size or args.batch_size
-    dp_lr = args.dp_lr or args.lr
 
     def local(tensors: dict, sigma: float, dp: bool, epochs: float) -> None:
         train_dp(model, tensors, noise_multiplier=sigma, max_grad_norm=1.0,
@@ -184,15 +194,17 @@ def main() -> None:
         else:
             raise SystemExit(f"--only: unknown setting {key!r}")
     for name, run in plan:
-        if name in done:
+        if row_key(name, args.rounds, dp_batch, dp_lr) in done:
             print(f"{name}: already in {out}", flush=True)
             continue
         run(name)
 
-    print("\n| setting | perplexity | BLEU | ROUGE-L | train s |\n|---|---|---|---|---|")
+    print("\n| setting | rounds (epochs) | DP batch | DP lr | perplexity | BLEU | ROUGE-L "
+          "| train s |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "perplexity" in r:
-            print(f"| {r['setting']} | {r['perplexity']:.2f} | {r['bleu']:.1f} | "
+            print(f"| {r['setting']} | {r.get('rounds')} | {r.get('dp_batch')} | "
+                  f"{r.get('dp_lr')} | {r['perplexity']:.2f} | {r['bleu']:.1f} | "
                   f"{r['rouge_l']:.1f} | {r['train_seconds']} |")
     for r in rows:
         if "ratio" in r:
