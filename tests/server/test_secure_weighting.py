@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from confide.clients.local_round import _simulation_partitions
 from confide.config import build_config
 from confide.server.federation import Federation
+from confide.task import federated_data
 from tests.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -28,7 +28,7 @@ def final_weights(out: Path, **settings: object) -> tuple[dict[str, np.ndarray],
     fed = Federation.open(InProcessGrid(3), cfg, out)
     before = {k: v.copy() for k, v in fed.global_state.items()}
     assert fed.run()["rounds_completed"] == 1
-    rows = [len(part) for part in _simulation_partitions(cfg)]
+    rows = [len(part) for part in federated_data(cfg).partitions]
     return {k: v.astype(np.float64) - before[k] for k, v in fed.global_state.items()}, rows
 
 
