@@ -84,10 +84,15 @@ def acknowledged_receipts(message: Message) -> set[str] | None:
     return {str(a) for a in json.loads(str(message.content[RECORDED][ACKNOWLEDGED]))}
 
 
+def reported_num_examples(reply: Message) -> object:
+    """What a node's reply reports as NUM_EXAMPLES in its metrics, as sent (None if absent)."""
+    return reply.content[METRICS].get(NUM_EXAMPLES) if METRICS in reply.content else None
+
+
 def reported_rows(reply: Message) -> float | None:
     """The training rows a node's reply reports (its metrics' NUM_EXAMPLES, the weight of
     its update in the mean), or None unless that is a positive finite number."""
-    rows = reply.content[METRICS].get(NUM_EXAMPLES) if METRICS in reply.content else None
+    rows = reported_num_examples(reply)
     if isinstance(rows, bool) or not isinstance(rows, int | float) or not rows > 0 \
             or not math.isfinite(rows):
         return None

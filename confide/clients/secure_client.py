@@ -56,6 +56,7 @@ from confide.wire import (
     config_from_json,
     config_to_json,
     flatten,
+    reported_num_examples,
     reported_rows,
 )
 
@@ -87,8 +88,9 @@ def update_weight(cfg: RunConfig, plain: Message | None) -> float:
         return 1.0
     rows = reported_rows(plain)
     if rows is None:
-        raise SecAggValidationError(f"the training reply reports no positive {NUM_EXAMPLES} "
-                                    "to weight the update by")
+        raise SecAggValidationError(
+            f"the training reply reports no positive {NUM_EXAMPLES} "
+            f"({reported_num_examples(plain)!r}) to weight the update by")
     return rows
 
 

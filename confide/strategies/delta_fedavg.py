@@ -49,9 +49,9 @@ def validate_delta(delta: dict[str, np.ndarray], reference: dict[str, np.ndarray
 def reply_weight(reply: Message) -> float:
     weight = W.reported_rows(reply)
     if weight is None:
-        reported = reply.content[W.METRICS].get(W.NUM_EXAMPLES)
         raise UpdateRejected(f"update from node {reply.metadata.src_node_id}: "
-                             f"{W.NUM_EXAMPLES} = {reported!r} is not a positive number")
+                             f"{W.NUM_EXAMPLES} = {W.reported_num_examples(reply)!r} is not "
+                             "a positive number")
     return weight
 
 
