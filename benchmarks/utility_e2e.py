@@ -88,17 +88,15 @@ def main() -> None:
     dp_batch = args.dp_batch_size or args.batch_size
     dp_lr = args.dp_lr or args.lr
 
-    def row_key(setting: str, rounds: object, batch: object, lr: object
-                ) -> tuple[object, ...]:
-        """What makes a row distinct: a DP setting run with other rounds, DP batch or DP
-        learning rate is another row (so a schedule search adds rows); a non-DP training
-        row depends on the rounds only; zero-shot and the step ratio on nothing."""
-        if setting == "zero-shot" or setting.startswith("DP step"):
-            return (setting,)
-        return (setting, rounds, batch, lr) if "DP eps" in setting else (setting, rounds)
+    schedule = {"rounds": args.rounds, "dp_batch": dp_batch, "dp_lr": dp_lr}
+    # What makes a row distinct besides its setting: a DP row run with other rounds, DP
+    # batch or DP learning rate is another row (so a schedule search adds rows); a non-DP
+    # training row depends on the rounds only; zero-shot and the step ratio on nothing.
+    DP_ROW, TRAINED_ROW, FIXED_ROW = ("rounds", "dp_batch", "dp_lr"), ("rounds",), ()
 
-    done = {row_key(str(r["setting"]), r.get("rounds"), r.get("dp_batch"), r.get("dp_lr"))
-            for r in rows}
+    def measured(setting: str, keyed_by: tuple[str, ...]) -> bool:
+        return any(r["setting"] == setting and all(r.get(f) == schedule[f] for f in keyed_by)
+                   for r in rows)
 
     def record(row: dict[str, object]) -> None:
         rows.append(row)
@@ -114,7 +112,7 @@ def main() -> None:
                 "train_seconds": round(seconds, 1),
                 "eval_seconds": round(time.perf_counter() - t0, 1),
                 "model": args.model, "rows": len(train), "partners": args.partners,
-                "rounds": args.rounds, "dp_batch": dp_batch, "dp_lr": dp_lr})
+                **schedule})
 
     def local(tensors: dict, sigma: float, dp: bool, epochs: float) -> None:
         train_dp(model, tensors, noise_multiplier=sigma, max_grad_norm=1.0,
@@ -173,28 +171,29 @@ def main() -> None:
                 "ratio": round(times[True] / times[False], 3), "model": args.model})
 
     epsilons = [float(e) for e in args.epsilons.split(",")]
-    plan: list[tuple[str, Callable[[str], None]]] = []
+    plan: list[tuple[str, tuple[str, ...], Callable[[str], None]]] = []
     for key in args.only.split(","):
         kind, _, only_eps = key.partition(":")
         eps_list = [float(only_eps)] if only_eps else epsilons
         if kind == "zero-shot":
-            plan.append(("zero-shot", lambda name: evaluate(name, 0.0)))
+            plan.append(("zero-shot", FIXED_ROW, lambda name: evaluate(name, 0.0)))
         elif kind == "central":
-            plan.append(("central non-DP", lambda name: central(name, None)))
+            plan.append(("central non-DP", TRAINED_ROW, lambda name: central(name, None)))
         elif kind == "central-dp":
-            plan += [(f"central DP eps={e:g} (= shared noise)",
+            plan += [(f"central DP eps={e:g} (= shared noise)", DP_ROW,
                       lambda name, e=e: central(name, e)) for e in eps_list]
         elif kind == "fed":
-            plan.append(("federated non-DP", lambda name: federated(name, None)))
+            plan.append(("federated non-DP", TRAINED_ROW,
+                         lambda name: federated(name, None)))
         elif kind == "fed-dp":
-            plan += [(f"federated DP eps={e:g}", lambda name, e=e: federated(name, e))
-                     for e in eps_list]
+            plan += [(f"federated DP eps={e:g}", DP_ROW,
+                      lambda name, e=e: federated(name, e)) for e in eps_list]
         elif kind == "ratio":
-            plan.append(("DP step / non-DP step", step_ratio))
+            plan.append(("DP step / non-DP step", FIXED_ROW, step_ratio))
         else:
             raise SystemExit(f"--only: unknown setting {key!r}")
-    for name, run in plan:
-        if row_key(name, args.rounds, dp_batch, dp_lr) in done:
+    for name, keyed_by, run in plan:
+        if measured(name, keyed_by):
             print(f"{name}: already in {out}", flush=True)
             continue
         run(name)
