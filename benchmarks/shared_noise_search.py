@@ -88,7 +88,8 @@ def run(args: argparse.Namespace, batch: int, rounds: int, lr: float, clip: floa
     train = encode(subset(args.rows, args.seed), tok, args.max_length)
     dev = encode(read_text_file(SST2 / "dev.csv", num_labels=2), tok, args.max_length)
     model = build_model(ModelSpec(args.model, 2, fine_tune=args.fine_tune, seed=args.seed,
-                                  lora_rank=args.lora_rank, lora_targets=args.lora_targets))
+                                  lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+                                  lora_freeze_a=args.lora_freeze_a))
     n = len(train["labels"])
     q = min(1.0, batch / n)
     sigma = calibrate_noise(epsilon, 1e-5, q, rounds)
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace, batch: int, rounds: int, lr: float, clip: floa
             "epsilon": eps, "sigma": sigma, "q": q, "accuracy": curve[-1][1],
             "best": max(a for _, a in curve), "curve": curve, "model": args.model,
             "fine_tune": args.fine_tune, "lora_targets": args.lora_targets,
+            "lora_rank": args.lora_rank, "lora_freeze_a": args.lora_freeze_a,
             "seconds": time.perf_counter() - t0,
             "command": "python benchmarks/shared_noise_search.py " + " ".join(sys.argv[1:])}
 
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fine-tune", default="lora")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-targets", default="query,value")
+    p.add_argument("--lora-freeze-a", action="store_true", help="FFA-LoRA: train B only")
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--physical-batch-size", type=int, default=64)
