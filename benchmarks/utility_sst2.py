@@ -103,7 +103,8 @@ def _simulate(values: dict[str, object]) -> tuple[float, float | None]:
 
     _, summary = simulate(build_config(values))
     eps = summary["privacy"]["example_level"]
-    return summary["final_metrics"]["accuracy"], (max(eps.values()) if eps else None)
+    dp = summary["privacy"]["example_dp"] and eps
+    return summary["final_metrics"]["accuracy"], (max(eps.values()) if dp else None)
 
 
 def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: float | None

@@ -394,6 +394,9 @@ class Federation:
                               "loss": self.last_metrics.get("loss"),
                               **self._latest_task_metrics()},
             "privacy": {
+                # without example DP there is no example-level guarantee: the zeros below
+                # mean "no DP events", never "epsilon 0"; readers must check this first
+                "example_dp": self.cfg.example_dp,
                 "delta": self.cfg.delta,
                 "example_level": {p.pseudonym: p.epsilon for p in self.book.records.values()},
                 # The same events read by RDP: a looser second opinion, never the claim.

@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from confide import logs
 from confide.audit.report import write_report_after_run
@@ -118,10 +119,12 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
 
         def on_round(row: dict[str, Any]) -> None:
             eps = row["epsilon_example_level"]
-            worst = max(eps.values()) if eps else 0.0
+            # no example DP: no epsilon at all (printing 0.00 would claim perfect privacy)
+            privacy = (f"max eps {max(eps.values()) if eps else 0.0:.2f}" if cfg.example_dp
+                       else "example DP off")
             progress.update(task, advance=1, description=(
                 f"acc {row['accuracy']:.3f} loss {row['loss']:.3f} "
-                f"max eps {worst:.2f} aggregated {row['num_clients_aggregated']}"
+                f"{privacy} aggregated {row['num_clients_aggregated']}"
                 f"/{row['num_clients_sampled']}"))
 
         stop = StopRequest()
@@ -256,9 +259,11 @@ def final_table(out: Path, summary: dict[str, Any]) -> Group:
     for name in ("round", "accuracy", "loss", "agg.", "eps min-max", "client eps",
                  "bytes up"):
         rounds.add_column(name, justify="right", no_wrap=True)
+    priv = summary["privacy"]
+    example_dp = priv.get("example_dp", True)
     for r in rows:
         eps = list(r["epsilon_example_level"].values())
-        span = f"{min(eps):.2f}-{max(eps):.2f}" if eps else "-"
+        span = f"{min(eps):.2f}-{max(eps):.2f}" if eps and example_dp else "-"
         client = r.get("epsilon_client_level")
         rounds.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
                        f"{r['num_clients_aggregated']}/{r['num_clients_sampled']}", span,
@@ -272,7 +277,10 @@ def final_table(out: Path, summary: dict[str, Any]) -> Group:
                 f"round {r['round']}: perplexity {r['perplexity']:.2f}"
                 + (f", BLEU {r['bleu']:.1f}, ROUGE-L {r['rouge_l']:.1f}"
                    if r.get("bleu") is not None else "") for r in rows)
-    priv = summary["privacy"]
+    if not example_dp:
+        return Group(rounds, Text(
+            "Example-level DP is OFF (example-dp = false): this run gives the partners' "
+            "records no example-level guarantee, so there is no epsilon to report."))
     second = priv.get("example_level_rdp") or {}
     refused = {p: [str(r["round"]) for r in rows if p in r.get("refused", [])]
                for p in priv["example_level"]}

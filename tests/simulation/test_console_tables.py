@@ -52,6 +52,23 @@ def test_many_partners_get_a_summary_not_a_row_each(tmp_path: Path) -> None:
     assert "p-000000000003" in few
 
 
+def test_a_run_without_example_dp_shows_no_epsilon(tmp_path: Path) -> None:
+    """Its partners' accountants hold no events (epsilon 0.0 in the rows): printed, that
+    would read as perfect privacy where there is no guarantee at all."""
+    folder, summary = _run_folder(tmp_path, 4)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["epsilon_example_level"] = dict.fromkeys(r["epsilon_example_level"], 0.0)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary["privacy"]["example_dp"] = False
+    text = _render(final_table(folder, summary))
+    assert "0.00-0.00" not in text and "0.000" not in text
+    assert "Example-level DP is OFF" in text
+    assert "p-000000000003" not in text  # no per-partner epsilon rows
+    summary["privacy"]["example_dp"] = True
+    assert "0.00-0.00" in _render(final_table(folder, summary))
+
+
 def test_known_flower_and_ray_notices_are_filtered_and_nothing_else() -> None:
     import logging
     import warnings
