@@ -332,7 +332,7 @@ class Federation:
         self.rounds_completed = server_round
         self.last_metrics = row
         self.save_checkpoint()
-        log(INFO, "%s", round_line(row, self.cfg.rounds))
+        log(INFO, "%s", round_line(row, self.cfg.rounds, example_dp=self.cfg.example_dp))
         if self.on_round:
             self.on_round(row)
         crash_point("after-round", server_round, run_dir=self.folder.root)
@@ -476,8 +476,11 @@ class Federation:
         return summary
 
 
-def round_line(row: dict[str, Any], rounds: int) -> str:
-    """One line per finished round for the run's log (a deployed run's streamed log)."""
+def round_line(row: dict[str, Any], rounds: int, *, example_dp: bool) -> str:
+    """One line per finished round for the run's log (a deployed run's streamed log).
+
+    Without example DP the partners' accountants hold no events: their 0.0 is not an
+    epsilon, and the line says DP is off instead of printing it."""
     eps = row.get("epsilon_example_level") or {}
     def num(v: Any) -> str:
         return "n/a" if v is None else f"{float(v):.4f}"
@@ -491,7 +494,9 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     text += (f"accuracy {num(row.get('accuracy'))}, "
              f"loss {num(row.get('loss'))}, aggregated {row['num_clients_aggregated']}"
              f"/{row['num_clients_sampled']}")
-    if eps:
+    if not example_dp:
+        text += ", example-level DP off"
+    elif eps:
         text += (f", example-level epsilon max {max(eps.values()):.3f} ("
                  + ", ".join(f"{p} {e:.3f}" for p, e in sorted(eps.items())) + ")")
     if row.get("epsilon_client_level") is not None:
