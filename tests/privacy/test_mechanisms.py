@@ -36,6 +36,9 @@ from confide.privacy.secagg import DistributedDGAccountant
 V1 = json.loads((Path(__file__).parent / "data" / "v1_privacy_facts.json").read_text())
 NUMBERS = V1["numbers"]
 DELTA = V1["delta"]
+# PLD composes through FFTs whose last bits depend on the CPU's vector width (CI machines
+# differ from the one that wrote the numbers); RDP is closed-form and compared exactly
+PLD_REL = 1e-9
 
 SHARED = SharedNoiseSampledGaussian(NUMBERS["shared_effective_sigma"], 0.05, 1,
                                     noise_shares=NUMBERS["shared_m"], colluders=1,
@@ -143,7 +146,7 @@ def test_mixed_example_level_events_compose_to_the_previous_numbers() -> None:
                               SampledGaussian(1.3, 0.05, 0), SHARED,
                               SecureAggregationAbort("nothing unmasked"),
                               SampledGaussian(1.3, 1.0, 3)]
-    assert pld_epsilon(mixed, DELTA) == NUMBERS["mixed_pld"]
+    assert pld_epsilon(mixed, DELTA) == pytest.approx(NUMBERS["mixed_pld"], rel=PLD_REL)
     assert rdp_epsilon(mixed, DELTA) == NUMBERS["mixed_rdp"]
     assert pld_epsilon([SecureAggregationAbort("x"), SampledGaussian(1.0, 0.0, 9)], DELTA) == 0
     assert math.isinf(pld_epsilon([*mixed, SampledGaussian(0.0, 0.1, 1)], DELTA))
@@ -152,7 +155,7 @@ def test_mixed_example_level_events_compose_to_the_previous_numbers() -> None:
 
 def test_client_level_events_compose_to_the_previous_numbers() -> None:
     releases = [ClientLevelGaussian(s, 1.0, 10, 5, sample_rate=1.0) for s in (0.9, 1.1, 0.7)]
-    assert pld_epsilon(releases, DELTA) == NUMBERS["releases_pld"]
+    assert pld_epsilon(releases, DELTA) == pytest.approx(NUMBERS["releases_pld"], rel=PLD_REL)
     # the distributed discrete Gaussian, its first round aborted: the stateful accountant
     # of the server and the pure analysis of the audit give the recorded claims
     rounds = [DistributedDiscreteGaussian(1.3, 0.7, 6, 5, **NUMBERS["ddg_params"],
@@ -178,6 +181,6 @@ def test_a_partner_history_of_the_previous_version_loads_and_claims_the_same() -
     assert [s.round for s in acc.history] == [1, 2]
     local = [e["payload"] for e in V1["example_and_refusal"]
              if e["type"] == "example_dp" and "noise" not in e["payload"]]
-    assert acc.epsilon() == local[-1]["epsilon_claimed"]
+    assert acc.epsilon() == pytest.approx(local[-1]["epsilon_claimed"], rel=PLD_REL)
     replayed = NUMBERS["example_replay"][local[-1]["partner"]]
     assert acc.epsilon_rdp() == pytest.approx(replayed["rdp"][-1], rel=1e-9)
