@@ -190,6 +190,7 @@ def noise_for(cfg, q: float, total_steps: int) -> float:
 
 def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
     from confide.clients.dp_training import train_dp
+    from confide.clients.opacus_compat import resolve_grad_sample_mode
     from confide.encoding import encode
     from confide.model import (
         compute_delta,
@@ -208,6 +209,8 @@ def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
     parts = [sorted_by_length(encode(p, tok, cfg.max_length)) for p in data.partitions]
     dev = sorted_by_length(encode(data.evaluation, tok, cfg.max_length))
     model = build_model(model_spec(cfg, data.num_labels))
+    # as the ClientApp resolves it: 'auto' clips full fine-tuning without per-example copies
+    mode = resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune, model)
     global_state = dict(trainable_state(model))
     server = ServerOptimizer(cfg.server_optimizer, learning_rate=cfg.server_learning_rate,
                              momentum=cfg.server_momentum, beta2=cfg.server_beta2,
@@ -234,7 +237,7 @@ def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
                      learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                      head_learning_rate=cfg.head_learning_rate or None,
                      seed=cfg.seed * 100_003 + rnd * 1009 + pid, dp=cfg.example_dp,
-                     private_randomness=False, round_id=rnd)
+                     private_randomness=False, round_id=rnd, grad_sample_mode=mode)
             deltas.append(compute_delta(trainable_state(model), global_state))
             weights.append(float(n))
         total = sum(weights)
@@ -254,6 +257,7 @@ def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
 
 def run_central(recipe: dict[str, Any]) -> dict[str, Any]:
     from confide.clients.dp_training import train_dp
+    from confide.clients.opacus_compat import resolve_grad_sample_mode
     from confide.data import read_text_file
     from confide.encoding import encode
     from confide.model import load_tokenizer
@@ -277,7 +281,9 @@ def run_central(recipe: dict[str, Any]) -> dict[str, Any]:
              batch_size=cfg.batch_size, physical_batch_size=cfg.physical_batch_size,
              epochs=epochs, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
              weight_decay=cfg.weight_decay, head_learning_rate=cfg.head_learning_rate or None,
-             seed=cfg.seed, dp=cfg.example_dp, private_randomness=False)
+             seed=cfg.seed, dp=cfg.example_dp, private_randomness=False,
+             grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune,
+                                                       model))
     acc = evaluate(model, dev, 64)[0]
     return {"accuracy": acc, "accuracy_per_round": [acc], "partner_rows": [n],
             "sigma_min": sigma, "sigma_max": sigma, "q_min": q, "q_max": q,

@@ -39,6 +39,7 @@ import torch
 from sst2_subset import SST2, write_subset
 
 from confide.clients.dp_training import train_dp
+from confide.clients.opacus_compat import resolve_grad_sample_mode
 from confide.config import build_config
 from confide.data import read_text_file
 from confide.encoding import encode
@@ -81,7 +82,9 @@ def central(args: argparse.Namespace, train_file: Path, epsilon: float | None = 
              batch_size=args.central_dp_batch, physical_batch_size=16,
              epochs=args.central_dp_epochs, optimizer=args.optimizer,
              learning_rate=args.central_dp_lr, seed=args.seed, dp=True,
-             head_learning_rate=args.central_dp_head_lr or None)
+             head_learning_rate=args.central_dp_head_lr or None,
+             # as the ClientApp resolves 'auto': full fine-tuning clips without hooks
+             grad_sample_mode=resolve_grad_sample_mode("auto", args.fine_tune, model))
     return evaluate(model, dev, 64)[0], epsilon
 
 
