@@ -118,8 +118,9 @@ def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: fl
         "local-epochs": args.local_epochs, "optimizer": args.optimizer,
         "learning-rate": args.lr, "max-grad-norm": args.clip, "head-learning-rate": args.head_lr,
         "server-optimizer": args.server_optimizer, "server-learning-rate": args.server_lr,
-        "server-momentum": args.server_momentum,
     }
+    if args.server_momentum is not None:  # else the mode's default (LOCAL_NOISE_DEFAULTS)
+        values["server-momentum"] = args.server_momentum
     if epsilon is None:
         values["example-dp"] = False
     else:
@@ -207,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--server-optimizer", default="sgd")
     p.add_argument("--server-lr", type=float, default=1.0)
-    p.add_argument("--server-momentum", type=float, default=0.0)
+    p.add_argument("--server-momentum", type=float, default=None,
+                   help="default: what the product chooses (local-noise DP: "
+                        "confide.config.LOCAL_NOISE_DEFAULTS; non-DP: 0)")
     p.add_argument("--central-batch", type=int, default=32)
     p.add_argument("--central-epochs", type=float, default=3.0)
     p.add_argument("--central-dp-batch", type=int, default=256,
