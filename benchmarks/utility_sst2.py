@@ -119,7 +119,7 @@ def federated(args: argparse.Namespace, train_file: Path, out: Path, epsilon: fl
         "learning-rate": args.lr, "max-grad-norm": args.clip, "head-learning-rate": args.head_lr,
         "server-optimizer": args.server_optimizer, "server-learning-rate": args.server_lr,
     }
-    if args.server_momentum is not None:  # else the mode's default (LOCAL_NOISE_DEFAULTS)
+    if args.server_momentum is not None:  # else what a user gets
         values["server-momentum"] = args.server_momentum
     if epsilon is None:
         values["example-dp"] = False
@@ -209,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-optimizer", default="sgd")
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--server-momentum", type=float, default=None,
-                   help="default: what the product chooses (local-noise DP: "
-                        "confide.config.LOCAL_NOISE_DEFAULTS; non-DP: 0)")
+                   help="server momentum of the federated rows (default: the product's)")
     p.add_argument("--central-batch", type=int, default=32)
     p.add_argument("--central-epochs", type=float, default=3.0)
     p.add_argument("--central-dp-batch", type=int, default=256,

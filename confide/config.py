@@ -222,8 +222,7 @@ class RunConfig:
         "FedYogi; post-processing: free in privacy)")
     server_momentum: float = option(
         0.0, "0 <= x < 1", _range(0, 1, hi_open=True),
-        "server momentum: heavy-ball for sgd (FedAvgM), beta1 for adam/yogi; unset with "
-        "local-noise example DP and sgd: 0.5 (LOCAL_NOISE_DEFAULTS)")
+        "server momentum: heavy-ball for sgd (FedAvgM), beta1 for adam/yogi")
     server_beta2: float = option(
         0.99, "0 <= x < 1", _range(0, 1, hi_open=True), "second-moment decay of server adam/yogi")
     server_tau: float = option(
@@ -430,24 +429,6 @@ SHARED_NOISE_DEFAULTS: dict[str, Any] = {
 }
 
 
-# Defaults of the local-noise mode (example DP, each partner noising its own update) where
-# they differ from the plain defaults: heavy-ball momentum on the averaged noisy deltas
-# (FedAvgM; post-processing, free in privacy). SST-2, 3,000 rows, 10 partners, epsilon 8:
-# better on 4 of 5 seeds (mean 70.3% -> 74.0%), +5.2 points at epsilon 3 and +4.5 at 20,000
-# rows (benchmarks/results/dp_recipe_search.md, "Server momentum"). Only with the sgd server
-# step (for adam/yogi the key is beta1) and without client-level noise (not measured there).
-LOCAL_NOISE_DEFAULTS: dict[str, Any] = {"server-momentum": 0.5}
-
-
-def _takes_local_noise_defaults(kwargs: Mapping[str, Any]) -> bool:
-    def value(name: str) -> Any:
-        return kwargs.get(name, SCHEMA[name.replace("_", "-")].default)
-
-    return (value("example_dp") and value("example_dp_noise") == "local"
-            and value("server_optimizer") == "sgd"
-            and not value("client_dp") and not value("distributed_dp"))
-
-
 def _auto_example_dp_noise(kwargs: Mapping[str, Any]) -> str:
     """What `example-dp-noise = 'auto'` means for these settings.
 
@@ -484,9 +465,6 @@ def build_config(values: Mapping[str, Any]) -> RunConfig:
         # Choosing the mode alone gives a well-tuned run: its measured defaults fill every
         # key the caller did not set (what is set explicitly wins; config.toml records all).
         for key, value in SHARED_NOISE_DEFAULTS.items():
-            kwargs.setdefault(key.replace("-", "_"), value)
-    elif _takes_local_noise_defaults(kwargs):
-        for key, value in LOCAL_NOISE_DEFAULTS.items():
             kwargs.setdefault(key.replace("-", "_"), value)
     return RunConfig(**kwargs)
 
@@ -528,7 +506,7 @@ def from_run_config(record: Mapping[str, Any]) -> RunConfig:
     values = {k.replace("_", "-"): v for k, v in record.items()
               if k.replace("_", "-") in SCHEMA}
     defaults = declared_defaults()  # what pyproject_table() writes as the app's defaults
-    for key in {**SHARED_NOISE_DEFAULTS, **LOCAL_NOISE_DEFAULTS}:
+    for key in SHARED_NOISE_DEFAULTS:
         if key in values and values[key] == defaults[key]:
             del values[key]
     return build_config(values)

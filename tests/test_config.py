@@ -4,7 +4,6 @@ import pytest
 
 from confide.cli import main, resolve_config
 from confide.config import SCHEMA, ConfigError, RunConfig, build_config, load_toml
-from confide.strategies.server_optimizer import ServerOptimizer
 
 
 def test_defaults_validate_and_roundtrip_through_toml(tmp_path: Path) -> None:
@@ -182,30 +181,6 @@ def test_shared_noise_mode_brings_its_measured_defaults_and_explicit_keys_win() 
     assert build_config({}).rounds == RunConfig().rounds
 
 
-def test_local_noise_mode_brings_server_momentum_only_where_it_was_measured() -> None:
-    from confide.config import LOCAL_NOISE_DEFAULTS
-
-    momentum = LOCAL_NOISE_DEFAULTS["server-momentum"]
-    assert momentum > 0
-    local = build_config({})
-    assert (local.example_dp_noise, local.server_optimizer) == ("local", "sgd")
-    assert local.server_momentum == momentum
-    assert not ServerOptimizer("sgd", momentum=local.server_momentum).stateless
-    # explicit keys win, 0 included (plain FedAvg on request)
-    assert build_config({"server-momentum": 0.0}).server_momentum == 0.0
-    assert build_config({"server-momentum": 0.9}).server_momentum == 0.9
-    # where it was not measured the plain default stays: no example DP, client-level noise,
-    # another server step (for adam/yogi the key is beta1), and the shared mode has its own
-    plain = RunConfig().server_momentum
-    for other in ({"example-dp": False}, {"client-dp": True},
-                  {"secure-aggregation": True, "distributed-dp": True},
-                  {"server-optimizer": "adam"}, {"server-optimizer": "yogi"}):
-        assert build_config(other).server_momentum == plain, other
-    assert build_config({"secure-aggregation": True}).server_momentum != momentum
-    # config.toml records the value the run used
-    assert local.to_dict()["server-momentum"] == momentum
-
-
 def test_auto_noise_is_shared_with_secure_aggregation_and_local_otherwise() -> None:
     from confide.config import SHARED_NOISE_DEFAULTS
 
@@ -236,5 +211,4 @@ def test_deployed_run_config_gets_the_mode_defaults_for_keys_left_at_the_app_def
     assert shared.batch_size == SHARED_NOISE_DEFAULTS["batch-size"]
     mine = from_run_config({**app, "secure-aggregation": True, "rounds": 7})
     assert mine.rounds == 7  # changed by the user: wins
-    assert from_run_config(app) == build_config({})  # local mode: its defaults, as locally
-    assert from_run_config({**app, "server-momentum": 0.9}).server_momentum == 0.9
+    assert from_run_config(app) == build_config({})  # local mode: the app defaults as they are
