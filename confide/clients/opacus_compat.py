@@ -145,25 +145,6 @@ def make_opacus_ready(model: nn.Module,
     return wrapper
 
 
-def forward_batch(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a batch dict {input_ids, attention_mask[, labels]} through any model.
-
-    `module` is an `ExplicitInputsClassifier` (possibly inside a GradSampleModule) or a bare
-    HF model; in the latter case the explicit ids are added here.
-    """
-    if isinstance(_unwrap(module), ExplicitInputsClassifier):
-        return module(batch["input_ids"], batch["attention_mask"])
-    position_ids, token_type_ids = explicit_position_inputs(batch["input_ids"])
-    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=position_ids, token_type_ids=token_type_ids)
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    inner = getattr(module, "_module", None)
-    return inner if isinstance(inner, nn.Module) else module
-
-
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

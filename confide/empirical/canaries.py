@@ -131,14 +131,6 @@ class CanaryAuditResult:
                for r in counts]
         return [*out, (CONTROL, 0, [s for s in self.secrets if s.kind == CONTROL])]
 
-    def mean_exposure(self, kind: str, repeats: int | None = None,
-                      extrapolated: bool = False) -> float:
-        chosen = [s for s in self.secrets if s.kind == kind
-                  and (repeats is None or s.repeats == repeats)]
-        key = "extrapolated_exposure" if extrapolated else "rank_exposure"
-        return float(np.mean([getattr(s, key) for s in chosen]))
-
-
 # -- insertion ------------------------------------------------------------------------------
 
 def insert_rows(data: Any, rows: Sequence[tuple[str, str]], repeats: Sequence[int],

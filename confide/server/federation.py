@@ -15,8 +15,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -62,7 +61,7 @@ from confide.server.recovery import (
 from confide.server.run_folder import RunFolder
 from confide.server.secure_round import SecureRounds, is_simulation
 from confide.strategies.client_level_dp import ClientLevelDp
-from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy
+from confide.strategies.delta_fedavg import DeltaFedAvg
 from confide.strategies.server_optimizer import ServerOptimizer
 from confide.task import federated_data, model_spec
 from confide.tasks import build_model, get_task
@@ -504,10 +503,6 @@ def round_line(row: dict[str, Any], rounds: int, *, example_dp: bool) -> str:
     if row.get("refused"):
         text += f", refused (budget): {', '.join(row['refused'])}"
     return text
-
-
-def np_state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return arrays_to_numpy(record)
 
 
 def aggregation_state(state: dict[str, Any]) -> dict[str, Any]:

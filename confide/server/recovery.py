@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,10 +114,6 @@ def describe_checkpoint(folder: RunFolder) -> str:
         return f"after round {int(state['round'])}"
     except (OSError, ValueError, KeyError):
         return "from its last checkpoint"
-
-
-def resume_hint(out: Path) -> str:
-    return f"confide simulate ... --out {out} --resume (with the same settings)"
 
 
 class StopRequest:

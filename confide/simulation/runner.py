@@ -36,23 +36,6 @@ from confide.simulation import ray_cluster
 from confide.task import federated_data, model_spec
 
 
-def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Flower's backend configuration for a Ray instance of this process (see
-    confide.simulation.ray_cluster for an existing cluster)."""
-    return ray_cluster.backend_config(cfg)
-
-
-# the known notices live in confide.logs (shared with the deployed processes)
-KNOWN_FLWR_NOISE = logs.KNOWN_FLWR_NOISE
-KNOWN_RAY_WARNING = logs.KNOWN_RAY_WARNING
-_DropKnown = logs.DropKnown
-
-
-def quiet_known_messages() -> None:
-    """Filter exactly the known, run-independent notices of Flower, Ray, torch and Opacus."""
-    logs.quiet_known_messages()
-
-
 def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = False,
              ray_address: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Run `cfg` in Flower's simulation engine: on a Ray instance of this process, or on
@@ -98,7 +81,7 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
             raise PreflightRefused(refusal_message(report))  # before Ray: nothing spent
         show_preflight(console, report)
     if not verbose:
-        quiet_known_messages()
+        logs.quiet_known_messages()
     address = ray_cluster.resolve_address(ray_address)
     cluster = None
     if address is not None:

@@ -73,7 +73,7 @@ def test_known_flower_and_ray_notices_are_filtered_and_nothing_else() -> None:
     import logging
     import warnings
 
-    from confide.simulation.runner import quiet_known_messages
+    from confide.logs import quiet_known_messages
 
     quiet_known_messages()
     seen: list[str] = []

@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import numpy as np
-
 from .prg import PURPOSE_GRAPH, keystream
 
 
@@ -72,14 +70,3 @@ def neighbour_graph(
             nbrs[u].add(v)
             nbrs[v].add(u)
     return {u: frozenset(s) for u, s in nbrs.items()}
-
-
-def adjacency_matrix(graph: dict[int, frozenset[int]]) -> np.ndarray:
-    """Dense 0/1 adjacency (tests and diagnostics)."""
-    ids = sorted(graph)
-    index = {u: i for i, u in enumerate(ids)}
-    a = np.zeros((len(ids), len(ids)), dtype=np.int8)
-    for u, vs in graph.items():
-        for v in vs:
-            a[index[u], index[v]] = 1
-    return a

@@ -88,17 +88,6 @@ class ChaChaStream:
             self._enc.update_into(zeros, out)  # type: ignore[arg-type]  # as in keystream()
         return out.view("<u4")
 
-    def uniform_open0(self, size: int) -> np.ndarray:
-        """Uniform float64 on (0, 1] with 53-bit resolution: k/2^53 for k in 1..2^53.
-
-        Open at 0 so that ``log`` is always finite (used by the geometric sampler).
-        """
-        return ((self.uint64(size) >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * 2.0**-53
-
-    def uniform01(self, size: int) -> np.ndarray:
-        """Uniform float64 on [0, 1) with 53-bit resolution."""
-        return (self.uint64(size) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
     def bits(self, size: int) -> np.ndarray:
         """``size`` independent fair bits as a bool array."""
         raw = self.uint64((size + 63) // 64)
