@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from confide.config import ConfigError, RunConfig, build_config, load_toml, parse_set_items
+from confide.config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    load_toml,
+    normalise_key,
+    parse_set_items,
+)
 
 # flag -> config key; each flag is a shortcut for --set key=value
 SIMULATE_FLAGS: dict[str, str] = {
@@ -30,8 +37,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Config file, then --set, then the named flags (later wins); validated once."""
     values: dict[str, Any] = {}
     if args.config:
-        values.update(load_toml(Path(args.config)))
-    set_items = parse_set_items(args.set or [])
+        # keys normalised here, so that --set and the flags override the file's spelling
+        values.update({normalise_key(k): v for k, v in load_toml(Path(args.config)).items()})
+    set_items = {normalise_key(k): v for k, v in parse_set_items(args.set or []).items()}
     values.update(set_items)
     named: dict[str, tuple[str, Any]] = {}
     for flag, key in SIMULATE_FLAGS.items():

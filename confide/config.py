@@ -194,6 +194,11 @@ class RunConfig:
         "hard per-partner budget: a node refuses a round that would pass it")
     delta: float = option(
         1e-5, "0 < x < 1", _range(0, 1, lo_open=True, hi_open=True), "delta of (epsilon, delta)-DP")
+    allow_large_delta: bool = option(
+        False, "true or false", _any,
+        "accept delta >= 1/(rows of the smallest partner), which is refused otherwise (one "
+        "published record could meet such a guarantee); every statement of the guarantee "
+        "then says so")
     max_grad_norm: float = option(1.0, "x > 0", _range(0, lo_open=True), "per-sample clip norm")
     grad_sample_mode: str = option(
         "auto", "'auto', 'hooks', 'ghost' or 'bookkeeping'",
@@ -445,20 +450,44 @@ def _auto_example_dp_noise(kwargs: Mapping[str, Any]) -> str:
     return "shared" if shared else "local"
 
 
-def build_config(values: Mapping[str, Any]) -> RunConfig:
-    """Validate kebab-case (or snake_case) keys and build a RunConfig.
+def normalise_key(raw_key: str) -> str:
+    """The one rule for spelling a key: case and `_` / `-` do not matter
+    (`Target_Epsilon`, `target_epsilon` and `target-epsilon` are one key)."""
+    return str(raw_key).strip().lower().replace("_", "-")
 
-    Unknown keys are an error naming the key (a typo must not silently fall back to a
-    default, least of all for a privacy parameter).
+
+def did_you_mean(key: str) -> list[str]:
+    """Known keys close to an unknown one: similar spelling, or the same first word."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(SCHEMA), n=3, cutoff=0.75)
+    same_start = [k for k in SCHEMA if k.split("-")[0] == key.split("-")[0]]
+    return list(dict.fromkeys([*close, *same_start]))
+
+
+def build_config(values: Mapping[str, Any]) -> RunConfig:
+    """Validate the keys (spelt any way `normalise_key` accepts) and build a RunConfig.
+
+    Unknown keys are an error naming the key and the known keys it resembles (a typo must
+    not silently fall back to a default, least of all for a privacy parameter); one key
+    spelt two ways with different values is an error too.
     """
     kwargs: dict[str, Any] = {}
+    spelt: dict[str, str] = {}  # key -> how it was spelt
     for raw_key, value in values.items():
-        key = raw_key.replace("_", "-")
+        key = normalise_key(raw_key)
         if key not in SCHEMA:
-            close = [k for k in SCHEMA if k.split("-")[0] == key.split("-")[0]]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            close = did_you_mean(key)
+            hint = f" (did you mean {', '.join(close)}?)" if close else \
+                " (python -m confide.config lists every key)"
             raise ConfigError(f"unknown configuration key {raw_key!r}{hint}")
-        kwargs[key.replace("-", "_")] = _coerce(key, value)
+        coerced = _coerce(key, value)
+        name = key.replace("-", "_")
+        if name in kwargs and kwargs[name] != coerced:
+            raise ConfigError(f"{key} is given twice with different values: "
+                              f"{spelt[key]} = {kwargs[name]!r} and {raw_key} = {coerced!r}; "
+                              "give it once")
+        kwargs[name], spelt[key] = coerced, str(raw_key)
     if kwargs.get("example_dp_noise", "auto") == "auto":
         kwargs["example_dp_noise"] = _auto_example_dp_noise(kwargs)
     if kwargs["example_dp_noise"] == "shared":
