@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from confide.privacy import crash_points
 from confide.privacy import ledger_events as ev
 from confide.run_layout import canonical_json
 
@@ -277,6 +276,10 @@ class Ledger:
         self._prev_hash = prev_hash
         self._entries = entries
         self._lock = threading.Lock()
+        # A seam for fault injection (the server's crash points), called before each line is
+        # written with the entry's type, its round and a function that writes part of the
+        # line durably (what a dying process gets out); None: nothing is injected.
+        self.before_write: Callable[[str, int, Callable[[], None]], None] | None = None
         self._fh = open(path, "ab")  # noqa: SIM115 -- held for the writer's lifetime
         try:
             # A second server process appending to the same file would fork the chain.
@@ -374,19 +377,19 @@ class Ledger:
             entry["entry_hash"] = entry_hash_of(entry)
             entry["signature"] = self._key.sign(bytes.fromhex(entry["entry_hash"])).hex()
             line = canonical_json(entry) + b"\n"
-            if crash_points.armed("ledger-append", _round_of(body), detail=kind,
-                                  run_dir=self.path.parent):
-                self._fh.write(line[: len(line) // 2])  # the part a dying process got out
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-                crash_points.die("ledger-append", _round_of(body))
-            self._fh.write(line)  # one write of one whole line
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            if self.before_write is not None:
+                self.before_write(kind, _round_of(body),
+                                  lambda: self._write_durably(line[: len(line) // 2]))
+            self._write_durably(line)  # one write of one whole line
             self._entries.append(entry)
             self._next_index += 1
             self._prev_hash = entry["entry_hash"]
             return entry
+
+    def _write_durably(self, data: bytes) -> None:
+        self._fh.write(data)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
 
     def close(self) -> None:
         with self._lock:

@@ -37,16 +37,12 @@ from confide.privacy.accountant import (
     PLD,
     RDP,
 )
-from confide.privacy.crash_points import (  # noqa: F401  (re-exported for tests)
-    CRASH_AFTER_ROUND_ENV,
-    CRASH_RUN_DIR_ENV,
-    crash_point,
-)
 from confide.privacy.ledger import Ledger, LedgerError
 from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal_message
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.secagg.shared_noise import delta_with_slack
 from confide.server.aggregation import RoundAggregation
+from confide.server.faults import crash_point, ledger_crash_point
 from confide.server.partners import PartnerBook
 from confide.server.plain_round import PlainRounds
 from confide.server.recovery import (
@@ -168,6 +164,7 @@ class Federation:
         fed.run_preflight()  # before the run folder and ledger exist: nothing is spent
         fed.folder.create(fed.cfg)
         fed.ledger = Ledger.create(fed.folder.ledger, fed.folder.ledger_signing_key())
+        fed.ledger.before_write = ledger_crash_point(fed.folder.root)
         fed.ledger.append(E.RUN_STARTED, E.RunStarted(
             config=fed.cfg.to_dict(), config_digest=fed.cfg.digest(),
             code_version=confide.__version__,
@@ -232,6 +229,7 @@ class Federation:
         try:  # the whole chain verifies before anything is written (a torn tail aside)
             self.ledger = Ledger.open(self.folder.ledger, self.folder.ledger_signing_key(),
                                       repair_torn_tail=True)
+            self.ledger.before_write = ledger_crash_point(self.folder.root)
         except LedgerError as exc:
             raise ResumeRefused(f"cannot resume {self.folder.root}: {exc}. Nothing was "
                                 "changed; `confide audit verify` names every problem") from None

@@ -13,8 +13,8 @@ from flwr.app import ConfigRecord
 from confide import wire as W
 from confide.privacy import ledger_events as E
 from confide.privacy.accountant import PLD
-from confide.privacy.crash_points import crash_point
 from confide.server.aggregation import RoundOutcome
+from confide.server.faults import crash_point
 from confide.server.partners import check_any_trained, check_budget_left
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg, arrays_to_numpy

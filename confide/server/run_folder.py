@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file, save_file
 
 from confide.config import RunConfig
-from confide.privacy.crash_points import crash_point
 from confide.run_layout import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -34,6 +33,7 @@ from confide.run_layout import (
     WEIGHTS_FILE,
     atomic_write_text,
 )
+from confide.server.faults import crash_point
 
 OPTIMIZER_PREFIX = "server_optimizer_round"
 

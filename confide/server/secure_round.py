@@ -45,7 +45,6 @@ from flwr.common.logger import log
 from confide import wire as W
 from confide.config import ConfigError
 from confide.privacy import ledger_events as E
-from confide.privacy.crash_points import crash_point
 from confide.privacy.mechanisms import SecureAggregationAbort
 from confide.privacy.secagg import (
     AdvertiseKeys,
@@ -66,6 +65,7 @@ from confide.privacy.secagg.ddg_accounting import ddg_mechanism
 from confide.privacy.secagg.masking import reduce_mod
 from confide.privacy.secagg.shared_noise import SharedNoiseConfig, decode_sum
 from confide.server.aggregation import RoundOutcome
+from confide.server.faults import crash_point
 from confide.server.partners import check_budget_left
 from confide.server.recovery import EveryPartnerFailed
 from confide.strategies.delta_fedavg import arrays_to_numpy

@@ -35,7 +35,7 @@ import pytest
 from confide.cli import main as confide_main
 from confide.clients.node_state import STATE_FILE, NodeState
 from confide.data import synthetic_sentiment
-from confide.server.federation import CRASH_AFTER_ROUND_ENV, CRASH_RUN_DIR_ENV
+from confide.server.faults import CRASH_AFTER_ROUND_ENV, CRASH_RUN_DIR_ENV
 
 HAS_SECURE_ROUND = importlib.util.find_spec("confide.server.secure_round") is not None
 PARTNERS = ("alpha", "beta", "gamma")

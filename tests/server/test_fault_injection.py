@@ -4,7 +4,7 @@ stage of a round, is resumed, and the run is checked against an uninterrupted on
 Each federation runs in a forked child (the in-process grid, no Ray: a run takes seconds),
 with its partners' state on disk (`state_root`, as deployed partners keep it across server
 restarts); the child is armed with `CONFIDE_CRASH_AT=stage:round[:entry type]`
-(confide.privacy.crash_points). After the crash the same configuration is resumed in a new
+(confide.server.faults). After the crash the same configuration is resumed in a new
 child, and the run folder must show:
   - the ledger verifies (`verify_run(out).ok`);
   - metrics.jsonl has rounds exactly [1..R], and each round is completed once in the final
@@ -38,7 +38,6 @@ from confide.clients.node_state import STATE_FILE, NodeState
 from confide.config import build_config
 from confide.privacy import ledger_events as E
 from confide.privacy.accountant import PartnerAccountant, epsilon_of
-from confide.privacy.crash_points import CRASH_AT_ENV, CRASH_EXIT_CODE
 from confide.privacy.ledger import (
     canonical_json,
     entry_hash_of,
@@ -46,6 +45,7 @@ from confide.privacy.ledger import (
     read_lines,
 )
 from confide.privacy.mechanisms import SampledGaussian
+from confide.server.faults import CRASH_AT_ENV, CRASH_EXIT_CODE
 from confide.server.federation import Federation
 from tests.inprocess import InProcessGrid
 

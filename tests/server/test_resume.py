@@ -14,7 +14,7 @@ import pytest
 from confide.audit.verify import verify_run
 from confide.privacy.accountant import pld_epsilon
 from confide.privacy.mechanisms import SampledGaussian
-from confide.server.federation import CRASH_AFTER_ROUND_ENV
+from confide.server.faults import CRASH_AFTER_ROUND_ENV
 
 ARGS = ["--model", "tiny", "--clients", "2", "--rounds", "2", "--fine-tune", "lora",
         "--set", "max-length=16", "--set", "noise-multiplier=1.1", "--set", "batch-size=16",

@@ -16,13 +16,16 @@ Stages (where they are consulted):
     ledger-append     ledger: part of an entry's line is written (detail: the entry type)
     after-round       federation: the round is complete and checkpointed
 
-It lives in the privacy core because the ledger (a core) has a crash point of its own.
+The ledger lives in the privacy core, which knows nothing of fault injection: it offers a
+hook before each write (`Ledger.before_write`), and the server plugs `ledger_crash_point`
+into it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 CRASH_AT_ENV = "CONFIDE_CRASH_AT"
@@ -65,3 +68,15 @@ def crash_point(stage: str, round_: int, *, detail: str = "",
                 run_dir: Path | None = None) -> None:
     if armed(stage, round_, detail=detail, run_dir=run_dir):
         die(stage, round_)
+
+
+def ledger_crash_point(run_dir: Path) -> Callable[[str, int, Callable[[], None]], None]:
+    """The ledger's `before_write` hook for the run in `run_dir`: at an armed
+    `ledger-append:round:entry type`, get part of the entry's line out, then die."""
+
+    def before_write(kind: str, round_: int, write_part: Callable[[], None]) -> None:
+        if armed("ledger-append", round_, detail=kind, run_dir=run_dir):
+            write_part()
+            die("ledger-append", round_)
+
+    return before_write
