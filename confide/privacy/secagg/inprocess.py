@@ -2,7 +2,9 @@
 
 Messages go through ``to_bytes()``/``from_bytes()`` when ``serialize=True``, exactly as a
 transport adapter would carry them. ``drop`` maps a stage name to the client ids that fall
-silent at that stage (they send nothing from then on).
+silent at that stage (they send nothing from then on). ``identities``: each client's
+Ed25519 identity; given, every client runs the authenticated protocol with the roster of
+all of them (:mod:`.identity`), including the consistency round after a masked-input dropout.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .config import SecAggConfig
+from .identity import Roster, raw_public
 from .messages import (
     STAGE_ADVERTISE,
+    STAGE_CONSISTENCY,
     STAGE_MASKED_INPUT,
     STAGE_SHARE,
     STAGE_UNMASK,
@@ -57,13 +62,18 @@ def run_round(
     serialize: bool = True,
     trace: RoundTrace | None = None,
     encoded: Mapping[int, np.ndarray] | None = None,
+    identities: Mapping[int, Ed25519PrivateKey] | None = None,
 ) -> tuple[SecAggResult, SecAggServer]:
     """``encoded``: per client, a ring vector encoded by the caller (shared-noise mode);
     it replaces that client's update."""
     dropping = {k: set(v) for k, v in (drop or {}).items()}
     trace = trace if trace is not None else RoundTrace()
     server = SecAggServer(config, round_number)
-    clients = {cid: SecAggClient(config, cid, round_number) for cid in updates}
+    roster = None if identities is None else Roster(
+        frozenset(raw_public(k) for k in identities.values()))
+    clients = {cid: SecAggClient(config, cid, round_number,
+                                 identity=None if identities is None else identities[cid],
+                                 roster=roster) for cid in updates}
     gone: set[int] = set()
 
     def alive(stage: str) -> list[int]:
@@ -98,6 +108,13 @@ def run_round(
         t0 = time.perf_counter()
         server.receive(wired)
         trace.add("server sum masked inputs", time.perf_counter() - t0)
+    consistency = server.consistency_request()
+    if consistency is not None:
+        consistency = _wire(consistency, serialize, trace)
+        for cid in alive(STAGE_CONSISTENCY):
+            if cid in consistency.survivors:
+                server.receive(_wire(clients[cid].consistency_vote(consistency), serialize,
+                                     trace, cid))
     unmask = _wire(server.unmask_request(), serialize, trace)
 
     for cid in alive(STAGE_UNMASK):

@@ -30,6 +30,7 @@ SERVER_ID = 0
 STAGE_ADVERTISE = "advertise_keys"
 STAGE_SHARE = "share_keys"
 STAGE_MASKED_INPUT = "masked_input"
+STAGE_CONSISTENCY = "consistency"
 STAGE_UNMASK = "unmask"
 
 _REGISTRY: dict[str, type[Message]] = {}
@@ -123,19 +124,22 @@ def _read_map(blobs: dict[str, bytes], prefix: str) -> dict[int, bytes]:
 
 @dataclass(frozen=True)
 class AdvertiseKeys(Message):
-    """Stage 0, client -> server: the client's two public keys for this round."""
+    """Stage 0, client -> server: the client's two public keys for this round, signed with
+    its long-lived identity (empty ``identity``/``signature``: an unauthenticated client)."""
 
     KIND: ClassVar[str] = "advertise_keys"
     STAGE: ClassVar[str] = STAGE_ADVERTISE
     sender: int = 0
     encryption_public: bytes = b""
     mask_public: bytes = b""
+    identity: bytes = b""
+    signature: bytes = b""
 
     def _payload(self) -> tuple[dict, list[tuple[str, bytes]]]:
-        return {"sender": self.sender}, [
-            ("enc", self.encryption_public),
-            ("mask", self.mask_public),
-        ]
+        blobs = [("enc", self.encryption_public), ("mask", self.mask_public)]
+        if self.identity or self.signature:
+            blobs += [("id", self.identity), ("sig", self.signature)]
+        return {"sender": self.sender}, blobs
 
     @classmethod
     def _from_payload(cls, head: dict, blobs: dict[str, bytes]) -> AdvertiseKeys:
@@ -144,23 +148,29 @@ class AdvertiseKeys(Message):
             sender=int(head["sender"]),
             encryption_public=blobs["enc"],
             mask_public=blobs["mask"],
+            identity=blobs.get("id", b""),
+            signature=blobs.get("sig", b""),
         )
 
 
 @dataclass(frozen=True)
 class KeyDirectory(Message):
     """Stage 1 request, server -> every client: public keys of all clients that advertised,
-    and the public seed of this round's neighbour graph."""
+    each with the identity and signature it advertised them with, and the seed of this
+    round's neighbour graph (a hash of the directory, which every client recomputes)."""
 
     KIND: ClassVar[str] = "key_directory"
     STAGE: ClassVar[str] = STAGE_SHARE
     graph_seed: bytes = b""
     public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    identities: dict[int, bytes] = field(default_factory=dict)
+    signatures: dict[int, bytes] = field(default_factory=dict)
 
     def _payload(self) -> tuple[dict, list[tuple[str, bytes]]]:
         blobs = [("seed", self.graph_seed)]
         for cid, (enc, mask) in sorted(self.public_keys.items()):
             blobs += [(f"enc/{cid}", enc), (f"mask/{cid}", mask)]
+        blobs += _int_map(self.identities, "id/") + _int_map(self.signatures, "sig/")
         return {}, blobs
 
     @classmethod
@@ -173,6 +183,8 @@ class KeyDirectory(Message):
             **_common(head),
             graph_seed=blobs["seed"],
             public_keys={c: (enc[c], mask[c]) for c in enc},
+            identities=_read_map(blobs, "id/"),
+            signatures=_read_map(blobs, "sig/"),
         )
 
 
@@ -195,38 +207,44 @@ class ShareKeys(Message):
 
 @dataclass(frozen=True)
 class MaskedInputRequest(Message):
-    """Stage 2 request, server -> one client: the envelopes its live neighbours sent it."""
+    """Stage 2 request, server -> one client: the envelopes its live neighbours sent it, and
+    every client asked for a masked input this round (U2: the split a client votes for
+    together with its masked input, in case all of them deliver)."""
 
     KIND: ClassVar[str] = "masked_input_request"
     STAGE: ClassVar[str] = STAGE_MASKED_INPUT
     receiver: int = 0
     envelopes: dict[int, bytes] = field(default_factory=dict)  # sender -> envelope
+    candidates: tuple[int, ...] = ()
 
     def _payload(self) -> tuple[dict, list[tuple[str, bytes]]]:
-        return {"receiver": self.receiver}, _int_map(self.envelopes, "from/")
+        return {"receiver": self.receiver, "candidates": list(self.candidates)}, \
+            _int_map(self.envelopes, "from/")
 
     @classmethod
     def _from_payload(cls, head: dict, blobs: dict[str, bytes]) -> MaskedInputRequest:
         return cls(
-            **_common(head), receiver=int(head["receiver"]), envelopes=_read_map(blobs, "from/")
+            **_common(head), receiver=int(head["receiver"]), envelopes=_read_map(blobs, "from/"),
+            candidates=tuple(int(x) for x in head.get("candidates", [])),
         )
 
 
 @dataclass(frozen=True, eq=False)
 class MaskedInput(Message):
-    """Stage 2, client -> server: the masked, quantized, noised update y_u in Z_{2^b}."""
+    """Stage 2, client -> server: the masked, quantized, noised update y_u in Z_{2^b}, and
+    the client's consistency vote for "every client asked survived" (empty: unauthenticated)."""
 
     KIND: ClassVar[str] = "masked_input"
     STAGE: ClassVar[str] = STAGE_MASKED_INPUT
     sender: int = 0
     vector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    vote: bytes = b""
 
     def _payload(self) -> tuple[dict, list[tuple[str, bytes]]]:
         v = np.ascontiguousarray(self.vector)
         le = v.astype(v.dtype.newbyteorder("<"), copy=False)
-        return {"sender": self.sender, "dtype": v.dtype.name, "length": int(v.size)}, [
-            ("vector", le.tobytes())
-        ]
+        blobs = [("vector", le.tobytes())] + ([("vote", self.vote)] if self.vote else [])
+        return {"sender": self.sender, "dtype": v.dtype.name, "length": int(v.size)}, blobs
 
     @classmethod
     def _from_payload(cls, head: dict, blobs: dict[str, bytes]) -> MaskedInput:
@@ -236,16 +254,17 @@ class MaskedInput(Message):
         vec = np.frombuffer(blobs["vector"], dtype=dtype.newbyteorder("<")).astype(dtype)
         if vec.size != int(head["length"]):
             raise ValueError("masked vector length does not match its header")
-        return cls(**_common(head), sender=int(head["sender"]), vector=vec)
+        return cls(**_common(head), sender=int(head["sender"]), vector=vec,
+                   vote=blobs.get("vote", b""))
 
 
 @dataclass(frozen=True)
-class UnmaskRequest(Message):
-    """Stage 3 request, server -> all survivors: who survived (self-mask shares wanted) and
-    who dropped after sharing keys (mask-key shares wanted). Disjoint by construction."""
+class ConsistencyRequest(Message):
+    """Consistency round, server -> survivors, only when some client asked for a masked input
+    did not deliver one: the (survivors, dropped) split every survivor is asked to sign."""
 
-    KIND: ClassVar[str] = "unmask_request"
-    STAGE: ClassVar[str] = STAGE_UNMASK
+    KIND: ClassVar[str] = "consistency_request"
+    STAGE: ClassVar[str] = STAGE_CONSISTENCY
     survivors: tuple[int, ...] = ()
     dropped: tuple[int, ...] = ()
 
@@ -253,11 +272,54 @@ class UnmaskRequest(Message):
         return {"survivors": list(self.survivors), "dropped": list(self.dropped)}, []
 
     @classmethod
+    def _from_payload(cls, head: dict, blobs: dict[str, bytes]) -> ConsistencyRequest:
+        return cls(
+            **_common(head),
+            survivors=tuple(int(x) for x in head["survivors"]),
+            dropped=tuple(int(x) for x in head["dropped"]),
+        )
+
+
+@dataclass(frozen=True)
+class ConsistencyVote(Message):
+    """Consistency round, client -> server: its signature on the split it was shown."""
+
+    KIND: ClassVar[str] = "consistency_vote"
+    STAGE: ClassVar[str] = STAGE_CONSISTENCY
+    sender: int = 0
+    vote: bytes = b""
+
+    def _payload(self) -> tuple[dict, list[tuple[str, bytes]]]:
+        return {"sender": self.sender}, [("vote", self.vote)]
+
+    @classmethod
+    def _from_payload(cls, head: dict, blobs: dict[str, bytes]) -> ConsistencyVote:
+        return cls(**_common(head), sender=int(head["sender"]), vote=blobs["vote"])
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(Message):
+    """Stage 3 request, server -> all survivors: who survived (self-mask shares wanted) and
+    who dropped after sharing keys (mask-key shares wanted). Disjoint by construction.
+    ``votes``: the survivors' signatures on exactly this split (client id -> signature)."""
+
+    KIND: ClassVar[str] = "unmask_request"
+    STAGE: ClassVar[str] = STAGE_UNMASK
+    survivors: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()
+    votes: dict[int, bytes] = field(default_factory=dict)
+
+    def _payload(self) -> tuple[dict, list[tuple[str, bytes]]]:
+        return {"survivors": list(self.survivors), "dropped": list(self.dropped)}, \
+            _int_map(self.votes, "vote/")
+
+    @classmethod
     def _from_payload(cls, head: dict, blobs: dict[str, bytes]) -> UnmaskRequest:
         return cls(
             **_common(head),
             survivors=tuple(int(x) for x in head["survivors"]),
             dropped=tuple(int(x) for x in head["dropped"]),
+            votes=_read_map(blobs, "vote/"),
         )
 
 

@@ -28,9 +28,15 @@ than ``min_survivors`` clients remain. A client refuses (:class:`SecAggRefusal`)
 request that would release both kinds of shares of one client, that lists it as dropped, or
 that names fewer than ``min_survivors`` survivors.
 
-Threat model: honest-but-curious server, honest clients (DESIGN.md). The server could
-deviate (e.g. send different survivor lists to different clients, the attack SecAgg's
-consistency-check round with signatures prevents); a malicious server is out of scope.
+Against an actively malicious server (:mod:`.identity`): a client given its identity and
+the federation's roster signs its advertisement, checks the whole directory against the
+roster, recomputes the graph seed from the directory, refuses a threshold that is not above
+half of its closed neighbourhood, votes (signs) the (survivors, dropped) split it will
+unmask for, and unmasks only a split it voted for itself that carries votes of at least
+``min_survivors`` identities of the directory. The vote for "everyone asked survived" travels
+with the masked input, so a round without dropouts needs no extra exchange; otherwise the
+server asks the survivors to vote on the actual split (:class:`ConsistencyRequest`) first.
+Without identity and roster a client runs the honest-but-curious protocol.
 """
 
 from __future__ import annotations
@@ -43,11 +49,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .config import SecAggConfig
 from .errors import SecAggAbort, SecAggProtocolError, SecAggRefusal, SecAggValidationError
 from .graph import neighbour_graph
+from .identity import (
+    Roster,
+    advertisement_bytes,
+    directory_graph_seed,
+    raw_public,
+    verify_signature,
+    vote_bytes,
+)
 from .keys import (
     INFO_SHARE_ENCRYPTION,
     PUBLIC_KEY_BYTES,
@@ -60,10 +75,13 @@ from .keys import (
 from .masking import add_mask, mask_vector, pairwise_sign, reduce_mod
 from .messages import (
     STAGE_ADVERTISE,
+    STAGE_CONSISTENCY,
     STAGE_MASKED_INPUT,
     STAGE_SHARE,
     STAGE_UNMASK,
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencyVote,
     KeyDirectory,
     MaskedInput,
     MaskedInputRequest,
@@ -147,10 +165,20 @@ class SecAggClient:
         *,
         noise_stream: ChaChaStream | None = None,
         rounding_stream: ChaChaStream | None = None,
+        identity: Ed25519PrivateKey | None = None,
+        roster: Roster | None = None,
     ) -> None:
+        if (identity is None) != (roster is None):
+            raise SecAggValidationError("an authenticated client needs both its identity and "
+                                        "the federation's roster")
         self.config = config
         self.client_id = _check_client_id(client_id)
         self.round = int(round_number)
+        self._identity = identity
+        self._roster = roster
+        self._identities: dict[int, bytes] = {}  # the directory's, once verified
+        self._candidates: tuple[int, ...] = ()  # U2, as the masked-input request named it
+        self._voted: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # splits it signed
         self._keys = ClientKeys.generate()
         self._self_seed = os.urandom(SEED_BYTES)  # b_u
         self._stage = ClientStage.ADVERTISE
@@ -186,15 +214,22 @@ class SecAggClient:
             "nb": sorted(self._neighbours),
             "held": {str(o): [b, s] for o, (b, s) in self._held.items()},
             "own": list(self._own_shares) if self._own_shares is not None else None,
+            "ids": {str(c): i.hex() for c, i in self._identities.items()},
+            "cand": list(self._candidates),
+            "voted": [[list(s), list(d)] for s, d in self._voted],
         }
         return json.dumps(state, separators=(",", ":")).encode()
 
     @classmethod
-    def from_state(cls, config: SecAggConfig, data: bytes) -> SecAggClient:
-        """Inverse of :meth:`to_state` for the same session configuration."""
+    def from_state(cls, config: SecAggConfig, data: bytes, *,
+                   identity: Ed25519PrivateKey | None = None,
+                   roster: Roster | None = None) -> SecAggClient:
+        """Inverse of :meth:`to_state` for the same session configuration. The identity and
+        roster are the node's, not the round's: the caller passes them again."""
         try:
             state = json.loads(data)
-            client = cls(config, int(state["id"]), int(state["round"]))
+            client = cls(config, int(state["id"]), int(state["round"]), identity=identity,
+                         roster=roster)
             client._keys = ClientKeys(
                 X25519PrivateKey.from_private_bytes(bytes.fromhex(state["enc"])),
                 X25519PrivateKey.from_private_bytes(bytes.fromhex(state["mask"])),
@@ -208,6 +243,11 @@ class SecAggClient:
             client._held = {int(o): (int(b), int(s)) for o, (b, s) in state["held"].items()}
             own = state["own"]
             client._own_shares = (int(own[0]), int(own[1])) if own is not None else None
+            client._identities = {int(c): bytes.fromhex(i)
+                                  for c, i in state.get("ids", {}).items()}
+            client._candidates = tuple(int(c) for c in state.get("cand", []))
+            client._voted = [(tuple(int(x) for x in sv), tuple(int(x) for x in dr))
+                             for sv, dr in state.get("voted", [])]
         except (KeyError, ValueError, TypeError) as exc:
             raise SecAggValidationError(
                 f"unreadable secure-aggregation client state: {exc}"
@@ -225,13 +265,41 @@ class SecAggClient:
         """Stage 0: public keys. May be sent together with the previous round's messages."""
         self._expect(ClientStage.ADVERTISE, "advertise keys")
         self._stage = ClientStage.SHARE
+        enc, mask = self._keys.encryption_public, self._keys.mask_public
+        identity = signature = b""
+        if self._identity is not None:
+            identity = raw_public(self._identity)
+            signature = self._identity.sign(advertisement_bytes(
+                self.config.session_id, self.round, self.client_id, enc, mask))
         return AdvertiseKeys(
             self.config.session_id,
             self.round,
             sender=self.client_id,
-            encryption_public=self._keys.encryption_public,
-            mask_public=self._keys.mask_public,
+            encryption_public=enc,
+            mask_public=mask,
+            identity=identity,
+            signature=signature,
         )
+
+    @property
+    def authenticated(self) -> bool:
+        return self._roster is not None
+
+    def _check_directory(self, directory: KeyDirectory) -> None:
+        """Authenticated clients: every entry signed by an identity on the roster, each
+        identity once, this client's own entry intact, enough partners, and a threshold
+        above half of this client's closed neighbourhood."""
+        assert self._roster is not None and self._identity is not None
+        me, cfg = self.client_id, self.config
+        ids, sigs = directory.identities, directory.signatures
+        for cid, (enc, mask) in sorted(directory.public_keys.items()):
+            message = advertisement_bytes(cfg.session_id, self.round, cid, enc, mask)
+            if not verify_signature(ids.get(cid, b""), sigs.get(cid, b""), message):
+                raise SecAggRefusal(f"key directory entry of client {cid} is unsigned or its "
+                                    "signature does not verify", receiver=me,
+                                    stage=STAGE_SHARE)
+        self._roster.check_directory({c: ids[c] for c in directory.public_keys}, me,
+                                     raw_public(self._identity))
 
     def share_keys(self, directory: KeyDirectory) -> ShareKeys:
         """Stage 1: Shamir-share b_u and s_u^SK among the closed neighbourhood; encrypt."""
@@ -249,15 +317,25 @@ class SecAggClient:
         for cid, (enc, mask) in keys.items():
             if len(enc) != PUBLIC_KEY_BYTES or len(mask) != PUBLIC_KEY_BYTES:
                 raise SecAggProtocolError("malformed public key in directory", sender=cid)
-        if len(directory.graph_seed) != SEED_BYTES:
-            raise SecAggProtocolError("graph seed must be 32 bytes", stage=STAGE_SHARE)
+        seed = directory_graph_seed(cfg.session_id, self.round, keys, directory.identities)
+        if directory.graph_seed != seed:
+            raise SecAggRefusal("the graph seed is not the hash of the key directory (a server "
+                                "may not choose the neighbour graph)", receiver=me,
+                                stage=STAGE_SHARE)
+        if self.authenticated:
+            self._check_directory(directory)
         if len(keys) < cfg.min_survivors:
             raise SecAggAbort(STAGE_SHARE, len(keys), cfg.min_survivors, "clients in key directory")
-        graph = _round_graph(cfg, keys, directory.graph_seed)
+        graph = _round_graph(cfg, keys, seed)
         neighbours = graph[me]
         holders = sorted(neighbours | {me})
         if len(holders) < cfg.threshold:
             raise SecAggAbort(STAGE_SHARE, len(holders), cfg.threshold, f"neighbourhood of {me}")
+        if self.authenticated and 2 * int(cfg.threshold) <= len(holders):
+            raise SecAggRefusal(f"threshold {cfg.threshold} is not above half of this "
+                                f"client's {len(holders)} share holders: two disjoint halves "
+                                "could rebuild both of its secrets", receiver=me,
+                                stage=STAGE_SHARE)
         b_shares = split_secret(self._self_seed, cfg.threshold, holders)
         sk_shares = split_secret(self._keys.mask_private_bytes(), cfg.threshold, holders)
         envelopes = {}
@@ -283,6 +361,7 @@ class SecAggClient:
             )
         self._own_shares = (b_shares[me], sk_shares[me])
         self._directory = dict(keys)
+        self._identities = {c: directory.identities.get(c, b"") for c in keys}
         self._neighbours = neighbours
         self._stage = ClientStage.MASKED_INPUT
         return ShareKeys(cfg.session_id, self.round, sender=me, envelopes=envelopes)
@@ -348,6 +427,13 @@ class SecAggClient:
             raise SecAggAbort(
                 STAGE_MASKED_INPUT, len(held) + 1, cfg.threshold, f"live neighbourhood of {me}"
             )
+        candidates = tuple(sorted(set(request.candidates)))
+        if self.authenticated and (me not in candidates or not set(held) <= set(candidates)
+                                   or not set(candidates) <= set(self._directory)):
+            raise SecAggRefusal(
+                "masked-input request names candidates that do not contain this client, "
+                "its neighbours' envelopes, or are outside the key directory",
+                receiver=me, stage=STAGE_MASKED_INPUT)
         if encoded is not None:
             if not isinstance(encoded, np.ndarray) or encoded.dtype != np.dtype(cfg.dtype) \
                     or encoded.shape != (cfg.encoded_length,):
@@ -378,8 +464,63 @@ class SecAggClient:
         if keep_encoded:
             self.last_encoded = encoded.copy()
         vector = mask_vector(encoded, me, self._self_seed, pair_seeds, cfg)
+        self._candidates = candidates
+        vote = self._vote(candidates, ()) if self.authenticated else b""
         self._stage = ClientStage.UNMASK
-        return MaskedInput(cfg.session_id, self.round, sender=me, vector=vector)
+        return MaskedInput(cfg.session_id, self.round, sender=me, vector=vector, vote=vote)
+
+    def _vote(self, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> bytes:
+        assert self._identity is not None
+        self._voted.append((survivors, dropped))
+        return self._identity.sign(vote_bytes(self.config.session_id, self.round, survivors,
+                                              dropped))
+
+    def consistency_vote(self, request: ConsistencyRequest) -> ConsistencyVote:
+        """Consistency round (only after a dropout at the masked-input stage): sign the
+        actual split, once, if it is a split of the clients asked and this client survived."""
+        self._expect(ClientStage.UNMASK, "vote on the survivors")
+        _check_context(request, self.config, self.round, ConsistencyRequest)
+        me = self.client_id
+        survivors, dropped = tuple(sorted(set(request.survivors))), \
+            tuple(sorted(set(request.dropped)))
+        problem = None
+        if not self.authenticated:
+            problem = "this client runs without identities; there is nothing to vote with"
+        elif len(self._voted) > 1:
+            problem = "this client already voted on a split of this round's survivors"
+        elif me not in survivors:
+            problem = "the split does not list this client as a survivor"
+        elif set(survivors) & set(dropped) or \
+                set(survivors) | set(dropped) != set(self._candidates) or not dropped:
+            problem = ("the split is not a partition of the clients asked for masked inputs "
+                       "with someone dropped")
+        elif len(survivors) < max(int(self.config.min_survivors), self._floor()):
+            problem = f"the split names only {len(survivors)} survivors"
+        if problem is not None:
+            raise SecAggRefusal(problem, receiver=me, stage=STAGE_CONSISTENCY)
+        return ConsistencyVote(self.config.session_id, self.round, sender=me,
+                               vote=self._vote(survivors, dropped))
+
+    def _floor(self) -> int:
+        return self._roster.min_partners if self._roster is not None else 0
+
+    def _check_votes(self, request: UnmaskRequest) -> None:
+        """Authenticated clients unmask only a split they voted for themselves that carries
+        valid votes of at least min_survivors distinct survivors of the directory."""
+        me, cfg = self.client_id, self.config
+        split = (tuple(sorted(set(request.survivors))), tuple(sorted(set(request.dropped))))
+        if split not in self._voted:
+            raise SecAggRefusal("unmask request names a split of the survivors this client "
+                                "never voted for", receiver=me, stage=STAGE_UNMASK)
+        message = vote_bytes(cfg.session_id, self.round, *split)
+        valid = [c for c, sig in request.votes.items()
+                 if c in split[0] and verify_signature(self._identities.get(c, b""), sig,
+                                                       message)]
+        need = max(int(cfg.min_survivors), self._floor())
+        if len(valid) < need:
+            raise SecAggRefusal(f"unmask request carries {len(valid)} valid survivor votes for "
+                                f"its split; {need} are needed", receiver=me,
+                                stage=STAGE_UNMASK)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Stage 3: release b-shares of survivors and s^SK-shares of dropped clients, never
@@ -409,6 +550,8 @@ class SecAggClient:
                 receiver=me,
                 stage=STAGE_UNMASK,
             )
+        if self.authenticated:
+            self._check_votes(request)
         self._stage = ClientStage.DONE  # one answer per round, even if the next check fails
         b_out = {o: s[0] for o, s in self._held.items() if o in survivors}
         sk_out = {o: s[1] for o, s in self._held.items() if o in dropped}
@@ -425,9 +568,10 @@ class ServerStage(enum.Enum):
     ADVERTISE = 0
     SHARE = 1
     MASKED_INPUT = 2
-    UNMASK = 3
-    DONE = 4
-    ABORTED = 5
+    CONSISTENCY = 3
+    UNMASK = 4
+    DONE = 5
+    ABORTED = 6
 
 
 @dataclass(frozen=True, eq=False)
@@ -452,17 +596,17 @@ class SecAggServer:
     dropped out.
     """
 
-    def __init__(
-        self, config: SecAggConfig, round_number: int, *, graph_seed: bytes | None = None
-    ) -> None:
+    def __init__(self, config: SecAggConfig, round_number: int) -> None:
         self.config = config
         self.round = int(round_number)
-        self.graph_seed = os.urandom(SEED_BYTES) if graph_seed is None else graph_seed
-        if len(self.graph_seed) != SEED_BYTES:
-            raise SecAggValidationError("graph_seed must be 32 bytes")
+        self.graph_seed = b""  # the hash of the key directory, once it is closed
         self._stage = ServerStage.ADVERTISE
         self._encoder = UpdateEncoder(config)
         self._public_keys: dict[int, tuple[bytes, bytes]] = {}
+        self._identities: dict[int, bytes] = {}
+        self._signatures: dict[int, bytes] = {}
+        self._candidates: tuple[int, ...] = ()
+        self._votes: dict[int, bytes] = {}  # votes on the split the unmask request will name
         self._graph: dict[int, frozenset[int]] = {}
         self._share_msgs: dict[int, ShareKeys] = {}
         self._masked_sum: np.ndarray | None = None
@@ -497,6 +641,7 @@ class SecAggServer:
             ServerStage.ADVERTISE: AdvertiseKeys,
             ServerStage.SHARE: ShareKeys,
             ServerStage.MASKED_INPUT: MaskedInput,
+            ServerStage.CONSISTENCY: ConsistencyVote,
             ServerStage.UNMASK: UnmaskShares,
         }.get(self._stage)
         if expected is None:
@@ -522,6 +667,8 @@ class SecAggServer:
                     sender=sender,
                     stage=msg.STAGE,
                 )
+            if msg.identity or msg.signature:
+                self._check_advertisement(msg)
             self._public_keys[sender] = (msg.encryption_public, msg.mask_public)
         elif isinstance(msg, ShareKeys):
             if sender not in self._graph:
@@ -539,6 +686,11 @@ class SecAggServer:
             self._share_msgs[sender] = msg
         elif isinstance(msg, MaskedInput):
             self._receive_masked(msg)
+        elif isinstance(msg, ConsistencyVote):
+            if sender not in self._survivors or sender in self._votes:
+                raise SecAggProtocolError("consistency vote from a non-survivor, or twice",
+                                          sender=sender, stage=msg.STAGE)
+            self._take_vote(sender, msg.vote, self._survivors, self._dropped)
         elif isinstance(msg, UnmaskShares):
             if sender not in self._survivors:
                 raise SecAggProtocolError(
@@ -555,6 +707,33 @@ class SecAggServer:
                     "unmask shares for clients not requested", sender=sender, stage=msg.STAGE
                 )
             self._unmask_msgs[sender] = msg
+
+    def _check_advertisement(self, msg: AdvertiseKeys) -> None:
+        """An honest server keeps unverifiable or repeated identities out of the directory
+        (the clients would refuse the whole directory otherwise)."""
+        cfg = self.config
+        message = advertisement_bytes(cfg.session_id, self.round, msg.sender,
+                                      msg.encryption_public, msg.mask_public)
+        if not verify_signature(msg.identity, msg.signature, message):
+            raise SecAggProtocolError("key advertisement signature does not verify",
+                                      sender=msg.sender, stage=msg.STAGE)
+        if msg.identity in self._identities.values():
+            raise SecAggProtocolError("identity already advertised by another client",
+                                      sender=msg.sender, stage=msg.STAGE)
+        self._identities[msg.sender] = msg.identity
+        self._signatures[msg.sender] = msg.signature
+
+    @property
+    def authenticated(self) -> bool:
+        """Every client of the directory advertised with an identity."""
+        return bool(self._public_keys) and self._identities.keys() == self._public_keys.keys()
+
+    def _take_vote(self, sender: int, vote: bytes, survivors: Iterable[int],
+                   dropped: Iterable[int]) -> None:
+        message = vote_bytes(self.config.session_id, self.round, survivors, dropped)
+        if not verify_signature(self._identities.get(sender, b""), vote, message):
+            raise SecAggProtocolError("consistency vote does not verify", sender=sender)
+        self._votes[sender] = vote
 
     def _receive_masked(self, msg: MaskedInput) -> None:
         cfg = self.config
@@ -583,6 +762,8 @@ class SecAggServer:
             raise SecAggProtocolError(
                 f"masked input has values outside Z_2^{cfg.bits}", sender=sender, stage=msg.STAGE
             )
+        if self.authenticated:  # the vote for "every candidate survived" comes with it
+            self._take_vote(sender, msg.vote, self._candidates, ())
         if self._masked_sum is None:
             self._masked_sum = np.zeros(cfg.encoded_length, dtype=cfg.dtype)
         # streaming sum: the server never stores individual masked vectors
@@ -602,6 +783,8 @@ class SecAggServer:
             raise self._abort(
                 STAGE_ADVERTISE, len(u1), cfg.min_survivors, "clients advertised keys"
             )
+        self.graph_seed = directory_graph_seed(cfg.session_id, self.round, self._public_keys,
+                                               self._identities)
         self._graph = _round_graph(cfg, u1, self.graph_seed)
         self._stage = ServerStage.SHARE
         return KeyDirectory(
@@ -609,6 +792,8 @@ class SecAggServer:
             self.round,
             graph_seed=self.graph_seed,
             public_keys=dict(self._public_keys),
+            identities=dict(self._identities),
+            signatures=dict(self._signatures),
         )
 
     def masked_input_requests(self) -> dict[int, MaskedInputRequest]:
@@ -625,15 +810,46 @@ class SecAggServer:
                     STAGE_SHARE, alive, cfg.threshold, f"live neighbourhood of client {u}"
                 )
         requests = {}
+        self._candidates = tuple(sorted(u2))
         for v in sorted(u2):
             env = {u: self._share_msgs[u].envelopes[v] for u in sorted(self._graph[v] & u2)}
-            requests[v] = MaskedInputRequest(cfg.session_id, self.round, receiver=v, envelopes=env)
+            requests[v] = MaskedInputRequest(cfg.session_id, self.round, receiver=v, envelopes=env,
+                                             candidates=self._candidates)
         self._stage = ServerStage.MASKED_INPUT
         return requests
 
+    def consistency_request(self) -> ConsistencyRequest | None:
+        """Close stage 2. None when no consistency round is needed (every client asked for a
+        masked input delivered one, and its vote came with it; or an unauthenticated
+        session): go on with :meth:`unmask_request`. Else the split every survivor must
+        sign (:class:`ConsistencyVote`) before :meth:`unmask_request`."""
+        self._close_masked_input()
+        if not self.authenticated or set(self._survivors) == set(self._candidates):
+            return None
+        self._votes = {}
+        self._stage = ServerStage.CONSISTENCY
+        return ConsistencyRequest(self.config.session_id, self.round,
+                                  survivors=self._survivors, dropped=self._dropped)
+
     def unmask_request(self) -> UnmaskRequest:
-        """Close stage 2; announce survivors U3 and dropped U2 \\ U3."""
-        self._expect(ServerStage.MASKED_INPUT, "request unmasking")
+        """Announce survivors U3 and dropped U2 \\ U3 with the survivors' votes on that split
+        (closes stage 2 first if :meth:`consistency_request` was not called)."""
+        if self._stage is ServerStage.MASKED_INPUT and self.consistency_request() is not None:
+            raise SecAggProtocolError("some clients asked for masked inputs did not deliver: "
+                                      "collect consistency votes (consistency_request) first")
+        if self._stage is not ServerStage.CONSISTENCY:
+            self._expect(ServerStage.UNMASK, "request unmasking")
+        cfg = self.config
+        if self.authenticated and len(self._votes) < cfg.min_survivors:
+            raise self._abort(STAGE_CONSISTENCY, len(self._votes), cfg.min_survivors,
+                              "survivors voted for the split")
+        self._stage = ServerStage.UNMASK
+        return UnmaskRequest(cfg.session_id, self.round, survivors=self._survivors,
+                             dropped=self._dropped, votes=dict(self._votes))
+
+    def _close_masked_input(self) -> None:
+        """Fix survivors U3 and dropped U2 \\ U3 (abort if any threshold fails)."""
+        self._expect(ServerStage.MASKED_INPUT, "close the masked-input stage")
         cfg = self.config
         u2, u3 = set(self._share_msgs), set(self._masked_from)
         if len(u3) < cfg.min_survivors:
@@ -648,10 +864,8 @@ class SecAggServer:
                 )
         self._survivors = tuple(sorted(u3))
         self._dropped = tuple(sorted(u2 - u3))
+        self._votes = {c: v for c, v in self._votes.items() if c in u3}
         self._stage = ServerStage.UNMASK
-        return UnmaskRequest(
-            cfg.session_id, self.round, survivors=self._survivors, dropped=self._dropped
-        )
 
     def result(self) -> SecAggResult:
         """Close stage 3: reconstruct secrets, remove masks, decode. Checks every threshold
