@@ -1,5 +1,7 @@
-"""Issue 11 items 5-9 and 11: inputs that used to be silently wrong, awkward or a
-traceback, each reproduced and given its clear outcome (all in process, no Ray)."""
+"""Awkward inputs (a byte-order mark, a stray label, a huge text field, a flag and `--set`
+disagreeing, a model folder without weights, `--out` naming a file, a report on a folder
+that is no run) that used to be silently wrong or a traceback, each reproduced and given
+its clear outcome (all in process, no Ray)."""
 
 from __future__ import annotations
 
