@@ -34,7 +34,7 @@ def test_architecture_doc_names_every_layer_of_the_contract() -> None:
 
 
 def test_no_contract_excuses_an_import() -> None:
-    # "no import cycle anywhere" (issue 12): an ignored import would be a cycle or an
+    # "no import cycle anywhere": an ignored import would be a cycle or an
     # upward import let through
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
     excused = {c["name"]: c.get("ignore_imports") for c in config["contracts"]

@@ -18,7 +18,7 @@ def test_bad_inputs_table_cites_existing_tests() -> None:
 
 
 def test_docs_state_the_refused_node_exit_status() -> None:
-    """Issue 11 item 15: a refused node exits with status 1 (Flower's `flwr_exit` maps every
+    """A refused node exits with status 1 (Flower's `flwr_exit` maps every
     error code to 1) and logs `Exit Code: 305`; the docs said it exits with code 305."""
     for name in ("OPERATORS.md", "PARTNERS.md"):
         doc = " ".join((ROOT / "docs" / name).read_text().split())
@@ -27,7 +27,7 @@ def test_docs_state_the_refused_node_exit_status() -> None:
 
 
 def test_deployment_docs_use_the_launcher_and_explain_budgets() -> None:
-    """Items 14, 17, 19, 20: the documented run command has a meaningful exit status, and
+    """The documented run command has a meaningful exit status, and
     the docs explain lifetime vs per-run budgets, the node's files and its threads."""
     operators = " ".join((ROOT / "docs" / "OPERATORS.md").read_text().split())
     partners = " ".join((ROOT / "docs" / "PARTNERS.md").read_text().split())
@@ -40,7 +40,7 @@ def test_deployment_docs_use_the_launcher_and_explain_budgets() -> None:
 
 
 def test_deployment_docs_describe_a_causal_lm_run() -> None:
-    """Issue 13 item 9: the run config of a deployed causal-lm run and what a partner's file
+    """The run config of a deployed causal-lm run and what a partner's file
     must hold (the deployment test runs it through `flwr run` on text,label files that also
     carry prompt and completion columns)."""
     operators = " ".join((ROOT / "docs" / "OPERATORS.md").read_text().split())

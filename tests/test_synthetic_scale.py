@@ -1,4 +1,4 @@
-"""The synthetic demo corpus at 1,000 partners: seconds, not minutes (issue 14 item 2), and
+"""The synthetic demo corpus at 1,000 partners: seconds, not minutes, and
 the first 2,000 rows (every run with up to 5 partners) unchanged."""
 
 from __future__ import annotations

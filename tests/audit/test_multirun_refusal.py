@@ -1,4 +1,4 @@
-"""Issue 11 item 1: a partner that refuses because of budget spent in an *earlier* run.
+"""A partner that refuses because of budget spent in an *earlier* run.
 
 Two runs with the same (deployment-style) partner nodes, in process: run A spends, run B
 has one partner refuse round 1 for its lifetime spend. The refusal is signed by the

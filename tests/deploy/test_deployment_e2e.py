@@ -1,10 +1,10 @@
 """End to end on loopback with Flower's real processes: a SuperLink with TLS and node
 authentication, partner SuperNodes started by `confide deploy supernode`, `confide deploy
 run` (the docs' `flwr run --stream`) of the signed app, and the refusals that matter
-(unregistered node key, untrusted app publisher). Issue 11 items 14-21 ride along on the same
-federation: the streamed log, the node's state folder and threads, the exit status of runs
+(unregistered node key, untrusted app publisher). The operational checks ride along on the
+same federation: the streamed log, the node's state folder and threads, the exit status of runs
 that fail, a run with no partner budget left, and stopping the SuperLink during a run.
-Issue 13 item 9: the restart test's run is a causal-lm run on the same nodes (each partner's
+The restart test's run is a causal-lm run on the same nodes (each partner's
 file carries both tasks' columns), so language-model deployment costs no extra federation.
 
 One federation serves the module (starting it costs ~20 s); tests run in file order.
@@ -234,12 +234,12 @@ def test_two_rounds_over_tls_with_node_auth(fed: Federation) -> None:
         assert len(_node_state(fed, name).accountant.state_dict()["history"]) == 2
     # The refused bundle's code never ran on the untrusting node: no state was written.
     assert not (fed.root / "state" / "untrusting" / STATE_FILE).exists()
-    # item 15: the docs say what really happens: status 1, Flower's code 305 in the log
+    # the docs say what really happens: status 1, Flower's code 305 in the log
     assert rogue.wait(90) == 1, fed.log("rogue")
     assert "Exit Code: 305" in fed.log("rogue"), fed.log("rogue")[-3000:]
     assert "Failed to activate SuperNode" in fed.log("rogue"), fed.log("rogue")[-3000:]
     assert "No SuperNode found with the given public key" in fed.log("superlink")
-    # item 21: one line per round with its result; every line once; no known notices
+    # one line per round with its result; every line once; no known notices
     log = result.stdout
     for r in (1, 2):
         assert log.count(f"Confide round {r}/2: accuracy ") == 1, log[-4000:]
@@ -250,14 +250,14 @@ def test_two_rounds_over_tls_with_node_auth(fed: Federation) -> None:
         node_log = fed.log(name)
         assert "UserWarning" not in node_log, node_log[-3000:]
         assert len(re.findall(r"partner p-\w+ round 1: ", node_log)) == 1, node_log[-3000:]
-        # item 20: threads divided between the nodes on this machine
+        # threads divided between the nodes on this machine
         assert re.search(r"this node trains with \d+ CPU threads", node_log), node_log[-3000:]
-        # item 19: Flower's files (the app bundles) stay in the node's state folder
+        # Flower's files (the app bundles) stay in the node's state folder
         assert any((fed.root / "state" / name / "flwr" / "apps").iterdir())
 
 
 def test_restarted_node_remembers_spent_budget_across_tasks(fed: Federation) -> None:
-    # A causal-lm run on the same nodes (issue 13 item 9): `flwr run` carries the task and
+    # A causal-lm run on the same nodes: `flwr run` carries the task and
     # the column mapping to the nodes, which read their own request,reply columns; the
     # budget a partner spent on classification counts against the language-model run.
     fed.stop("untrusting")  # done with it; frees CPU
@@ -325,7 +325,7 @@ def test_killed_server_resumes_with_continuous_ledger_and_same_epsilon(fed: Fede
 
 
 def test_runs_that_cannot_proceed_exit_non_zero_with_one_message(fed: Federation) -> None:
-    # item 17: `flwr run` exited 0 and showed the message inside a traceback, twice
+    # `flwr run` exited 0 and showed the message inside a traceback, twice
     taken = fed.flwr_run(fed.root / "run-plain", f"{BASE_CONFIG} rounds=1 "
                                                  f"eval-data='{fed.root}/eval.csv'")
     shown = taken.stdout + taken.stderr
@@ -333,7 +333,7 @@ def test_runs_that_cannot_proceed_exit_non_zero_with_one_message(fed: Federation
     assert shown.count("already holds a run") == 1, shown[-4000:]
     assert "confide deploy run: error: run" in taken.stderr and "Traceback" not in shown
     assert (fed.root / "run-plain" / "summary.json").exists()  # the finished run untouched
-    # item 14: every partner has spent more than this run allows (the run's max-epsilon 1 is
+    # every partner has spent more than this run allows (the run's max-epsilon 1 is
     # below what each spent in the runs above: as with `--max-epsilon 8` after one default
     # run): the run stops at round 1, says why, and exits non-zero
     spent = {n: _node_state(fed, n).accountant.epsilon() for n in PARTNERS}
@@ -364,7 +364,7 @@ def _serverapps(port: int) -> list[int]:
 
 
 def test_superlink_stops_within_15_s_of_sigterm_during_a_run(fed: Federation) -> None:
-    # item 18: Flower's SuperLink waited for the run's log stream and never stopped. Last
+    # Flower's SuperLink waited for the run's log stream and never stopped. Last
     # test of the module: the federation's SuperLink is gone afterwards.
     log = (fed.root / "run-sigterm.log").open("w")
     run = subprocess.Popen(fed.run_argv(fed.root / "run-sigterm",

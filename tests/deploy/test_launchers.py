@@ -1,4 +1,4 @@
-"""Issue 11 items 15-21 without a federation: the launchers' environment (state folder,
+"""The deployment launchers without a federation: their environment (state folder,
 threads, verbosity), the SuperLink supervisor's stop, the run-log filter and the
 deployed processes' logging. The same behaviour with Flower's real processes is checked in
 test_deployment_e2e.py."""
@@ -36,7 +36,7 @@ def _supernode_args(tmp_path: Path, *extra: str) -> argparse.Namespace:
 
 
 def test_node_keeps_flower_files_under_its_state_folder(tmp_path: Path) -> None:
-    # item 19: Flower's home (app bundles) was ~/.flwr; now STATE_DIR/flwr, whatever the
+    # Flower's home (app bundles) was ~/.flwr; now STATE_DIR/flwr, whatever the
     # partner's environment says
     args = _supernode_args(tmp_path)
     supernode_command(args)
@@ -45,7 +45,7 @@ def test_node_keeps_flower_files_under_its_state_folder(tmp_path: Path) -> None:
 
 
 def test_threads_setting_and_its_automatic_default(tmp_path: Path) -> None:
-    # item 20: two nodes on a 2-core machine used 2 threads each (80-127 s per round)
+    # two nodes on a 2-core machine used 2 threads each (80-127 s per round)
     assert node_threads(0, cores=2, nodes=2) == 1
     assert node_threads(None, cores=16, nodes=3) == 5
     assert node_threads("auto", cores=4, nodes=8) == 1
@@ -104,7 +104,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_superlink_supervisor_stops_it_and_its_serverapp_sessions(tmp_path: Path) -> None:
-    # item 18: the SuperLink did not stop within 15 s of SIGTERM during a live run
+    # the SuperLink did not stop within 15 s of SIGTERM during a live run
     script = tmp_path / "stubborn.py"
     script.write_text(STUBBORN)
     launcher = subprocess.Popen(
@@ -127,8 +127,8 @@ def test_superlink_supervisor_stops_it_and_its_serverapp_sessions(tmp_path: Path
     assert supervise([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ)) == 3
 
 
-# What `flwr run --stream` printed when the ServerApp refused an existing `out` (item 17):
-# Flower 1.41, before the fix, shortened. Every line twice (item 21), the message inside a
+# What `flwr run --stream` printed when the ServerApp refused an existing `out`:
+# Flower 1.41, before the fix, shortened. Every line twice, the message inside a
 # traceback, Flower's generic exit-code text, and `flwr run` exited 0.
 ORIGINAL_STREAM = """\
 Using SuperLink: confide (127.0.0.1:41209)
@@ -179,7 +179,7 @@ def test_run_log_filter_shows_a_known_failure_once_without_traceback() -> None:
 
 
 def test_deployed_process_prints_each_line_once_without_known_notices() -> None:
-    # item 21: Opacus' logging.basicConfig doubled every Flower line; its and torch's
+    # Opacus' logging.basicConfig doubled every Flower line; its and torch's
     # UserWarnings and Flower's fraction_evaluate notice came with every run
     code = textwrap.dedent("""
         import warnings

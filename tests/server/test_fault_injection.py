@@ -1,4 +1,4 @@
-"""Issue 11: the server process really dies (`os._exit`, what `kill -9` leaves) at each
+"""The server process really dies (`os._exit`, what `kill -9` leaves) at each
 stage of a round, is resumed, and the run is checked against an uninterrupted one.
 
 Each federation runs in a forked child (the in-process grid, no Ray: a run takes seconds),

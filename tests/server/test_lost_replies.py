@@ -1,4 +1,4 @@
-"""Issue 11: a reply lost after the partner trained (the server died before recording it, or
+"""A reply lost after the partner trained (the server died before recording it, or
 the reply never arrived) is a real spend. The partner keeps the receipt until the server
 acknowledges it and sends it again with its next reply of the run, whatever round that is;
 the server records it then (`recorded_in_round`), so the ledger holds every release and the

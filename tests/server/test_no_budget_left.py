@@ -1,4 +1,4 @@
-"""Issue 11 item 14: partners following the docs (`--max-epsilon 8`, the default
+"""Partners following the docs (`--max-epsilon 8`, the default
 `target-epsilon 8`) spend their whole lifetime budget in one run. The next run must not go
 through every round with every partner refusing and finish "successfully" with nothing
 aggregated: it stops at round 1 and says why, with each partner's remaining budget."""

@@ -1,4 +1,4 @@
-"""Issue 11 items 2, 3 and 9 (resume part), in process: what `--resume` refuses, read-only.
+"""What `--resume` refuses, read-only, in process.
 
 A 2-round run stops after round 1 (the server process "dies": the ledger is let go of
 without run_finished). Resuming it works and verifies; resuming from altered weights, a

@@ -1,4 +1,4 @@
-"""Issue 11 item 16: a partner killed in a secure run is counted once, named by partner,
+"""A partner killed in a secure run is counted once, named by partner,
 and each round's abort is logged in round order (in-process grid, real SecAgg core)."""
 
 from __future__ import annotations

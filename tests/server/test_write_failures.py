@@ -1,4 +1,4 @@
-"""Issue 11 item 10: a write that fails (disk full) at each of the run's write sites stops
+"""A write that fails (disk full) at each of the run's write sites stops
 the run with a message naming the file and the round it resumes from; resuming then
 finishes a run that verifies, with the budget of the failed attempt still in the ledger."""
 

@@ -1,4 +1,4 @@
-"""Issue 11 item 4: one Ctrl-C during `confide simulate` (SIGINT to the process group, as a
+"""One Ctrl-C during `confide simulate` (SIGINT to the process group, as a
 terminal sends it) stops the run at a safe point: exit 130 within seconds of the round in
 flight, no Ray process left, run_interrupted in the ledger, the folder verifies, the
 message says how to resume, and resuming finishes a run that verifies."""

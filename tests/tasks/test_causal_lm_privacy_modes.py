@@ -1,4 +1,4 @@
-"""The causal-lm task under every privacy mode the classifier has (issue 13 item 9): local
+"""The causal-lm task under every privacy mode the classifier has: local
 example DP, secure aggregation with the example noise shared inside the secure sum (the
 default with secure aggregation), and secure aggregation with distributed DP. The real
 ClientApp and server round loop run in-process (tests.inprocess); the audit verifies each
