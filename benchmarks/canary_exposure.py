@@ -1,4 +1,4 @@
-"""Canary exposure of federated causal-LM fine-tuning on E2E, non-DP vs DP (issue 13 item 7).
+"""Canary exposure of federated causal-LM fine-tuning on E2E, non-DP vs DP.
 
 Two runs of `confide audit empirical`'s canary audit (`run_canary_audit`: Flower simulation
 through Ray, as `confide simulate` runs) on the same rows with the same secrets inserted at

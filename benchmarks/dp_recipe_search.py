@@ -1,4 +1,4 @@
-"""DP recipe search for federated fine-tuning on SST-2 (issue 9, item 2): rerunnable.
+"""DP recipe search for federated fine-tuning on SST-2: rerunnable.
 
 Each configuration ("recipe") is a set of Confide configuration keys (validated with
 `confide.config.build_config`, so every recipe is a runnable `confide simulate` config) plus

@@ -1,4 +1,4 @@
-"""One poll of Flower 1.41's simulation engine: Flower's loop against Confide's (issue 14).
+"""One poll of Flower 1.41's simulation engine: Flower's loop against Confide's.
 
 Flower's `vce_api.add_messages_to_queue` asks the link state for every registered node's
 next message every 0.1 s; `confide.simulation.engine_polling` asks only for the nodes with an

@@ -1,4 +1,4 @@
-"""Utility of DP federated causal-LM fine-tuning on E2E (issue 13), in one process.
+"""Utility of DP federated causal-LM fine-tuning on E2E, in one process.
 
 Same model, same training rows, same evaluation prompts for every setting:
 zero-shot, central non-DP, federated non-DP, federated DP at each --epsilons (10 partners,

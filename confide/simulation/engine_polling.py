@@ -1,4 +1,4 @@
-"""A cheaper message poller for Flower 1.41.0's simulation engine (issue 14, item 2).
+"""A cheaper message poller for Flower 1.41.0's simulation engine.
 
 Why: Flower 1.41's simulation engine hands instructions to its workers from one thread,
 `vce_api.add_messages_to_queue`, which every 0.1 s calls
