@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             small = confirmations(best)
             large = (large_confirmations(best, args.large, args.large_passes)
                      if args.large else [])
-            # Most important first (a session can stop at any time): the winner's seed check
+            # Most important first (a search can be stopped at any time): the winner's seed check
             # and its non-DP reference, the large-data target rows, then the rest.
             todo = [*small[:1], small[2], *large[:3], small[1], small[3], *large[3:]]
             for tag, recipe in todo:

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     done = Path(args.json) if args.json else None
     if done is not None and done.exists():
         # Rows already measured (same file, same arguments) are kept, not rerun: a long
-        # table can be built over several sessions.
+        # table can be built over several invocations.
         for r in json.loads(done.read_text()):
             rows[(r["setting"], r["epsilon_target"])] = (r["accuracy"], r["epsilon"],
                                                          r["seconds"])
