@@ -256,8 +256,10 @@ class RunConfig:
     distributed_dp: bool = option(
         False, "true or false", _any, "clients add discrete Gaussian noise inside the secure sum")
     secagg_threshold: float = option(
-        0.5, "0 < x <= 1 (fraction of the sampled clients)", _range(0, 1, lo_open=True),
-        "Shamir threshold t as a fraction of sampled clients")
+        0.6, "0.5 < x <= 1 (more than half of each closed neighbourhood)",
+        _range(0.5, 1, lo_open=True),
+        "Shamir threshold t = ceil(x (k+1)) of each partner's k neighbours and itself; above "
+        "one half, so that a malicious server never gets both secrets of a partner")
     secagg_neighbours: int = option(
         0, "0 (about 2 log2 n) or integer >= 2", lambda v: v == 0 or v >= 2,
         "neighbours per client")

@@ -7,9 +7,11 @@ Secure aggregation (down = server to node, in ConfigRecord `SECAGG`; up = node t
 ConfigRecord `SECAGG_UP`, the masked vector in ArrayRecord `MASKED`):
   down  round, config/<q> (JSON of the SecAggConfig of secure round q), id/<q> (this node's
         client id in q), advertise (JSON list of rounds), key-directory/<q>,
-        masked-input-request/<q>, unmask-request/<q>, verify (bool), shared/<q>, shared-info
-  up    advertise/<q>, share-keys/<q>, masked-round, masked-sender, unmask-shares/<q>,
-        error/<q>/<stage>, verify-only (bool; with ArrayRecord `VERIFY`), shared-info
+        masked-input-request/<q>, consistency-request/<q>, unmask-request/<q>, verify (bool),
+        shared/<q>, shared-info
+  up    advertise/<q>, share-keys/<q>, masked-round, masked-sender, masked-vote,
+        consistency-vote/<q>, unmask-shares/<q>, error/<q>/<stage>, verify-only (bool; with
+        ArrayRecord `VERIFY`), shared-info
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ RECEIPT = "receipt"  # ConfigRecord: the partner-signed DP event (from nodes)
 ROUND = "server-round"
 RUN_KEY = "run-key"  # the server's ledger public key: names the run, stable across resume
 FROZEN_DIGEST = "frozen-digest"
+# the run's ledger head when the round started (index, entry hash): each partner that takes
+# part countersigns it (confide.privacy.receipts.sign_head)
+LEDGER_HEAD_INDEX = "ledger-head-index"
+LEDGER_HEAD_HASH = "ledger-head-hash"
 
 # METRICS keys
 NUM_EXAMPLES = "num-examples"
@@ -63,12 +69,18 @@ RECEIPT_JSON = "json"
 # JSON list of receipts the node signed in earlier attempts of the same round of the run
 # (the server died before recording them): their spend is recorded too
 RECEIPT_EARLIER = "earlier"
+# JSON of the partner's countersignature of the ledger head its train message named
+RECEIPT_HEAD = "head"
 
 # RecordDict entry of a train message: the receipts of the node's partner that the server's
 # ledger holds for this run (key ACKNOWLEDGED: JSON list of `receipt_ack_name`s), so the
 # node stops re-sending them. Absent when the server does not know the node's partner yet.
 RECORDED = "recorded"
 ACKNOWLEDGED = "receipts"
+# JSON object: receipt_ack_name -> index of the ledger entry that holds it. A node forgets
+# a receipt only once it countersigns a head at or after that entry (the bare list above,
+# which nodes of earlier versions read, is a server's word only)
+ACKNOWLEDGED_AT = "receipts-at"
 _ACK_DIGITS = 16  # 64 bits of the signature: names one of a partner's receipts
 
 
@@ -82,6 +94,25 @@ def acknowledged_receipts(message: Message) -> set[str] | None:
     if RECORDED not in message.content.config_records:
         return None
     return {str(a) for a in json.loads(str(message.content[RECORDED][ACKNOWLEDGED]))}
+
+
+def acknowledged_at(message: Message) -> dict[str, int] | None:
+    """receipt_ack_name -> ledger index of the receipts a train message acknowledges (None:
+    it says nothing, or only names them, as servers of earlier versions did)."""
+    if RECORDED not in message.content.config_records or \
+            ACKNOWLEDGED_AT not in message.content[RECORDED]:
+        return None
+    data = json.loads(str(message.content[RECORDED][ACKNOWLEDGED_AT]))
+    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else None
+
+
+def ledger_head(config: Mapping[str, object]) -> tuple[int, str] | None:
+    """The ledger head (index, entry hash) a round's configuration names, None if none."""
+    index, head = config.get(LEDGER_HEAD_INDEX), config.get(LEDGER_HEAD_HASH)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0 \
+            or not isinstance(head, str):
+        return None
+    return index, head
 
 
 def reported_num_examples(reply: Message) -> object:
@@ -127,6 +158,9 @@ SHARE_KEYS = "share-keys"
 UNMASK_SHARES = "unmask-shares"
 MASKED_ROUND = "masked-round"
 MASKED_SENDER = "masked-sender"
+MASKED_VOTE = "masked-vote"  # up: the node's consistency vote sent with its masked input
+CONSISTENCY_REQUEST = "consistency-request"  # down, only after a masked-input dropout
+CONSISTENCY_VOTE = "consistency-vote"
 VERIFY_FLAG = "verify"
 VERIFY_ONLY = "verify-only"
 SHARED = "shared"  # down: shared/<q> = SharedNoiseConfig JSON of round q (shared noise)

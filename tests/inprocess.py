@@ -12,8 +12,10 @@ from pathlib import Path
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from confide import wire as W
 from confide.clients import client_app
-from confide.config import RunConfig, build_config
+from confide.clients.identity import enrol
+from confide.config import RunConfig, build_config, from_flat_record
 
 _ids = itertools.count(1)
 
@@ -49,6 +51,19 @@ class InProcessGrid:
             self.contexts[i] = Context(run_id=1, node_id=i, node_config=config,
                                        state=RecordDict(), run_config={})
         self.fail_on: set[int] = set()  # nodes whose next message raises (tests set it)
+        self.state_root = state_root
+
+    def _enrol(self, msg: Message) -> None:
+        """Deployed partners (state_root): create their identities and the federation
+        roster before the first message, as each partner and the operator would."""
+        if self.state_root is None or (self.state_root / "roster.txt").is_file():
+            return
+        cfg = from_flat_record(dict(msg.content[W.CONFIG]))
+        lines = [enrol(Path(str(c.node_config["state-dir"])), delta=cfg.delta,
+                       max_epsilon=cfg.max_epsilon) for c in self.contexts.values()]
+        (self.state_root / "roster.txt").write_text("\n".join(lines) + "\n")
+        for c in self.contexts.values():
+            c.node_config["federation-roster"] = str(self.state_root / "roster.txt")
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -57,6 +72,7 @@ class InProcessGrid:
                          ) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            self._enrol(msg)
             # a fresh id per delivery, as Flower's (its ids hash the creation time): unique
             # across processes too (a resumed server is another process, and the nodes'
             # state on disk remembers the ids they handled)

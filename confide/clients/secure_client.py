@@ -20,10 +20,12 @@ from collections.abc import Mapping
 from logging import WARNING
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.logger import log
 
 from confide.clients.faults import drops_out
+from confide.clients.identity import IdentityError, node_identity
 from confide.config import RunConfig
 from confide.privacy.secagg import (
     KeyDirectory,
@@ -35,14 +37,19 @@ from confide.privacy.secagg import (
     SecAggValidationError,
     UnmaskRequest,
 )
+from confide.privacy.secagg.identity import Roster
+from confide.privacy.secagg.messages import ConsistencyRequest
 from confide.wire import (
     ADVERTISE,
     ARRAYS,
+    CONSISTENCY_REQUEST,
+    CONSISTENCY_VOTE,
     KEY_DIRECTORY,
     MASKED,
     MASKED_REQUEST,
     MASKED_ROUND,
     MASKED_SENDER,
+    MASKED_VOTE,
     NUM_EXAMPLES,
     SECAGG,
     SECAGG_ROUND,
@@ -96,10 +103,13 @@ def update_weight(cfg: RunConfig, plain: Message | None) -> float:
 
 # -- the node's clients, persisted in Context.state -----------------------------------------
 class ClientStore:
-    """SecAggClient objects of this node keyed by secure round, kept in Context.state."""
+    """SecAggClient objects of this node keyed by secure round, kept in Context.state, with
+    the node's identity and roster (not saved with them: they are the node's own)."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context,
+                 identity: tuple[Ed25519PrivateKey, Roster] | None = None) -> None:
         self.context = context
+        self.identity = identity
         records = context.state.config_records
         self.record = records[STATE_RECORD] if STATE_RECORD in records else ConfigRecord()
 
@@ -111,8 +121,11 @@ class ClientStore:
         if f"{q}/client" not in self.record:
             raise SecAggRefusal(f"this node holds no secure-aggregation state for round {q} "
                                 "(it did not advertise keys, or dropped)")
+        if self.identity is None:
+            raise SecAggRefusal("this node has no usable identity or federation roster")
         config = config_from_json(str(self.record[f"{q}/config"]))
-        return SecAggClient.from_state(config, bytes(self.record[f"{q}/client"]))
+        return SecAggClient.from_state(config, bytes(self.record[f"{q}/client"]),
+                                       identity=self.identity[0], roster=self.identity[1])
 
     def drop(self, q: int) -> None:
         for key in (f"{q}/config", f"{q}/client"):
@@ -167,9 +180,17 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
     this node's noise share) that replaces the delta. `extra_up`: further answers (the
     shared-noise info exchange)."""
     down = msg.content.config_records[SECAGG]
-    store = ClientStore(context)
-    store.prune(int(down[SECAGG_ROUND]))
     up: dict[str, object] = dict(extra_up or {})
+    identity: tuple[Ed25519PrivateKey, Roster] | None = None
+    try:
+        identity = node_identity(context, cfg)
+    except (IdentityError, SecAggError) as exc:
+        # every part of the message then fails alike (ClientStore.get refuses): this node
+        # takes part in no secure round without its identity and roster
+        log(WARNING, "partition %d: secure aggregation refused: %s", _partition(context), exc)
+        up["error/identity"] = str(exc)
+    store = ClientStore(context, identity)
+    store.prune(int(down[SECAGG_ROUND]))
     content = RecordDict()
     if plain is not None and not plain.has_error():
         for name, record in plain.content.items():
@@ -193,7 +214,10 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
         def adv(q: int = int(q)) -> None:
             config = config_from_json(str(down[f"config/{q}"]))
             check_session_config(config, cfg)
-            client = SecAggClient(config, int(down[f"id/{q}"]), q)
+            if identity is None:
+                raise SecAggRefusal("this node has no usable identity or federation roster")
+            client = SecAggClient(config, int(down[f"id/{q}"]), q, identity=identity[0],
+                                  roster=identity[1])
             up[f"{ADVERTISE}/{q}"] = client.advertise_keys().to_bytes()
             store.put(q, config, client)
         attempt(int(q), ADVERTISE, adv)
@@ -227,11 +251,20 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
             content[MASKED] = ArrayRecord({"vector": Array(out.vector)})
             up[MASKED_ROUND] = q
             up[MASKED_SENDER] = out.sender
+            up[MASKED_VOTE] = out.vote
             if verify and client.last_encoded is not None:
                 content[VERIFY] = ArrayRecord({"encoded": Array(client.last_encoded)})
                 up[VERIFY_ONLY] = True
             store.put(q, client.config, client)
         attempt(q, "masked-input", masked)
+
+    for q in _rounds(down, CONSISTENCY_REQUEST):
+        def vote(q: int = q) -> None:
+            client = store.get(q)
+            request = ConsistencyRequest.from_bytes(bytes(down[f"{CONSISTENCY_REQUEST}/{q}"]))
+            up[f"{CONSISTENCY_VOTE}/{q}"] = client.consistency_vote(request).to_bytes()
+            store.put(q, client.config, client)
+        attempt(q, "consistency", vote)
 
     for q in _rounds(down, UNMASK_REQUEST):
         def unmask(q: int = q) -> None:

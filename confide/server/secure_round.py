@@ -57,12 +57,14 @@ from confide.privacy.secagg import (
     SecAggError,
     SecAggServer,
     ShareKeys,
+    UnmaskRequest,
     UnmaskShares,
     UpdateEncoder,
 )
 from confide.privacy.secagg import Message as SecAggMessage
 from confide.privacy.secagg.ddg_accounting import ddg_mechanism
 from confide.privacy.secagg.masking import reduce_mod
+from confide.privacy.secagg.messages import ConsistencyVote
 from confide.privacy.secagg.shared_noise import SharedNoiseConfig, decode_sum
 from confide.server.aggregation import RoundOutcome
 from confide.server.faults import crash_point
@@ -296,7 +298,8 @@ class SecureRounds:
         # another round (replay) or of the wrong length/dtype, naming the sender
         return MaskedInput(session.config.session_id, int(up[W.MASKED_ROUND]),
                            sender=int(up[W.MASKED_SENDER]),
-                           vector=record["vector"].numpy())
+                           vector=record["vector"].numpy(),
+                           vote=bytes(up.get(W.MASKED_VOTE, b"")))
 
     def _close(self, session: Session | None, stage: str) -> None:
         """Close a stage of a session that is still alive; record an abort."""
@@ -400,7 +403,7 @@ class SecureRounds:
             # asked to train but no masked input (failed, refused, no answer)
             cur.dropped.update(train - {r.metadata.src_node_id for r in trained})
             try:
-                unmask_request = cur.server.unmask_request()
+                unmask_request = self._unmask_request(cur, server_round, config)
             except SecAggAbort as exc:
                 cur.abort(exc)
 
@@ -503,6 +506,22 @@ class SecureRounds:
             self._distributed_dp(cur, outcome, released=result is not None)
         del self.sessions[server_round]
         return outcome
+
+    def _unmask_request(self, session: Session, server_round: int, config: ConfigRecord
+                        ) -> UnmaskRequest:
+        """Round r's unmask request. When a node asked for a masked input did not deliver
+        one, the survivors first vote on the actual split (one more exchange); otherwise
+        their votes came with their masked inputs."""
+        ask = session.server.consistency_request()
+        if ask is not None:
+            nodes = session.nodes
+            parts = {nodes[c]: {f"{W.CONSISTENCY_REQUEST}/{session.round}": ask.to_bytes()}
+                     for c in ask.survivors}
+            replies = self._exchange(server_round, config, parts)
+            for reply in replies:
+                self.consume(session, reply, f"{W.CONSISTENCY_VOTE}/{session.round}",
+                             ConsistencyVote)
+        return session.server.unmask_request()
 
     def _verify(self, session: Session, result: Any, encoded: dict[int, np.ndarray]
                 ) -> dict[str, Any]:

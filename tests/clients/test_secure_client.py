@@ -4,6 +4,7 @@ injection, refusal of weaker session parameters, and no plaintext delta on the w
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from confide import wire as W
 from confide.clients import secure_client as S
 from confide.clients.faults import drops_out
+from confide.clients.identity import enrol
 from confide.config import build_config
 from confide.privacy.secagg import (
     MaskedInput,
@@ -100,11 +102,21 @@ def test_injected_dropout_is_seeded_and_simulation_only() -> None:
     assert drops_out(3, 1, 0, 0.5) == expected  # same inputs, same decision
 
 
-def test_reply_carries_the_masked_vector_not_the_delta() -> None:
+def _enrolled(tmp_path: Path, nodes: list[int], run) -> dict[int, Context]:
+    """Partners with identities on their own disks, and the roster of them all."""
+    lines = [enrol(tmp_path / str(n), delta=run.delta, max_epsilon=run.max_epsilon)
+             for n in nodes]
+    (tmp_path / "roster.txt").write_text("\n".join(lines))
+    return {n: Context(1, n, {"state-dir": str(tmp_path / str(n)),
+                              "federation-roster": str(tmp_path / "roster.txt")},
+                       RecordDict(), {}) for n in nodes}
+
+
+def test_reply_carries_the_masked_vector_not_the_delta(tmp_path: Path) -> None:
     run = build_config({"secure-aggregation": True, "clients": 2, "example-dp": False})
     cfg = W.session_config(run, session_id=os.urandom(16), num_clients=2, vector_length=3)
     server = SecAggServer(cfg, 1)
-    ctx = {n: Context(1, n, {}, RecordDict(), {}) for n in (10, 11)}
+    ctx = _enrolled(tmp_path, [10, 11], run)
 
     def send(node: int, part: dict, train: bool = False, delta=None) -> Message:
         down = ConfigRecord({W.SECAGG_ROUND: 1, **part})
@@ -134,7 +146,8 @@ def test_reply_carries_the_masked_vector_not_the_delta() -> None:
                      {"w": sign * delta["w"]})
         assert W.ARRAYS not in reply.content.array_records  # no plaintext delta
         vector = reply.content[W.MASKED]["vector"].numpy()
-        server.receive(MaskedInput(cfg.session_id, 1, sender=cid, vector=vector))
+        vote = reply.content[W.SECAGG_UP][W.MASKED_VOTE]
+        server.receive(MaskedInput(cfg.session_id, 1, sender=cid, vector=vector, vote=vote))
     unmask = server.unmask_request().to_bytes()
     for node in ids:
         up = send(node, {"unmask-request/1": unmask})

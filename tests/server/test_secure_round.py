@@ -5,6 +5,7 @@ a deployment, without a runtime or training."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from confide import wire as W
 from confide.clients import secure_client as S
+from confide.clients.identity import enrol
 from confide.config import ConfigError, RunConfig, build_config
 from confide.privacy import ledger_events as E
 from confide.privacy.mechanisms import DistributedDiscreteGaussian
@@ -63,9 +65,16 @@ class LocalGrid:
 
     def __init__(self, n: int, cfg: RunConfig) -> None:
         self.cfg = cfg
+        # each partner's identity on its own disk, and the federation's roster of them all
+        self.root = Path(tempfile.mkdtemp(prefix="confide-partners-"))
+        lines = [enrol(self.root / f"node-{i}", delta=cfg.delta, max_epsilon=cfg.max_epsilon)
+                 for i in range(n)]
+        (self.root / "roster.txt").write_text("\n".join(lines) + "\n")
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i,
-                              node_config={"partition-id": i, "num-partitions": n},
+                              node_config={"partition-id": i, "num-partitions": n,
+                                           "state-dir": str(self.root / f"node-{i}"),
+                                           "federation-roster": str(self.root / "roster.txt")},
                               state=RecordDict(), run_config={})
             for i in range(n)}
         self.drop: dict[tuple[int, str], set[int]] = {}
@@ -224,7 +233,7 @@ def test_too_few_survivors_abort_cleanly_and_the_run_continues() -> None:
 
 
 def test_invalid_messages_are_rejected_naming_the_node() -> None:
-    fed, secure = make(n=6)
+    fed, secure = make(n=7, **{"secagg-threshold": 0.55})  # t = 4 of 7
 
     def tamper(node: int, sent: Message, reply: Message) -> Message:
         if sent.metadata.message_type != "train" or reply.has_error():
@@ -241,9 +250,9 @@ def test_invalid_messages_are_rejected_naming_the_node() -> None:
 
     fed.grid.tamper = tamper
     r1 = run(fed, secure, 1)
-    assert r1["secagg_survivors"] == 3 and r1["secagg_aborted"] is None
+    assert r1["secagg_survivors"] == 4 and r1["secagg_aborted"] is None
     assert set(r1["dropped"]) == {"node-1001", "node-1002", "node-1003"}
-    want = expected_mean(fed, 1, [1000, 1004, 1005])
+    want = expected_mean(fed, 1, [1000, 1004, 1005, 1006])
     for k in SHAPES:
         np.testing.assert_allclose(fed.global_state[k], want[k],
                                    atol=r1["secagg_quantization_step"] * 2 + 1e-6)
