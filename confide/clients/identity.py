@@ -98,7 +98,7 @@ def _roster_path(context: Context, cfg: RunConfig) -> Path:
 def _min_partners(context: Context) -> int:
     value = context.node_config.get(MIN_PARTNERS_KEY, 2)
     try:
-        floor = int(value)  # type: ignore[arg-type]
+        floor = int(value)
     except (TypeError, ValueError):
         floor = 0
     if floor < 2 or str(floor) != str(value).strip():
