@@ -222,11 +222,10 @@ def _audit(args: argparse.Namespace) -> int:
         return verify(args)
     if args.audit_command == "report":
         from confide.audit.report import write_report
-        from confide.run_layout import LEDGER_FILE
+        from confide.audit.verify import not_a_run
 
-        if not (Path(args.run_dir) / LEDGER_FILE).is_file():
-            print(f"confide: error: {args.run_dir} is not a run folder (no {LEDGER_FILE})",
-                  file=sys.stderr)
+        if (problem := not_a_run(Path(args.run_dir))) is not None:
+            print(f"confide: error: {problem}", file=sys.stderr)
             return 2
         paths = write_report(Path(args.run_dir), out_html=Path(args.out) if args.out else None)
         print("report written:")

@@ -90,5 +90,5 @@ def test_out_naming_an_existing_file_is_a_message(
 def test_audit_report_on_a_folder_that_is_not_a_run_fails(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["audit", "report", str(tmp_path)]) == 2
-    assert "is not a run folder" in capsys.readouterr().err
+    assert "is not a Confide run folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

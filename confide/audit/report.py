@@ -29,12 +29,21 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from confide.audit.verify import VerifyResult, render_verdict, verify_run
+from confide.audit.verify import (
+    FAIL,
+    PASS,
+    VerifyResult,
+    delta_statement,
+    not_a_run,
+    over_target,
+    over_target_text,
+    render_verdict,
+    verify_run,
+)
 from confide.privacy import ledger_events as ev
 from confide.run_layout import (
     CANARY_EXPOSURE_FILE,
     EXAMPLES_FILE,
-    LEDGER_FILE,
     METRICS_FILE,
     REPORT_HTML_FILE,
     REPORT_MD_FILE,
@@ -247,10 +256,23 @@ class RunReport:
         return str(pre.get("verdict")), note, rows
 
     # -- output -------------------------------------------------------------------------
+    def over_target_note(self) -> str | None:
+        """In words, when a partner's replayed epsilon is above the run's target."""
+        r = self.result
+        over = over_target({p: rep.final for p, rep in r.example_level.items()},
+                           r.target_epsilon)
+        return over_target_text(over, r.target_epsilon) if over and r.target_epsilon \
+            is not None else None
+
+    def guarantee_line(self) -> str:
+        """What the final-epsilon table states: (epsilon, delta), and delta's override."""
+        return ("Example-level DP per partner, cumulative over the run: (epsilon, delta) "
+                f"with {delta_statement(self.result.delta, self.result.large_delta)}.")
+
     def html(self) -> str:
         r = self.result
-        verdict = "PASS" if r.ok else "FAIL"
-        colour = "#1a7f37" if r.ok else "#cf222e"
+        verdict = r.verdict
+        colour = {PASS: "#1a7f37", FAIL: "#cf222e"}.get(verdict, "#9a6700")
         t = self.tables()
         parts = [
             "<!DOCTYPE html><html><head><meta charset='utf-8'>",
@@ -278,8 +300,10 @@ class RunReport:
             parts.append(f"<h2>{CANARY_TITLE}</h2><p>{_e(canary[0])}</p>"
                          + _html_table(CANARY_HEADER, canary[1]))
         eps_rows = self._epsilon_rows()
-        parts.append(f"<h2>Final epsilon per partner ({len(self.result.example_level)} "
-                     "partners; click a column to sort)</h2>"
+        if (note := self.over_target_note()) is not None:
+            parts.append(f"<p style='color:#cf222e'><b>{_e(note)}</b></p>")
+        parts.append(f"<h2>Final epsilon per partner ({len(eps_rows)} partners; click a "
+                     f"column to sort)</h2><p>{_e(self.guarantee_line())}</p>"
                      + _html_table(EPSILON_HEADER, eps_rows, sortable=True,
                                    scroll=len(eps_rows) > PLOT_PARTNERS_MAX))
         parts.append("<h2>Participation and dropouts</h2>" + _html_table(
@@ -297,7 +321,7 @@ class RunReport:
         t = self.tables()
         lines = [f"# Confide privacy report: `{self.run_dir}`", "",
                  *([f"**{SYNTHETIC_NOTE}**", ""] if self.synthetic() else []),
-                 f"## Verification: **{'PASS' if r.ok else 'FAIL'}**", "", "```",
+                 f"## Verification: **{r.verdict}**", "", "```",
                  render_verdict(r), "```", ""]
         if (pre := self.preflight()) is not None:
             lines += [f"## Pre-flight check: {pre[0]}", "", pre[1], "",
@@ -315,7 +339,9 @@ class RunReport:
         if (canary := self.canary_exposure()) is not None:
             lines += [f"## {CANARY_TITLE}", "", canary[0], "",
                       *_md_table(CANARY_HEADER, canary[1]), ""]
-        lines += ["## Final epsilon per partner", "",
+        if (note := self.over_target_note()) is not None:
+            lines += [f"**{note}**", ""]
+        lines += ["## Final epsilon per partner", "", self.guarantee_line(), "",
                   *_md_table(EPSILON_HEADER, self._epsilon_rows()), "",
                   "## Participation and dropouts", "",
                   *_md_table(["round", "replied", "aggregated", "dropped",
@@ -339,11 +365,15 @@ class RunReport:
             elif isinstance(e, ev.BudgetRefusal):
                 refused.setdefault(e.partner, []).append(e.round)
         rows = []
-        for p, rep in sorted(self.result.example_level.items()):
+        for p in sorted({*self.result.example_level, *refused}):
+            rounds = ", ".join(map(str, sorted(refused.get(p, [])))) or "-"
+            rep = self.result.example_level.get(p)
+            if rep is None:  # refused every round it was asked: no release, no epsilon
+                rows.append([p, "-", "-", "-", "-", "0", rounds])
+                continue
             rows.append([p, _num(self.result.claimed_example.get(p)),
                          f"{_num(rep.final)} ({rep.method})", _num(rep.pld_epsilon),
-                         _num(rep.final_rdp), str(len(trained.get(p, ()))),
-                         ", ".join(map(str, sorted(refused.get(p, [])))) or "-"])
+                         _num(rep.final_rdp), str(len(trained.get(p, ()))), rounds])
         client = self.result.client_level
         if client is not None and client.final is not None:
             rows.append(["client-level", "-", _num(client.final), "-", "-", "-", "-"])
@@ -400,8 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--html", type=Path, default=None)
     parser.add_argument("--md", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not (args.run_dir / LEDGER_FILE).is_file():
-        print(f"error: {args.run_dir / LEDGER_FILE} does not exist", file=sys.stderr)
+    if (problem := not_a_run(args.run_dir)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     html_path, md_path = write_report(args.run_dir, args.html, args.md)
     print(f"wrote {html_path} and {md_path}")

@@ -20,7 +20,21 @@ an independent function of the loaded run in `confide.audit.checks`:
   summary       summary.json equals the replay and the ledger (1 % on epsilons)
   metrics       metrics.jsonl equals the replay and the ledger, round by round (1 %)
   model         the last model_digest equals SHA-256 of model/weights.safetensors
-`verdict` combines their results: PASS only when no check found a problem.
+  partners      every spend the partners' own node states (simulation: partners/*/
+                node_state.json) record for this run is in the ledger, unless the node
+                still holds its receipt as unacknowledged: a ledger cut back at a round
+                boundary fails here
+  checkpoint    checkpoint/server_state.json is of this run and of a round the ledger
+                completes (or of the next one, whose model_digest it holds), with the
+                weights the ledger recorded
+A finished run (run_finished in the ledger) must have summary.json, model/ and metrics.
+
+`verdict` combines their results into one of three outcomes:
+  PASS        no check found a problem and the ledger reaches run_finished (exit 0)
+  INCOMPLETE  no check found a problem, but the ledger ends before run_finished: a valid
+              record of a run that stopped (interrupted, crashed, no budget left) or of a
+              ledger cut short; nothing in it can be read as the whole run (exit 3)
+  FAIL        a check found a contradiction (exit 1)
 """
 
 from __future__ import annotations
@@ -41,6 +55,8 @@ from confide.audit.checks.cross_run import check_earlier_runs
 from confide.audit.checks.integrity import check_chain, check_ordering, check_payloads
 from confide.audit.checks.loaded_run import LoadedRun, load_run
 from confide.audit.checks.outputs import check_metrics, check_model, check_summary
+from confide.audit.checks.records import check_checkpoint, check_partner_records
+from confide.config import recorded_value
 from confide.privacy import ledger_events as ev
 from confide.privacy.ledger import (
     LedgerError,
@@ -58,7 +74,11 @@ CHECKS: dict[str, Check] = {
     "chain": check_chain, "payloads": check_payloads, "ordering": check_ordering,
     "completeness": check_completeness, "receipts": check_receipts, "replay": check_replay,
     "summary": check_summary, "metrics": check_metrics, "model": check_model,
+    "partners": check_partner_records, "checkpoint": check_checkpoint,
 }
+PASS, INCOMPLETE, FAIL = "PASS", "INCOMPLETE", "FAIL"
+EXIT_STATUS = {PASS: 0, FAIL: 1, INCOMPLETE: 3}  # 2: nothing to check (a usage error)
+NOT_A_RUN = "is not a Confide run folder"
 
 
 @dataclass
@@ -70,10 +90,31 @@ class VerifyResult:
     client_level: ClientReplay | None = None
     claimed_example: dict[str, float] = field(default_factory=dict)  # final, from ledger
     rounds_completed: int = 0
+    finished: bool = False  # the ledger records run_finished
+    planned_rounds: int | None = None  # rounds run_started's configuration asked for
+    delta: float | None = None
+    # the run was started with allow-large-delta: its delta may be >= 1/(rows of the
+    # smallest partner), a guarantee one published record could meet; said wherever the
+    # guarantee is stated
+    large_delta: bool = False
+    target_epsilon: float | None = None  # the run's target-epsilon, from run_started
 
     @property
     def ok(self) -> bool:
+        """No check found a contradiction (the verdict is PASS or INCOMPLETE)."""
         return all(not c.problems for c in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        """PASS (a finished run, every check passes), INCOMPLETE (every check passes, the
+        ledger ends before run_finished) or FAIL."""
+        if not self.ok:
+            return FAIL
+        return PASS if self.finished else INCOMPLETE
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_STATUS[self.verdict]
 
     @property
     def problems(self) -> list[Problem]:
@@ -103,7 +144,9 @@ class VerifyResult:
     def to_dict(self) -> dict[str, Any]:
         first = self.first_problem
         return {
-            "ok": self.ok, "verdict": "PASS" if self.ok else "FAIL",
+            "ok": self.ok, "verdict": self.verdict, "finished": self.finished,
+            "rounds_completed": self.rounds_completed, "planned_rounds": self.planned_rounds,
+            "allow_large_delta": self.large_delta,
             "run_dir": str(self.run_dir),
             "first_bad_entry": None if first is None else first.index,
             "first_problem": None if first is None else str(first),
@@ -135,9 +178,12 @@ def verdict(run: LoadedRun, results: Sequence[CheckResult]) -> VerifyResult:
     for _, e in run.events:
         if isinstance(e, ev.ExampleDpEvent):
             claimed[e.partner] = e.epsilon_claimed
+    large = bool(recorded_value(run.config, "allow-large-delta")) if run.config else False
     return VerifyResult(run.run_dir, list(results), [line.entry for line in run.lines],
                         run.replay.example, run.replay.client, claimed,
-                        run.rounds.rounds_completed)
+                        run.rounds.rounds_completed, run.finished, run.planned_rounds,
+                        run.delta, large, _number(recorded_value(run.config, "target-epsilon"))
+                        if run.config else None)
 
 
 def verify_run(run_dir: Path | str, public_key: Any = None, *, pld: bool = True,
@@ -167,8 +213,10 @@ def render_verdict(result: VerifyResult) -> str:
     for name, status, text in rows:
         out.append(f"  {name:<{w0}}  {status:<6}  {text}")
     if result.example_level:
-        out += ["", "  example-level epsilon (final, delta from the ledger; 'replay' is the "
-                "independent check of the claim: PRV for PLD claims, RDP for RDP claims):",
+        delta = delta_statement(result.delta, result.large_delta)
+        out += ["", f"  example-level epsilon (final, {delta}; "
+                "'replay' is the independent check of the claim: PRV for PLD claims, RDP for "
+                "RDP claims):",
                 f"  {'partner':<16}  {'claimed':>10}  {'replay':>12}  {'PLD':>10}  "
                 f"{'RDP':>10}"]
         for p, rep in sorted(result.example_level.items()):
@@ -179,15 +227,58 @@ def render_verdict(result: VerifyResult) -> str:
                        f"{rep.final_rdp:>10.4f}")
     if result.client_level is not None and result.client_level.final is not None:
         out.append(f"  client-level epsilon (replay): {result.client_level.final:.4f}")
+    over = over_target({p: r.final for p, r in result.example_level.items()},
+                       result.target_epsilon)
+    if over and result.target_epsilon is not None:
+        out += ["", f"  {over_target_text(over, result.target_epsilon)}"]
     out.append("")
     first = result.first_problem
-    if first is None:
+    if first is None and result.finished:
         out.append(f"VERDICT: PASS ({result.rounds_completed} rounds, "
                    f"{len(result.entries)} ledger entries)")
+    elif first is None:
+        of = f" of {result.planned_rounds}" if result.planned_rounds else ""
+        out.append(f"VERDICT: INCOMPLETE ({result.rounds_completed}{of} rounds recorded, "
+                   f"{len(result.entries)} ledger entries, no run_finished): the record "
+                   "is consistent as far as it goes, but the run stopped (interrupted, "
+                   "crashed, no budget left) or its ledger was cut short; it is not the "
+                   "record of a finished run")
     else:
         where = f"first bad entry {first.index}" if first.index is not None else "first problem"
         out.append(f"VERDICT: FAIL, {where}: [{first.check}] {first.reason}")
     return "\n".join(out)
+
+
+def delta_statement(delta: float | None, large_delta: bool) -> str:
+    """How a guarantee line states delta: the ledger's value and, for a run started with
+    allow-large-delta, that it was allowed at or above 1/(rows of the smallest partner)."""
+    text = f"delta = {delta:g} from the ledger" if delta is not None else "delta from the ledger"
+    if large_delta:
+        text += (" (allow-large-delta = true: delta may be >= 1/(rows of the smallest "
+                 "partner), a guarantee that publishing one record could meet)")
+    return text
+
+
+def over_target(epsilons: dict[str, float], target: float | None) -> dict[str, float]:
+    """The partners whose epsilon for the run is above its target-epsilon: the noise was
+    calibrated to reach the target in the planned rounds, so more releases were recorded
+    than planned (e.g. a round trained again after a resume)."""
+    if target is None:
+        return {}
+    return {p: e for p, e in sorted(epsilons.items()) if e > target * (1 + 1e-9)}
+
+
+def over_target_text(over: dict[str, float], target: float) -> str:
+    """The words every final statement uses for a spend above the target."""
+    who = "; ".join(f"partner {p} spent epsilon {e:.4g}" for p, e in over.items())
+    return (f"ABOVE TARGET: {who}, more than the run's target-epsilon {target:g}. The noise "
+            "was calibrated to reach the target in the planned rounds; the ledger records "
+            "more releases than that (a round trained again, e.g. after a resume).")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
 
 
 def _fmt(x: float | None) -> str:
@@ -223,7 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit 0 when every check passes, 1 on any failure, 2 when there is nothing to check."""
+    """Exit 0 on PASS, 1 on FAIL, 3 on INCOMPLETE, 2 when there is nothing to check."""
     parser = argparse.ArgumentParser(prog="confide audit verify",
                                      description="Verify a run's privacy ledger.")
     add_arguments(parser)
@@ -232,8 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """`confide audit verify` with parsed options (see add_arguments)."""
-    if not (args.run_dir / LEDGER_FILE).is_file():
-        print(f"error: {args.run_dir / LEDGER_FILE} does not exist", file=sys.stderr)
+    problem = not_a_run(args.run_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     key = None
     if args.public_key is not None:
@@ -243,13 +335,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --public-key {args.public_key}: {exc}", file=sys.stderr)
             return 2
     for earlier in args.earlier_run:
-        if not (earlier / LEDGER_FILE).is_file():
-            print(f"error: --earlier-run {earlier}: {earlier / LEDGER_FILE} does not exist",
-                  file=sys.stderr)
+        if problem := not_a_run(earlier):
+            print(f"error: --earlier-run {problem}", file=sys.stderr)
             return 2
     result = verify_run(args.run_dir, key, earlier=args.earlier_run)
     print(json.dumps(result.to_dict(), indent=2) if args.json else render_verdict(result))
-    return 0 if result.ok else 1
+    return result.exit_status
+
+
+def not_a_run(path: Path) -> str | None:
+    """Why `path` cannot be audited (missing, or not a run folder), else None."""
+    if not path.exists():
+        return f"{path} is missing (no such folder)"
+    if not path.is_dir():
+        return f"{path} {NOT_A_RUN}: it is a file, not a folder"
+    if not (path / LEDGER_FILE).is_file():
+        return f"{path} {NOT_A_RUN} (it has no {LEDGER_FILE})"
+    return None
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def build_run(run_dir: Path, *, rounds: int = ROUNDS, seed: int = 7,
         replied, aggregated = [], []
         for key, name, acc, (q, sigma, steps) in zip(keys, names, accountants, PARTNER_PARAMS,
                                                      strict=True):
-            spend = Spend(SampledGaussian(sigma, q, steps), r)
+            spend = Spend(SampledGaussian(sigma, q, steps), r, led.public_key_hex)
             replied.append(name)
             try:
                 acc.check(spend)
@@ -119,6 +119,15 @@ def build_run(run_dir: Path, *, rounds: int = ROUNDS, seed: int = 7,
     led.close()
     (run_dir / "model").mkdir(exist_ok=True)
     save_file(_weights(rounds), str(run_dir / "model" / "weights.safetensors"))
+    # what a simulation's run folder also holds: the server's last checkpoint and each
+    # virtual partner's own node state (its accountant remembers what it spent)
+    (run_dir / "checkpoint").mkdir(exist_ok=True)
+    save_file(_weights(rounds), str(run_dir / "checkpoint" / f"global_round{rounds}.safetensors"))
+    (run_dir / "checkpoint" / "server_state.json").write_text(json.dumps(
+        {"round": rounds, "weights": f"global_round{rounds}.safetensors",
+         "config_digest": hashlib.sha256(blob).hexdigest()}))
+    for i, (key, acc) in enumerate(zip(keys, accountants, strict=True)):
+        write_node_state(run_dir / "partners" / f"partition-{i}", key, acc)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     summary = {"rounds_completed": rounds,
                "final_metrics": {"accuracy": metrics[-1]["accuracy"],
@@ -131,6 +140,19 @@ def build_run(run_dir: Path, *, rounds: int = ROUNDS, seed: int = 7,
                "secure_aggregation": True, "distributed_dp": False}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunInfo(run_dir, server_key, keys, names)
+
+
+def write_node_state(folder: Path, key: Ed25519PrivateKey, acc: PartnerAccountant,
+                     pending: dict[str, list[str]] | None = None) -> None:
+    """A partner's node_state.json as confide.clients.node_state writes it."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "node_state.json").write_text(json.dumps(
+        {"accountant": acc.state_dict(), "key": raw.hex(), "noise_multiplier": None,
+         "noise_run": "", "handled": [], "pending_receipts": pending or {}}))
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,19 @@ def _metrics_aggregated(rows: list[dict[str, Any]]) -> None:
     rows[1]["num_clients_aggregated"] = 9
 
 
+def _node_spent_more(run: RunInfo) -> None:
+    """A partner's own record holds a round of this run the ledger lacks (acknowledged)."""
+    path = sorted(run.dir.glob("partners/*/node_state.json"))[0]
+    state = json.loads(path.read_text())
+    history = state["accountant"]["history"]
+    history.append({**history[-1], "round": 9})
+    path.write_text(json.dumps(state))
+
+
+def _checkpoint_ahead(state: dict[str, Any]) -> None:
+    state["round"] = 5
+
+
 # check -> (how to alter a consistent run, what its first problem says)
 ALTERATIONS: dict[str, tuple[Callable[[RunInfo], None], str]] = {
     "chain": (lambda r: _edit_ledger(r, _payload_edit, resign=False), "entry 3: "),
@@ -102,6 +115,10 @@ ALTERATIONS: dict[str, tuple[Callable[[RunInfo], None], str]] = {
                 "round 2: num_clients_aggregated = 9"),
     "model": (lambda r: (r.dir / MODEL_DIR / WEIGHTS_FILE).write_bytes(b"swapped"),
               "has SHA-256"),
+    "partners": (_node_spent_more, "holds spends of this run in round(s) 9 that the "
+                 "ledger lacks"),
+    "checkpoint": (lambda r: _edit_json(r, "checkpoint/server_state.json", _checkpoint_ahead),
+                   "the checkpoint is of round 5, but the ledger completes only 3"),
 }
 
 

@@ -348,7 +348,8 @@ def test_runs_that_cannot_proceed_exit_non_zero_with_one_message(fed: Federation
     assert "smallest remaining budget" in result.stderr and "Traceback" not in shown
     assert "Confide round" not in shown  # no round was completed
     assert not (run_dir / "summary.json").exists()
-    assert confide_main(["audit", "verify", str(run_dir)]) == 0
+    # a consistent record of a run that stopped before run_finished: INCOMPLETE (exit 3)
+    assert confide_main(["audit", "verify", str(run_dir)]) == 3
     assert {n: _node_state(fed, n).accountant.epsilon() for n in PARTNERS} == spent
 
 

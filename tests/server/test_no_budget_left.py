@@ -50,4 +50,5 @@ def test_second_run_with_every_budget_spent_stops_before_training_and_says_why(
     types = [json.loads(x)["type"] for x in (second / "ledger.jsonl").read_text().splitlines()]
     assert types.count(E.BUDGET_REFUSAL) == 2 and E.EXAMPLE_DP not in types
     assert types[-1] == E.BUDGET_REFUSAL and E.ROUND_COMPLETED not in types
-    assert verify_main([str(second)]) == 0  # the stopped run's record is intact
+    # the stopped run's record is intact, and not that of a finished run: INCOMPLETE
+    assert verify_main([str(second)]) == 3

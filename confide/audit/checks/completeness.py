@@ -97,9 +97,22 @@ def check_completeness(run: LoadedRun) -> CheckResult:
         if secagg and len(kinds.get(ev.SECURE_AGGREGATION, [])) != 1:
             c.add(f"round {r} has {len(kinds.get(ev.SECURE_AGGREGATION, []))} "
                   "secure_aggregation entries, expected 1", at)
-    c.detail = (f"rounds 1..{rounds_completed}; example-dp={example_dp}, "
+    c.detail = (f"{_rounds_span(run)}; example-dp={example_dp}, "
                 f"client-dp={client_dp}, secure-aggregation={secagg}")
     return c
+
+
+def _rounds_span(run: LoadedRun) -> str:
+    """'rounds 1..N', or 'no round completed', and each round that was configured but not
+    completed (e.g. every partner refused it), with its budget refusals."""
+    done = run.rounds.rounds_completed
+    text = f"rounds 1..{done}" if done else "no round completed"
+    for r, att in sorted(run.rounds.attempts.items()):
+        if att.completed_at is None and r > done:
+            refusals = sum(1 for _, e in att.entries if isinstance(e, ev.BudgetRefusal))
+            text += f"; round {r} configured, not completed" + (
+                f" ({refusals} budget refusal(s))" if refusals else "")
+    return text
 
 
 def _check_late_release(i: int, e: ev.ExampleDpEvent, run: LoadedRun,

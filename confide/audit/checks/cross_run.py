@@ -10,7 +10,10 @@ its ledger, and every event its ledger records for the partner must be in the st
 stated lifetime spend that leaves out recorded budget would let the partner, or a server
 that altered a refusal, train past the budget unseen).
 
-Runs the refusal names but the auditor has no folder for are listed, not failed.
+Runs the refusal names but the auditor has no folder for are listed, not failed. An
+earlier run folder that no signed refusal of this run names fails: nothing could be
+compared with it, and the audit must not read as if it had been (the wrong folder given,
+or refusals that leave that run out).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def check_earlier_runs(run: LoadedRun, earlier: tuple[LoadedRun, ...]) -> CheckR
                   + ("has no run_started entry" if key is None else "is this run itself"))
             continue
         by_key[key] = other
-    refusals, unknown = 0, set[str]()
+    refusals, unknown, named = 0, set[str](), set[str]()
     for i, e in run.events:
         if not isinstance(e, ev.BudgetRefusal) or e.receipt is None:
             continue
@@ -61,8 +64,13 @@ def check_earlier_runs(run: LoadedRun, earlier: tuple[LoadedRun, ...]) -> CheckR
             stated.setdefault(s.run, Counter())[
                 (s.round, m.noise_multiplier, m.sample_rate, m.steps)] += 1
         unknown.update(k for k in stated if k and k != run.run_key and k not in by_key)
+        named.update(stated)
         for key, other in by_key.items():
             _compare(c, i, e.partner, stated.get(key, Counter()), other)
+    for key, other in by_key.items():
+        if key not in named:
+            c.add(f"earlier run {other.run_dir}: no signed budget refusal of this run names "
+                  f"it ({refusals} signed refusal(s) here), so nothing was compared with it")
     c.detail = f"{refusals} signed refusal(s) compared with {len(by_key)} earlier run(s)"
     if unknown:
         c.detail += (f"; {len(unknown)} run(s) they name not given (not compared): "

@@ -97,6 +97,18 @@ class LoadedRun:
         """The ledger key as run_started states it: the run a signed refusal must name."""
         return self.run_started.ledger_public_key if self.run_started is not None else None
 
+    @property
+    def finished(self) -> bool:
+        """The ledger records run_finished: the run claims to have ended, so every output
+        of a finished run (summary.json, model/, metrics.jsonl) must be there."""
+        return any(isinstance(e, ev.RunFinished) for _, e in self.events)
+
+    @property
+    def planned_rounds(self) -> int | None:
+        """The rounds run_started's configuration asked for (None: not recorded)."""
+        value = self.config.get("rounds")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     @cached_property
     def rounds(self) -> RoundWalk:
         return walk_rounds(self.events, len(self.lines))

@@ -21,8 +21,11 @@ def check_summary(run: LoadedRun) -> CheckResult:
         c.add(run.summary_error)
         return c
     s = run.summary
+    if s is None and run.finished:
+        c.add("summary.json is missing, although the ledger records run_finished")
+        return c
     if s is None:
-        c.skipped, c.detail = True, "no summary.json (run not finished?)"
+        c.skipped, c.detail = True, "no summary.json (the ledger has no run_finished)"
         return c
     replay = run.replay
     priv = s.get("privacy") or {}
@@ -89,11 +92,11 @@ def replayed_epsilons_per_round(run: LoadedRun) -> dict[int, RoundEpsilons]:
 def check_metrics(run: LoadedRun) -> CheckResult:
     """metrics.jsonl equals the replay and the ledger, round by round (1 %)."""
     c = CheckResult("metrics")
-    if run.metrics_text is None:
-        c.skipped, c.detail = True, "no metrics.jsonl"
+    if run.metrics_text is None and run.rounds.rounds_completed == 0:
+        c.skipped, c.detail = True, "no metrics.jsonl (no round completed)"
         return c
     rows: dict[int, dict[str, Any]] = {}
-    for n, text in enumerate(run.metrics_text.splitlines(), 1):
+    for n, text in enumerate((run.metrics_text or "").splitlines(), 1):
         if not text.strip():
             continue
         try:
@@ -142,9 +145,16 @@ def check_metrics(run: LoadedRun) -> CheckResult:
             if sampled is not None and sampled != len(configured.sampled):
                 c.add(f"round {r}: num_clients_sampled = {sampled}, ledger lists "
                       f"{len(configured.sampled)}", att.configured_at)
-    for r in range(1, run.rounds.rounds_completed + 1):
-        if r not in rows:
-            c.add(f"metrics.jsonl lacks round {r}")
+    last = run.rounds.rounds_completed
+    for r in range(1, last + 1):
+        # an unfinished run may have stopped (disk full, killed) between the round's
+        # round_completed and its metrics row: a resume writes that row
+        if r not in rows and not (r == last and not run.finished):
+            c.add(f"metrics.jsonl lacks round {r}" if run.metrics_text is not None else
+                  f"metrics.jsonl is missing, although the ledger completes {last} "
+                  "round(s)")
+            if run.metrics_text is None:
+                break
     c.detail = f"{len(rows)} rounds, tolerance {REL_TOLERANCE:.0%}"
     return c
 
@@ -154,7 +164,10 @@ def check_model(run: LoadedRun) -> CheckResult:
     c = CheckResult("model")
     digests = [(i, e) for i, e in run.events if isinstance(e, ev.ModelDigest)]
     if not run.model_path.is_file():
-        c.skipped, c.detail = True, f"no {MODEL_FILE}"
+        if run.finished:
+            c.add(f"{MODEL_FILE} is missing, although the ledger records run_finished")
+        else:
+            c.skipped, c.detail = True, f"no {MODEL_FILE} (the ledger has no run_finished)"
         return c
     if not digests:
         c.add("no model_digest in the ledger", len(run.lines))
