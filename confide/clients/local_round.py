@@ -19,6 +19,7 @@ from flwr.common.logger import log
 
 from confide import wire as W
 from confide.clients import secure_client
+from confide.clients.disclosure import reply_metrics, reported_rows
 from confide.clients.dp_training import clipped_example_gradients, train_dp
 from confide.clients.node_state import (
     NodeState,
@@ -38,11 +39,16 @@ from confide.model import (
     trainable_state,
 )
 from confide.privacy.accountant import BudgetExhausted, Spend, calibrate_noise
+from confide.privacy.ledger_events import weights_digest
 from confide.privacy.mechanisms import ExampleLevelMechanism, SampledGaussian
-from confide.privacy.receipts import dp_receipt_payload, sign_receipt
+from confide.privacy.receipts import binding, dp_receipt_payload, sign_receipt, update_digest
 from confide.privacy.refusals import sign_refusal
 from confide.privacy.secagg import SecAggRefusal
-from confide.privacy.secagg.shared_noise import ExampleSumEncoder, SharedNoiseConfig
+from confide.privacy.secagg.shared_noise import (
+    ExampleSumEncoder,
+    SharedNoiseConfig,
+    padded_slots,
+)
 from confide.task import data_reader_config, federated_data, model_spec
 from confide.tasks import build_model, get_task
 
@@ -75,24 +81,67 @@ def handle_train(msg: Message, context: Context) -> Message:
         # one clipped per-example gradient sum + a share of the noise, into the secure sum
         reply, encoded = _shared_round(msg, cfg, server_round, run_key, data, state, context)
         state.mark_handled(message_id)
-        save_node_state(context, state, state_dir)
-        return secure_client.secure_reply(msg, context, cfg, reply, None, encoded=encoded)
+        reply = secure_client.secure_reply(msg, context, cfg, reply, None, encoded=encoded)
+        return _sealed(msg, reply, state, run_key, server_round, context, state_dir)
     reply = _train_round(msg, cfg, server_round, run_key, data, state, context)
     state.mark_handled(message_id)
-    save_node_state(context, state, state_dir)
     if secure:
         # The delta goes into the secure sum (clipped, quantized, noised, masked) instead
         # of travelling in plaintext; status, metrics and DP receipt travel as before.
         delta = (W.from_array_record(reply.content[W.ARRAYS])
                  if W.ARRAYS in reply.content.array_records else None)
-        return secure_client.secure_reply(msg, context, cfg, reply, delta)
+        reply = secure_client.secure_reply(msg, context, cfg, reply, delta)
+    return _sealed(msg, reply, state, run_key, server_round, context, state_dir)
+
+
+def _sealed(msg: Message, reply: Message, state: NodeState, run_key: str, server_round: int,
+            context: Context, state_dir: Path | None) -> Message:
+    """The reply as it will travel, sealed: the round's receipt signed now, binding the run,
+    the update as sent (the masked vector under secure aggregation, else the plain delta;
+    none when masking was refused) and the model the node trained from; the ledger head
+    the message names countersigned; the receipts no countersigned head covers yet
+    attached. The node's state (spend, receipts, heads) is saved before the reply leaves."""
+    record = reply.content.config_records.get(W.RECEIPT)
+    if record is not None:
+        unsigned = str(record.pop(_UNSIGNED, ""))
+        bound = _is_run_key(run_key)
+        head = W.ledger_head(msg.content[W.CONFIG]) if bound else None
+        if head is not None:
+            record[W.RECEIPT_HEAD] = state.countersign(run_key, *head, server_round).to_json()
+        _attach_unrecorded(msg, state, run_key, record, None if head is None else head[0])
+        if unsigned:
+            payload = json.loads(unsigned)
+            if bound:
+                payload.update(binding(
+                    run=run_key, update_sha256=_sent_update_digest(reply),
+                    model_sha256=weights_digest(W.from_array_record(msg.content[W.ARRAYS]))))
+            receipt_json = json.dumps(sign_receipt(payload, state.signing_key).to_dict())
+            record[W.RECEIPT_JSON] = receipt_json
+            state.remember_receipt(run_key, receipt_json)
+    save_node_state(context, state, state_dir)
     return reply
+
+
+def _is_run_key(run_key: str) -> bool:
+    # servers of every version send their ledger key (64 hex digits); an empty one is a
+    # message outside a run: its receipt cannot name one
+    return len(run_key) == 64 and all(c in "0123456789abcdef" for c in run_key)
+
+
+def _sent_update_digest(reply: Message) -> str | None:
+    """SHA-256 of the update the reply carries: the masked vector, else the plain delta."""
+    if W.MASKED in reply.content.array_records:
+        return update_digest({"vector": reply.content[W.MASKED]["vector"].numpy()})
+    if W.ARRAYS in reply.content.array_records:
+        return update_digest(W.from_array_record(reply.content[W.ARRAYS]))
+    return None
 
 
 def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
                  data: TextDataset, state: NodeState, context: Context) -> Message:
     n = len(data)
-    sample_rate = min(1.0, cfg.batch_size / n)
+    rows = reported_rows(cfg, n)  # under DP the public (rounded) count: rate and divisor
+    sample_rate = min(1.0, cfg.batch_size / rows)
     steps = max(1, round(cfg.local_epochs / sample_rate))
     noise = _noise_multiplier(cfg, state, sample_rate, steps, run_key)
     planned = Spend(SampledGaussian(noise, sample_rate, steps), server_round, run_key)
@@ -122,7 +171,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         dp=cfg.example_dp, round_id=server_round,
         grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune,
                                                   model),
-        objective=get_task(cfg).objective)
+        objective=get_task(cfg).objective, public_rows=rows)
     delta = compute_delta(trainable_state(model), global_state)
     for name, value in delta.items():
         if not np.all(np.isfinite(value)):
@@ -133,52 +182,53 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     receipt_json = ""
     if cfg.example_dp:
         epsilon = state.accountant.record(Spend(spent, server_round, run_key))
-        receipt_json = _signed_receipt(cfg, state, server_round, spent, epsilon)
+        receipt_json = _receipt_payload(cfg, state, server_round, spent, epsilon)
     receipt = _receipt_record(msg, state, run_key, receipt_json)
     log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
         state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
     content = RecordDict({
         W.ARRAYS: W.to_array_record(delta),
-        W.METRICS: MetricRecord({
-            W.NUM_EXAMPLES: n, W.TRAIN_LOSS: float(result.mean_loss), W.EPSILON: epsilon,
-            **_mechanism_metrics(spent), W.TRAIN_SECONDS: time.perf_counter() - start}),
+        # under DP no loss and no time (confide.clients.disclosure)
+        W.METRICS: MetricRecord(reply_metrics(
+            cfg, rows=rows, epsilon=epsilon, mechanism=spent, train_loss=result.mean_loss,
+            train_seconds=time.perf_counter() - start)),
         W.STATUS: state.status(W.OK, ""),
         W.RECEIPT: receipt,
     })
     return Message(content=content, reply_to=msg)
 
 
-def _signed_receipt(cfg: RunConfig, state: NodeState, server_round: int,
-                    mechanism: ExampleLevelMechanism, epsilon: float) -> str:
-    """The partner's signed receipt of the mechanism it ran this round, as JSON."""
+def _receipt_payload(cfg: RunConfig, state: NodeState, server_round: int,
+                     mechanism: ExampleLevelMechanism, epsilon: float) -> str:
+    """What the partner's receipt of the mechanism it ran this round states, as JSON; it
+    is signed when the reply is final (`_sealed`: it then binds the update sent)."""
     payload = dp_receipt_payload(mechanism, round_=server_round, partner=state.pseudonym,
                                  delta=cfg.delta, epsilon=epsilon,
                                  accountant=state.accountant.accountant)
-    return json.dumps(sign_receipt(payload, state.signing_key).to_dict())
+    return json.dumps(payload)
 
 
-def _mechanism_metrics(mechanism: ExampleLevelMechanism) -> dict[str, float | int]:
-    """The reply's metrics that restate the round's mechanism."""
-    return {W.STEPS: mechanism.steps, W.SAMPLE_RATE: mechanism.sample_rate,
-            W.NOISE_MULTIPLIER: mechanism.noise_multiplier}
-
-
-def _receipt_record(msg: Message, state: NodeState, run_key: str, receipt_json: str
+def _receipt_record(msg: Message, state: NodeState, run_key: str, payload_json: str
                     ) -> ConfigRecord:
-    """The reply's receipt, with this run's receipts the server has not acknowledged (a
-    reply lost when the server died or in transit: a real spend the ledger must record)."""
-    if not receipt_json:  # no example-level DP: nothing spent, nothing to sign
-        return ConfigRecord({W.RECEIPT_JSON: receipt_json})
-    record = ConfigRecord({W.RECEIPT_JSON: receipt_json})
-    _attach_unrecorded(msg, state, run_key, record)
-    state.remember_receipt(run_key, receipt_json)
+    """The reply's receipt record, its receipt still unsigned (`_sealed` signs it and
+    attaches this run's receipts the ledger may lack). Empty without example-level DP:
+    nothing spent, nothing to sign."""
+    record = ConfigRecord({W.RECEIPT_JSON: ""})
+    if payload_json:
+        record[_UNSIGNED] = payload_json  # never leaves the node: `_sealed` takes it out
     return record
 
 
+# the receipt record's key for the round's receipt until `_sealed` signs it
+_UNSIGNED = "unsigned"
+
+
 def _attach_unrecorded(msg: Message, state: NodeState, run_key: str,
-                       record: ConfigRecord) -> None:
-    """Put the node's unacknowledged receipts of this run into the reply's receipt record."""
-    earlier = state.unrecorded_receipts(run_key, W.acknowledged_receipts(msg))
+                       record: ConfigRecord, countersigned: int | None) -> None:
+    """Put this run's receipts that no head the node countersigned covers yet (a reply lost
+    when the server died or in transit: a real spend the ledger must record) into the
+    reply's receipt record. `countersigned`: the head index the reply countersigns."""
+    earlier = state.unrecorded_receipts(run_key, W.acknowledged_at(msg), countersigned)
     if earlier:
         record[W.RECEIPT_EARLIER] = json.dumps(earlier)
 
@@ -197,7 +247,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         raise NodeConfigError(f"round {server_round}: no shared-noise parameters in the "
                               "message (server and node disagree on example-dp-noise)")
     shared = SharedNoiseConfig.from_json(str(down[key]))
-    session = secure_client.ClientStore(context).get(server_round).config
+    session = secure_client.ClientStore(context).config(server_round)
     problems = [f"{name} {got} != {want}" for name, got, want in (
         ("colluders", shared.colluders, cfg.dp_colluders),
         ("clip", shared.clip, cfg.max_grad_norm),
@@ -209,10 +259,14 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         raise SecAggRefusal(f"round {server_round}: shared-noise parameters differ from this "
                             f"node's session and run configuration: {'; '.join(problems)}")
     n = len(data)
+    rows = reported_rows(cfg, n)  # the public (rounded) count the server was told
     # The run's common rate, set by the server: the node's own budget guard below decides
     # whether it can afford it, whatever the server chose.
-    sample_rate = shared.sample_rate or min(1.0, cfg.batch_size / n)
-    mechanism = shared.mechanism(sample_rate)
+    sample_rate = shared.sample_rate or min(1.0, cfg.batch_size / rows)
+    # a fixed physical budget from public values, so the round's work does not depend on
+    # its sample; the chance a sample exceeds it is added to the round's TV slack
+    slots, truncation_tail = padded_slots(rows, sample_rate)
+    mechanism = shared.mechanism(sample_rate, truncation_tail)
     # the guard and the history compose the sampled Gaussian the shared noise amounts to
     planned = Spend(mechanism.sampled_gaussian, server_round, run_key)
     try:
@@ -231,19 +285,22 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     result = clipped_example_gradients(
         model, _encoded(cfg, data), sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm,
         physical_batch_size=cfg.physical_batch_size, on_rows=encoder.add_examples,
-        device=device, round_id=server_round, objective=get_task(cfg).objective)
+        device=device, round_id=server_round, objective=get_task(cfg).objective, slots=slots)
+    if result.truncated:
+        log(WARNING, "round %d: the Poisson sample exceeded the round's %d slots and was "
+            "truncated (accounted: probability %.2g, in the round's TV slack)", server_round,
+            slots, truncation_tail)
     encoded = encoder.encode()
     epsilon = state.accountant.record(planned)
-    receipt_json = _signed_receipt(cfg, state, server_round, mechanism, epsilon)
+    receipt_json = _receipt_payload(cfg, state, server_round, mechanism, epsilon)
     receipt = _receipt_record(msg, state, run_key, receipt_json)
     log(INFO, "partner %s round %d: %d examples, shared noise sigma %.3f over m=%d shares, "
         "epsilon %.3f", state.pseudonym, server_round, n, mechanism.noise_multiplier,
         mechanism.noise_shares, epsilon)
-    # no training loss in the metrics: the loss of this round's sample is not private
+    # no loss, no time: statistics of this round's sample are not private
     content = RecordDict({
-        W.METRICS: MetricRecord({
-            W.NUM_EXAMPLES: n, W.EPSILON: epsilon, **_mechanism_metrics(mechanism),
-            W.TRAIN_SECONDS: result.seconds}),
+        W.METRICS: MetricRecord(reply_metrics(cfg, rows=rows, epsilon=epsilon,
+                                              mechanism=mechanism)),
         W.STATUS: state.status(W.OK, ""),
         W.RECEIPT: receipt,
     })
@@ -264,10 +321,9 @@ def _refusal_reply(msg: Message, cfg: RunConfig, state: NodeState, server_round:
         private_key=state.signing_key)
     reply = _status_reply(msg, state, W.BUDGET_EXHAUSTED, str(exc), spent=exc.spent,
                           would_be=exc.would_be, max_epsilon=exc.max_epsilon)
-    reply.content[W.RECEIPT] = ConfigRecord({W.RECEIPT_JSON: refusal.to_json()})
     # lost receipts of this run reach the ledger with a refusal too (its signed spend
-    # includes them)
-    _attach_unrecorded(msg, state, run_key, reply.content[W.RECEIPT])
+    # includes them): `_sealed` attaches them
+    reply.content[W.RECEIPT] = ConfigRecord({W.RECEIPT_JSON: refusal.to_json()})
     return reply
 
 

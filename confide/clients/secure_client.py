@@ -117,13 +117,17 @@ class ClientStore:
         self.record[f"{q}/config"] = config_to_json(config)
         self.record[f"{q}/client"] = client.to_state()
 
-    def get(self, q: int) -> SecAggClient:
-        if f"{q}/client" not in self.record:
+    def config(self, q: int) -> SecAggConfig:
+        """The session parameters of secure round q this node agreed to."""
+        if f"{q}/config" not in self.record:
             raise SecAggRefusal(f"this node holds no secure-aggregation state for round {q} "
                                 "(it did not advertise keys, or dropped)")
+        return config_from_json(str(self.record[f"{q}/config"]))
+
+    def get(self, q: int) -> SecAggClient:
+        config = self.config(q)
         if self.identity is None:
             raise SecAggRefusal("this node has no usable identity or federation roster")
-        config = config_from_json(str(self.record[f"{q}/config"]))
         return SecAggClient.from_state(config, bytes(self.record[f"{q}/client"]),
                                        identity=self.identity[0], roster=self.identity[1])
 

@@ -27,7 +27,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "learning-rate": 0.05, "secure-aggregation": True, "distributed-dp": True,
         "client-dp-noise-multiplier": 0.05, "client-dp-clipping-norm": 1.0,
         "dropout-rate": 0.25, "dropout-stage": "masked-input", "verify-secagg": True,
-        "out": str(root / "run")})
+        # t = 4 of each 7-party neighbourhood, so that 5 of 8 survivors still release a sum
+        "secagg-threshold": 0.51, "out": str(root / "run")})
     out, _ = simulate(cfg)
     return out
 
