@@ -90,6 +90,11 @@ def _audit_parser(sub: Any) -> None:
 
     add_verify_arguments(asub.add_parser(
         "verify", help="verify ledger chain, signatures, receipts, epsilons"))
+    from confide.audit.partner import add_arguments as add_partner_arguments
+
+    add_partner_arguments(asub.add_parser(
+        "partner", help="a partner: compare your node's own record (receipts, countersigned "
+        "ledger heads, accountant) with a published run folder"))
     r = asub.add_parser("report", help="write report.html and report.md")
     r.add_argument("run_dir")
     r.add_argument("--out", help="HTML path (default RUN_DIR/report.html)")
@@ -220,6 +225,9 @@ def _audit(args: argparse.Namespace) -> int:
     if args.audit_command == "verify":
         from confide.audit.verify import run as verify
         return verify(args)
+    if args.audit_command == "partner":
+        from confide.audit.partner import run as partner
+        return partner(args)
     if args.audit_command == "report":
         from confide.audit.report import write_report
         from confide.audit.verify import not_a_run

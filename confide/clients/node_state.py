@@ -8,6 +8,7 @@ copy wins on restart, so a restarted node never forgets spent budget.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,20 @@ from flwr.app import ConfigRecord, Context
 
 from confide import wire as W
 from confide.privacy.accountant import PartnerAccountant
-from confide.privacy.receipts import pseudonym_of
+from confide.privacy.receipts import (
+    CountersignedHead,
+    PartnerRunRecord,
+    Receipt,
+    pseudonym_of,
+    sign_head,
+)
 from confide.run_layout import atomic_write_text
 
 STATE_RECORD = "confide-node-state"
 STATE_FILE = "node_state.json"
 MAX_PENDING = 256  # unacknowledged receipts a node keeps per run (one per round trained)
 MAX_PENDING_RUNS = 8  # runs whose unacknowledged receipts a node keeps
+MAX_RECORD_RUNS = 16  # runs whose record (receipts, countersigned heads) a node keeps
 
 
 @dataclass
@@ -41,9 +49,14 @@ class NodeState:
     # recorded in its ledger (run key -> receipts, oldest first). A reply can be lost (the
     # server died before recording it, or the reply never arrived); the spend was real all
     # the same. The node attaches these to its next reply in that run, whatever round that
-    # is (a resumed run included), and the server records the ones its ledger lacks; each
-    # train message acknowledges what the ledger holds, and those are forgotten here.
+    # is (a resumed run included), and the server records the ones its ledger lacks. Each
+    # train message acknowledges what the ledger holds and where; a receipt is forgotten
+    # here only once the node countersigns a chain head at or after that entry (the
+    # server's word alone is not enough: the countersigned head commits it).
     pending: dict[str, list[str]] = field(default_factory=dict)
+    # The node's own record of each run (run key -> its receipts and the chain heads it
+    # countersigned), kept after the run for `confide audit partner`.
+    records: dict[str, PartnerRunRecord] = field(default_factory=dict)
 
     def status(self, code: str, detail: str, **extra: float) -> ConfigRecord:
         """The STATUS record of every reply: outcome, and who answers (partner, key)."""
@@ -51,14 +64,21 @@ class NodeState:
                              W.PARTNER: self.pseudonym, W.PUBLIC_KEY: self.public_key.hex(),
                              **extra})
 
-    def unrecorded_receipts(self, run_key: str, acknowledged: set[str] | None) -> list[str]:
-        """Receipts of run `run_key` its server has not acknowledged, oldest first.
-        `acknowledged`: `wire.receipt_ack_name`s the server says its ledger holds for this
-        partner (None: it did not say, so every pending one is re-sent)."""
+    def unrecorded_receipts(self, run_key: str,
+                            acknowledged: Mapping[str, int] | Set[str] | None,
+                            countersigned: int | None = None) -> list[str]:
+        """Receipts of run `run_key` not yet known to be inside a chain head this node
+        countersigned, oldest first (what the next reply re-sends). `acknowledged`:
+        `wire.receipt_ack_name` -> index of the ledger entry the server says holds it (a
+        bare set of names, as servers of earlier versions send, forgets nothing);
+        `countersigned`: the index of the head this node countersigns in the same reply.
+        A receipt is forgotten when its entry is at or before that head."""
         kept = self.pending.get(run_key, [])
-        if acknowledged is not None:
-            kept = [r for r in kept if W.receipt_ack_name(
-                str(json.loads(r).get("signature", ""))) not in acknowledged]
+        if isinstance(acknowledged, Mapping) and countersigned is not None:
+            def covered(receipt_json: str) -> bool:
+                name = W.receipt_ack_name(str(json.loads(receipt_json).get("signature", "")))
+                return name in acknowledged and acknowledged[name] <= countersigned
+            kept = [r for r in kept if not covered(r)]
             self._set_pending(run_key, kept)
         return list(kept)
 
@@ -67,6 +87,22 @@ class NodeState:
         # node's state without end; the node's own accountant keeps every spend regardless
         self._set_pending(run_key, [*self.pending.get(run_key, []), receipt_json]
                           [-MAX_PENDING:])
+        self._record(run_key).add_receipt(json.loads(receipt_json))
+
+    def countersign(self, run_key: str, index: int, entry_hash: str, round_: int) -> Receipt:
+        """Countersign run `run_key`'s ledger head as this round's message names it, and
+        keep it in the run's record."""
+        signed = sign_head(run=run_key, index=index, entry_hash=entry_hash, round_=round_,
+                           private_key=self.signing_key)
+        self._record(run_key).add_head(CountersignedHead(index, entry_hash, round_))
+        return signed
+
+    def _record(self, run_key: str) -> PartnerRunRecord:
+        record = self.records.pop(run_key, None) or PartnerRunRecord()
+        # the runs touched most recently last; the oldest are let go
+        self.records = {**dict(list(self.records.items())[-(MAX_RECORD_RUNS - 1):]),
+                        run_key: record}
+        return record
 
     def _set_pending(self, run_key: str, receipts: list[str]) -> None:
         others = {k: v for k, v in self.pending.items() if k != run_key}
@@ -97,7 +133,8 @@ class NodeState:
         return json.dumps({"accountant": self.accountant.state_dict(), "key": key.hex(),
                            "noise_multiplier": self.noise_multiplier,
                            "noise_run": self.noise_run,
-                           "handled": self.handled, "pending_receipts": self.pending})
+                           "handled": self.handled, "pending_receipts": self.pending,
+                           "run_records": {k: v.to_json() for k, v in self.records.items()}})
 
     @classmethod
     def from_json(cls, text: str, delta: float, max_epsilon: float) -> NodeState:
@@ -110,7 +147,10 @@ class NodeState:
             noise_multiplier=data.get("noise_multiplier"),
             noise_run=str(data.get("noise_run", "")),
             handled=list(data.get("handled", [])),
-            pending=_pending_of(data))
+            pending=_pending_of(data),
+            # absent in state files of earlier versions: no record of their runs
+            records={str(k): PartnerRunRecord.from_json(v)
+                     for k, v in data.get("run_records", {}).items()})
 
 
 def _pending_of(data: dict[str, Any]) -> dict[str, list[str]]:

@@ -23,6 +23,11 @@ leaves at most one torn last line, which `Ledger.open` detects (and, when asked,
 aside) instead of silently continuing after it. Deleting entries at the end cannot be
 seen from the chain alone: the audit checks `run_finished` against `summary.json` and the
 final model digest against the model file for that.
+
+The server holds the signing key, so the chain is tamper-evident only against others: a
+server can rewrite and re-sign it. Partners therefore countersign the chain head in every
+round they take part in (`head_countersigned` entries; confide.privacy.receipts.sign_head)
+and keep what they signed; `confide audit partner` compares their record with the chain.
 """
 
 from __future__ import annotations
@@ -295,6 +300,21 @@ class Ledger:
     @property
     def entries(self) -> list[dict[str, Any]]:
         return list(self._entries)
+
+    def head(self) -> tuple[int, str] | None:
+        """(index, entry_hash) of the last entry: what partners countersign. None while
+        the ledger is empty."""
+        with self._lock:
+            if not self._entries:
+                return None
+            return self._next_index - 1, self._prev_hash
+
+    def entry_hash_at(self, index: int) -> str | None:
+        """The entry_hash of entry `index`, None when there is no such entry."""
+        with self._lock:
+            if isinstance(index, bool) or not 0 <= index < len(self._entries):
+                return None
+            return str(self._entries[index]["entry_hash"])
 
     @classmethod
     def create(cls, path: Path | str, signing_key: Ed25519PrivateKey) -> Ledger:

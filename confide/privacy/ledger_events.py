@@ -39,10 +39,12 @@ ROUND_COMPLETED = "round_completed"
 RUN_RESUMED = "run_resumed"
 RUN_FINISHED = "run_finished"
 RUN_INTERRUPTED = "run_interrupted"
+HEAD_COUNTERSIGNED = "head_countersigned"
 
 EVENT_TYPES: tuple[str, ...] = (
     RUN_STARTED, ROUND_CONFIGURED, EXAMPLE_DP, CLIENT_DP, SECURE_AGGREGATION, BUDGET_REFUSAL,
-    MODEL_DIGEST, ROUND_COMPLETED, RUN_RESUMED, RUN_FINISHED, RUN_INTERRUPTED)
+    MODEL_DIGEST, ROUND_COMPLETED, RUN_RESUMED, RUN_FINISHED, RUN_INTERRUPTED,
+    HEAD_COUNTERSIGNED)
 
 def weights_digest(arrays: Mapping[str, Any]) -> str:
     """SHA-256 (hex) of the safetensors serialisation of `arrays` (name -> numpy array).
@@ -404,10 +406,36 @@ class RunInterrupted(LedgerEvent):
                    reason=_str(k, "reason", _get(k, payload, "reason")))
 
 
+@dataclass(frozen=True)
+class HeadCountersigned(LedgerEvent):
+    """A partner's countersignature of the chain as the server showed it in `round`: entry
+    `index` had hash `hash` (confide.privacy.receipts.sign_head, attached as
+    `countersignature`). The server cannot re-sign a rewritten chain under it; the partner
+    keeps the head it signed and `confide audit partner` compares the published chain."""
+
+    TYPE: ClassVar[str] = HEAD_COUNTERSIGNED
+    round: int
+    partner: str
+    index: int
+    hash: str
+    countersignature: dict[str, Any]
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> HeadCountersigned:
+        k = cls.TYPE
+        return cls(round=_int(k, "round", _get(k, payload, "round"), lo=1),
+                   partner=_str(k, "partner", _get(k, payload, "partner")),
+                   index=_int(k, "index", _get(k, payload, "index"), lo=0),
+                   hash=_hex(k, "hash", _get(k, payload, "hash"), 64),
+                   countersignature=_dict(k, "countersignature",
+                                          _get(k, payload, "countersignature")))
+
+
 EVENT_CLASSES: dict[str, type[LedgerEvent]] = {
     cls.TYPE: cls for cls in (RunStarted, RoundConfigured, ExampleDpEvent, ClientDpEvent,
                               SecureAggregationEvent, BudgetRefusal, ModelDigest,
-                              RoundCompleted, RunResumed, RunFinished, RunInterrupted)}
+                              RoundCompleted, RunResumed, RunFinished, RunInterrupted,
+                              HeadCountersigned)}
 
 
 def parse_payload(event_type: str, payload: Mapping[str, Any]) -> LedgerEvent:

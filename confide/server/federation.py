@@ -288,8 +288,11 @@ class Federation:
         assert self.ledger is not None
         t0 = time.perf_counter()
         crash_point("before-sampling", server_round, run_dir=self.folder.root)
+        # the ledger's head as the round starts: each partner that takes part countersigns it
+        head_index, head_hash = self.ledger.head() or (-1, "")
         config = ConfigRecord({**self.cfg.to_dict(), W.FROZEN_DIGEST: self.frozen_digest,
-                               W.RUN_KEY: self.ledger.public_key_hex})
+                               W.RUN_KEY: self.ledger.public_key_hex,
+                               W.LEDGER_HEAD_INDEX: head_index, W.LEDGER_HEAD_HASH: head_hash})
         outcome = self.aggregation.run_round(server_round, config)
         for event in outcome.events:
             self.ledger.append(event)

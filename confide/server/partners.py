@@ -29,7 +29,13 @@ from confide.privacy.mechanisms import (
     SharedNoiseSampledGaussian,
     example_level_from_json,
 )
-from confide.privacy.receipts import Receipt, verify_receipt
+from confide.privacy.receipts import (
+    Receipt,
+    receipt_binding,
+    update_digest,
+    verify_head,
+    verify_receipt,
+)
 from confide.privacy.refusals import refusal_mismatches, verify_refusal
 from confide.server.recovery import EveryPartnerFailed, NoBudgetLeft, no_budget_message
 from confide.server.replies import (
@@ -115,9 +121,13 @@ class PartnerBook:
         self.records: dict[str, PartnerRecord] = {}
         self.node_partner: dict[int, str] = {}  # Flower node id -> partner, for logs
         # signatures of the example-level receipts this run's ledger holds, and per partner
-        # their acknowledgement names (what a train message tells the node is recorded)
+        # their acknowledgement names -> the ledger index holding each (what a train
+        # message tells the node is recorded, and where)
         self.signatures: set[str] = set()
-        self.acknowledged: dict[str, list[str]] = {}
+        self.acknowledged: dict[str, dict[str, int]] = {}
+        # round -> digest of the global weights its train messages carried: a receipt binds
+        # the model its partner trained from
+        self.model_sent: dict[int, str] = {}
         # node -> the last round it was sent a train message / its reply was recorded in
         # (a receipt or a refusal): a node sent more than recorded may hold a lost receipt
         self.last_sent: dict[int, int] = {}
@@ -144,6 +154,7 @@ class PartnerBook:
             partner = self._partner(r)
             out.partner_of[r.node] = self.node_partner[r.node] = partner.pseudonym
             self.last_recorded[r.node] = server_round
+            self._record_countersignature(ledger, server_round, partner, r.reply)
             if r.kind == REFUSED:
                 self._record_refusal(ledger, server_round, partner, r, out)
             elif r.kind == FAILED:
@@ -222,7 +233,7 @@ class PartnerBook:
         (its privacy spend could not be audited)."""
         try:
             receipt = self._checked_receipt(str(reply.content[W.RECEIPT][W.RECEIPT_JSON]),
-                                            server_round, partner)
+                                            server_round, partner, run=ledger.public_key_hex)
         except (KeyError, ValueError, json.JSONDecodeError) as exc:
             log(WARNING, "round %d: partner %s: invalid DP receipt (%s); update dropped",
                 server_round, partner.pseudonym, exc)
@@ -233,17 +244,48 @@ class PartnerBook:
                 "update dropped", server_round, partner.pseudonym)
             return False
         self._append_receipt(ledger, partner, receipt)
+        unpaid = self._unpaid_update(server_round, receipt, reply)
+        if unpaid:
+            # the partner spent its budget all the same: the receipt stays in the ledger
+            log(WARNING, "round %d: partner %s: %s; its spend is recorded, its update "
+                "dropped", server_round, partner.pseudonym, unpaid)
+            return False
         return True
+
+    def _unpaid_update(self, server_round: int, receipt: Receipt, reply: Message) -> str:
+        """Why the reply's update is not the one its receipt paid for ("" when it is, or
+        when the receipt, of an earlier version, binds no update): another update, or an
+        update trained from another model than this round's."""
+        bound = receipt_binding(receipt)
+        if bound is None:
+            return ""
+        if W.MASKED in reply.content.array_records:
+            sent: str | None = update_digest(
+                {"vector": reply.content[W.MASKED]["vector"].numpy()})
+        elif W.ARRAYS in reply.content.array_records:
+            sent = update_digest(W.from_array_record(reply.content[W.ARRAYS]))
+        else:
+            sent = None
+        if bound.update_sha256 != sent:
+            return "the update received is not the one its receipt paid for"
+        model = self.model_sent.get(server_round)
+        if model is not None and bound.model_sha256 != model:
+            return "its receipt says it trained from another model than this round's"
+        return ""
 
     @staticmethod
     def _checked_receipt(text: str, server_round: int, partner: PartnerRecord, *,
-                         rounds: int | None = None) -> Receipt:
+                         rounds: int | None = None, run: str | None = None) -> Receipt:
         """The partner's signed receipt for this round (with `rounds`: for any round
-        1..rounds of the run), or ValueError/KeyError saying why not."""
+        1..rounds of the run) of run `run` (the ledger key; receipts of earlier versions
+        name none), or ValueError/KeyError saying why not."""
         receipt = Receipt.from_dict(json.loads(text))
         verify_receipt(receipt)
         if receipt.public_key_hex != partner.public_key:
             raise ValueError("receipt signed by another key than the partner's")
+        bound = receipt_binding(receipt)
+        if run is not None and bound is not None and bound.run != run:
+            raise ValueError(f"receipt is for another run ({bound.run[:16]}…)")
         claim = receipt.payload
         if claim["partner"] != partner.pseudonym:
             raise ValueError("receipt is for another partner")
@@ -260,12 +302,40 @@ class PartnerBook:
         event = E.ExampleDpEvent.from_receipt(receipt, recorded_in_round)
         partner.accountant = event.accountant
         partner.add_mechanism(event.mechanism, event.delta)
-        ledger.append(event)
-        self._index_receipt(partner.pseudonym, receipt.signature_hex)
+        entry = ledger.append(event)
+        self._index_receipt(partner.pseudonym, receipt.signature_hex, int(entry["index"]))
 
-    def _index_receipt(self, partner: str, signature_hex: str) -> None:
+    def _index_receipt(self, partner: str, signature_hex: str, index: int) -> None:
         self.signatures.add(signature_hex)
-        self.acknowledged.setdefault(partner, []).append(W.receipt_ack_name(signature_hex))
+        self.acknowledged.setdefault(partner, {})[W.receipt_ack_name(signature_hex)] = index
+
+    # -- countersigned chain heads ---------------------------------------------------
+    def _record_countersignature(self, ledger: Ledger, server_round: int,
+                                 partner: PartnerRecord, reply: Message) -> None:
+        """The partner's countersignature of the ledger head its train message named, in
+        the ledger (head_countersigned), when it holds: signed by the partner's key, for
+        this run, naming an entry of this ledger with its hash. Nodes of earlier versions
+        send none."""
+        record = reply.content.config_records.get(W.RECEIPT)
+        text = None if record is None else record.get(W.RECEIPT_HEAD)
+        if not text:
+            return
+        try:
+            signed = verify_head(Receipt.from_json(str(text)))
+            head = signed.payload
+            if signed.public_key_hex != partner.public_key:
+                raise ValueError("countersigned by another key than the partner's")
+            if head["run"] != ledger.public_key_hex:
+                raise ValueError("it countersigns another run's ledger")
+            if ledger.entry_hash_at(head["index"]) != head["hash"]:
+                raise ValueError(f"entry {head['index']} of this ledger has another hash")
+        except (KeyError, ValueError) as exc:
+            log(WARNING, "round %d: partner %s: invalid countersignature of the ledger head "
+                "(%s); not recorded", server_round, partner.pseudonym, exc)
+            return
+        ledger.append(E.HeadCountersigned(
+            round=server_round, partner=partner.pseudonym, index=int(head["index"]),
+            hash=str(head["hash"]), countersignature=signed.to_dict()))
 
     def _record_earlier_receipts(self, ledger: Ledger, server_round: int,
                                  partner: PartnerRecord, reply: Message) -> list[int]:
@@ -285,7 +355,8 @@ class PartnerBook:
         for text in json.loads(str(earlier)):
             try:
                 receipt = self._checked_receipt(str(text), server_round, partner,
-                                                rounds=self.cfg.rounds)
+                                                rounds=self.cfg.rounds,
+                                                run=ledger.public_key_hex)
             except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
                 log(WARNING, "round %d: partner %s: invalid receipt of an earlier reply "
                     "(%s); not recorded", server_round, partner.pseudonym, exc)
@@ -303,18 +374,25 @@ class PartnerBook:
         return rounds
 
     def prepare_train(self, message: Message, server_round: int) -> None:
-        """A train message about to go out: note it, and tell its node which of its
-        partner's receipts the ledger holds, so it stops re-sending them (nothing when its
-        partner is not known yet: the node then re-sends what it holds, and the ledger's
-        copies are skipped)."""
+        """A train message about to go out: note it (and the model it carries), and tell its
+        node which of its partner's receipts the ledger holds and at which entries, so it
+        stops re-sending them once it countersigns a head that covers them (nothing when
+        its partner is not known yet: the node then re-sends what it holds, and the
+        ledger's copies are skipped)."""
         node = message.metadata.dst_node_id
         self.last_sent[node] = server_round
+        if server_round not in self.model_sent and W.ARRAYS in message.content.array_records:
+            self.model_sent[server_round] = E.weights_digest(
+                W.from_array_record(message.content[W.ARRAYS]))
         partner = self.node_partner.get(node)
         if partner is not None:
-            # a copy: a strategy's messages of one round share one content object
+            held = self.acknowledged.get(partner, {})
+            # a copy: a strategy's messages of one round share one content object; the bare
+            # list is what nodes of earlier versions read
             message.content = RecordDict({
                 **dict(message.content.items()), W.RECORDED: ConfigRecord(
-                    {W.ACKNOWLEDGED: json.dumps(self.acknowledged.get(partner, []))})})
+                    {W.ACKNOWLEDGED: json.dumps(list(held)),
+                     W.ACKNOWLEDGED_AT: json.dumps(held)})})
 
     def unanswered_nodes(self) -> set[int]:
         """Nodes sent a train message whose reply this server did not record: each may
@@ -352,7 +430,8 @@ class PartnerBook:
                 continue
             event = E.ExampleDpEvent.from_payload(entry["payload"])
             if event.receipt is not None:
-                self._index_receipt(event.partner, str(event.receipt.get("signature")))
+                self._index_receipt(event.partner, str(event.receipt.get("signature")),
+                                    int(entry["index"]))
             mechanisms.setdefault(event.partner, []).append(event.mechanism)
             partner = self.records.get(event.partner)
             if partner is None and event.receipt is not None:

@@ -35,6 +35,15 @@ def resign(run_dir: Path, ledger: list[Entry]) -> None:
     (run_dir / "ledger.jsonl").write_bytes(b"".join(canonical_json(e) + b"\n" for e in ledger))
 
 
+def resign_from(run_dir: Path, ledger: list[Entry], changed_at: int) -> None:
+    """Re-sign a ledger edited from entry `changed_at` on, leaving out the partners'
+    countersignatures of entries from there on (they no longer name an entry of the
+    rewritten chain, and the server cannot re-sign them; those of earlier entries still
+    verify and stay)."""
+    resign(run_dir, [e for e in ledger if not (e["type"] == "head_countersigned"
+                                               and e["payload"]["index"] >= changed_at)])
+
+
 def restate_outputs(run_dir: Path) -> None:
     """summary.json and metrics.jsonl rewritten to what the (rewritten) ledger replays to:
     the run's published epsilons then agree with its ledger again."""
@@ -103,9 +112,7 @@ def fork(run_dir: Path, round_: int) -> None:
     at = next(i for i, e in enumerate(ledger) if e["type"] == E.ROUND_COMPLETED
               and e["payload"]["round"] == round_)
     ledger[at]["payload"]["accuracy"] = 1.0
-    ledger = [e for e in ledger if not (e["type"] == "head_countersigned"
-                                        and e["payload"]["index"] >= at)]
-    resign(run_dir, ledger)
+    resign_from(run_dir, ledger, at)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         if row["round"] == round_:

@@ -5,6 +5,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from confide.clients.node_state import (
+    MAX_RECORD_RUNS,
     STATE_FILE,
     load_node_state,
     node_state_dir,
@@ -12,6 +13,7 @@ from confide.clients.node_state import (
 )
 from confide.privacy.accountant import Spend
 from confide.privacy.mechanisms import SampledGaussian
+from confide.privacy.receipts import CountersignedHead, verify_head
 
 
 def context(node_config: dict) -> Context:
@@ -64,7 +66,7 @@ def _receipt(signature: str) -> str:
     return json.dumps({"payload": {"round": 1}, "public_key": "k", "signature": signature})
 
 
-def test_unacknowledged_receipts_are_kept_per_run_until_the_server_acknowledges(
+def test_receipts_are_kept_per_run_until_a_countersigned_head_covers_them(
         tmp_path: Path) -> None:
     ctx = context({"state-dir": str(tmp_path)})
     state = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=tmp_path)
@@ -77,11 +79,39 @@ def test_unacknowledged_receipts_are_kept_per_run_until_the_server_acknowledges(
                             max_epsilon=5.0, state_dir=tmp_path)
     # no acknowledgement (the server does not know this node yet): everything is re-sent
     assert again.unrecorded_receipts("run-a", None) == [a1, a2]
-    # the server names what its ledger holds by the start of each signature
-    assert again.unrecorded_receipts("run-a", {"aa" * 8}) == [a2]
-    assert again.unrecorded_receipts("run-a", {"ab" * 8}) == []
+    # the server's bare word (a list of names, as earlier versions sent) forgets nothing
+    assert again.unrecorded_receipts("run-a", {"aa" * 8, "ab" * 8}) == [a1, a2]
+    # acknowledged at ledger entries 5 and 9; without a countersigned head: still kept
+    acked = {"aa" * 8: 5, "ab" * 8: 9}
+    assert again.unrecorded_receipts("run-a", acked) == [a1, a2]
+    # the node countersigns head 7: entry 5 is inside it, entry 9 is not yet
+    assert again.unrecorded_receipts("run-a", acked, 7) == [a2]
+    assert again.unrecorded_receipts("run-a", acked, 9) == []
     # another run's receipts are untouched (that run may still be resumed)
     assert again.unrecorded_receipts("run-b", None) == [b1]
+    # forgetting a pending receipt keeps it in the node's record of its run
+    assert [r["signature"] for r in again.records["run-a"].receipts] == ["aa" * 64,
+                                                                        "ab" * 64]
+
+
+def test_the_record_of_a_run_keeps_receipts_and_countersigned_heads(
+        tmp_path: Path) -> None:
+    ctx = context({"state-dir": str(tmp_path)})
+    state = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=tmp_path)
+    run, head = "ab" * 32, "cd" * 32
+    signed = state.countersign(run, 4, head, 2)
+    assert verify_head(signed).payload == {"kind": "ledger_head", "run": run, "index": 4,
+                                           "hash": head, "round": 2,
+                                           "partner": state.pseudonym}
+    state.countersign(run, 4, head, 2)  # a re-sent round: recorded once
+    save_node_state(ctx, state, tmp_path)
+    again = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=tmp_path)
+    assert again.records[run].heads == [CountersignedHead(4, head, 2)]
+    # a node keeps the record of its most recent runs only
+    for i in range(MAX_RECORD_RUNS + 2):
+        again.countersign(f"{i:064x}", 0, head, 1)
+    assert len(again.records) == MAX_RECORD_RUNS and run not in again.records
+    assert f"{MAX_RECORD_RUNS + 1:064x}" in again.records
 
 
 def test_receipts_of_an_earlier_version_state_file_are_kept(tmp_path: Path) -> None:
@@ -89,7 +119,7 @@ def test_receipts_of_an_earlier_version_state_file_are_kept(tmp_path: Path) -> N
     ctx = context({"state-dir": str(tmp_path)})
     state = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=tmp_path)
     data = json.loads(state.to_json())
-    del data["pending_receipts"]
+    del data["pending_receipts"], data["run_records"]
     data.update({"attempt_round": "run-a/3", "attempt_receipts": [_receipt("cc" * 64)]})
     (tmp_path / STATE_FILE).write_text(json.dumps(data))
     again = load_node_state(ctx, delta=1e-5, max_epsilon=5.0, state_dir=tmp_path)

@@ -168,3 +168,22 @@ def test_typed_events_round_trip() -> None:
         assert ev.parse_payload(e.TYPE, payload) == e
     with pytest.raises(ev.PayloadError, match="exceeds population"):
         ev.ClientDpEvent.from_payload({**events[0].to_payload(), "sampled": 11})
+
+
+def test_the_head_partners_countersign_and_its_entry(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    key = generate_key()
+    with Ledger.create(path, key) as led:
+        assert led.head() is None and led.entry_hash_at(0) is None
+        first = _start(led)
+        assert led.head() == (0, first["entry_hash"])
+        countersigned = led.append(ev.HeadCountersigned(
+            round=1, partner="p-000000000001", index=0, hash=first["entry_hash"],
+            countersignature={"payload": {}, "public_key": "", "signature": ""}))
+        assert led.head() == (1, countersigned["entry_hash"])
+        assert led.entry_hash_at(0) == first["entry_hash"]
+        assert led.entry_hash_at(2) is None and led.entry_hash_at(-1) is None
+    with Ledger.open(path, key) as again:  # resumed: the same head
+        assert again.head() == (1, countersigned["entry_hash"])
+    with pytest.raises(ev.PayloadError, match="hash"):
+        ev.parse_payload(ev.HEAD_COUNTERSIGNED, {**countersigned["payload"], "hash": "x"})

@@ -7,7 +7,12 @@ from confide.audit.checks.base import REL_TOLERANCE, CheckResult, close
 from confide.audit.checks.loaded_run import LoadedRun
 from confide.privacy import ledger_events as ev
 from confide.privacy.mechanisms import SampledGaussian
-from confide.privacy.receipts import ReceiptError, mismatches, verify_receipt
+from confide.privacy.receipts import (
+    ReceiptError,
+    mismatches,
+    receipt_binding,
+    verify_receipt,
+)
 from confide.privacy.refusals import (
     lifetime_spends,
     refusal_mismatches,
@@ -24,7 +29,7 @@ def check_receipts(run: LoadedRun) -> CheckResult:
     pseudonym is the partner, with the same numbers as the ledger; every signed budget
     refusal is valid, agrees with its entry and names this run."""
     c = CheckResult("receipts")
-    count = 0
+    count = unbound = 0
     for i, e in run.events:
         if not isinstance(e, ev.ExampleDpEvent):
             continue
@@ -34,9 +39,14 @@ def check_receipts(run: LoadedRun) -> CheckResult:
         try:
             verify_receipt(e.receipt)
             bad = mismatches(e.receipt, e.to_payload())
+            bound = receipt_binding(e.receipt)
         except ReceiptError as exc:
             c.add(f"receipt of partner {e.partner} round {e.round}: {exc}", i)
             continue
+        if bound is None:
+            unbound += 1
+        elif bound.run != run.run_key:
+            bad.append(f"it is signed for another run ({bound.run[:16]}…)")
         if bad:
             c.add(f"ledger differs from the partner's signed receipt: {'; '.join(bad)}", i)
         count += 1
@@ -56,6 +66,9 @@ def check_receipts(run: LoadedRun) -> CheckResult:
                   f"{'; '.join(bad)}", i)
         count += 1
     c.detail = f"{count} receipts valid"
+    if unbound:
+        c.detail += (f"; {unbound} of an earlier version, bound to no run, update or model "
+                     "(produced without those guarantees)")
     return c
 
 

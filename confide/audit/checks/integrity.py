@@ -8,6 +8,7 @@ from confide.audit.checks.loaded_run import LoadedRun
 from confide.config import config_digest
 from confide.privacy import ledger_events as ev
 from confide.privacy.ledger import as_public_key, public_key_hex, verify_chain
+from confide.privacy.receipts import ReceiptError, verify_head
 
 
 def check_chain(run: LoadedRun) -> CheckResult:
@@ -34,7 +35,34 @@ def check_chain(run: LoadedRun) -> CheckResult:
         return c
     c.problems.extend(verify_chain(run.lines, key))
     c.detail = f"{len(run.lines)} entries; key {public_key_hex(key)[:16]}… from {run.key_source}"
+    heads = _check_countersignatures(run, c)
+    c.detail += (f"; {heads} chain heads countersigned by partners" if heads else
+                 "; no chain head countersigned by a partner (an earlier version, or no "
+                 "partner took part): only the server's signature stands behind it")
     return c
+
+
+def _check_countersignatures(run: LoadedRun, c: CheckResult) -> int:
+    """Each head_countersigned holds the partner's valid countersignature of this run's
+    chain, naming an earlier entry with that entry's hash. Returns how many there are."""
+    count = 0
+    for i, e in run.events:
+        if not isinstance(e, ev.HeadCountersigned):
+            continue
+        count += 1
+        try:
+            signed = verify_head(e.countersignature).payload
+        except ReceiptError as exc:
+            c.add(f"countersignature of partner {e.partner}: {exc}", i)
+            continue
+        named = (signed.get("partner"), signed.get("index"), signed.get("hash"))
+        if named != (e.partner, e.index, e.hash) or signed.get("run") != run.run_key:
+            c.add(f"head_countersigned of partner {e.partner} differs from what the partner "
+                  "signed (partner, index, hash or run)", i)
+        elif e.index >= i or (run.lines[e.index].entry or {}).get("entry_hash") != e.hash:
+            c.add(f"partner {e.partner} countersigned entry {e.index} with another hash "
+                  "than the chain's (the chain was rewritten after it)", i)
+    return count
 
 
 def check_payloads(run: LoadedRun) -> CheckResult:
