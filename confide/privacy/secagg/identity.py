@@ -95,6 +95,32 @@ def directory_graph_seed(session_id: bytes, round_number: int,
     return h.digest()
 
 
+def roster_line(identity: bytes, name: str = "") -> str:
+    """One roster line: the raw public key in hex, then (ignored by readers) a name."""
+    return f"{identity.hex()} {name}".rstrip()
+
+
+def parse_roster(text: str, where: str = "roster") -> frozenset[bytes]:
+    """Identities of a roster file: one hex Ed25519 public key per line, anything after it
+    on the line (a name) and lines starting with # ignored."""
+    out: set[bytes] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        try:
+            key = bytes.fromhex(words[0])
+        except ValueError:
+            key = b""
+        if len(key) != IDENTITY_BYTES:
+            raise ValueError(f"{where} line {number}: {words[0][:20]!r} is not a "
+                             f"{IDENTITY_BYTES}-byte public key in hex")
+        out.add(key)
+    if not out:
+        raise ValueError(f"{where} lists no partner")
+    return frozenset(out)
+
+
 @dataclass(frozen=True)
 class Roster:
     """The federation's partner list as one partner holds it, and that partner's floor.
