@@ -97,7 +97,8 @@ class VerifyResult:
     # smallest partner), a guarantee one published record could meet; said wherever the
     # guarantee is stated
     large_delta: bool = False
-    target_epsilon: float | None = None  # the run's target-epsilon, from run_started
+    # the run's target-epsilon (run_started), where its noise was calibrated to reach it
+    target_epsilon: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -179,11 +180,14 @@ def verdict(run: LoadedRun, results: Sequence[CheckResult]) -> VerifyResult:
         if isinstance(e, ev.ExampleDpEvent):
             claimed[e.partner] = e.epsilon_claimed
     large = bool(recorded_value(run.config, "allow-large-delta")) if run.config else False
+    # a target only where the noise was calibrated to it (noise-multiplier 0) under DP
+    target = _number(recorded_value(run.config, "target-epsilon")) if run.config and \
+        recorded_value(run.config, "noise-multiplier") == 0 and \
+        recorded_value(run.config, "example-dp") else None
     return VerifyResult(run.run_dir, list(results), [line.entry for line in run.lines],
                         run.replay.example, run.replay.client, claimed,
                         run.rounds.rounds_completed, run.finished, run.planned_rounds,
-                        run.delta, large, _number(recorded_value(run.config, "target-epsilon"))
-                        if run.config else None)
+                        run.delta, large, target)
 
 
 def verify_run(run_dir: Path | str, public_key: Any = None, *, pld: bool = True,
@@ -253,10 +257,11 @@ def delta_statement(delta: float | None, large_delta: bool) -> str:
     """How a guarantee line states delta: the ledger's value and, for a run started with
     allow-large-delta, that it was allowed at or above 1/(rows of the smallest partner)."""
     text = f"delta = {delta:g} from the ledger" if delta is not None else "delta from the ledger"
-    if large_delta:
-        text += (" (allow-large-delta = true: delta may be >= 1/(rows of the smallest "
-                 "partner), a guarantee that publishing one record could meet)")
-    return text
+    return text + (f" ({LARGE_DELTA_NOTE})" if large_delta else "")
+
+
+LARGE_DELTA_NOTE = ("allow-large-delta = true: delta may be >= 1/(rows of the smallest "
+                    "partner), a guarantee that publishing one record could meet")
 
 
 def over_target(epsilons: dict[str, float], target: float | None) -> dict[str, float]:

@@ -52,6 +52,8 @@ from confide.server.recovery import (
     ResumeRefused,
     StopRequest,
     check_resume,
+    complete_recorded_round,
+    round_record,
     write_failure,
 )
 from confide.server.run_folder import RunFolder
@@ -244,6 +246,8 @@ class Federation:
         random.setstate(ast.literal_eval(state["python_random"]))
         self.rounds_completed = round_
         self.folder.truncate_metrics(round_)
+        for recorded in complete_recorded_round(self.folder, self.ledger, round_, state):
+            log(INFO, "Confide: resume recorded %s", recorded)
         rows = self.folder.read_metrics()
         self.last_metrics = rows[-1] if rows else {}
         self.book.account_unfinished_rounds(self.ledger.entries)
@@ -325,13 +329,17 @@ class Federation:
             "refused": [p.pseudonym for p in partners if server_round in p.refused],
             **outcome.metrics,
         }
-        self.ledger.append(E.RoundCompleted(
+        completed = E.RoundCompleted(
             round=server_round, replied=outcome.replied, aggregated=sorted(outcome.aggregated),
-            dropped=outcome.dropped, accuracy=accuracy, loss=loss))
-        self.folder.append_metrics(row)
+            dropped=outcome.dropped, accuracy=accuracy, loss=loss)
         self.rounds_completed = server_round
         self.last_metrics = row
-        self.save_checkpoint()
+        # the checkpoint first, holding the round's closing entry and metrics row: a run
+        # that stops once the ledger records round_completed resumes after this round
+        # (recovery.complete_recorded_round) and never trains it, or spends for it, again
+        self.save_checkpoint(round_record(completed, row))
+        self.ledger.append(completed)
+        self.folder.append_metrics(row)
         log(INFO, "%s", round_line(row, self.cfg.rounds, example_dp=self.cfg.example_dp))
         if self.on_round:
             self.on_round(row)
@@ -371,10 +379,11 @@ class Federation:
                               final=server_round == self.cfg.rounds)
 
     # -- end -------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
-        """The state after `rounds_completed` rounds (0: the run's start)."""
+    def save_checkpoint(self, record: dict[str, Any] | None = None) -> None:
+        """The state after `rounds_completed` rounds (0: the run's start); `record`: the last
+        round's closing entry and metrics row (recovery.round_record)."""
         self.folder.save_checkpoint(self.rounds_completed, self.global_state,
-                                    self.server_state(),
+                                    {**self.server_state(), **(record or {})},
                                     self.inner.optimizer.state_dict()["arrays"])
 
     def server_state(self) -> dict[str, Any]:
@@ -412,6 +421,14 @@ class Federation:
                 "max_epsilon": self.cfg.max_epsilon,
                 "within_max_epsilon": all(p.epsilon <= self.cfg.max_epsilon
                                           for p in self.book.records.values()),
+                # the noise is calibrated to reach target-epsilon in the planned rounds; a
+                # partner above it trained more than planned (e.g. a round run again)
+                "target_epsilon": self.cfg.target_epsilon,
+                "above_target_epsilon": {
+                    p.pseudonym: p.epsilon for p in self.book.records.values()
+                    if self.cfg.example_dp and self.cfg.noise_multiplier == 0
+                    and p.epsilon > self.cfg.target_epsilon * (1 + 1e-9)},
+                "allow_large_delta": self.cfg.allow_large_delta,
                 "accountant": self._accountant_summary(),
                 "accountants": {
                     "example_level": sorted({p.accountant for p in self.book.records.values()})

@@ -1,7 +1,13 @@
 """What must hold before a run is resumed, checked read-only (nothing is written unless
 every check passes): the run is not finished, a checkpoint exists and is readable, the
-configuration is the run's own (differences named by key), and the checkpointed weights
-are those the ledger recorded for that round (model_digest)."""
+configuration is the run's own (differences named by key), the checkpointed weights are
+those the ledger recorded for that round (model_digest), and no round the ledger records
+as completed lies after the checkpoint (resuming would train it, and spend the partners'
+budget, a second time).
+
+A round's checkpoint is written before its round_completed entry and holds that entry and
+the round's metrics row (`round_record`): a run that stopped between them resumes after
+the round, its record completed from the checkpoint (`complete_recorded_round`)."""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import numpy as np
 
 from confide.config import RunConfig
 from confide.privacy import ledger_events as E
-from confide.privacy.ledger import read_lines
+from confide.privacy.ledger import Ledger, read_lines
 from confide.server.run_folder import CheckpointError, RunFolder
 
 # Keys that may differ on resume: `resume` itself, `out` (a run folder may be moved or
@@ -98,13 +104,69 @@ def check_resume(folder: RunFolder, cfg: RunConfig
                  ) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
     """Every check, read-only; returns the checkpoint (round, weights, server state)."""
     if not folder.root.is_dir():
-        raise ResumeRefused(f"--resume: {folder.root} does not exist")
+        raise ResumeRefused(f"--resume: {folder.root} is missing (no such folder)")
     entries = ledger_entries(folder)
     check_not_finished(folder, entries)
     round_, weights, state = folder.load_checkpoint()
     check_configuration(folder, cfg, entries)
     check_checkpoint_digest(folder, round_, weights, state, entries)
+    check_no_recorded_round_after(folder, round_, entries)
     return round_, weights, state
+
+
+def completed_rounds(entries: list[dict[str, Any]]) -> int:
+    """The rounds the ledger records as completed, as the audit walks them: a run_resumed
+    from round k sets aside what was completed after k (those rounds were run again)."""
+    done = 0
+    for entry in entries:
+        payload = entry.get("payload") or {}
+        if entry.get("type") == E.RUN_RESUMED:
+            done = min(done, int(payload.get("from_round", 0)))
+        elif entry.get("type") == E.ROUND_COMPLETED:
+            done = int(payload.get("round", done))
+    return done
+
+
+def check_no_recorded_round_after(folder: RunFolder, round_: int,
+                                  entries: list[dict[str, Any]]) -> None:
+    """A round the ledger completed after the checkpoint's would be trained again on resume:
+    its partners would spend their budget for it twice. (A checkpoint is written before
+    its round's round_completed, so only a folder of an earlier version, or one whose
+    checkpoint was replaced by an older one, can be in this state.)"""
+    done = completed_rounds(entries)
+    if done > round_:
+        raise ResumeRefused(
+            f"the ledger of {folder.root} records round(s) {round_ + 1}..{done} as completed, "
+            f"but its checkpoint holds round {round_}: resuming would train "
+            f"{'that round' if done == round_ + 1 else 'those rounds'} again and spend the "
+            "partners' budget twice; refusing. The run's record stands as it is (`confide "
+            "audit verify` reads it); start a new run with another --out to train further")
+
+
+def round_record(completed: E.RoundCompleted, metrics_row: dict[str, Any]) -> dict[str, Any]:
+    """What a round's checkpoint keeps of the round's record: its round_completed payload
+    and metrics row, written to the ledger and metrics.jsonl right after it."""
+    return {"round_record": {"round": completed.round, "round_completed": completed.to_payload(),
+                             "metrics": metrics_row}}
+
+
+def complete_recorded_round(folder: RunFolder, ledger: Ledger, round_: int,
+                            state: dict[str, Any]) -> list[str]:
+    """On resume from the checkpoint of `round_`: record what the run wrote after that
+    checkpoint and lost when it stopped (disk full, killed): the round's round_completed
+    entry (the ledger holds the round's model_digest, which the checkpoint's weights were
+    checked against) and its metrics row. Returns what was recorded, for the log."""
+    record = state.get("round_record")
+    if not isinstance(record, dict) or record.get("round") != round_ or round_ == 0:
+        return []
+    done: list[str] = []
+    if completed_rounds(ledger.entries) < round_:
+        ledger.append(E.ROUND_COMPLETED, dict(record["round_completed"]))
+        done.append(f"round {round_}'s round_completed (from its checkpoint)")
+    if not any(row.get("round") == round_ for row in folder.read_metrics()):
+        folder.append_metrics(dict(record["metrics"]))
+        done.append(f"round {round_}'s metrics row (from its checkpoint)")
+    return done
 
 
 def describe_checkpoint(folder: RunFolder) -> str:

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from confide import logs
 from confide.audit.report import write_report_after_run
+from confide.audit.verify import LARGE_DELTA_NOTE, over_target_text
 from confide.config import RunConfig
 from confide.privacy.preflight import PreflightRefused, PreflightReport, check, refusal_message
 from confide.server.recovery import (
@@ -279,9 +280,14 @@ def final_table(out: Path, summary: dict[str, Any]) -> Group:
             rdp = second.get(p)
             partners.add_row(p, f"{eps:.3f}", "-" if rdp is None else f"{rdp:.3f}",
                              str(trained), ", ".join(refused[p]) or "-")
-    partners.caption = (f"delta = {priv['delta']}; example-level DP per partner, add/remove-one-"
-                        f"record adjacency, cumulative over the run; {priv['accountant']}. "
-                        f"Check it: confide audit verify {out}")
+    large = f" ({LARGE_DELTA_NOTE})" if priv.get("allow_large_delta") else ""
+    partners.caption = (f"delta = {priv['delta']}{large}; example-level DP per partner, "
+                        f"add/remove-one-record adjacency, cumulative over the run; "
+                        f"{priv['accountant']}. Check it: confide audit verify {out}")
+    above = priv.get("above_target_epsilon") or {}
+    if above:  # said in words, below the numbers: the run spent more than it planned
+        return Group(rounds, partners, Text(over_target_text(above, priv["target_epsilon"]),
+                                            style="bold red"))
     return Group(rounds, partners)
 
 

@@ -62,9 +62,12 @@ STAGES = {
     "before-sampling:2": False,
     "after-replies:2": True,  # replies in memory, none recorded
     "mid-aggregation:2": True,  # receipts recorded, aggregate not applied
-    "mid-checkpoint:2": True,  # round recorded, checkpoint weights in a temp file only
+    "mid-checkpoint:2": True,  # round not closed yet, checkpoint weights in a temp file
     "ledger-append:2:example_dp": True,  # a partner's signed receipt half written
-    "ledger-append:2:round_completed": True,  # the round's closing entry half written
+    # the round's closing entry half written: its checkpoint (written just before, holding
+    # that entry and the metrics row) is complete, so resume records the round from it and
+    # never trains it again
+    "ledger-append:2:round_completed": False,
 }
 
 

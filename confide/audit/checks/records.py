@@ -85,9 +85,10 @@ def _node_record(path: Path, run_key: str | None
 
 
 def check_checkpoint(run: LoadedRun) -> CheckResult:
-    """The server's last checkpoint (checkpoint/server_state.json) is of this run, of a
-    round the ledger completes (or, after a crash, of the round right after it, whose
-    model_digest the ledger holds), and its weights are the model the ledger recorded."""
+    """The server's last checkpoint (checkpoint/server_state.json) is of a round the ledger
+    completes (or, after a crash, of the round right after it, whose model_digest the
+    ledger holds), and its weights are the model the ledger recorded for that round. (Its
+    config digest is not compared: a resumed run may have moved its folder.)"""
     c = CheckResult("checkpoint")
     state_path = run.run_dir / CHECKPOINT_DIR / SERVER_STATE_FILE
     if not state_path.is_file():
@@ -98,12 +99,6 @@ def check_checkpoint(run: LoadedRun) -> CheckResult:
         round_ = int(state["round"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         c.add(f"{CHECKPOINT_DIR}/{SERVER_STATE_FILE} cannot be read: {exc}")
-        return c
-    started = run.run_started
-    digest = state.get("config_digest")
-    if started is not None and digest is not None and digest != started.config_digest:
-        c.add(f"{CHECKPOINT_DIR}/{SERVER_STATE_FILE} is of another configuration than "
-              "run_started records (another run's checkpoint?)")
         return c
     completed = run.rounds.rounds_completed
     digests = [e for _, e in run.events if isinstance(e, ev.ModelDigest) and e.round == round_]
