@@ -175,14 +175,14 @@ def _receipts(run: LoadedRun, state: PartnerState, record: PartnerRunRecord) -> 
         if signature in held:
             continue
         pay = receipt.get("payload") or {}
-        r = pay.get("round")
+        r = int(pay.get("round", 0))
         bound = _binding(receipt)
         what = f"epsilon {pay.get('epsilon')}"
         if bound is not None and bound.update_sha256 is not None:
             what += f", update sha256 {bound.update_sha256[:16]}…"
         text = (f"round {r}: omitted: your signed receipt of round {r} ({what}) is not in "
                 "the published ledger")
-        if state.partner in dropped.get(r, set()):  # type: ignore[arg-type]
+        if state.partner in dropped.get(r, set()):
             text += f", which lists you as dropped in round {r}"
         c.add(text)
     rounds = sorted(int((r.get("payload") or {}).get("round", 0)) for r in mine.values())
