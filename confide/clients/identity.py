@@ -28,6 +28,7 @@ from confide.clients.node_state import (
     node_state_dir,
     save_node_state,
 )
+from confide.clients.policy import node_policy
 from confide.config import RunConfig
 from confide.privacy.secagg import SecAggRefusal
 from confide.privacy.secagg.identity import Roster, parse_roster, raw_public, roster_line
@@ -35,7 +36,6 @@ from confide.run_layout import atomic_write_text
 
 ROSTER_FILE = "roster.txt"
 ROSTER_KEY = "federation-roster"  # node config: path of the roster file
-MIN_PARTNERS_KEY = "min-partners"  # node config: the fewest verified partners per round
 
 
 class IdentityError(ValueError):
@@ -95,18 +95,6 @@ def _roster_path(context: Context, cfg: RunConfig) -> Path:
                         f"{ROSTER_KEY} to the roster file the operator gave you")
 
 
-def _min_partners(context: Context) -> int:
-    value = context.node_config.get(MIN_PARTNERS_KEY, 2)
-    try:
-        floor = int(value)
-    except (TypeError, ValueError):
-        floor = 0
-    if floor < 2 or str(floor) != str(value).strip():
-        raise IdentityError(f"node config {MIN_PARTNERS_KEY} = {value!r}: allowed an integer "
-                            ">= 2 (the fewest verified partners this node aggregates with)")
-    return floor
-
-
 def node_identity(context: Context, cfg: RunConfig) -> tuple[Ed25519PrivateKey, Roster]:
     """This node's identity key and the roster it checks every key directory against.
     Refuses (SecAggRefusal) when its own identity is not on the roster."""
@@ -121,7 +109,7 @@ def node_identity(context: Context, cfg: RunConfig) -> tuple[Ed25519PrivateKey, 
     if raw_public(key) not in identities:
         raise SecAggRefusal(f"this partner's identity is not on the federation roster {path}; "
                             f"ask the operator to add the line: {roster_line(raw_public(key))}")
-    return key, Roster(identities, _min_partners(context))
+    return key, Roster(identities, node_policy(context, cfg).min_partners)
 
 
 def _signing_key(context: Context, cfg: RunConfig) -> Ed25519PrivateKey:

@@ -28,6 +28,7 @@ from confide.clients.node_state import (
     save_node_state,
 )
 from confide.clients.opacus_compat import resolve_grad_sample_mode
+from confide.clients.policy import PartnerPolicy, node_policy
 from confide.config import RunConfig, from_flat_record
 from confide.data import TextDataset
 from confide.model import (
@@ -63,6 +64,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     config_record = msg.content[W.CONFIG]
     cfg = from_flat_record(dict(config_record))
     server_round = int(config_record[W.ROUND])
+    # the partner's own floors, before anything is loaded or spent (a delta the server
+    # chose must not become the node's pinned delta)
+    policy = node_policy(context, cfg)
+    policy.check_run(cfg, len(partner_data(cfg, context)))
     max_epsilon = _node_max_epsilon(cfg, context)
     state_dir = node_state_dir(context, cfg.out)
     state = load_node_state(context, delta=cfg.delta, max_epsilon=max_epsilon,
@@ -82,7 +87,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         reply, encoded = _shared_round(msg, cfg, server_round, run_key, data, state, context)
         state.mark_handled(message_id)
         reply = secure_client.secure_reply(msg, context, cfg, reply, None, encoded=encoded)
-        return _sealed(msg, reply, state, run_key, server_round, context, state_dir)
+        return _sealed(msg, reply, state, run_key, server_round, context, state_dir,
+                       policy)
     reply = _train_round(msg, cfg, server_round, run_key, data, state, context)
     state.mark_handled(message_id)
     if secure:
@@ -91,11 +97,12 @@ def handle_train(msg: Message, context: Context) -> Message:
         delta = (W.from_array_record(reply.content[W.ARRAYS])
                  if W.ARRAYS in reply.content.array_records else None)
         reply = secure_client.secure_reply(msg, context, cfg, reply, delta)
-    return _sealed(msg, reply, state, run_key, server_round, context, state_dir)
+    return _sealed(msg, reply, state, run_key, server_round, context, state_dir,
+                       policy)
 
 
 def _sealed(msg: Message, reply: Message, state: NodeState, run_key: str, server_round: int,
-            context: Context, state_dir: Path | None) -> Message:
+            context: Context, state_dir: Path | None, policy: PartnerPolicy) -> Message:
     """The reply as it will travel, sealed: the round's receipt signed now, binding the run,
     the update as sent (the masked vector under secure aggregation, else the plain delta;
     none when masking was refused) and the model the node trained from; the ledger head
@@ -111,6 +118,7 @@ def _sealed(msg: Message, reply: Message, state: NodeState, run_key: str, server
         _attach_unrecorded(msg, state, run_key, record, None if head is None else head[0])
         if unsigned:
             payload = json.loads(unsigned)
+            payload["policy"] = policy.to_json()  # the floors this spend was made under
             if bound:
                 payload.update(binding(
                     run=run_key, update_sha256=_sent_update_digest(reply),
@@ -146,6 +154,9 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     noise = _noise_multiplier(cfg, state, sample_rate, steps, run_key)
     planned = Spend(SampledGaussian(noise, sample_rate, steps), server_round, run_key)
     if cfg.example_dp:
+        policy = node_policy(context, cfg)
+        policy.check_noise(noise)
+        policy.check_run_budget(state.accountant, planned)
         try:
             state.accountant.check(planned)
         except BudgetExhausted as exc:
@@ -248,8 +259,12 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
                               "message (server and node disagree on example-dp-noise)")
     shared = SharedNoiseConfig.from_json(str(down[key]))
     session = secure_client.ClientStore(context).config(server_round)
+    policy = node_policy(context, cfg)
+    # colluders: at least the run's and the partner's own assumption (more is safer)
+    policy.check_colluders(shared.colluders)
+    policy.check_noise(shared.noise_multiplier)
     problems = [f"{name} {got} != {want}" for name, got, want in (
-        ("colluders", shared.colluders, cfg.dp_colluders),
+        ("colluders", shared.colluders, max(cfg.dp_colluders, shared.colluders)),
         ("clip", shared.clip, cfg.max_grad_norm),
         ("min_survivors", shared.min_survivors, session.min_survivors),
         ("num_clients", shared.num_clients, session.num_clients),
@@ -269,6 +284,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     mechanism = shared.mechanism(sample_rate, truncation_tail)
     # the guard and the history compose the sampled Gaussian the shared noise amounts to
     planned = Spend(mechanism.sampled_gaussian, server_round, run_key)
+    policy.check_run_budget(state.accountant, planned)
     try:
         state.accountant.check(planned)
     except BudgetExhausted as exc:

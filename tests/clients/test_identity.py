@@ -14,6 +14,7 @@ from confide.clients.identity import (
     node_identity,
     simulation_roster_path,
 )
+from confide.clients.policy import PolicyError
 from confide.config import build_config
 from confide.privacy.secagg import SecAggRefusal
 from confide.privacy.secagg.identity import parse_roster, raw_public, roster_line
@@ -56,7 +57,6 @@ def test_partner_missing_from_the_roster_is_told_which_line_to_ask_for(tmp_path:
 @pytest.mark.parametrize(("node_config", "match"), [
     ({}, "set node config federation-roster"),
     ({"federation-roster": "/nonexistent/roster.txt"}, "roster.txt is missing"),
-    ({"federation-roster": "ROSTER", "min-partners": 1}, "min-partners = 1"),
     ({"federation-roster": "ROSTER", "state-dir": "/nonexistent/state"}, "no identity yet"),
 ])
 def test_unusable_identity_or_roster_is_named(tmp_path: Path, node_config: dict, match: str
@@ -83,3 +83,11 @@ def test_simulated_partners_are_enrolled_once_for_the_run(tmp_path: Path) -> Non
     roster = parse_roster(simulation_roster_path(run.out).read_text())
     assert set(keys) == roster and len(roster) == 3
     assert (Path(run.out) / "partners" / "partition-2" / "node_state.json").is_file()
+
+
+def test_min_partners_below_two_is_refused(tmp_path: Path) -> None:
+    line = enrol(tmp_path / "a", delta=RUN.delta, max_epsilon=RUN.max_epsilon)
+    (tmp_path / "roster.txt").write_text(line)
+    with pytest.raises(PolicyError, match="min-partners = 1: allowed an integer >= 2"):
+        node_identity(_context({"state-dir": str(tmp_path / "a"), "min-partners": 1,
+                                "federation-roster": str(tmp_path / "roster.txt")}), RUN)
