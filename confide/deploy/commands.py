@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -29,12 +30,15 @@ from typing import IO, Any, TextIO
 
 import tomli_w
 
+from confide.clients.identity import enrol
+from confide.clients.policy import PartnerPolicy, PolicyError
 from confide.deploy import app_signing, pki
 from confide.deploy.verified_clientapp import (
     TRUSTED_PUBLISHERS_KEY,
     install_wrapper,
     wrapped_path,
 )
+from confide.privacy.secagg.identity import parse_roster
 from confide.run_layout import SUMMARY_FILE
 
 INSECURE_WARNING = """
@@ -64,6 +68,14 @@ def add_parser(sub: Any) -> None:
                    help="DNS name or IP partners use to reach the SuperLink (repeatable); "
                         "localhost and 127.0.0.1 are always included")
     s.add_argument("--ca", type=Path, help="CA folder if not DIR")
+
+    pi = d.add_parser("partner-identity", help="a partner's identity for secure aggregation "
+                      "(its node key, kept in --state-dir): prints the roster line to send "
+                      "to the operator")
+    pi.add_argument("--state-dir", type=Path, required=True,
+                    help="the node's state folder (the same as `supernode --state-dir`)")
+    pi.add_argument("--delta", type=float, default=1e-5,
+                    help="the delta this partner's accountant is pinned to (default 1e-5)")
 
     n = d.add_parser("node-key", help="a partner node's authentication key pair")
     n.add_argument("dir", type=Path)
@@ -123,6 +135,21 @@ def add_parser(sub: Any) -> None:
                     help="the partner's hard example-level budget, over all runs")
     sn.add_argument("--state-dir", type=Path, required=True,
                     help="where the node keeps its accountant and pseudonym key")
+    sn.add_argument("--roster", type=Path,
+                    help="the federation's roster (one partner identity a line, from the "
+                         "operator; check it lists the partners you expect): secure "
+                         "aggregation runs only between the partners on it")
+    sn.add_argument("--min-partners", type=int,
+                    help="the fewest verified partners this node aggregates with (default 2)")
+    sn.add_argument("--max-delta", type=float,
+                    help="the largest delta this partner accepts (default 1/(10 x its rows))")
+    sn.add_argument("--max-run-epsilon", type=float,
+                    help="the largest epsilon one run may spend of this partner's budget")
+    sn.add_argument("--dp-colluders", type=int,
+                    help="partners this partner assumes collude with the server (shared "
+                         "noise: more noise per partner; default 0)")
+    sn.add_argument("--min-noise-multiplier", type=float,
+                    help="the smallest noise multiplier this partner applies")
     sn.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     sn.add_argument("--trusted-publishers", type=Path,
                     help="YAML of publisher keys whose signed apps this node runs")
@@ -173,6 +200,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif cmd == "server-cert":
         cert, key = pki.server_cert(args.dir, args.name, ca_dir=args.ca)
         print(f"server certificate: {cert}\nserver key: {key}")
+    elif cmd == "partner-identity":
+        if not 0 < args.delta < 1:
+            raise DeployError(f"--delta {args.delta}: allowed 0 < delta < 1")
+        line = enrol(args.state_dir.expanduser().resolve(), delta=args.delta,
+                     max_epsilon=math.inf)
+        print(line)
+        print(f"# send the line above to the operator for the federation roster; the key "
+              f"stays in {args.state_dir}", file=sys.stderr)
     elif cmd == "node-key":
         key, pub = pki.node_key(args.dir, args.name)
         fp = pki.check_node_public_key(pub).fingerprint
@@ -366,6 +401,23 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
                                    "max-epsilon": float(args.max_epsilon),
                                    "state-dir": str(state_dir), "device": args.device,
                                    "threads": int(args.threads)}
+    if args.roster is not None:
+        roster = args.roster.expanduser().resolve()
+        if not roster.is_file():
+            raise DeployError(f"--roster {roster}: no such file")
+        try:
+            parse_roster(roster.read_text(), str(roster))
+        except ValueError as exc:
+            raise DeployError(f"--roster: {exc}") from None
+        node_config["federation-roster"] = str(roster)
+    policy = {key: getattr(args, key.replace("-", "_")) for key in
+              ("min-partners", "max-delta", "max-run-epsilon", "dp-colluders",
+               "min-noise-multiplier")}
+    node_config.update({k: v for k, v in policy.items() if v is not None})
+    try:
+        PartnerPolicy.from_node_config(node_config)  # fail now, not at the first round
+    except PolicyError as exc:
+        raise DeployError(str(exc).replace("node config ", "--")) from None
     if not args.allow_unsigned_apps:
         trusted = _need(args.trusted_publishers, "--trusted-publishers")
         app_signing.load_trusted_publishers(trusted)  # fail now, not at the first round

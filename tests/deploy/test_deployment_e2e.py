@@ -124,6 +124,7 @@ class Federation:
             "--state-dir", str(self.root / "state" / name),
             "--max-epsilon", "50", "--device", "cpu",
             "--trusted-publishers", str(trusted),
+            "--roster", str(self.root / "roster.txt"),
             "--runtime-port", str(_free_port()), *extra))
         self.start(name, args)
         _wait_for(lambda: "SuperNode ID" in self.log(name) or self.procs[name].poll()
@@ -167,6 +168,13 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     assert confide_main(["deploy", "stage-app", str(root / "app"),
                          "--key", str(pki_dir / "publisher.key")]) == 0
     fed = Federation(root, env, port, root / "app")
+    # each partner creates its identity and sends its roster line; the operator hands every
+    # partner the roster of them all
+    lines = [subprocess.run(fed.confide("deploy", "partner-identity", "--state-dir",
+                                        str(root / "state" / name)), env=env,
+                            capture_output=True, text=True, check=True).stdout.strip()
+             for name in (*PARTNERS, "untrusting")]
+    (root / "roster.txt").write_text("\n".join(lines) + "\n")
     try:
         fed.start("superlink", fed.confide("deploy", "superlink", "--certs", str(pki_dir),
                                            "--state", str(root / "superlink"),

@@ -239,3 +239,31 @@ def test_deploy_run_writes_the_report_of_a_finished_run_it_can_see(
     assert f"confide audit report {out}" in err.getvalue()
     assert commands.write_deployed_report(config, started, io.StringIO()) == 0
     assert (out / REPORT_HTML_FILE).is_file()
+
+
+def test_roster_and_policy_reach_the_node_config(tmp_path: Path, capsys) -> None:
+    assert commands.run(_parsed(["deploy", "partner-identity", "--state-dir",
+                                 str(tmp_path / "state")])) == 0
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"[0-9a-f]{64} p-[0-9a-f]{12}", line)
+    (tmp_path / "roster.txt").write_text(line + "\n")
+    argv = supernode_command(_supernode_args(
+        tmp_path, "--roster", str(tmp_path / "roster.txt"), "--min-partners", "3",
+        "--max-delta", "1e-6", "--dp-colluders", "1"))
+    node_config = argv[argv.index("--node-config") + 1]
+    for part in (f"federation-roster='{(tmp_path / 'roster.txt').resolve()}'",
+                 "min-partners=3", "max-delta=1e-06", "dp-colluders=1"):
+        assert part in node_config
+    with pytest.raises(commands.DeployError, match="--min-partners = 1: allowed"):
+        supernode_command(_supernode_args(tmp_path, "--min-partners", "1"))
+    with pytest.raises(commands.DeployError, match="no such file"):
+        supernode_command(_supernode_args(tmp_path, "--roster", str(tmp_path / "none")))
+    (tmp_path / "bad.txt").write_text("not-a-key\n")
+    with pytest.raises(commands.DeployError, match="line 1: 'not-a-key' is not a 32-byte"):
+        supernode_command(_supernode_args(tmp_path, "--roster", str(tmp_path / "bad.txt")))
+
+
+def _parsed(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    commands.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
