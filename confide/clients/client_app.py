@@ -3,7 +3,9 @@
 Each train message carries the global trainable weights and the run configuration. The
 node loads its own data, checks its budget, trains with Opacus, and replies with the delta
 of the trainable weights, its example count, metrics, and a DP receipt it signs itself.
-Data, budget and accountant never leave the node; only the (noised) delta does.
+Data, budget and accountant never leave the node; only the (noised) delta does. Under DP a
+reply carries no un-noised statistic of the records, and a rounded row count only
+(`confide.clients.disclosure`).
 
 This module only registers the handlers and imports nothing heavy: the training round
 (`confide.clients.local_round`, torch and friends) is imported when a `train` message
@@ -94,13 +96,15 @@ def secagg_stage(msg: Message, context: Context) -> Message:
     extra = None
     down = msg.content.config_records.get(W.SECAGG)
     if down is not None and bool(down.get(W.SHARED_INFO, False)):
-        # shared noise: the server calibrates one sigma for the run from every partner's
-        # sampling rate, and divides the sum by sum_i q_i n_i (so it learns n_i)
+        # shared noise: the server sets the run's one rate q from the partners' row counts
+        # and divides the sum by sum_i q n_i: it learns each partner's public (rounded)
+        # count only (confide.clients.disclosure), which the node computes with too
+        from confide.clients.disclosure import reported_rows
         from confide.clients.local_round import partner_data
 
-        n = len(partner_data(cfg, context))
+        rows = reported_rows(cfg, len(partner_data(cfg, context)))
         extra = {W.SHARED_INFO: json.dumps(
-            {"examples": n, "sample_rate": min(1.0, cfg.batch_size / n)})}
+            {"examples": rows, "sample_rate": min(1.0, cfg.batch_size / rows)})}
     return secure_client.secure_reply(msg, context, cfg, None, None, extra_up=extra)
 
 

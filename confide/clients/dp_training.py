@@ -23,6 +23,21 @@ mechanism is the same: same clip factor min(1, C / (norm + 1e-6)), same noise on
 same divisor, same sampler and steps; only the way the clipped sum is computed differs.
 `grad_sample_mode="bookkeeping"` (`confide.clients.book_keeping`) computes the same clipped
 sum in one backward pass without weight gradients; the noise is added by the same optimizer.
+
+`public_rows`: the data set size the rate q and the divisor q * n are computed from. Under
+DP the node passes its public row count (`confide.clients.disclosure`: n rounded up), so
+neither the rate in its receipts nor the scale of its update reveals its exact n; the
+mechanism is the same (Poisson sampling at a public rate, a public divisor).
+
+Shared-noise mode (`clipped_example_gradients`, one clipped per-example gradient sum per
+round, no step) pads the round to a fixed physical budget: with `slots` it processes exactly
+that many example slots, its Poisson sample first and then padding rows whose clipped
+gradients are multiplied by zero, every physical batch at the data set's full token width
+(no per-batch trimming: the longest sampled row would set it). A sample larger than `slots`
+is truncated to a uniformly random subset. So the round's computation, hence its time,
+depends on `slots` and the data set's shape, never on the sample; the truncation
+probability is accounted by the caller (`confide.privacy.secagg.shared_noise.padded_slots`
+picks `slots` and returns it; it is added to the round's TV slack, hence to delta).
 """
 
 from __future__ import annotations
@@ -80,10 +95,12 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
              grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
              round_id: int | None = None,
              head_learning_rate: float | None = None,
-             objective: Objective | None = None) -> TrainResult:
+             objective: Objective | None = None,
+             public_rows: int | None = None) -> TrainResult:
     """Train `model`'s trainable parameters in place for `epochs` passes (in expectation).
 
-    steps = max(1, round(epochs / q)) with q = min(1, batch_size / n). With dp=False the
+    steps = max(1, round(epochs / q)) with q = min(1, batch_size / N), N = `public_rows`
+    (default: the data set's n; it must not be smaller), the divisor q * N. With dp=False the
     same Poisson batches (same seed) train without clipping or noise, each logical batch
     averaged over its actual size: the non-DP baseline.
 
@@ -103,7 +120,11 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
     n = len(tensors[2])
     _check_settings(noise_multiplier, max_grad_norm, batch_size, physical_batch_size, epochs,
                     optimizer, learning_rate, dp, grad_sample_mode)
-    sample_rate = min(1.0, batch_size / n)
+    rows = n if public_rows is None else public_rows
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < n:
+        raise DPTrainingError(f"public_rows = {public_rows!r} must be an integer >= the {n} "
+                              "rows trained on")
+    sample_rate = min(1.0, batch_size / rows)
     steps = max(1, round(epochs / sample_rate))
     private = dp if private_randomness is None else private_randomness
     sampling_seed = secrets.randbits(63) if private else seed
@@ -124,7 +145,7 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
         if dp:
             taken, loss_sum, seen = _train_private(
                 wrapper, base, loader, params, noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm, expected_batch=sample_rate * n,
+                max_grad_norm=max_grad_norm, expected_batch=sample_rate * rows,
                 physical=physical_batch_size, mode=grad_sample_mode, noise_seed=noise_seed,
                 device=dev, where=where, objective=obj)
         else:
@@ -384,8 +405,10 @@ def _check_finite(loss: torch.Tensor, where: str, step: int, chunk: int) -> None
 class ExampleGradientsResult:
     sampled: int  # examples in this round's Poisson sample (stays on the node)
     sample_rate: float
-    mean_loss: float
+    mean_loss: float  # over the examples summed (stays on the node)
     seconds: float
+    slots: int = 0  # example rows processed: `slots` when padded, else `sampled`
+    truncated: bool = False  # the sample exceeded `slots`: a random subset was summed
 
 
 def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
@@ -394,12 +417,18 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
                               device: str | torch.device = "cpu", seed: int = 0,
                               private_randomness: bool = True,
                               round_id: int | None = None,
-                              objective: Objective | None = None) -> ExampleGradientsResult:
+                              objective: Objective | None = None,
+                              slots: int | None = None) -> ExampleGradientsResult:
     """One Poisson sample at rate `sample_rate` of `dataset`, and for every sampled example
     its gradient clipped to `max_grad_norm`, passed to `on_rows` as a float64 numpy array
     [rows, d] per physical batch (the trainable parameters flattened in sorted-name order,
     the order of `confide.wire.flatten`, so the server can unflatten the sum). The model is not
     updated: the caller (the secure sum) adds the noise, the server takes the step.
+
+    `slots` (the product always passes it): the round's fixed physical budget (module
+    docstring). Exactly `slots` rows go through the model and reach `on_rows`, the padding
+    rows as zero vectors, and `physical_batch_size` splits them the same way every round.
+    Without it the sample is processed as drawn (tests, benchmarks).
 
     Per-example gradients are Opacus' (`GradSampleModule`, hooks, through the same
     `make_opacus_ready` wrapper and `check_grad_samples` guard as `train_dp`), clipped with
@@ -407,6 +436,7 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     entropy (the seed is known to the server; a known sample voids amplification).
     """
     from opacus.grad_sample import GradSampleModule
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     start = time.perf_counter()
     where = f"round {round_id}" if round_id is not None else "this round"
@@ -415,6 +445,24 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
         raise DPTrainingError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
         raise DPTrainingError(f"max_grad_norm must be > 0 (got {max_grad_norm})")
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int)
+                              or slots < 1):
+        raise DPTrainingError(f"slots must be an integer >= 1 (got {slots!r})")
+    n = len(tensors[2])
+    generator = torch.Generator().manual_seed(
+        secrets.randbits(63) if private_randomness else seed)
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate,
+                                            generator=generator, steps=1)
+    sample = torch.as_tensor(next(iter(sampler)), dtype=torch.long)
+    sampled, truncated = len(sample), False
+    if slots is not None and sampled > slots:
+        # probability <= the caller's accounted tail: keep a uniformly random subset
+        keep = torch.randperm(sampled, generator=generator)[:slots]
+        sample, truncated = sample[keep.sort().values], True
+    real = len(sample)
+    # padding rows: any rows of the data set (their gradients are multiplied by zero)
+    order = sample if slots is None else torch.cat([sample, torch.arange(slots - real) % n])
+
     dev = torch.device(device)
     model.to(dev)
     strip_opacus_state(model)
@@ -422,41 +470,46 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     wrapper = make_opacus_ready(model, None if objective is None else objective.forward)
     obj = objective or _default_objective()
     params = trainable_parameters(model)
-    by_name = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad),
+    by_name = sorted(((name, p) for name, p in model.named_parameters() if p.requires_grad),
                      key=lambda item: item[0])
     ordered = [p for _, p in by_name]
-    loader = _poisson_loader(tensors, sample_rate, 1,
-                             secrets.randbits(63) if private_randomness else seed)
     gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="sum", strict=True)
-    sampled, loss_sum = 0, 0.0
+    physical = max(1, physical_batch_size)
+    summed, loss_sum = 0, 0.0
     try:
-        for input_ids, attention_mask, labels in loader:
-            for s in range(0, len(labels), max(1, physical_batch_size)):
-                batch = to_batch(input_ids[s:s + physical_batch_size],
-                                  attention_mask[s:s + physical_batch_size],
-                                  labels[s:s + physical_batch_size], dev)
-                rows = len(batch["labels"])
-                logits = gsm(batch["input_ids"], batch["attention_mask"])
-                loss = obj.per_example_loss(logits, batch["labels"]).sum()
-                _check_finite(loss, where, 1, s // physical_batch_size + 1)
-                loss.backward()
-                check_grad_samples(params, rows)
-                # grad_sample: Opacus' attribute on parameters, which torch's stubs lack
-                samples = [p.grad_sample for p in ordered]  # type: ignore[attr-defined]  # Opacus'
-                flat = torch.cat([g.reshape(rows, -1).double() for g in samples], dim=1)
-                norms = flat.norm(2, dim=1)
-                factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' formula
-                on_rows((flat * factor[:, None]).cpu().numpy())
-                for p in params:
-                    p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute
-                    p.grad = None
-                loss_sum += loss.item()
-                sampled += rows
+        for s in range(0, len(order), physical):
+            ids, mask, labels = (t.index_select(0, order[s:s + physical]) for t in tensors)
+            if slots is None:
+                batch = to_batch(ids, mask, labels, dev)
+            else:  # full width: the longest sampled row must not set the work
+                batch = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
+                         "labels": labels.to(dev)}
+            rows = len(batch["labels"])
+            live = torch.arange(s, s + rows) < real  # sampled rows; the rest is padding
+            logits = gsm(batch["input_ids"], batch["attention_mask"])
+            losses = obj.per_example_loss(logits, batch["labels"])
+            loss = losses.sum()
+            _check_finite(loss, where, 1, s // physical + 1)
+            loss.backward()
+            check_grad_samples(params, rows)
+            # grad_sample: Opacus' attribute on parameters, which torch's stubs lack
+            samples = [p.grad_sample for p in ordered]  # type: ignore[attr-defined]  # Opacus'
+            flat = torch.cat([g.reshape(rows, -1).double() for g in samples], dim=1)
+            norms = flat.norm(2, dim=1)
+            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' formula
+            factor = factor * live.to(factor.device, factor.dtype)
+            on_rows((flat * factor[:, None]).cpu().numpy())
+            for p in params:
+                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute
+                p.grad = None
+            loss_sum += losses.detach()[live.to(losses.device)].sum().item()
+            summed += int(live.sum())
     finally:
         gsm.to_standard_module()
         strip_opacus_state(model)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return ExampleGradientsResult(sampled=sampled, sample_rate=sample_rate,
-                                  mean_loss=loss_sum / sampled if sampled else float("nan"),
-                                  seconds=time.perf_counter() - start)
+                                  mean_loss=loss_sum / summed if summed else float("nan"),
+                                  seconds=time.perf_counter() - start, slots=len(order),
+                                  truncated=truncated)
