@@ -104,9 +104,18 @@ def _audit_parser(sub: Any) -> None:
     e.add_argument("--config", help="TOML file with configuration keys")
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
     e.add_argument("--canaries", type=int, default=None,
-                   help="classification: membership canaries (default 200); causal-lm: "
-                   "secrets inserted per repeat count (default 5)")
+                   help="classification: membership canaries (default 200; --white-box "
+                   "20000); causal-lm: secrets inserted per repeat count (default 5)")
     e.add_argument("--out", default="")
+    e.add_argument("--white-box", action="store_true",
+                   help="gradient canaries through the partners' DP-SGD (Steinke et al. "
+                   "white-box): every guess right on a noise-free run")
+    e.add_argument("--guess-fraction", type=float, default=None,
+                   help="black-box: share of the canaries guessed, half in, half out "
+                   "(default 0.2)")
+    e.add_argument("--confidence", type=float, default=None,
+                   help="confidence of the lower bound (default 0.95)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     c = e.add_argument_group("causal-lm canary exposure")
     c.add_argument("--repeats", default="1,10",
                    help="times each inserted secret is repeated, comma-separated counts")
@@ -114,7 +123,8 @@ def _audit_parser(sub: Any) -> None:
     c.add_argument("--candidates", type=int, default=2000,
                    help="random sequences of the format each secret is ranked against")
     c.add_argument("--canary-partner", type=int, default=0,
-                   help="index of the partner whose data gets the secrets")
+                   help="index of the partner whose data gets the secrets (--white-box: "
+                   "the gradient canaries)")
     c.add_argument("--canary-prefix", default="my secret code is")
     c.add_argument("--canary-slots", type=int, default=6, help="random symbols per secret")
     c.add_argument("--canary-alphabet", default="0123456789", help="one symbol per character")

@@ -1,46 +1,22 @@
-"""The one-run empirical audit catches a run whose DP noise is switched off, and never
-exceeds the claimed epsilon on an honest DP run (tiny model, 2 partners, 200 canaries)."""
+"""The one-run empirical audit catches a run whose DP noise is switched off, never exceeds
+the claimed epsilon on an honest DP run, and says when the claim is above what it can
+certify (tiny model, 2 partners, 200 canaries)."""
 
 from __future__ import annotations
 
 import csv
-import itertools
-import math
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from confide.audit.empirical_bounds import (
-    epsilon_lower_bound,
-    max_certifiable_epsilon,
-    p_value,
-)
+from confide.audit.empirical_bounds import max_certifiable_epsilon
 from confide.config import build_config
 from confide.data import synthetic_sentiment
-from confide.empirical.one_run import guess_and_count, run_empirical_audit
+from confide.empirical.one_run import guess_and_count, run_empirical_audit, verdict_lines
 
 NOISE_OFF_THRESHOLD = 1.5  # stated: with noise off the audit must certify more than this
-
-
-def test_p_value_is_an_exact_binomial_tail_without_delta() -> None:
-    # 10 of 10 right at eps = 0 (fair coin): 2^-10
-    assert p_value(100, 10, 10, 0.0, 0.0) == pytest.approx(2.0**-10)
-    q = 1 / (1 + math.exp(-1.0))
-    assert p_value(100, 3, 3, 1.0, 0.0) == pytest.approx(q**3)
-    assert p_value(100, 3, 3, 1.0, 1e-3) > p_value(100, 3, 3, 1.0, 0.0)
-
-
-def test_bound_is_zero_at_chance_monotone_in_correct_and_capped() -> None:
-    assert epsilon_lower_bound(200, 40, 20, 1e-5) == 0.0
-    bounds = [epsilon_lower_bound(200, 40, v, 1e-5) for v in range(28, 41)]
-    assert all(b2 >= b1 for b1, b2 in itertools.pairwise(bounds))
-    assert bounds[-1] == pytest.approx(max_certifiable_epsilon(200, 40, 1e-5))
-    # all 40 right, delta 0: (e^eps/(1+e^eps))^40 = 0.05 at the bound
-    q = 0.05 ** (1 / 40)
-    pure = epsilon_lower_bound(200, 40, 40, 0.0)
-    assert pure == pytest.approx(math.log(q / (1 - q)), rel=1e-3)
-    assert bounds[-1] < pure  # the delta term can only weaken the bound
 
 
 def test_guessing_counts_top_and_bottom() -> None:
@@ -85,3 +61,26 @@ def test_honest_dp_run_stays_below_its_claim(audits) -> None:
     assert honest.claimed_epsilon <= 8.0
     assert honest.epsilon_lower_bound <= honest.claimed_epsilon
     assert (Path(honest.run_dir).parent / "empirical_audit.json").exists()
+
+
+def test_a_claim_above_the_cap_is_called_inconclusive_with_the_way_out(audits) -> None:
+    _, honest = audits
+    cap = max_certifiable_epsilon(200, 40, honest.delta)
+    assert honest.max_certifiable == pytest.approx(cap)
+    assert cap < honest.claimed_epsilon  # 200 canaries cannot test a claim near 8
+    lines = verdict_lines(honest)
+    assert lines[0].startswith(f"INCONCLUSIVE: this audit cannot refute a claim above "
+                               f"{cap:.3f}")
+    assert "--white-box" in lines[0] and "--guess-fraction 1" in lines[0]
+    # 20% guessed: no canary count reaches 8 at delta 1e-5, and the record says so
+    record = json.loads((Path(honest.run_dir).parent / "empirical_audit.json").read_text())
+    assert record["max_certifiable"] == pytest.approx(cap)
+    assert record["can_refute_claim"] is False and record["refuted"] is False
+    assert record["canaries_needed"] is None and record["confidence"] == 0.95
+
+
+def test_a_run_without_dp_claims_nothing(audits) -> None:
+    noise_off, _ = audits
+    assert noise_off.can_refute_claim is None and not noise_off.refuted
+    assert "claims no example-level DP" in verdict_lines(noise_off)[1]
+    assert noise_off.record()["claimed_epsilon"] is None
