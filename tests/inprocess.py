@@ -52,6 +52,7 @@ class InProcessGrid:
                                        state=RecordDict(), run_config={})
         self.fail_on: set[int] = set()  # nodes whose next message raises (tests set it)
         self.state_root = state_root
+        self.sent: list[Message] = []  # every message delivered, in order
 
     def _enrol(self, msg: Message) -> None:
         """Deployed partners (state_root): create their identities and the federation
@@ -73,6 +74,7 @@ class InProcessGrid:
         replies = []
         for msg in messages:
             self._enrol(msg)
+            self.sent.append(msg)
             # a fresh id per delivery, as Flower's (its ids hash the creation time): unique
             # across processes too (a resumed server is another process, and the nodes'
             # state on disk remembers the ids they handled)
@@ -88,3 +90,9 @@ class InProcessGrid:
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         return replies
+
+
+def copy_message(msg: Message) -> Message:
+    """The same content to the same node as a new message (a re-send gets a new id)."""
+    return Message(content=msg.content, dst_node_id=msg.metadata.dst_node_id,
+                   message_type=msg.metadata.message_type)

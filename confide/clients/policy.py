@@ -30,6 +30,7 @@ from flwr.app import Context
 from confide.config import RunConfig
 from confide.privacy.accountant import PartnerAccountant, Spend
 
+MAX_SPENDS_PER_ROUND = 2  # the round itself, and one retry after a lost reply
 NODE_CONFIG_FILE = "node-config.toml"  # simulation: a virtual partner's node config
 POLICY_KEYS = ("max-delta", "max-epsilon", "max-run-epsilon", "min-partners", "dp-colluders",
                "min-noise-multiplier")
@@ -106,7 +107,16 @@ class PartnerPolicy:
                                 f"this partner's dp-colluders {self.dp_colluders}")
 
     def check_run_budget(self, accountant: PartnerAccountant, planned: Spend) -> None:
-        """The run's own epsilon, this round included, against max-run-epsilon."""
+        """A round of a run is trained at most twice (once more after a lost reply, e.g. a
+        resumed server): a server re-sending a round cannot drain the budget through it.
+        Then the run's own epsilon, this round included, against max-run-epsilon."""
+        earlier = sum(1 for s in accountant.history
+                      if s.run == planned.run and s.round == planned.round)
+        if earlier >= MAX_SPENDS_PER_ROUND:
+            raise PolicyRefusal(f"round {planned.round} of this run was trained {earlier} "
+                                "times already; this partner spends on a round at most "
+                                f"{MAX_SPENDS_PER_ROUND} times (a re-sent round drains "
+                                "budget)")
         if self.max_run_epsilon is None:
             return
         mine = [s for s in accountant.history if s.run == planned.run] + [planned]

@@ -14,7 +14,7 @@ from confide.privacy.accountant import PartnerAccountant, Spend
 from confide.privacy.mechanisms import SampledGaussian
 from confide.server.federation import Federation
 from confide.server.recovery import EveryPartnerFailed
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, copy_message
 
 RUN = {"model": "tiny", "clients": 2, "rounds": 1, "max-length": 16, "num-labels": 2,
        "batch-size": 16, "physical-batch-size": 16, "local-epochs": 0.04, "preflight": "off",
@@ -74,3 +74,24 @@ def test_server_chosen_delta_is_refused_and_never_pinned(tmp_path: Path) -> None
     for i in (1, 2):
         state = json.loads((nodes / f"node-{i}" / "node_state.json").read_text())
         assert state["accountant"]["delta"] == 1e-5 and state["accountant"]["history"] == []
+
+
+def test_a_round_resent_to_drain_the_budget_is_refused(tmp_path: Path) -> None:
+    """A malicious server re-sends round 1 of its run: the node trains it once, once more
+    (a lost reply looks the same), and then refuses, whatever the message id."""
+    nodes = tmp_path / "nodes"
+    grid = InProcessGrid(2, state_root=nodes)
+    cfg = build_config({**RUN, "out": str(tmp_path / "run")})
+    fed = Federation.open(grid, cfg, tmp_path / "run")
+    fed.run()
+    replayed = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert replayed
+    outcomes = []
+    for _ in range(2):  # the same round, re-sent as new messages
+        for reply in grid.send_and_receive([copy_message(m) for m in replayed]):
+            outcomes.append(reply.error.reason if reply.has_error() else "trained")
+    assert outcomes[:2] == ["trained", "trained"]
+    assert all("trained 2 times already" in o for o in outcomes[2:])
+    for i in (1, 2):
+        history = json.loads((nodes / f"node-{i}" / "node_state.json").read_text())
+        assert len(history["accountant"]["history"]) == 2  # the round and one re-send
