@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -168,6 +169,12 @@ def _validate_rows(path: Path, rows: list[dict[str, object]], num_labels: int) -
 
 
 def _parse_label(path: Path, row: int, value: object, num_labels: int) -> int:
+    # a Parquet (or pandas) NaN reads as None or float nan: say what the file holds
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise DataError(f"{path}: row {row}: label is NaN (missing); every row needs an "
+                        "integer label")
+    if isinstance(value, str) and not value.strip():
+        raise DataError(f"{path}: row {row}: label is empty; every row needs an integer label")
     if isinstance(value, bool):
         raise DataError(f"{path}: row {row}: label {value!r} is not an integer")
     if isinstance(value, float):
@@ -360,6 +367,7 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
     read = reader or read_text_file
     synthetic = not data
     whole: list[TextDataset] = []  # files as read (row numbers intact), for the labels note
+    eval_file: TextDataset | None = None  # the eval-data file as read, when one is given
     if synthetic and reader is not None:
         raise DataError("this task has no synthetic demo corpus: give data (and eval-data)")
     if synthetic:
@@ -395,7 +403,7 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
             parts = partition(train, clients, partitioner, seed=seed, alpha=alpha,
                               column=column)
         if eval_data:
-            evaluation = read(eval_data, num_labels=num_labels, max_rows=max_eval)
+            evaluation = eval_file = read(eval_data, num_labels=num_labels, max_rows=max_eval)
             whole.append(evaluation)
     if max_eval and len(evaluation) > max_eval:
         evaluation = evaluation.subset(range(max_eval))
@@ -404,7 +412,65 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
     if inferred > labels:
         raise DataError(f"labels go up to {inferred - 1} but num-labels = {labels}")
     note = f"num-labels = {labels} (set)" if num_labels else _inferred_labels_note(whole)
+    if not num_labels and not synthetic and reader is None:  # after the gap check's message
+        _check_inferred_classes([f for f in whole if f is not eval_file], eval_file)
     return FederatedData(parts, evaluation, labels, synthetic, note)
+
+
+def check_delta(delta: float, partitions: Sequence[TextDataset], *, allow_large: bool
+                ) -> None:
+    """delta >= 1/n for a partner of n rows is no privacy guarantee: publishing one of its
+    records outright meets (epsilon, 1/n)-DP. Refused unless allow-large-delta is set."""
+    if allow_large or not partitions:
+        return
+    smallest = min(partitions, key=len)
+    if delta >= 1.0 / max(len(smallest), 1):
+        raise DataError(
+            f"delta = {delta:g} is >= 1/(rows of the smallest partner) = 1/{len(smallest)} "
+            f"({smallest.source}): a guarantee at this delta is met by publishing one of its "
+            f"records outright. Choose delta well below {1.0 / len(smallest):.3g} (e.g. "
+            "1/(10 x rows) or less; the default is 1e-05), or set allow-large-delta = true "
+            "to accept it (every statement of the guarantee then says so; partners' nodes "
+            "apply their own max-delta)")
+
+
+# A class with fewer training rows than this, while num-labels is inferred, is taken for a
+# typo (a lone `2` in a 0/1 file), not a class: it would silently add an output class.
+RARE_LABEL_ROWS = 5
+
+
+def _rows_of(files: Sequence[TextDataset], label: int, limit: int = 5) -> str:
+    """'file row 3, 17; other row 2' for the rows of `label` (at most `limit` per file)."""
+    return "; ".join(
+        f"{f.source} row "
+        f"{', '.join(str(int(i) + 1) for i in np.flatnonzero(f.labels == label)[:limit])}"
+        for f in files if (f.labels == label).any())
+
+
+def _check_inferred_classes(train: Sequence[TextDataset], evaluation: TextDataset | None
+                            ) -> None:
+    """num-labels inferred: every class must be a real one of the training data. A label
+    with fewer than RARE_LABEL_ROWS training rows, or one that only the evaluation file
+    holds, is an error naming its rows (set num-labels to mean it)."""
+    counts: dict[int, int] = {}
+    for f in train:
+        for label, n in zip(*np.unique(f.labels, return_counts=True), strict=True):
+            counts[int(label)] = counts.get(int(label), 0) + int(n)
+    hint = "fix the row(s), or set num-labels explicitly if the class is meant"
+    for label, n in sorted(counts.items()):
+        if n < RARE_LABEL_ROWS and len(counts) > 1:
+            raise DataError(
+                f"label {label} occurs in only {n} training row(s) ({_rows_of(train, label)}), "
+                f"fewer than {RARE_LABEL_ROWS}: with num-labels inferred it would add a class "
+                f"of its own; {hint}")
+    if evaluation is not None:
+        only_eval = sorted(set(np.unique(evaluation.labels).tolist()) - set(counts))
+        if only_eval:
+            label = int(only_eval[0])
+            raise DataError(
+                f"label {label} occurs only in eval-data ({_rows_of([evaluation], label)}), "
+                f"never in the training data: with num-labels inferred it would add a class "
+                f"no partner can learn; {hint}")
 
 
 def _inferred_labels_note(files: Sequence[TextDataset]) -> str:

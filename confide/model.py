@@ -64,6 +64,10 @@ def resolve_model_path(model: str) -> Path:
         # The tiny model borrows the packaged tokenizer: real word pieces, offline.
         return packaged_minilm_path()
     path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelError(f"model {model!r}: {path} is missing (no such folder); give 'minilm', "
+                         "'tiny' or a local Hugging Face model folder (Confide never downloads "
+                         "weights unasked)")
     if not (path / "config.json").is_file():
         raise ModelError(
             f"model {model!r} is neither 'minilm', 'tiny' nor a local Hugging Face model "
@@ -368,3 +372,41 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device = {device!r} but CUDA is not available on this node")
     return torch.device(device)
+
+
+# architectures whose head generates text, by the suffix of their class name
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def model_kind_problem(model: str, task: str) -> str | None:
+    """One line when a local model folder is of the wrong kind for the task (a causal
+    language model for classification, an encoder for causal-lm), naming the task it
+    fits; None when it fits, is a name Confide knows, or cannot be read (resolving the
+    folder names that problem). Read from config.json alone: nothing is loaded."""
+    import json
+
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if model in (MINILM, TINY, "smollm2"):
+        return None
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+        arches = [str(a) for a in config.get("architectures") or []]
+        kind = str(config.get("model_type", ""))
+    except (OSError, ValueError, AttributeError):
+        return None
+    causal = any(a.endswith(CAUSAL_LM_SUFFIXES) for a in arches) or (
+        not arches and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    what = ", ".join(arches) or f"model_type {kind!r}"
+    if task == "classification" and causal:
+        return (f"model {model} is a causal language model ({what}): it fits task = "
+                "'causal-lm' (prompt,completion data), not classification; for "
+                "classification give an encoder folder or 'minilm'")
+    if task == "causal-lm" and arches and not causal:
+        return (f"model {model} is not a causal language model ({what}): it fits task = "
+                "'classification'; for causal-lm give a causal LM folder or 'smollm2'")
+    return None

@@ -23,6 +23,7 @@ from confide import logs
 from confide.audit.report import write_report_after_run
 from confide.audit.verify import LARGE_DELTA_NOTE, over_target_text
 from confide.config import RunConfig
+from confide.data import check_delta
 from confide.privacy.preflight import PreflightRefused, PreflightReport, check, refusal_message
 from confide.server.recovery import (
     Interrupted,
@@ -66,8 +67,10 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
         raise FileExistsError(f"run folder {out} is not empty; choose another --out "
                               "(a finished run is never overwritten)")
     cfg = cfg.replace(out=str(out))
+    check_model(cfg)  # a missing folder, or one of the wrong kind: one line, before Ray
     # Validate data up front, in this process: errors name file and row before Ray starts.
     fed = federated_data(cfg)
+    check_delta(cfg.delta, fed.partitions, allow_large=cfg.allow_large_delta)
     if fed.synthetic:
         console.print("[yellow]No --data given: using the SYNTHETIC offline demo corpus "
                       "(generated template reviews, not real data).[/yellow]")
@@ -156,6 +159,21 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
         console.print(report.headline(), style="bold red" if report.cannot_learn
                       else "yellow", markup=False, highlight=False)
     return out, summary
+
+
+def check_model(cfg: RunConfig) -> None:
+    """The model folder exists and fits the task (config.json only, nothing loaded): a
+    configuration error ends here, before Ray starts and before any run folder exists."""
+    from confide.model import MINILM, TINY, ModelError, model_kind_problem, resolve_model_path
+    from confide.tasks import CAUSAL_LM
+    from confide.tasks.causal_lm import SMOLLM2, resolve_causal_path
+
+    if cfg.model in (MINILM, TINY, SMOLLM2):
+        return
+    (resolve_causal_path if cfg.task == CAUSAL_LM else resolve_model_path)(cfg.model)
+    problem = model_kind_problem(cfg.model, cfg.task)
+    if problem is not None:
+        raise ModelError(problem)
 
 
 @contextlib.contextmanager

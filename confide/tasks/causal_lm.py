@@ -132,6 +132,10 @@ def resolve_causal_path(model: str) -> Path:
 
         return float_folder()
     path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelError(f"model {model!r}: {path} is missing (no such folder); give "
+                         "'smollm2', 'tiny' or a local Hugging Face causal-LM folder (Confide "
+                         "never downloads weights unasked)")
     if not (path / "config.json").is_file():
         raise ModelError(
             f"model {model!r} is neither 'smollm2', 'tiny' nor a local Hugging Face causal-LM "

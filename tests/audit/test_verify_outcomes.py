@@ -155,3 +155,33 @@ def test_an_earlier_run_no_refusal_names_fails(template_run: RunInfo, tmp_path: 
     assert cross.status == "FAIL" and result.verdict == "FAIL"
     assert f"earlier run {other.dir}: no signed budget refusal of this run names it" in \
         cross.problems[0].reason
+
+
+def test_a_large_delta_override_is_stated_in_every_guarantee_line(run: RunInfo) -> None:
+    """A run started with allow-large-delta: verify, the report and the console's final
+    table each say so where they state the guarantee."""
+    from rich.console import Console
+
+    from confide.audit.report import write_report
+    from confide.audit.verify import LARGE_DELTA_NOTE
+    from confide.config import config_digest
+    from confide.simulation.runner import final_table
+
+    from .test_verify import _lines, _resign, _write
+
+    entries = _lines(run)
+    config = {**entries[0]["payload"]["config"], "allow-large-delta": True}
+    entries[0]["payload"]["config"] = config
+    entries[0]["payload"]["config_digest"] = config_digest(config)
+    _resign(entries, run.server_key)
+    _write(run, entries)
+    result = verify_run(run.dir, pld=False)
+    assert result.verdict == "PASS" and result.large_delta
+    assert LARGE_DELTA_NOTE in render_verdict(result)
+    _, md = write_report(run.dir, result=result)
+    assert LARGE_DELTA_NOTE in md.read_text()
+    summary = json.loads((run.dir / "summary.json").read_text())
+    summary["privacy"]["allow_large_delta"] = True
+    console = Console(width=400, record=True)
+    console.print(final_table(run.dir, summary))
+    assert LARGE_DELTA_NOTE in " ".join(console.export_text().split())
