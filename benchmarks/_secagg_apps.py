@@ -199,7 +199,7 @@ class BenchFederation:
         self.inner = DeltaFedAvg(server_learning_rate=1.0)
 
 
-def ours_config(n: int, rounds: int, dp: bool) -> Any:
+def ours_config(n: int, rounds: int, dp: bool, out: Path | None = None) -> Any:
     from confide.config import build_config
 
     values: dict[str, Any] = {
@@ -211,6 +211,8 @@ def ours_config(n: int, rounds: int, dp: bool) -> Any:
         "fraction-train": 1.0,
         "seed": 7,
     }
+    if out is not None:  # a run folder: the virtual partners' identities and roster
+        values["out"] = str(out)
     if dp:
         values.update(
             {
@@ -229,7 +231,7 @@ def ours_server(n: int, d: int, rounds: int, warmup: int, out: Path, dp: bool) -
     def main(grid: Grid, context: Context) -> None:
         from confide.server.secure_round import SecureRounds
 
-        cfg = ours_config(n, warmup + rounds, dp)
+        cfg = ours_config(n, warmup + rounds, dp, out.parent / "run")
         _nodes(grid, n)
         random.seed(cfg.seed)
         fed = BenchFederation(grid, cfg, d)

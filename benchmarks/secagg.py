@@ -22,6 +22,8 @@ in-process round of our core with messages serialised, against a float sum.
     python benchmarks/secagg.py                  # n in {10, 50} x LoRA d, n = 10 x full d
     python benchmarks/secagg.py --full-50        # also n = 50 x full d (needs ~20 GiB)
     python benchmarks/secagg.py --protocol       # section 2 only
+    python benchmarks/secagg.py --baseline REV --cell 10,74498 --cell 50,74498
+                                                 # ours now vs ours at git revision REV
 
 Vector lengths: 74,498 = trainable parameters of the default model (MiniLM, LoRA + head,
 mean pooling; `count_trainable(build_model(ModelSpec('minilm', 2)))`); 22,566,146 = all
@@ -97,13 +99,17 @@ def protocol_table(cases: list[tuple[int, int]], repeats: int, dp: bool) -> None
         )
 
 
-def simulate(mode: str, n: int, d: int, rounds: int, dp: bool, timeout: float) -> dict | None:
-    """One cell in a fresh process (Ray started and stopped with it)."""
+def simulate(mode: str, n: int, d: int, rounds: int, dp: bool, timeout: float,
+             tree: Path | None = None) -> dict | None:
+    """One cell in a fresh process (Ray started and stopped with it). ``tree``: another
+    checkout of the project whose apps and package run the cell (the baseline)."""
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    apps = APPS if tree is None else tree / "benchmarks" / APPS.name
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
             sys.executable,
-            str(APPS),
+            str(apps),
             mode,
             str(n),
             str(d),
@@ -112,7 +118,8 @@ def simulate(mode: str, n: int, d: int, rounds: int, dp: bool, timeout: float) -
             str(rounds),
         ] + (["--dp"] if dp and mode == "ours" else [])
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=env)
         except subprocess.TimeoutExpired:
             print(f"  {mode} n={n} d={d}: over {timeout:.0f} s, not measured", flush=True)
             return None
@@ -121,6 +128,34 @@ def simulate(mode: str, n: int, d: int, rounds: int, dp: bool, timeout: float) -
             print(f"  {mode} n={n} d={d}: failed (rc {proc.returncode})\n{tail}", flush=True)
             return None
         return json.loads(out.read_text())
+
+
+def baseline_table(cases: list[tuple[int, int]], rounds: int, repeats: int, dp: bool,
+                   timeout: float, rev: str) -> None:
+    """Our secure round now against our secure round at git revision ``rev`` (a worktree),
+    interleaved: the cost of a change to the secure path."""
+    tree = Path(tempfile.mkdtemp(prefix="confide-baseline-"))
+    subprocess.run(["git", "worktree", "add", "--detach", "-f", str(tree), rev], check=True,
+                   capture_output=True, cwd=APPS.parent)
+    try:
+        print(f"ours now vs ours at {rev}, R={rounds} timed rounds after 1 warm-up, median of "
+              f"{repeats} interleaved run(s)" + (", distributed DP" if dp else ""))
+        print(f"{'n':>4} {'d':>11} {'baseline s/r':>13} {'now s/r':>9} {'now/baseline':>13}",
+              flush=True)
+        for n, d in cases:
+            now: list[float] = []
+            then: list[float] = []
+            for _ in range(repeats):
+                for runs, where in ((then, tree), (now, None)):
+                    r = simulate("ours", n, d, rounds, dp, timeout, where)
+                    if r is not None:
+                        runs.append(r["s_per_round"])
+            b = float(np.median(then)) if then else float("nan")
+            c = float(np.median(now)) if now else float("nan")
+            print(f"{n:>4} {d:>11,} {b:>13.3f} {c:>9.3f} {c / b:>13.2f}", flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)],
+                       capture_output=True, cwd=APPS.parent)
 
 
 def round_table(
@@ -175,6 +210,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per cell")
     parser.add_argument("--dp", action="store_true", help="distributed discrete Gaussian on")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="only: our secure round now vs at git revision REV")
     args = parser.parse_args()
     if args.protocol:
         cases = [(n, d) for d in (LORA, FULL) for n in (10, 50)]
@@ -185,6 +222,9 @@ def main() -> None:
         cases.append((50, FULL))
     if args.cell:
         cases = [(int(c.split(",")[0]), int(c.split(",")[1])) for c in args.cell]
+    if args.baseline:
+        baseline_table(cases, args.rounds, args.repeats, args.dp, args.timeout, args.baseline)
+        return
     round_table(cases, args.rounds, args.repeats, args.dp, args.timeout)
 
 
