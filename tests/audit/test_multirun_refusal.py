@@ -67,13 +67,16 @@ def test_refusal_for_an_earlier_runs_spend_verifies(two_runs: tuple[Path, Path])
 
 
 def _resign(out: Path, edit) -> None:
-    """Rewrite the ledger with the run's own key (what a dishonest server could do)."""
+    """Rewrite the ledger with the run's own key (what a dishonest server could do). The
+    partners' countersignatures of the chain they saw no longer fit the rewritten one, and
+    the server cannot re-sign them: it leaves them out."""
     old = entries(out)
     key = RunFolder(out).ledger_signing_key()
     (out / LEDGER_FILE).unlink()
     ledger = Ledger.create(out / LEDGER_FILE, key)
     for e in old:
-        ledger.append(e["type"], edit(e))
+        if e["type"] != "head_countersigned":
+            ledger.append(e["type"], edit(e))
     ledger.close()
 
 
