@@ -144,10 +144,14 @@ def _use_parsers(sub: Any) -> None:
     x = sub.add_parser("export", help="write a standard Hugging Face folder (LoRA merged)")
     x.add_argument("run_dir")
     x.add_argument("dest")
+    x.add_argument("--force", action="store_true",
+                   help="replace the files of a non-empty DEST (never the run folder)")
     pr = sub.add_parser("predict", help="predictions of a classification run (CSV)")
     pr.add_argument("run_dir")
     pr.add_argument("--data", required=True, help="CSV/JSONL file with a text column")
     pr.add_argument("--out", help="default RUN_DIR/predictions.csv")
+    pr.add_argument("--force", action="store_true",
+                    help="replace an existing --out file (never the input data)")
 
 
 def _use(args: argparse.Namespace) -> int:
@@ -161,11 +165,11 @@ def _use(args: argparse.Namespace) -> int:
             print(f"prompt: {prompt}\ncompletion: {text}\n")
         return 0
     if args.command == "export":
-        dest = use.export_run(Path(args.run_dir), Path(args.dest))
+        dest = use.export_run(Path(args.run_dir), Path(args.dest), force=args.force)
         print(f"exported to {dest}")
         return 0
     out = use.predict_run(Path(args.run_dir), Path(args.data),
-                          Path(args.out) if args.out else None)
+                          Path(args.out) if args.out else None, force=args.force)
     print(f"predictions written: {out}")
     return 0
 

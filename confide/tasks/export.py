@@ -18,6 +18,21 @@ def merged(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_destination(dest: Path, run_dir: Path, *, force: bool) -> None:
+    """Export never writes into the run folder it reads (nor a folder holding it), and
+    into an existing, non-empty folder only with `force`."""
+    dest, run = Path(dest).resolve(), Path(run_dir).resolve()
+    record = [p for p in run.iterdir() if p.is_dir()] if run.is_dir() else []
+    if dest == run or run.is_relative_to(dest) or any(dest.is_relative_to(p) for p in record):
+        raise FileExistsError(f"{dest} is (or holds, or lies in) the run folder {run_dir} "
+                              "that export reads; choose a new folder outside its record")
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} is an existing file; export needs a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not force:
+        raise FileExistsError(f"{dest} is not empty; export needs a new or empty folder "
+                              "(give --force to replace the files in it)")
+
+
 def _prepare(dest: Path) -> Path:
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
