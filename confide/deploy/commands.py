@@ -35,6 +35,7 @@ from confide.clients.policy import PartnerPolicy, PolicyError
 from confide.deploy import app_signing, pki
 from confide.deploy.verified_clientapp import (
     TRUSTED_PUBLISHERS_KEY,
+    UNSIGNED_ENV,
     install_wrapper,
     wrapped_path,
 )
@@ -259,8 +260,13 @@ def launch_env(args: argparse.Namespace, base: dict[str, str] | os._Environ[str]
     # Flower keeps app bundles (and its config) in FLWR_HOME, ~/.flwr by default: the
     # node's files stay under its own state folder instead.
     env["FLWR_HOME"] = str(state_dir / "flwr")
-    if not args.allow_unsigned_apps:
-        env["PATH"] = wrapped_path(install_wrapper(state_dir / "bin").parent)
+    # Confide's flwr-clientapp first on PATH: it checks the bundle's signature (unless
+    # --allow-unsigned-apps) and ends the ClientApp when its SuperNode is gone
+    env["PATH"] = wrapped_path(install_wrapper(state_dir / "bin").parent)
+    if args.allow_unsigned_apps:
+        env[UNSIGNED_ENV] = "1"
+    else:
+        env.pop(UNSIGNED_ENV, None)
     if args.threads > 0:  # else the ClientApp divides the cores when a round starts
         for name in THREAD_ENV:
             env[name] = str(args.threads)

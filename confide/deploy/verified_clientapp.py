@@ -5,6 +5,8 @@ Flower's SuperNode starts each ClientApp as a `flwr-clientapp` process found on 
 check runs in the partner's own installed code before any of the bundle's code is imported
 (a check inside the bundle could be removed by whoever altered it). A refused bundle makes
 the ClientApp fail before it sees data; the SuperNode reports an error reply for the round.
+The wrapper also ends the ClientApp when its SuperNode is gone (`confide.deploy.lifeline`)
+and stops Flower's heartbeat before the task's final report.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import threading
 from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
 TRUSTED_PUBLISHERS_KEY = "trusted-publishers"  # node config: path to the YAML file
+# Set by `confide deploy supernode --allow-unsigned-apps`: the wrapper still keeps the
+# ClientApp's lifeline (confide.deploy.lifeline), it checks no signature.
+UNSIGNED_ENV = "CONFIDE_ALLOW_UNSIGNED_APPS"
+HEARTBEAT_STOP_S = 5.0
 
 
 # A refusal found while pulling the task, raised once the message is known: run_clientapp
@@ -65,16 +72,45 @@ def _verifying(pull: Any) -> Any:
     return pull_task_input
 
 
+def _heartbeats_first(heartbeat_sender: Any, push_task_output: Any) -> tuple[Any, Any]:
+    """Flower's exit handler reports the task finished (which revokes the task's Runtime
+    token) before it stops the heartbeat thread: a heartbeat sent in between was refused
+    ("[ApiError:1008] Runtime task-token authentication failed", "401 Unauthorized" in the
+    node log) and made the process signal itself. The heartbeat now stops first."""
+    senders: list[Any] = []
+
+    class Recorded(heartbeat_sender):  # type: ignore[misc,valid-type]  # Flower's class
+        def start(self) -> None:
+            senders.append(self)
+            super().start()
+
+    def push(*args: Any, **kwargs: Any) -> Any:
+        for sender in senders:
+            if sender.is_running:  # stop() joins its thread: bounded, as Flower's exit is
+                stopping = threading.Thread(target=sender.stop, daemon=True)
+                stopping.start()
+                stopping.join(HEARTBEAT_STOP_S)
+        return push_task_output(*args, **kwargs)
+
+    return Recorded, push
+
+
 def main() -> None:
     import importlib
 
     from flwr.supernode.cli import flwr_clientapp
 
-    # Patch the module's globals: run_clientapp() looks both names up there at call time.
+    from confide.deploy.lifeline import parent_pid_arg, start_lifeline
+
+    start_lifeline(parent_pid_arg(sys.argv[1:]))  # never outlive the SuperNode
+    # Patch the module's globals: run_clientapp() looks these names up at call time.
     module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
-    # a ModuleType declares no attributes to assign to; both names exist at run time
-    module.pull_task_input = _verifying(module.pull_task_input)  # type: ignore[attr-defined]  # above
-    module.install_from_fab = _refusing(module.install_from_fab)  # type: ignore[attr-defined]  # above
+    # a ModuleType declares no attributes to assign to; the names exist at run time
+    if not os.environ.get(UNSIGNED_ENV):
+        module.pull_task_input = _verifying(module.pull_task_input)  # type: ignore[attr-defined]  # above
+        module.install_from_fab = _refusing(module.install_from_fab)  # type: ignore[attr-defined]  # above
+    module.HeartbeatSender, module.push_task_output = _heartbeats_first(  # type: ignore[attr-defined]  # above
+        module.HeartbeatSender, module.push_task_output)  # type: ignore[attr-defined]  # above
     flwr_clientapp()
 
 
