@@ -130,6 +130,11 @@ def test_a_run_refused_in_round_one_states_its_rounds(tmp_path: Path,
     assert "1..0" not in render_verdict(result)
     assert result.verdict == "INCOMPLETE"
     assert main([str(tmp_path)]) == 3
+    # the report lists the partners that only refused, with the rounds they refused
+    from confide.audit.report import RunReport
+
+    rows = RunReport(tmp_path, result)._epsilon_rows()
+    assert [(r[0], r[-1]) for r in rows] == [("p-000000000001", "1"), ("p-000000000002", "1")]
 
 
 def test_verify_on_a_folder_that_is_not_a_run_says_so(tmp_path: Path,
