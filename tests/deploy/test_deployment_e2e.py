@@ -240,8 +240,10 @@ def test_two_rounds_over_tls_with_node_auth(fed: Federation) -> None:
         assert len(m["epsilon_example_level"]) == 3, m
     for name in PARTNERS:
         assert len(_node_state(fed, name).accountant.state_dict()["history"]) == 2
-    # The refused bundle's code never ran on the untrusting node: no state was written.
-    assert not (fed.root / "state" / "untrusting" / STATE_FILE).exists()
+    # The refused bundle's code never ran on the untrusting node: its state is the one its
+    # `partner-identity` wrote (no message handled, nothing spent).
+    untrusting = _node_state(fed, "untrusting")
+    assert untrusting.handled == [] and untrusting.accountant.state_dict()["history"] == []
     # the docs say what really happens: status 1, Flower's code 305 in the log
     assert rogue.wait(90) == 1, fed.log("rogue")
     assert "Exit Code: 305" in fed.log("rogue"), fed.log("rogue")[-3000:]
