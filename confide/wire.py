@@ -10,7 +10,8 @@ ConfigRecord `SECAGG_UP`, the masked vector in ArrayRecord `MASKED`):
         masked-input-request/<q>, consistency-request/<q>, unmask-request/<q>, verify (bool),
         shared/<q>, shared-info
   up    advertise/<q>, share-keys/<q>, masked-round, masked-sender, masked-vote,
-        consistency-vote/<q>, unmask-shares/<q>, error/<q>/<stage>, verify-only (bool; with
+        consistency-vote/<q>, unmask-shares/<q>, error/<q>/<stage>, refusal/<q>/<stage>
+        (signed), verify-only (bool; with
         ArrayRecord `VERIFY`), shared-info
 """
 
@@ -161,6 +162,7 @@ MASKED_SENDER = "masked-sender"
 MASKED_VOTE = "masked-vote"  # up: the node's consistency vote sent with its masked input
 CONSISTENCY_REQUEST = "consistency-request"  # down, only after a masked-input dropout
 CONSISTENCY_VOTE = "consistency-vote"
+REFUSAL = "refusal"  # up: refusal/<q>/<stage> = a partner's signed refusal (JSON)
 VERIFY_FLAG = "verify"
 VERIFY_ONLY = "verify-only"
 SHARED = "shared"  # down: shared/<q> = SharedNoiseConfig JSON of round q (shared noise)

@@ -37,7 +37,7 @@ from confide.privacy.secagg import (
     SecAggValidationError,
     UnmaskRequest,
 )
-from confide.privacy.secagg.identity import Roster
+from confide.privacy.secagg.identity import Roster, sign_refusal
 from confide.privacy.secagg.messages import ConsistencyRequest
 from confide.wire import (
     ADVERTISE,
@@ -51,6 +51,7 @@ from confide.wire import (
     MASKED_SENDER,
     MASKED_VOTE,
     NUM_EXAMPLES,
+    REFUSAL,
     SECAGG,
     SECAGG_ROUND,
     SECAGG_UP,
@@ -146,6 +147,15 @@ class ClientStore:
         self.context.state.config_records[STATE_RECORD] = self.record
 
 
+def _session_id(store: ClientStore, down: ConfigRecord, q: int) -> bytes | None:
+    """The session id of secure round q as this node knows it (its state, or the message)."""
+    try:
+        return store.config(q).session_id
+    except SecAggRefusal:
+        text = down.get(f"config/{q}")
+        return None if text is None else config_from_json(str(text)).session_id
+
+
 def _rounds(down: ConfigRecord, prefix: str) -> list[int]:
     return sorted(int(k.split("/")[1]) for k in down if k.startswith(prefix + "/"))
 
@@ -211,6 +221,11 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
             log(WARNING, "partition %d: secure aggregation round %d, %s: %s",
                 _partition(context), q, stage, exc)
             up[f"error/{q}/{stage}"] = str(exc)
+            if isinstance(exc, SecAggRefusal) and identity is not None:
+                session = _session_id(store, down, q)
+                if session is not None:  # signed: the operator can show who refused what
+                    up[f"{REFUSAL}/{q}/{stage}"] = json.dumps(sign_refusal(
+                        identity[0], session, q, stage, str(exc)))
             store.drop(q)
 
     advertise = json.loads(str(down.get(ADVERTISE, "[]")))

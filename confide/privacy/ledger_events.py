@@ -280,11 +280,16 @@ class SecureAggregationEvent(LedgerEvent):
     # why the round aborted (too few survivors; nothing was unmasked, the model is
     # unchanged), None when the secure sum was released. Absent in older ledgers.
     abort: SecureAggregationAbort | None = None
+    # partners' signed refusals of this round's protocol stages
+    # (confide.privacy.secagg.identity.sign_refusal); absent when there were none
+    refusals: list[dict[str, Any]] = field(default_factory=list)
 
     def to_payload(self) -> dict[str, Any]:
         out = {"round": self.round, "participants": self.participants,
                "dropouts": self.dropouts, "threshold": self.threshold, "bits": self.bits,
                "neighbours": self.neighbours}
+        if self.refusals:
+            out["refusals"] = self.refusals
         return {**out, **(self.abort.to_json() if self.abort else {"aborted": None})}
 
     @classmethod
@@ -298,7 +303,8 @@ class SecureAggregationEvent(LedgerEvent):
                    bits=_int(k, "bits", _get(k, payload, "bits"), lo=1),
                    neighbours=_int(k, "neighbours", _get(k, payload, "neighbours")),
                    abort=None if payload.get("aborted") is None
-                   else SecureAggregationAbort.from_json(payload, k))
+                   else SecureAggregationAbort.from_json(payload, k),
+                   refusals=[_dict(k, "refusals", r) for r in payload.get("refusals", [])])
 
 
 @dataclass(frozen=True)

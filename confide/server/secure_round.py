@@ -46,6 +46,7 @@ from confide import wire as W
 from confide.config import ConfigError
 from confide.privacy import ledger_events as E
 from confide.privacy.mechanisms import SecureAggregationAbort
+from confide.privacy.receipts import pseudonym_of
 from confide.privacy.secagg import (
     AdvertiseKeys,
     DistributedDGAccountant,
@@ -63,6 +64,7 @@ from confide.privacy.secagg import (
 )
 from confide.privacy.secagg import Message as SecAggMessage
 from confide.privacy.secagg.ddg_accounting import ddg_mechanism
+from confide.privacy.secagg.identity import refusal_verifies
 from confide.privacy.secagg.masking import reduce_mod
 from confide.privacy.secagg.messages import ConsistencyVote
 from confide.privacy.secagg.shared_noise import SharedNoiseConfig, decode_sum
@@ -96,6 +98,7 @@ class Session:
     # (error reply, no reply, nothing usable, rejected): its dropouts, whether or not the
     # session aborted
     dropped: set[int] = field(default_factory=set)
+    refusals: list[dict[str, Any]] = field(default_factory=list)  # partners' signed refusals
 
     @property
     def nodes(self) -> dict[int, int]:
@@ -222,10 +225,30 @@ class SecureRounds:
                     if key.startswith("error/"):
                         log(WARNING, "%s: secure aggregation %s: %s",
                             self.name(reply.metadata.src_node_id), key[6:], value)
+                    elif key.startswith(f"{W.REFUSAL}/"):
+                        self._signed_refusal(reply.metadata.src_node_id, str(value))
             if W.MASKED in reply.content.array_records:
                 self.uploaded += sum(a.numpy().nbytes
                                      for a in reply.content[W.MASKED].values())
         return replies
+
+    def _signed_refusal(self, node: int, text: str) -> None:
+        """Keep a partner's signed refusal for its round's ledger entry (the operator can show
+        who refused what, and why); an unverifiable one is only logged."""
+        try:
+            refusal = json.loads(text)
+            ok = isinstance(refusal, dict) and refusal_verifies(refusal)
+        except json.JSONDecodeError:
+            ok = False
+        session = self.sessions.get(int(refusal.get("round", -1))) if ok else None
+        if session is None or refusal.get("session") != session.config.session_id.hex():
+            log(WARNING, "%s: a secure-aggregation refusal that does not verify was ignored",
+                self.name(node))
+            return
+        log(WARNING, "%s refused secure round %d (%s), signed by %s: %s", self.name(node),
+            session.round, refusal["stage"], pseudonym_of(bytes.fromhex(refusal["identity"])),
+            refusal["reason"])
+        session.refusals.append(refusal)
 
     def consume(self, session: Session, reply: Message, key: str,
                 kind: type[SecAggMessage]) -> bool:
@@ -500,7 +523,7 @@ class SecureRounds:
             events=[E.SecureAggregationEvent(
                 round=server_round, participants=sorted(aggregated), dropouts=dropouts,
                 threshold=int(cur.config.threshold), bits=cur.config.bits,
-                neighbours=int(cur.config.degree), abort=abort)],
+                neighbours=int(cur.config.degree), abort=abort, refusals=cur.refusals)],
             metrics=extra)
         if fed.cfg.distributed_dp:
             self._distributed_dp(cur, outcome, released=result is not None)

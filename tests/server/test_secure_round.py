@@ -296,3 +296,24 @@ def test_simulation_only_options_are_refused_in_deployment() -> None:
     cfg = build_config({"secure-aggregation": True, "client-dp": True, "clients": 4})
     with pytest.raises(ConfigError, match="distributed-dp"):
         SecureRounds(FakeFederation(cfg, LocalGrid(4, cfg)), simulation=True)  # type: ignore[arg-type]
+
+
+def test_a_partner_refusal_is_signed_into_the_round_entry() -> None:
+    """Partner 1000's roster lacks partner 1004 (as if the server had slipped it in): 1000
+    refuses the key directory, and its signed refusal lands in the round's ledger entry."""
+    from confide.privacy.secagg.identity import refusal_verifies
+
+    fed, secure = make(n=5, **{"secagg-threshold": 0.51})
+    root = fed.grid.root
+    lines = (root / "roster.txt").read_text().splitlines()
+    own = root / "roster-1000.txt"
+    own.write_text("\n".join(lines[:4]) + "\n")  # everyone but partner 1004
+    fed.grid.contexts[1000].node_config["federation-roster"] = str(own)
+    run(fed, secure, 1)
+    event = fed.ledger.of(E.SECURE_AGGREGATION)[0]
+    refusals = event["refusals"]
+    assert [r["stage"] for r in refusals] == ["share-keys"]
+    assert "not on this partner's federation roster" in refusals[0]["reason"]
+    assert refusals[0]["identity"] == lines[0].split()[0] and refusal_verifies(refusals[0])
+    assert not refusal_verifies({**refusals[0], "reason": "nothing to see"})
+    assert E.SecureAggregationEvent.from_payload(event).refusals == refusals

@@ -9,6 +9,7 @@ from confide.config import config_digest
 from confide.privacy import ledger_events as ev
 from confide.privacy.ledger import as_public_key, public_key_hex, verify_chain
 from confide.privacy.receipts import ReceiptError, verify_head
+from confide.privacy.secagg.identity import refusal_verifies
 
 
 def check_chain(run: LoadedRun) -> CheckResult:
@@ -81,6 +82,11 @@ def check_payloads(run: LoadedRun) -> CheckResult:
         if d is not None and run.delta is not None and not isinstance(e, ev.RunStarted) \
                 and d != run.delta:
             c.add(f"{e.TYPE} delta {d} differs from the run's delta {run.delta}", i)
+        if isinstance(e, ev.SecureAggregationEvent):
+            for refusal in e.refusals:
+                if not refusal_verifies(refusal) or refusal.get("round") != e.round:
+                    c.add(f"a partner's refusal of secure round {e.round} does not verify "
+                          "(not signed by the identity it names, or another round's)", i)
     c.detail = f"{len(run.events)} typed events"
     return c
 

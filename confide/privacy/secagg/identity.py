@@ -45,6 +45,7 @@ SIGNATURE_BYTES = 64
 _ADVERTISE_TAG = b"confide/secagg/v2/advertise-keys"
 _VOTE_TAG = b"confide/secagg/v2/consistency-vote"
 _GRAPH_TAG = b"confide/secagg/v2/graph-seed"
+_REFUSAL_TAG = b"confide/secagg/v2/refusal"
 
 
 def raw_public(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
@@ -69,6 +70,34 @@ def vote_bytes(session_id: bytes, round_number: int, survivors: Iterable[int],
     """What a client signs when it agrees to unmask for this (survivors, dropped) split."""
     return b"".join([_VOTE_TAG, session_id, struct.pack("<Q", round_number),
                      _ids(survivors), _ids(dropped)])
+
+
+def refusal_bytes(session_id: bytes, round_number: int, stage: str, reason: str) -> bytes:
+    """What a partner signs when it refuses a stage of a secure round."""
+    text = f"{stage}\n{reason}".encode()
+    return b"".join([_REFUSAL_TAG, session_id, struct.pack("<QI", round_number, len(text)),
+                     text])
+
+
+def sign_refusal(identity: Ed25519PrivateKey, session_id: bytes, round_number: int,
+                 stage: str, reason: str) -> dict[str, object]:
+    """A refusal the operator can show to anyone: which identity refused what, and why."""
+    signature = identity.sign(refusal_bytes(session_id, round_number, stage, reason))
+    return {"session": session_id.hex(), "round": round_number, "stage": stage,
+            "reason": reason, "identity": raw_public(identity).hex(),
+            "signature": signature.hex()}
+
+
+def refusal_verifies(refusal: Mapping[str, object]) -> bool:
+    """A signed refusal (:func:`sign_refusal`) checks out under the identity it names."""
+    try:
+        message = refusal_bytes(bytes.fromhex(str(refusal["session"])),
+                                int(str(refusal["round"])), str(refusal["stage"]),
+                                str(refusal["reason"]))
+        return verify_signature(bytes.fromhex(str(refusal["identity"])),
+                                bytes.fromhex(str(refusal["signature"])), message)
+    except (KeyError, ValueError, TypeError):
+        return False
 
 
 def verify_signature(identity: bytes, signature: bytes, message: bytes) -> bool:
