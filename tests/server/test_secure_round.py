@@ -79,6 +79,7 @@ class LocalGrid:
             for i in range(n)}
         self.drop: dict[tuple[int, str], set[int]] = {}
         self.tamper: Tamper | None = None
+        self.tamper_down: Callable[[int, Message], None] | None = None  # a malicious server
         self.trained: dict[int, dict[int, dict[str, np.ndarray]]] = {}  # round -> node -> delta
 
     def get_node_ids(self) -> list[int]:
@@ -94,6 +95,8 @@ class LocalGrid:
                 out.append(Message(Error(701, "dropped"), reply_to=msg))
                 continue
             ctx = self.contexts[node]
+            if self.tamper_down is not None:
+                self.tamper_down(node, msg)
             if kind == "train":
                 delta = node_delta(node, server_round)
                 self.trained.setdefault(server_round, {})[node] = delta
@@ -317,3 +320,39 @@ def test_a_partner_refusal_is_signed_into_the_round_entry() -> None:
     assert refusals[0]["identity"] == lines[0].split()[0] and refusal_verifies(refusals[0])
     assert not refusal_verifies({**refusals[0], "reason": "nothing to see"})
     assert E.SecureAggregationEvent.from_payload(event).refusals == refusals
+
+
+def test_equivocating_server_gets_no_unmask_shares_through_the_adapters() -> None:
+    """The server keeps every masked input, then tells half of the partners "the others
+    dropped" (with the votes it holds) and the other half the reverse: through the real
+    adapters, every partner refuses, signed, and nothing is unmasked."""
+    from confide.privacy.secagg import UnmaskRequest
+
+    fed, secure = make(n=4)
+    unmask_key = f"{W.UNMASK_REQUEST}/1"
+    answered: list[str] = []
+
+    def equivocate(node: int, msg: Message) -> None:
+        down = msg.content.config_records[W.SECAGG]
+        if unmask_key not in down:
+            return
+        honest = UnmaskRequest.from_bytes(bytes(down[unmask_key]))
+        ids = sorted(honest.survivors)
+        half = set(ids[:2]) if node in (1000, 1001) else set(ids[2:])
+        down[unmask_key] = UnmaskRequest(
+            honest.session_id, 1, survivors=tuple(sorted(half)),
+            dropped=tuple(sorted(set(ids) - half)), votes=honest.votes).to_bytes()
+
+    def spy(node: int, sent: Message, reply: Message) -> Message:
+        up = reply.content.config_records.get(W.SECAGG_UP)
+        if up is not None and f"{W.UNMASK_SHARES}/1" in up:
+            answered.append(f"node {node}")
+        return reply
+
+    fed.grid.tamper_down, fed.grid.tamper = equivocate, spy
+    r1 = run(fed, secure, 1)
+    assert answered == []  # not one share left a partner
+    assert r1["secagg_aborted"] is not None
+    refusals = fed.ledger.of(E.SECURE_AGGREGATION)[0]["refusals"]
+    assert len(refusals) == 4 and all(r["stage"] == "unmask" for r in refusals)
+    assert all("survivors" in r["reason"] for r in refusals)
