@@ -1,4 +1,4 @@
-"""`confide` command line: simulate, audit, generate, export, predict."""
+"""`confide` command line: simulate, audit, generate, export, predict, deploy."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from confide.config import (
+    SCHEMA,
     ConfigError,
     RunConfig,
     build_config,
+    key_help,
     load_toml,
     normalise_key,
     parse_set_items,
@@ -67,15 +69,40 @@ def _same_value(a: Any, b: Any) -> bool:
         return False
 
 
+def flag_help(flag: str) -> str:
+    """The help of a config-backed `simulate` flag, generated from the key's definition
+    (RunConfig's `option`): what it does, its default and its allowed values."""
+    if flag in SIMULATE_FLAGS:
+        key = SIMULATE_FLAGS[flag]
+        text = f"{key_help(key)}; config key {key}"
+    else:
+        key = SIMULATE_SWITCHES[flag]
+        value = flag != "--no-example-dp"  # the one switch that turns its key off
+        text = (f"turn {'on' if value else 'off'} {key} ({SCHEMA[key].help}): sets {key} = "
+                f"{str(value).lower()} (default: {str(SCHEMA[key].default).lower()}; allowed: "
+                f"{SCHEMA[key].allowed}, also as --set {key}=VALUE)")
+        if key == "resume":
+            text += ("; nothing already recorded is trained again. Give the run's own "
+                     "settings with it: confide simulate --config RUN/config.toml --resume")
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def _simulate_parser(sub: Any) -> None:
-    p = sub.add_parser("simulate", help="run a federation in Flower's simulation engine")
-    p.add_argument("--config", help="TOML file with configuration keys (see README)")
-    for flag, key in SIMULATE_FLAGS.items():
-        p.add_argument(flag, help=f"config key {key}")
-    for flag, key in SIMULATE_SWITCHES.items():
-        p.add_argument(flag, action="store_true", help=f"sets {key}")
+    p = sub.add_parser(
+        "simulate", help="run a federation in Flower's simulation engine",
+        epilog="Settings apply in this order, later winning: --config, then --set, then the "
+               "flags above. Every configuration key, with its default, allowed values and "
+               "meaning: README's configuration table, or python -m confide.config.")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with configuration keys (README's configuration table; a "
+                   "run folder's config.toml repeats that run)")
+    for flag in SIMULATE_FLAGS:
+        p.add_argument(flag, help=flag_help(flag))
+    for flag in SIMULATE_SWITCHES:
+        p.add_argument(flag, action="store_true", help=flag_help(flag))
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any configuration key (repeatable)")
+                   help="any configuration key, e.g. --set local-epochs=2 (repeatable; "
+                   "python -m confide.config lists every key)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
     p.add_argument("--ray-address", metavar="ADDRESS",
                    help="run on the existing Ray cluster at ADDRESS (host:port of a head "
@@ -180,14 +207,18 @@ def _deploy_parser(sub: Any) -> None:
     add_parser(sub)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="confide", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands")
     _simulate_parser(sub)
     _audit_parser(sub)
     _use_parsers(sub)
     _deploy_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "simulate":
             cfg = resolve_config(args)

@@ -604,6 +604,23 @@ def _shown(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def shown_default(key: str) -> str:
+    """A key's declared default in words, with the shared-noise mode's own default where it
+    has one (that mode fills it unless the key is set)."""
+    spec = SCHEMA[key]
+    text = _shown(spec.default)
+    if key in SHARED_NOISE_DEFAULTS:
+        text += (f", or {_shown(SHARED_NOISE_DEFAULTS[key])} when example-dp-noise = "
+                 "'shared', which secure-aggregation turns on by default")
+    return text
+
+
+def key_help(key: str) -> str:
+    """One key's meaning, default and allowed values in one sentence (the CLI's help)."""
+    spec = SCHEMA[key]
+    return f"{spec.help} (default: {shown_default(key)}; allowed: {spec.allowed})"
+
+
 def markdown_table() -> str:
     """The README's configuration table, generated from SCHEMA (a test keeps them equal)."""
     # the declared defaults (a RunConfig resolves 'auto' values, the table shows them)
