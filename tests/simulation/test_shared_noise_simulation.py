@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from confide.audit.verify import verify_run
+from confide.clients.disclosure import public_rows
 from confide.config import build_config
 from confide.privacy import ledger_events as E
 from confide.privacy.accountant import calibrate_noise, pld_epsilon
@@ -75,7 +76,8 @@ def test_ledger_records_the_shared_mechanism_per_partner(run_dir: Path) -> None:
     from confide.task import federated_data
 
     partitions = federated_data(build_config(load_toml(run_dir / "config.toml"))).partitions
-    assert q == pytest.approx(16 / sum(len(p) for p in partitions))  # batch / all records
+    # batch / all records, each partner's count as it declares it (rounded up: public)
+    assert q == pytest.approx(16 / sum(public_rows(len(p)) for p in partitions))
     assert sigma.pop() == pytest.approx(calibrate_noise(TARGET, 1e-5, q, 2), rel=1e-9)
     finals = [e.epsilon_claimed for e in events if e.round == 2]
     assert all(f == pytest.approx(TARGET, rel=0.01) and f <= TARGET + 1e-9 for f in finals)
