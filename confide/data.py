@@ -354,7 +354,8 @@ class FederatedData:
     evaluation: TextDataset
     num_labels: int
     synthetic: bool
-    # how num-labels was set, and when inferred: from which labels and rows (for the log)
+    # how num-labels was set, and when inferred: from which labels and rows (for the log);
+    # empty for a task whose rows have no classes (causal-lm)
     labels_note: str = ""
 
 
@@ -411,7 +412,10 @@ def load_federated_data(*, data: str, eval_data: str, clients: int, partitioner:
     labels = num_labels or max(2, inferred)
     if inferred > labels:
         raise DataError(f"labels go up to {inferred - 1} but num-labels = {labels}")
-    note = f"num-labels = {labels} (set)" if num_labels else _inferred_labels_note(whole)
+    if reader is not None:  # a task's own reader (causal-lm): its rows have no classes
+        note = ""
+    else:
+        note = f"num-labels = {labels} (set)" if num_labels else _inferred_labels_note(whole)
     if not num_labels and not synthetic and reader is None:  # after the gap check's message
         _check_inferred_classes([f for f in whole if f is not eval_file], eval_file)
     return FederatedData(parts, evaluation, labels, synthetic, note)

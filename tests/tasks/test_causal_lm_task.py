@@ -75,6 +75,12 @@ def test_federated_split_uses_the_task_reader(tmp_path: Path) -> None:
     assert isinstance(fed.evaluation, PromptDataset)
 
 
+def test_causal_lm_data_says_nothing_of_classes(tmp_path: Path) -> None:
+    # its rows carry zero labels for the plumbing: no "num-labels = 2 inferred" line
+    assert federated_data(cfg_for(tmp_path)).labels_note == ""
+    assert federated_data(cfg_for(tmp_path, **{"num-labels": 3})).labels_note == ""
+
+
 def test_bleu_uses_every_reference_and_rouge_l() -> None:
     refs = [["Aromi serves Chinese food.", "Chinese food is served at Aromi."],
             ["Cotto is by the riverside."]]
