@@ -201,6 +201,15 @@ def _use(args: argparse.Namespace) -> int:
     return 0
 
 
+def _final_table(run_dir: Path, summary: dict[str, Any]) -> None:
+    """A completed deployed run's table, as `confide simulate` ends (colour on a terminal)."""
+    from rich.console import Console
+
+    from confide.simulation.runner import final_table
+
+    Console().print(final_table(run_dir, summary))
+
+
 def _deploy_parser(sub: Any) -> None:
     from confide.deploy.commands import add_parser
 
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "deploy":
             from confide.deploy.commands import run as deploy_run
 
-            return deploy_run(args)
+            return deploy_run(args, show_finished=_final_table)
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"confide: error: {exc}", file=sys.stderr)
         return 2

@@ -63,9 +63,25 @@ def quiet_known_messages(*, keep_info: bool = False) -> None:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
+def plain_unless_terminal() -> None:
+    """Flower colours its console lines always; redirected to a log file the colour codes
+    are noise: they stay only on a terminal."""
+    import sys
+
+    from flwr.supercore.logger import update_console_handler
+
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    update_console_handler(colored=terminal)
+
+
 def deployed_process_logging() -> None:
-    """In a deployed ServerApp or ClientApp process: each line once, and the known notices
-    filtered unless the launcher was started with --verbose."""
+    """In a deployed ServerApp or ClientApp process: each line once, colour only on a
+    terminal, and the known notices filtered unless the launcher was started with
+    --verbose."""
     one_line_per_record()
+    plain_unless_terminal()
     if not verbose_from_env():
         quiet_known_messages(keep_info=True)

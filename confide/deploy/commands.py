@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -185,15 +185,20 @@ def _insecure_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the command, do not start")
 
 
-def run(args: argparse.Namespace) -> int:
+FinishedRun = Callable[[Path, dict[str, Any]], None]  # shows a finished run's final table
+
+
+def run(args: argparse.Namespace, show_finished: FinishedRun | None = None) -> int:
+    """`show_finished(run_folder, summary)`: how `confide deploy run` shows a completed run
+    (the CLI passes the same final table `confide simulate` prints)."""
     try:
-        return _dispatch(args)
+        return _dispatch(args, show_finished)
     except (DeployError, pki.PkiError, app_signing.AppVerificationError) as exc:
         print(f"confide deploy: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, show_finished: FinishedRun | None = None) -> int:
     cmd = args.deploy_command
     if cmd == "init-ca":
         cert, key = pki.init_ca(args.dir, args.name)
@@ -223,8 +228,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"trusted publisher {key_id} added to {args.file}")
     elif cmd == "stage-app":
         out = stage_app(args.source, args.out, args.key)
-        print(f"signed app in {out}; run it with `flwr run {out} <connection> "
-              "--run-config '...'`")
+        print(f"signed app in {out}; run it with `confide deploy run {out} [CONNECTION] "
+              "--run-config '...'` (its exit status says whether the run succeeded)")
     elif cmd == "sign-app":
         print(f"signature written: {app_signing.sign_app(args.app, args.key)}")
     elif cmd == "register":
@@ -233,7 +238,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         path = write_connection(args.flwr_home, args.name, args.address, args.ca)
         print(f"connection '{args.name}' -> {args.address} written to {path}")
     elif cmd == "run":
-        return run_app(args.app, args.connection, args.run_config, verbose=args.verbose)
+        return run_app(args.app, args.connection, args.run_config, verbose=args.verbose,
+                       show_finished=show_finished)
     elif cmd in ("superlink", "supernode"):
         argv = superlink_command(args) if cmd == "superlink" else supernode_command(args)
         env = launch_env(args, os.environ)
@@ -555,20 +561,49 @@ def run_status(run_id: int, connection: str | None, timeout: float = 60.0
             run = json.loads(res.stdout)["runs"][0]
             status, details = str(run["status"]), str(run.get("status-details", ""))
         except (ValueError, KeyError, IndexError, TypeError):
-            # e.g. the SuperLink is gone: say so, do not wait for it
-            return "unknown", "`flwr ls` could not tell: " + \
-                (res.stdout + res.stderr).strip()[-500:]
+            # e.g. the SuperLink is gone: say so in words, do not wait for it
+            return "unknown", "the SuperLink did not say how it ended (" + \
+                flwr_error(res.stdout, res.stderr) + ")"
         if status.startswith("finished") or time.monotonic() > deadline:
             return status, details
         time.sleep(1.0)
 
 
+def flwr_error(stdout: str, stderr: str) -> str:
+    """What a failed `flwr` command said, in one line: the `error-message` of its JSON
+    answer, else its last line of text (never the raw JSON)."""
+    for text in (stdout, stderr):
+        with contextlib.suppress(ValueError, AttributeError):
+            answer = json.loads(text)
+            message = answer.get("error-message") or answer.get("error")
+            if message:
+                return " ".join(str(message).split())[:300]
+    lines = [_ANSI.sub("", line).strip() for line in (stderr + "\n" + stdout).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("{", "}", '"'))]
+    return lines[-1][:300] if lines else "no answer"
+
+
+def _interrupted(run_id: int | None, connection: str | None) -> int:
+    conn = f" {connection}" if connection else ""
+    if run_id is None:
+        print("confide deploy run: interrupted before the SuperLink started a run",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"confide deploy run: interrupted; run {run_id} goes on on the SuperLink. "
+              f"Follow it: flwr log {run_id}{conn} --stream; stop it: flwr stop {run_id}"
+              f"{conn} (resumable with resume=true)", file=sys.stderr, flush=True)
+    return 130
+
+
 def run_app(app: Path, connection: str | None, run_config: str, *, verbose: bool = False,
-            out: TextIO | None = None) -> int:
+            out: TextIO | None = None, show_finished: FinishedRun | None = None) -> int:
     """`flwr run APP [CONNECTION] --stream --run-config ...` with the log filtered
     (RunLogFilter); exit 0 only when Flower reports the run `finished:completed`, else 1
-    with one message (Flower's own `flwr run` exits 0 whatever the ServerApp did)."""
+    with one message (Flower's own `flwr run` exits 0 whatever the ServerApp did); 130
+    when interrupted (the run goes on: how to follow or stop it is printed). Colour codes
+    only on a terminal."""
     out = out or sys.stdout
+    plain = not _isatty(out)
     if not (app / "pyproject.toml").is_file():
         raise DeployError(f"{app}: not an app folder (no pyproject.toml); stage one with "
                           "`confide deploy stage-app`")
@@ -579,18 +614,29 @@ def run_app(app: Path, connection: str | None, run_config: str, *, verbose: bool
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace", bufsize=1) as proc:
         assert proc.stdout is not None
-        for line in _lines(proc.stdout):
-            for kept in filt.feed(line):
-                out.write(kept)
-                out.flush()
-        code = proc.wait()
+        try:
+            for line in _lines(proc.stdout):
+                for kept in filt.feed(line):
+                    out.write(_ANSI.sub("", kept) if plain else kept)
+                    out.flush()
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()  # only the log stream: the run itself is the SuperLink's
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            proc.kill()
+            return _interrupted(filt.run_id, connection)
     if filt.run_id is None:
         print(f"confide deploy run: error: `flwr run` did not start a run (exit {code}); "
               "see its message above", file=sys.stderr, flush=True)
         return code or 1
-    status, details = run_status(filt.run_id, connection)
+    try:
+        status, details = run_status(filt.run_id, connection)
+    except KeyboardInterrupt:
+        return _interrupted(filt.run_id, connection)
     if status == "finished:completed" and filt.failure is None:
-        return write_deployed_report(run_config, started)
+        return write_deployed_report(run_config, started, show_finished=show_finished,
+                                     run_id=filt.run_id)
     reason = filt.failure or details or status
     print(f"confide deploy run: error: run {filt.run_id} {status.replace(':', ' ')}: "
           f"{reason}", file=sys.stderr, flush=True)
@@ -617,32 +663,53 @@ def finished_run_folder(run_config: str, since: float) -> Path | None:
     return folder if written >= since - 1.0 else None  # 1 s: file-system time granularity
 
 
-def write_deployed_report(run_config: str, since: float, err: TextIO | None = None) -> int:
-    """After a completed deployed run: its report.html / report.md, written here when this
-    machine has the run folder (else a note saying how to write it there). Exit status 1
-    only when the report cannot be written for lack of space or permissions."""
+def write_deployed_report(run_config: str, since: float, err: TextIO | None = None, *,
+                          show_finished: FinishedRun | None = None,
+                          run_id: int | None = None, out: TextIO | None = None) -> int:
+    """After a completed deployed run: its final table, run folder and report.html /
+    report.md, written here when this machine has the run folder (else a note saying how
+    to write it there). Exit status 1 only when the report cannot be written for lack of
+    space or permissions."""
     from confide.audit.report import ReportWriteError, write_report_after_run
 
-    err = err or sys.stderr
+    err, out = err or sys.stderr, out or sys.stdout
     folder = finished_run_folder(run_config, since)
     if folder is None:
-        print("confide deploy run: the run folder is not on this machine; write its report "
-              "where it is: confide audit report RUN_DIR", file=err, flush=True)
+        run = f"run {run_id}" if run_id is not None else "the run"
+        print(f"confide deploy run: {run} completed; its run folder is not on this machine: "
+              "write its report where it is with confide audit report RUN_DIR", file=err,
+              flush=True)
         return 0
     try:
-        rounds = int(json.loads((folder / SUMMARY_FILE).read_text())["rounds_completed"])
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+        rounds = int(summary["rounds_completed"])
     except (OSError, ValueError, KeyError, TypeError):
-        rounds = 0  # only the message's count: the report says what the ledger holds
+        summary, rounds = None, 0  # the report says what the ledger holds
 
     def warn(text: str) -> None:
         print(f"confide deploy run: warning: {text}", file=err, flush=True)
 
+    if show_finished is not None and isinstance(summary, dict):
+        try:
+            show_finished(folder, summary)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # the run stands
+            warn(f"the final table could not be shown: {exc}")
+    print(f"run folder: {folder.resolve()}", file=out, flush=True)
     try:
-        write_report_after_run(folder, int(rounds), warn)
+        written = write_report_after_run(folder, int(rounds), warn)
     except ReportWriteError as exc:
         print(f"confide deploy run: error: {exc}", file=err, flush=True)
         return 1
+    if written is not None:
+        print(f"report: {written[0].resolve()}", file=out, flush=True)
     return 0
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _lines(stream: IO[str]) -> Iterable[str]:

@@ -79,7 +79,7 @@ def _heartbeats_first(heartbeat_sender: Any, push_task_output: Any) -> tuple[Any
     node log) and made the process signal itself. The heartbeat now stops first."""
     senders: list[Any] = []
 
-    class Recorded(heartbeat_sender):  # type: ignore[misc,valid-type]  # Flower's class
+    class Recorded(heartbeat_sender):  # Flower's class, typed Any here
         def start(self) -> None:
             senders.append(self)
             super().start()
@@ -110,7 +110,7 @@ def main() -> None:
         module.pull_task_input = _verifying(module.pull_task_input)  # type: ignore[attr-defined]  # above
         module.install_from_fab = _refusing(module.install_from_fab)  # type: ignore[attr-defined]  # above
     module.HeartbeatSender, module.push_task_output = _heartbeats_first(  # type: ignore[attr-defined]  # above
-        module.HeartbeatSender, module.push_task_output)  # type: ignore[attr-defined]  # above
+        module.HeartbeatSender, module.push_task_output)
     flwr_clientapp()
 
 

@@ -199,7 +199,9 @@ def test_deployed_process_prints_each_line_once_without_known_notices() -> None:
     def output(**env: str) -> str:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              cwd=ROOT, env={**os.environ, **env}, timeout=300, check=True)
-        return re.sub(r"\x1b\[[0-9;]*m", "", res.stdout + res.stderr)
+        # redirected (not a terminal): no colour codes in the node's or server's log file
+        assert "\x1b[" not in res.stdout + res.stderr
+        return res.stdout + res.stderr
 
     quiet = output(CONFIDE_VERBOSE="")
     assert quiet.count("Confide round 1/1: accuracy 0.5") == 1
@@ -267,3 +269,75 @@ def _parsed(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     commands.add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
+
+
+def test_deploy_run_ends_with_the_final_table_run_folder_and_report_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the operator console ended on the run's last log line: no table, folder or report
+    from confide.cli import _final_table
+    from tests.audit.conftest import build_run
+
+
+    started = time.time()
+    out = build_run(tmp_path / "run").dir
+    assert commands.write_deployed_report(f"out='{out}' rounds=3", started,
+                                          show_finished=_final_table, run_id=7) == 0
+    shown = capsys.readouterr().out
+    assert "Confide run" in shown and "eps min-max" in shown  # simulate's table
+    assert "Example-level epsilon per partner" in shown
+    assert f"run folder: {out.resolve()}" in shown
+    assert f"report: {(out / 'report.html').resolve()}" in shown
+    assert "\x1b[" not in shown  # not a terminal: no colour codes
+
+
+def _fake_flwr(tmp_path: Path, run_script: str, ls_script: str) -> dict[str, str]:
+    """A `flwr` on PATH that streams `run_script`'s output for `flwr run` and answers
+    `flwr ls` with `ls_script`'s."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    flwr = bin_dir / "flwr"
+    flwr.write_text(f"#!/bin/sh\nif [ \"$1\" = run ]; then\n{run_script}\nelse\n"
+                    f"{ls_script}\nfi\n")
+    flwr.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_deploy_run_says_every_failure_in_words_without_colour_codes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text("")
+    env = _fake_flwr(
+        tmp_path,
+        "printf '\\033[92mINFO \\033[0m:  Successfully started run 5\\n'\n"
+        "printf '\\033[92mINFO \\033[0m:  Confide round 1/1: accuracy 0.5\\n'",
+        # the SuperLink went away: `flwr ls` answers with its JSON error
+        "echo '{\"success\": false, \"error-message\": \"Connection to the SuperLink "
+        "failed.\"}'; exit 1")
+    monkeypatch.setenv("PATH", env["PATH"])
+    out = io.StringIO()
+    assert commands.run_app(app, "confide", "rounds=1", out=out) == 1
+    assert "\x1b[" not in out.getvalue()  # redirected: colour codes stripped
+    assert "Confide round 1/1: accuracy 0.5" in out.getvalue()
+    err = capsys.readouterr().err
+    assert "run 5" in err and "Connection to the SuperLink failed." in err
+    assert "{" not in err and "success" not in err  # no raw JSON dump
+    assert commands.flwr_error("", "Traceback ...\nValueError: no connection 'x'\n") == \
+        "ValueError: no connection 'x'"
+    assert commands.flwr_error("", "") == "no answer"
+
+    # interrupted (Ctrl-C) while streaming: the run goes on; how to follow or stop it
+    class Interrupting(io.StringIO):
+        def write(self, text: str) -> int:
+            if "Confide round" in text:
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    assert commands.run_app(app, "confide", "rounds=1", out=Interrupting()) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; run 5 goes on" in err
+    assert "flwr log 5 confide --stream" in err and "flwr stop 5 confide" in err
+    assert "{" not in err
