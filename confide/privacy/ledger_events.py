@@ -283,13 +283,19 @@ class SecureAggregationEvent(LedgerEvent):
     # partners' signed refusals of this round's protocol stages
     # (confide.privacy.secagg.identity.sign_refusal); absent when there were none
     refusals: list[dict[str, Any]] = field(default_factory=list)
+    # every partner of the round signed its keys with its roster identity and unmasked only
+    # a split of the survivors it voted for (confide.privacy.secagg.identity); None in
+    # ledgers of earlier versions (an honest-but-curious server only)
+    authenticated: bool | None = None
 
     def to_payload(self) -> dict[str, Any]:
-        out = {"round": self.round, "participants": self.participants,
-               "dropouts": self.dropouts, "threshold": self.threshold, "bits": self.bits,
-               "neighbours": self.neighbours}
+        out: dict[str, Any] = {"round": self.round, "participants": self.participants,
+                               "dropouts": self.dropouts, "threshold": self.threshold,
+                               "bits": self.bits, "neighbours": self.neighbours}
         if self.refusals:
             out["refusals"] = self.refusals
+        if self.authenticated is not None:
+            out["authenticated"] = self.authenticated
         return {**out, **(self.abort.to_json() if self.abort else {"aborted": None})}
 
     @classmethod
@@ -304,7 +310,9 @@ class SecureAggregationEvent(LedgerEvent):
                    neighbours=_int(k, "neighbours", _get(k, payload, "neighbours")),
                    abort=None if payload.get("aborted") is None
                    else SecureAggregationAbort.from_json(payload, k),
-                   refusals=[_dict(k, "refusals", r) for r in payload.get("refusals", [])])
+                   refusals=[_dict(k, "refusals", r) for r in payload.get("refusals", [])],
+                   authenticated=None if payload.get("authenticated") is None
+                   else bool(payload["authenticated"]))
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,7 @@ class SecureRounds:
         return self.fed.book.node_name(node)
 
     def _clients_named(self, session: Session, text: str) -> str:
-        """`client 2` of the SecAgg core -> `client 2 = partner p-... (node ...)`."""
+        """`client 2` of the SecAgg core -> `client 2 = p-...` (the partner's one name)."""
         nodes = session.nodes
         return re.sub(r"client (\d+)", lambda m: f"client {m.group(1)} = "
                       f"{self.name(nodes[int(m.group(1))])}"
@@ -481,7 +481,7 @@ class SecureRounds:
             gradient = decode_sum(result.ring_sum, cur.shared) / expected
             fed.inner.global_state = fed.global_state
             aggregate = arrays_to_numpy(fed.inner.apply(W.unflatten(-gradient, self.reference)))
-            aggregated = [partner.get(n, f"node-{n}") for n in survivors]
+            aggregated = [partner.get(n) or fed.book.record_name(n) for n in survivors]
             released = cur.shared.mechanism(cur.shared.sample_rate)  # the partners' receipts
             extra.update({"shared_noise_multiplier": released.noise_multiplier,
                           "shared_noise_shares": released.noise_shares,
@@ -495,18 +495,18 @@ class SecureRounds:
                                           else len(survivors))
             fed.inner.global_state = fed.global_state
             aggregate = arrays_to_numpy(fed.inner.apply(W.unflatten(mean, self.reference)))
-            aggregated = [partner.get(n, f"node-{n}") for n in survivors]
+            aggregated = [partner.get(n) or fed.book.record_name(n) for n in survivors]
             encoder = UpdateEncoder(cur.config)
             extra["secagg_quantization_step"] = encoder.step * cur.config.max_weight
             if verify:
                 extra.update(self._verify(cur, result, verify))
         dropped = list(recorded.dropped)
         for node in cur.rejected:
-            name = f"node-{node}"
+            name = fed.book.record_name(node)
             if name not in dropped:  # counted as a dropout of this round
                 dropped.append(name)
         gone = [n for n in sampled if n not in survivors]
-        dropouts = sorted(fed.book.node_partner.get(n) or f"node-{n}" for n in gone)
+        dropouts = sorted(fed.book.record_name(n) for n in gone)
         extra["secagg_survivors"] = len(survivors)
         extra["secagg_dropouts"] = len(dropouts)
         dropped_text = ", ".join(self.name(n) for n in gone) or "none"
@@ -523,7 +523,8 @@ class SecureRounds:
             events=[E.SecureAggregationEvent(
                 round=server_round, participants=sorted(aggregated), dropouts=dropouts,
                 threshold=int(cur.config.threshold), bits=cur.config.bits,
-                neighbours=int(cur.config.degree), abort=abort, refusals=cur.refusals)],
+                neighbours=int(cur.config.degree), abort=abort, refusals=cur.refusals,
+                authenticated=cur.server.authenticated)],
             metrics=extra)
         if fed.cfg.distributed_dp:
             self._distributed_dp(cur, outcome, released=result is not None)
@@ -605,8 +606,8 @@ class SecureRounds:
                     if rows < 1 or not 0 < rate <= 1:
                         raise ValueError(f"rows {rows}, rate {rate}")
                 except (ValueError, KeyError, TypeError) as exc:
-                    log(WARNING, "node %s: unusable shared-noise info: %s",
-                        reply.metadata.src_node_id, exc)
+                    log(WARNING, "%s: unusable shared-noise info: %s",
+                        self.name(reply.metadata.src_node_id), exc)
                     continue
                 self.partner_info[reply.metadata.src_node_id] = (rows, rate)
         if self.shared_sigma is None and self.partner_info:

@@ -110,3 +110,12 @@ def test_replays_give_the_previous_numbers() -> None:
     ddg = _events("client_ddg")
     assert replay_client_level(ddg).epsilons == NUMBERS["ddg_replay"] == \
         [e.epsilon_claimed for e in ddg]
+
+
+def test_earlier_secure_rounds_verify_and_are_marked_without_the_new_guarantees() -> None:
+    from confide.audit.verify import verify_run
+
+    result = verify_run(Path(__file__).parents[1] / "audit" / "data" / "run_v1_pld")
+    payloads = next(c for c in result.checks if c.name == "payloads")
+    assert payloads.status == "PASS"
+    assert "recorded before partner identities and consistency votes" in payloads.detail

@@ -356,3 +356,11 @@ def test_equivocating_server_gets_no_unmask_shares_through_the_adapters() -> Non
     refusals = fed.ledger.of(E.SECURE_AGGREGATION)[0]["refusals"]
     assert len(refusals) == 4 and all(r["stage"] == "unmask" for r in refusals)
     assert all("survivors" in r["reason"] for r in refusals)
+
+
+def test_the_round_entry_says_it_was_authenticated() -> None:
+    fed, secure = make(n=4)
+    run(fed, secure, 1)
+    event = fed.ledger.of(E.SECURE_AGGREGATION)[0]
+    assert event["authenticated"] is True
+    assert E.SecureAggregationEvent.from_payload(event).authenticated is True

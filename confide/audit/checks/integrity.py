@@ -88,6 +88,13 @@ def check_payloads(run: LoadedRun) -> CheckResult:
                     c.add(f"a partner's refusal of secure round {e.round} does not verify "
                           "(not signed by the identity it names, or another round's)", i)
     c.detail = f"{len(run.events)} typed events"
+    secure = [e for _, e in run.events if isinstance(e, ev.SecureAggregationEvent)]
+    earlier = sum(1 for e in secure if e.authenticated is None)
+    if earlier:
+        c.detail += (f"; {earlier} secure rounds recorded before partner identities and "
+                     "consistency votes (they hold against an honest-but-curious server only)")
+    elif secure:
+        c.detail += f"; {sum(1 for e in secure if e.authenticated)} secure rounds authenticated"
     return c
 
 
