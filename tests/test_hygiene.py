@@ -77,7 +77,6 @@ MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS_TODAY = frozenset({
     "confide/audit/checks/completeness.py::check_completeness",
     "confide/clients/dp_training.py::_train_private",
-    "confide/clients/dp_training.py::clipped_example_gradients",
     "confide/clients/secure_client.py::secure_reply",
     "confide/deploy/commands.py::add_parser",
     "confide/empirical/canaries.py::run_canary_audit",

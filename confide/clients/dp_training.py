@@ -436,7 +436,6 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     entropy (the seed is known to the server; a known sample voids amplification).
     """
     from opacus.grad_sample import GradSampleModule
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     start = time.perf_counter()
     where = f"round {round_id}" if round_id is not None else "this round"
@@ -448,21 +447,9 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int)
                               or slots < 1):
         raise DPTrainingError(f"slots must be an integer >= 1 (got {slots!r})")
-    n = len(tensors[2])
     generator = torch.Generator().manual_seed(
         secrets.randbits(63) if private_randomness else seed)
-    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate,
-                                            generator=generator, steps=1)
-    sample = torch.as_tensor(next(iter(sampler)), dtype=torch.long)
-    sampled, truncated = len(sample), False
-    if slots is not None and sampled > slots:
-        # probability <= the caller's accounted tail: keep a uniformly random subset
-        keep = torch.randperm(sampled, generator=generator)[:slots]
-        sample, truncated = sample[keep.sort().values], True
-    real = len(sample)
-    # padding rows: any rows of the data set (their gradients are multiplied by zero)
-    order = sample if slots is None else torch.cat([sample, torch.arange(slots - real) % n])
-
+    order, real, sampled = _slot_order(len(tensors[2]), sample_rate, slots, generator)
     dev = torch.device(device)
     model.to(dev)
     strip_opacus_state(model)
@@ -491,17 +478,7 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
             loss = losses.sum()
             _check_finite(loss, where, 1, s // physical + 1)
             loss.backward()
-            check_grad_samples(params, rows)
-            # grad_sample: Opacus' attribute on parameters, which torch's stubs lack
-            samples = [p.grad_sample for p in ordered]  # type: ignore[attr-defined]  # Opacus'
-            flat = torch.cat([g.reshape(rows, -1).double() for g in samples], dim=1)
-            norms = flat.norm(2, dim=1)
-            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' formula
-            factor = factor * live.to(factor.device, factor.dtype)
-            on_rows((flat * factor[:, None]).cpu().numpy())
-            for p in params:
-                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute
-                p.grad = None
+            on_rows(_clipped_rows(params, ordered, live, max_grad_norm))
             loss_sum += losses.detach()[live.to(losses.device)].sum().item()
             summed += int(live.sum())
     finally:
@@ -512,4 +489,41 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     return ExampleGradientsResult(sampled=sampled, sample_rate=sample_rate,
                                   mean_loss=loss_sum / summed if summed else float("nan"),
                                   seconds=time.perf_counter() - start, slots=len(order),
-                                  truncated=truncated)
+                                  truncated=sampled > real)
+
+
+def _clipped_rows(params: list[nn.Parameter], ordered: list[nn.Parameter],
+                  live: torch.Tensor, max_grad_norm: float) -> Any:
+    """The physical batch's per-example gradients (Opacus' grad_sample, flattened in
+    `ordered`'s order, float64 numpy [rows, d]), clipped with Opacus' formula
+    min(1, C / (norm + 1e-6)); rows not `live` (padding) multiplied by zero. Clears them."""
+    rows = len(live)
+    check_grad_samples(params, rows)
+    # grad_sample: Opacus' attribute on parameters, which torch's stubs lack
+    samples = [p.grad_sample for p in ordered]  # type: ignore[attr-defined]  # Opacus'
+    flat = torch.cat([g.reshape(rows, -1).double() for g in samples], dim=1)
+    factor = (max_grad_norm / (flat.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+    factor = factor * live.to(factor.device, factor.dtype)
+    for p in params:
+        p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute
+        p.grad = None
+    return (flat * factor[:, None]).cpu().numpy()
+
+
+def _slot_order(n: int, sample_rate: float, slots: int | None, generator: torch.Generator
+                ) -> tuple[torch.Tensor, int, int]:
+    """(row indices to process, how many of them are sampled records, the sample's size):
+    one Poisson sample of `n` rows (Opacus' sampler); with `slots`, truncated to a uniformly
+    random subset when larger (a probability the caller accounts) and padded with rows of
+    the data set up to exactly `slots` (their gradients are multiplied by zero)."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate,
+                                            generator=generator, steps=1)
+    sample = torch.as_tensor(next(iter(sampler)), dtype=torch.long)
+    sampled = len(sample)
+    if slots is None:
+        return sample, sampled, sampled
+    if sampled > slots:
+        sample = sample[torch.randperm(sampled, generator=generator)[:slots].sort().values]
+    return torch.cat([sample, torch.arange(slots - len(sample)) % n]), len(sample), sampled
