@@ -20,6 +20,7 @@ from flwr.common.logger import log
 
 from confide import wire as W
 from confide.config import RunConfig
+from confide.logs import verbose_from_env
 from confide.privacy import ledger_events as E
 from confide.privacy.accountant import rdp_epsilon
 from confide.privacy.ledger import Ledger
@@ -147,7 +148,7 @@ class PartnerBook:
             if r.dropped:  # an error reply or one without status
                 log(WARNING, "round %d: %s %s: %s", server_round, self.node_name(r.node),
                     "failed" if r.kind == FAILED else "replied without status", r.reason)
-                out.dropped.append(f"node-{r.node}")
+                out.dropped.append(self.record_name(r.node))
                 if r.kind == FAILED:
                     out.failures.append(r.reason)
                 continue
@@ -170,11 +171,19 @@ class PartnerBook:
                 out.trained.append(r.reply)
         return out
 
+    def record_name(self, node: int) -> str:
+        """One name per partner, in the run's records and logs alike: its pseudonym once
+        the node has answered with it in this run (a node that fails later keeps it), else
+        `node-N` (Flower's node id: a node that never said who it is)."""
+        return self.node_partner.get(node) or f"node-{node}"
+
     def node_name(self, node: int) -> str:
-        """`partner p-... (node N)` once the node has answered with its partner id in this
-        run (a node that fails later is still named by partner), else `node N`."""
-        partner = self.node_partner.get(node)
-        return f"partner {partner} (node {node})" if partner else f"node {node}"
+        """The partner as logs name it: `record_name`, with Flower's node id added when
+        the processes run verbose (`--verbose`)."""
+        name = self.record_name(node)
+        if verbose_from_env() and name != f"node-{node}":
+            return f"{name} (Flower node {node})"
+        return name
 
     def _partner(self, r: SortedReply) -> PartnerRecord:
         assert r.partner is not None
