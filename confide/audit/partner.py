@@ -204,7 +204,13 @@ def _epsilon(run: LoadedRun, state: PartnerState) -> CheckResult:
     if run.summary is not None:
         level = (run.summary.get("privacy") or {}).get("example_level") or {}
         stated.append(("summary.json", level.get(state.partner)))
-    rows = [json.loads(x) for x in (run.metrics_text or "").splitlines() if x.strip()]
+    rows = []
+    for line in (run.metrics_text or "").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # not a row: `confide audit verify` names it
+    rows = [r for r in rows if isinstance(r, dict)]
     if rows:
         stated.append(("metrics.jsonl's last round",
                        (rows[-1].get("epsilon_example_level") or {}).get(state.partner)))
