@@ -41,6 +41,14 @@ def _prepare(dest: Path) -> Path:
     return dest
 
 
+def _publish(dest: Path) -> None:
+    """Exported files are for sharing: 0644 (safetensors writes its file through a private
+    temporary one, 0600)."""
+    for path in dest.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
+
+
 def export_causal_lm(model: nn.Module, tokenizer: Any, dest: Path) -> Path:
     """AutoModelForCausalLM.from_pretrained(dest) loads the result."""
     dest = _prepare(dest)
@@ -48,8 +56,16 @@ def export_causal_lm(model: nn.Module, tokenizer: Any, dest: Path) -> Path:
     plain.config.use_cache = True  # training switched the KV cache off; generation wants it
     plain.save_pretrained(str(dest))
     tokenizer.save_pretrained(str(dest))
+    _publish(dest)
     return dest
 
+
+# config.json's model_type for mean pooling: a configuration transformers knows, so that
+# AutoConfig and AutoTokenizer read the folder without its code (no trust_remote_code
+# prompt), of a family without a sequence-classification class, so that
+# AutoModelForSequenceClassification cannot quietly build a CLS-pooled BERT from these
+# weights but asks for trust_remote_code. BertGeneration's configuration is BERT's encoder's.
+MEAN_POOL_MODEL_TYPE = "bert-generation"
 
 MEAN_POOL_CODE = '''"""Confide's mean-pooling sequence classifier (encoder, masked mean, head)."""
 import torch
@@ -59,7 +75,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 class ConfideMeanPoolConfig(BertConfig):
-    model_type = "confide-mean-pool"
+    model_type = "''' + MEAN_POOL_MODEL_TYPE + '''"
 
 
 class ConfideMeanPoolClassifier(PreTrainedModel):
@@ -101,12 +117,13 @@ def export_classifier(model: nn.Module, tokenizer: Any, dest: Path) -> Path:
     if not isinstance(plain, MeanPoolClassifier):
         plain.save_pretrained(str(dest))
         tokenizer.save_pretrained(str(dest))
+        _publish(dest)
         return dest
     if plain.encoder.config.model_type != "bert":
         raise ValueError(f"export of a mean-pooling {plain.encoder.config.model_type} "
                          "classifier is not supported (BERT-family encoders only)")
     config = plain.encoder.config.to_dict()
-    config.update({"model_type": "confide-mean-pool",
+    config.update({"model_type": MEAN_POOL_MODEL_TYPE,
                    "architectures": ["ConfideMeanPoolClassifier"],
                    "num_labels": plain.num_labels,
                    "auto_map": {
@@ -120,4 +137,5 @@ def export_classifier(model: nn.Module, tokenizer: Any, dest: Path) -> Path:
     state = {k: v.detach().contiguous().to(torch.float32) for k, v in plain.state_dict().items()}
     save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(dest))
+    _publish(dest)
     return dest

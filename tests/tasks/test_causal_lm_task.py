@@ -122,6 +122,7 @@ def test_evaluator_generation_run_folder_generate_and_export(
     assert f"prompt: {ROWS[2][0]}" in capsys.readouterr().out
     dest = tmp_path / "export"
     assert main(["export", str(folder.root), str(dest)]) == 0
+    assert {(p.stat().st_mode & 0o777) for p in dest.iterdir()} == {0o644}  # to share
     exported = AutoModelForCausalLM.from_pretrained(str(dest)).eval()
     assert not any("lora" in n for n, _ in exported.named_parameters())
     tensors = task.encode(fed.evaluation)
