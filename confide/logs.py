@@ -85,3 +85,8 @@ def deployed_process_logging() -> None:
     plain_unless_terminal()
     if not verbose_from_env():
         quiet_known_messages(keep_info=True)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 round', '3 rounds' (nouns that take an s)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

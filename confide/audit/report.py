@@ -40,6 +40,7 @@ from confide.audit.verify import (
     render_verdict,
     verify_run,
 )
+from confide.logs import plural
 from confide.privacy import ledger_events as ev
 from confide.run_layout import (
     CANARY_EXPOSURE_FILE,
@@ -252,7 +253,7 @@ class RunReport:
                  str(m.get("reason", "")), "; ".join(m.get("suggestions") or []) or "-"]
                 for m in pre.get("mechanisms") or []]
         note = (f"d = {pre.get('trainable_parameters')}, {pre.get('partners_per_round')} "
-                f"partners per round, {pre.get('rounds')} rounds; {pre.get('note', '')}")
+                f"partners per round, {plural(pre.get('rounds'), 'round')}; {pre.get('note', '')}")
         return str(pre.get("verdict")), note, rows
 
     # -- output -------------------------------------------------------------------------
@@ -414,7 +415,7 @@ def write_report_after_run(run_dir: Path | str, rounds_completed: int,
         return write_report(run_dir)
     except OSError as exc:
         raise ReportWriteError(
-            f"the run finished ({rounds_completed} rounds: ledger, summary.json and "
+            f"the run finished ({plural(rounds_completed, 'round')}: ledger, summary.json and "
             f"model/ are written), but its report could not be: {exc}. After freeing "
             f"space: confide audit report {run_dir}") from exc
     except Exception as exc:  # the run's results stand even if plotting fails

@@ -57,6 +57,7 @@ from confide.audit.checks.loaded_run import LoadedRun, load_run
 from confide.audit.checks.outputs import check_metrics, check_model, check_summary
 from confide.audit.checks.records import check_checkpoint, check_partner_records
 from confide.config import recorded_value
+from confide.logs import plural
 from confide.privacy import ledger_events as ev
 from confide.privacy.ledger import (
     LedgerError,
@@ -238,11 +239,12 @@ def render_verdict(result: VerifyResult) -> str:
     out.append("")
     first = result.first_problem
     if first is None and result.finished:
-        out.append(f"VERDICT: PASS ({result.rounds_completed} rounds, "
+        out.append(f"VERDICT: PASS ({plural(result.rounds_completed, 'round')}, "
                    f"{len(result.entries)} ledger entries)")
     elif first is None:
-        of = f" of {result.planned_rounds}" if result.planned_rounds else ""
-        out.append(f"VERDICT: INCOMPLETE ({result.rounds_completed}{of} rounds recorded, "
+        of = (f"{result.rounds_completed} of {result.planned_rounds} rounds"
+              if result.planned_rounds else plural(result.rounds_completed, "round"))
+        out.append(f"VERDICT: INCOMPLETE ({of} recorded, "
                    f"{len(result.entries)} ledger entries, no run_finished): the record "
                    "is consistent as far as it goes, but the run stopped (interrupted, "
                    "crashed, no budget left) or its ledger was cut short; it is not the "

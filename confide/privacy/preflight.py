@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from confide.config import ConfigError, RunConfig
+from confide.logs import plural
 from confide.privacy.accountant import calibrate_noise
 from confide.privacy.secagg.config import SecAggConfig
 from confide.privacy.secagg.errors import SecAggValidationError
@@ -132,7 +133,7 @@ class PreflightReport:
         parts = [f"{m.mechanism} {_fmt(m.ratio)}" for m in self.mechanisms]
         return (f"pre-flight: {self.verdict.upper()}: noise/signal per round "
                 f"{', '.join(parts)} (d = {self.trainable_parameters:,}, "
-                f"{self.partners_per_round} partners per round, {self.rounds} rounds)")
+                f"{self.partners_per_round} partners per round, {plural(self.rounds, 'round')})")
 
     def lines(self) -> list[str]:
         """Plain lines for the log and the console: numbers, reason, what would help."""
@@ -273,7 +274,7 @@ def _shared_example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | No
     reason = (f"one noisy gradient per round on the union of the records: rate q = "
               f"{q:.3g} for every partner, expected batch {B:.0f} of {total:,} records, "
               f"sigma {sigma:.3f}, d = {d:,}: noise/signal {ratio:.2f} per round; "
-              f"{passes:.1f} passes over the records in {R} rounds")
+              f"{passes:.1f} passes over the records in {plural(R, 'round')}")
     reason += _consequence(verdict, ratio, R)
     suggestions: tuple[str, ...] = ()
     if verdict != OK:
@@ -389,7 +390,8 @@ def _consequence(verdict: str, ratio: float, rounds: int) -> str:
         return (f". Each round's aggregate is noise-dominated; only averaging over the "
                 f"{rounds} rounds (best case {ratio / math.sqrt(rounds):.2f}) can recover "
                 "the signal: expect slow, limited learning.")
-    return (f". Even if all {rounds} rounds pushed the same way at the full clip norm, the "
+    every = "the one round" if rounds == 1 else f"all {rounds} rounds"
+    return (f". Even if {every} pushed the same way at the full clip norm, the "
             f"noise would still be {ratio / math.sqrt(rounds):.1f}x the signal: this "
             "configuration cannot learn.")
 

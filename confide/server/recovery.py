@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from confide.config import RunConfig
+from confide.logs import plural
 from confide.privacy import ledger_events as E
 from confide.privacy.ledger import Ledger, read_lines
 from confide.server.run_folder import CheckpointError, RunFolder
@@ -54,9 +55,9 @@ def check_not_finished(folder: RunFolder, entries: list[dict[str, Any]] | None =
     entries = ledger_entries(folder) if entries is None else entries
     if finished(entries):
         done = entries[-1].get("payload", {}).get("rounds_completed")
-        raise ResumeRefused(f"{folder.root} holds a finished run ({done} rounds): there is "
-                            "nothing to resume, and it is left unchanged. To train further, "
-                            "start a new run with another --out")
+        raise ResumeRefused(f"{folder.root} holds a finished run ({plural(done, 'round')}): "
+                            "there is nothing to resume, and it is left unchanged. To train "
+                            "further, start a new run with another --out")
 
 
 def check_configuration(folder: RunFolder, cfg: RunConfig,

@@ -76,9 +76,9 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
                       "(generated template reviews, not real data).[/yellow]")
     elif fed.labels_note:
         console.print(fed.labels_note, markup=False, highlight=False)
-    console.print(f"Confide simulation: {cfg.clients} partners, {cfg.rounds} rounds, model "
-                  f"{cfg.model} ({cfg.fine_tune}), example-level DP "
-                  f"{'on' if cfg.example_dp else 'OFF'}, run folder {out}")
+    console.print(f"Confide simulation: {cfg.clients} partners, "
+                  f"{logs.plural(cfg.rounds, 'round')}, model {cfg.model} ({cfg.fine_tune}), "
+                  f"example-level DP {'on' if cfg.example_dp else 'OFF'}, run folder {out}")
     report = preflight(cfg, [len(p) for p in fed.partitions])
     if report is not None:
         if report.cannot_learn and cfg.preflight == "error":

@@ -10,6 +10,7 @@ from confide.audit.checks.base import CheckResult
 from confide.audit.checks.ledger_walk import IndexedEvent
 from confide.audit.checks.loaded_run import LoadedRun
 from confide.config import recorded_value
+from confide.logs import plural
 from confide.privacy import ledger_events as ev
 from confide.privacy.mechanisms import SharedNoiseSampledGaussian
 
@@ -34,7 +35,7 @@ def check_completeness(run: LoadedRun) -> CheckResult:
     stated_rounds = (run.summary or {}).get("rounds_completed")
     if run.has_summary and stated_rounds != rounds_completed:
         c.add(f"summary.json rounds_completed = {stated_rounds!r}, the ledger completes "
-              f"{rounds_completed} rounds", n)
+              f"{plural(rounds_completed, 'round')}", n)
     example_dp = bool(recorded_value(run.config, "example-dp"))
     client_dp = bool(recorded_value(run.config, "client-dp")) or \
         bool(recorded_value(run.config, "distributed-dp"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from confide.audit.checks.base import CheckResult
 from confide.audit.checks.loaded_run import LoadedRun
 from confide.config import config_digest
+from confide.logs import plural
 from confide.privacy import ledger_events as ev
 from confide.privacy.ledger import as_public_key, public_key_hex, verify_chain
 from confide.privacy.receipts import ReceiptError, verify_head
@@ -107,5 +108,5 @@ def check_ordering(run: LoadedRun) -> CheckResult:
         c.add("the first entry is not run_started", 0)
     for reason, index in run.rounds.out_of_order:
         c.add(reason, index)
-    c.detail = f"{run.rounds.rounds_completed} rounds completed"
+    c.detail = f"{plural(run.rounds.rounds_completed, 'round')} completed"
     return c

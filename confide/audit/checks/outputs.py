@@ -8,6 +8,7 @@ from typing import Any
 from confide.audit.checks.base import REL_TOLERANCE, CheckResult, close
 from confide.audit.checks.loaded_run import MODEL_FILE, LoadedRun
 from confide.config import recorded_value
+from confide.logs import plural
 from confide.privacy import ledger_events as ev
 
 # per round: (partner -> replayed cumulative epsilon, replayed client-level epsilon)
@@ -155,7 +156,7 @@ def check_metrics(run: LoadedRun) -> CheckResult:
                   "round(s)")
             if run.metrics_text is None:
                 break
-    c.detail = f"{len(rows)} rounds, tolerance {REL_TOLERANCE:.0%}"
+    c.detail = f"{plural(len(rows), 'round')}, tolerance {REL_TOLERANCE:.0%}"
     return c
 
 
