@@ -165,7 +165,8 @@ def guess_and_count(scores: np.ndarray, included: np.ndarray, k: int) -> tuple[i
 
 def run_empirical_audit(cfg: RunConfig, *, canaries: int, work_dir: Path,
                         seed: int | None = None, guess_fraction: float = GUESS_FRACTION,
-                        confidence: float = CONFIDENCE) -> AuditResult:
+                        confidence: float = CONFIDENCE, console: Console | None = None
+                        ) -> AuditResult:
     from confide.simulation.runner import simulate
     from confide.tasks.use import load_trained_model
 
@@ -181,7 +182,7 @@ def run_empirical_audit(cfg: RunConfig, *, canaries: int, work_dir: Path,
     partners, eval_path = build_audit_data(cfg, canary_set, included, work_dir / "data")
     np.save(work_dir / "inclusion.npy", included)
     run_dir, summary = simulate(cfg.replace(data=str(partners), eval_data=str(eval_path),
-                                            out=str(work_dir / "run")))
+                                            out=str(work_dir / "run")), console=console)
     model = load_trained_model(run_dir)
     scores = canary_scores(model, canary_set, cfg.model, cfg.max_length)
     guesses, correct = guess_and_count(scores, included, guesses // 2)
@@ -260,17 +261,17 @@ def capability_line(canaries: int, guesses: int, delta: float, confidence: float
 
 
 def advice(result: AuditResult) -> str:
-    """How to reach a bound that could refute the claim."""
+    """How to reach a bound that could refute the claim (one or two sentences)."""
     need = result.canaries_needed
     if result.method == "white-box":
-        return (f"use --canaries {need} or more" if need is not None else
-                "no canary count reaches it at this delta; audit a lower claim")
+        return (f"To refute it, use --canaries {need} or more." if need is not None else
+                "No canary count refutes it at this delta.")
     white = ("--white-box (gradient canaries: a leaky run gets every guess right, which "
              "input canaries do not)")
     if need is not None:
-        return f"use --canaries {need} (at this guess fraction) or {white}"
-    return (f"no canary count reaches it at this guess fraction (the delta term grows with "
-            f"the count); guess on every canary (--guess-fraction 1) or use {white}")
+        return f"To refute it, use --canaries {need} (at this guess fraction) or {white}."
+    return ("No canary count reaches it at this guess fraction (the delta term grows with "
+            f"the count): guess on every canary (--guess-fraction 1) or use {white}.")
 
 
 def verdict_lines(result: AuditResult) -> list[str]:
@@ -288,8 +289,7 @@ def verdict_lines(result: AuditResult) -> list[str]:
     if not result.can_refute_claim:
         return [f"INCONCLUSIVE: this audit cannot refute a claim above "
                 f"{result.max_certifiable:.3f}; the run claims {result.claimed_epsilon:.3f}, "
-                f"so passing says nothing about that claim. To refute it, "
-                f"{advice(result)}."]
+                f"so passing says nothing about that claim. {advice(result)}"]
     return [f"Not refuted: lower bound {result.epsilon_lower_bound:.3f} <= claimed epsilon "
             f"{result.claimed_epsilon:.3f}; this audit could have refuted any claim below "
             f"{result.max_certifiable:.3f} at {conf}."]
@@ -362,7 +362,8 @@ def main(args: argparse.Namespace) -> int:
                 console.print(f"The run targets epsilon {cfg.target_epsilon:g}: above what "
                               "this audit can certify, so it cannot refute that claim.")
         result = run_empirical_audit(cfg, canaries=canaries, work_dir=out,
-                                     guess_fraction=fraction, confidence=confidence)
+                                     guess_fraction=fraction, confidence=confidence,
+                                     console=console)
     if as_json:
         print(json.dumps(result.record(), indent=2))
     else:

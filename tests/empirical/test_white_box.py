@@ -146,6 +146,7 @@ def test_too_few_canaries_say_the_claim_is_out_of_reach_and_how_many_would_do(
         f"INCONCLUSIVE: this audit cannot refute a claim above {cap:.3f}; the run claims "
         f"{record['claimed_epsilon']:.3f}, so passing says nothing about that claim. To "
         f"refute it, use --canaries {need} or more.")
+    assert record["method"] == "white-box"
 
 
 @pytest.mark.parametrize(("extra_sets", "flags", "message"), [
