@@ -253,7 +253,8 @@ class RunReport:
                  str(m.get("reason", "")), "; ".join(m.get("suggestions") or []) or "-"]
                 for m in pre.get("mechanisms") or []]
         note = (f"d = {pre.get('trainable_parameters')}, {pre.get('partners_per_round')} "
-                f"partners per round, {plural(pre.get('rounds'), 'round')}; {pre.get('note', '')}")
+                f"partners per round, {plural(int(pre.get('rounds') or 0), 'round')}; "
+                f"{pre.get('note', '')}")
         return str(pre.get("verdict")), note, rows
 
     # -- output -------------------------------------------------------------------------
