@@ -71,7 +71,8 @@ def receipts(msg: Message, context: Context) -> Message:
     """The receipts of this run the server has not acknowledged (message type
     `train.receipts`, sent in a run's last round to nodes whose reply may have been lost):
     no training, nothing spent, the node's state unchanged."""
-    from confide.clients.node_state import load_node_state, node_state_dir
+    from confide.clients.node_state import load_node_state
+    from confide.clients.state_location import node_state_dir
 
     cfg = from_flat_record(dict(msg.content[W.CONFIG]))
     state = load_node_state(context, delta=cfg.delta, max_epsilon=cfg.max_epsilon,

@@ -15,20 +15,18 @@ writes the run's roster to `RUN/partners/roster.txt`, which the virtual partners
 from __future__ import annotations
 
 import fcntl
-import json
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, RecordDict
 
-from confide.clients.node_state import (
-    STATE_FILE,
-    STATE_RECORD,
-    load_node_state,
-    node_state_dir,
-    save_node_state,
-)
 from confide.clients.policy import node_policy
+from confide.clients.state_location import (
+    STATE_FILE,
+    node_state_dir,
+    stored_key_hex,
+    stored_state_json,
+)
 from confide.config import RunConfig
 from confide.privacy.secagg import SecAggRefusal
 from confide.privacy.secagg.identity import Roster, parse_roster, raw_public, roster_line
@@ -44,6 +42,9 @@ class IdentityError(ValueError):
 
 def enrol(state_dir: Path, *, delta: float, max_epsilon: float) -> str:
     """The partner's roster line, creating its identity (and node state) if it has none."""
+    # the accountant (Opacus, torch) only here: the secure-aggregation stages never enrol
+    from confide.clients.node_state import load_node_state, save_node_state
+
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     state = load_node_state(context, delta=delta, max_epsilon=max_epsilon,
                             state_dir=state_dir)
@@ -116,17 +117,13 @@ def _signing_key(context: Context, cfg: RunConfig) -> Ed25519PrivateKey:
     """The node key, from the state on disk (deployment, simulation with a run folder) or
     the node's context; never created here (an identity nobody enrolled is on no roster)."""
     state_dir = node_state_dir(context, cfg.out)
-    text = None
-    if state_dir is not None and (state_dir / STATE_FILE).is_file():
-        text = (state_dir / STATE_FILE).read_text()
-    elif STATE_RECORD in context.state.config_records:
-        text = str(context.state.config_records[STATE_RECORD]["json"])
+    text = stored_state_json(context, state_dir)
     if text is None:
         raise IdentityError("this partner has no identity yet: create it with `confide deploy "
                             "partner-identity --state-dir DIR` and give its line to the "
                             "operator for the federation roster")
     try:
-        return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(json.loads(text)["key"]))
+        return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(stored_key_hex(text)))
     except (KeyError, ValueError, TypeError) as exc:
         raise IdentityError(f"node state in {state_dir or 'node context'} holds no usable "
                             f"identity key ({exc})") from None

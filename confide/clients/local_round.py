@@ -21,14 +21,10 @@ from confide import wire as W
 from confide.clients import secure_client
 from confide.clients.disclosure import reply_metrics, reported_rows
 from confide.clients.dp_training import clipped_example_gradients, train_dp
-from confide.clients.node_state import (
-    NodeState,
-    load_node_state,
-    node_state_dir,
-    save_node_state,
-)
+from confide.clients.node_state import NodeState, load_node_state, save_node_state
 from confide.clients.opacus_compat import resolve_grad_sample_mode
 from confide.clients.policy import PartnerPolicy, node_policy
+from confide.clients.state_location import node_state_dir
 from confide.config import RunConfig, from_flat_record
 from confide.data import TextDataset
 from confide.model import (

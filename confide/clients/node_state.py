@@ -18,6 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context
 
 from confide import wire as W
+from confide.clients.state_location import STATE_FILE as STATE_FILE  # re-exported
+from confide.clients.state_location import (
+    STATE_RECORD,
+    stored_state_json,
+)
 from confide.privacy.accountant import PartnerAccountant
 from confide.privacy.receipts import (
     CountersignedHead,
@@ -28,8 +33,6 @@ from confide.privacy.receipts import (
 )
 from confide.run_layout import atomic_write_text
 
-STATE_RECORD = "confide-node-state"
-STATE_FILE = "node_state.json"
 MAX_PENDING = 256  # unacknowledged receipts a node keeps per run (one per round trained)
 MAX_PENDING_RUNS = 8  # runs whose unacknowledged receipts a node keeps
 MAX_RECORD_RUNS = 16  # runs whose record (receipts, countersigned heads) a node keeps
@@ -164,27 +167,9 @@ def _pending_of(data: dict[str, Any]) -> dict[str, list[str]]:
     return {run_key: receipts} if run_key and receipts else {}
 
 
-def node_state_dir(context: Context, run_out: str = "") -> Path | None:
-    """Where the node keeps its state on disk.
-
-    Deployment: node config `state-dir` (the partner's own disk). Simulation: the virtual
-    partner's folder inside the run folder, so a resumed simulation finds its nodes' spent
-    budget and keys again. None only for a simulation without a run folder."""
-    value = context.node_config.get("state-dir")
-    if value:
-        return Path(str(value))
-    if "partition-id" in context.node_config and run_out:
-        return Path(run_out) / "partners" / f"partition-{int(context.node_config['partition-id'])}"
-    return None
-
-
 def load_node_state(context: Context, *, delta: float, max_epsilon: float,
                     state_dir: Path | None) -> NodeState:
-    text: str | None = None
-    if state_dir is not None and (state_dir / STATE_FILE).is_file():
-        text = (state_dir / STATE_FILE).read_text()
-    elif STATE_RECORD in context.state.config_records:
-        text = str(context.state.config_records[STATE_RECORD]["json"])
+    text = stored_state_json(context, state_dir)
     if text is None:
         return NodeState(PartnerAccountant(delta, max_epsilon), Ed25519PrivateKey.generate())
     try:

@@ -23,12 +23,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context
 
 from confide.config import RunConfig
-from confide.privacy.accountant import PartnerAccountant, Spend
+
+if TYPE_CHECKING:  # the accountant imports Opacus: not for the secure-aggregation stages
+    from confide.privacy.accountant import PartnerAccountant, Spend
 
 MAX_SPENDS_PER_ROUND = 2  # the round itself, and one retry after a lost reply
 NODE_CONFIG_FILE = "node-config.toml"  # simulation: a virtual partner's node config
@@ -119,6 +121,8 @@ class PartnerPolicy:
                                 "budget)")
         if self.max_run_epsilon is None:
             return
+        from confide.privacy.accountant import PartnerAccountant
+
         mine = [s for s in accountant.history if s.run == planned.run] + [planned]
         would_be = PartnerAccountant(accountant.delta, math.inf, accountant.accountant)
         would_be.history = mine

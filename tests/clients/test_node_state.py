@@ -8,9 +8,9 @@ from confide.clients.node_state import (
     MAX_RECORD_RUNS,
     STATE_FILE,
     load_node_state,
-    node_state_dir,
     save_node_state,
 )
+from confide.clients.state_location import node_state_dir
 from confide.privacy.accountant import Spend
 from confide.privacy.mechanisms import SampledGaussian
 from confide.privacy.receipts import CountersignedHead, verify_head
