@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,14 @@ SIMULATE_SWITCHES: dict[str, str] = {
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Config file, then --set, then the named flags (later wins); validated once."""
     values: dict[str, Any] = {}
-    if args.config:
+    resumed = _resumed_run(args)
+    source = Path(args.config) if args.config else \
+        None if resumed is None else resumed / "config.toml"
+    if source is not None:
         # keys normalised here, so that --set and the flags override the file's spelling
-        values.update({normalise_key(k): v for k, v in load_toml(Path(args.config)).items()})
+        values.update({normalise_key(k): v for k, v in load_toml(source).items()})
+    if resumed is not None:  # --resume RUN: RUN is the run folder, wherever it was written
+        values["out"] = str(resumed)
     set_items = {normalise_key(k): v for k, v in parse_set_items(args.set or []).items()}
     values.update(set_items)
     named: dict[str, tuple[str, Any]] = {}
@@ -58,6 +64,25 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
                               f"{value} and --set {key}={set_items[key]}; give it once")
         values[key] = value
     return build_config(values)
+
+
+def _resumed_run(args: argparse.Namespace) -> Path | None:
+    """The run folder of `--resume RUN` (or `--out RUN --resume`) when it holds the run's
+    config.toml: the run's own settings, so that resuming needs nothing else."""
+    resume = getattr(args, "resume", None)
+    if not resume:
+        return None
+    if isinstance(resume, str):
+        if args.out is not None and Path(args.out) != Path(resume):
+            raise ConfigError(f"--resume {resume} and --out {args.out} name different run "
+                              "folders; give the run folder once: --resume RUN")
+        if not (Path(resume) / "config.toml").is_file():
+            raise FileNotFoundError(f"--resume {resume}: no {Path(resume) / 'config.toml'}, "
+                                    "so it is not a run folder of confide simulate")
+        return Path(resume)
+    if args.out is not None and (Path(args.out) / "config.toml").is_file():
+        return Path(args.out)
+    return None
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -82,8 +107,10 @@ def flag_help(flag: str) -> str:
                 f"{str(value).lower()} (default: {str(SCHEMA[key].default).lower()}; allowed: "
                 f"{SCHEMA[key].allowed}, also as --set {key}=VALUE)")
         if key == "resume":
-            text += ("; nothing already recorded is trained again. Give the run's own "
-                     "settings with it: confide simulate --config RUN/config.toml --resume")
+            text += ("; nothing already recorded is trained again. confide simulate "
+                     "--resume RUN continues the run in folder RUN with its own settings "
+                     "(RUN/config.toml: the same as --config RUN/config.toml --resume); "
+                     "settings given with it must match the run's")
     return text.replace("%", "%%")  # argparse formats help with %
 
 
@@ -99,7 +126,11 @@ def _simulate_parser(sub: Any) -> None:
     for flag in SIMULATE_FLAGS:
         p.add_argument(flag, help=flag_help(flag))
     for flag in SIMULATE_SWITCHES:
-        p.add_argument(flag, action="store_true", help=flag_help(flag))
+        if flag == "--resume":  # optionally names the run folder
+            p.add_argument(flag, nargs="?", const=True, default=None, metavar="RUN",
+                           help=flag_help(flag))
+        else:
+            p.add_argument(flag, action="store_true", help=flag_help(flag))
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any configuration key, e.g. --set local-epochs=2 (repeatable; "
                    "python -m confide.config lists every key)")
@@ -226,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave(code: int, argv: list[str] | None) -> int:
+    """The `confide simulate` program (argv None: the command line) exits here once its run
+    folder is complete: the interpreter's teardown of torch, Ray and transformers would
+    take seconds more (tens on a busy machine) and write nothing. Called with argv (a test,
+    another program), it returns the code."""
+    if argv is not None:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -234,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             from confide.simulation.runner import simulate
 
             simulate(cfg, verbose=args.verbose, ray_address=args.ray_address)
-            return 0
+            return _leave(0, argv)
         if args.command == "audit":
             return _audit(args)
         if args.command in ("generate", "export", "predict"):
@@ -252,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, Interrupted):  # stopped on request: how to resume, exit 130
             print(f"confide: {exc}", file=sys.stderr)
-            return 130
+            return _leave(130, argv)
         from confide.audit.report import ReportWriteError
         from confide.server.recovery import EveryPartnerFailed, NoBudgetLeft, RunWriteError
 

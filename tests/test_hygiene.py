@@ -82,7 +82,6 @@ LONG_FUNCTIONS_TODAY = frozenset({
     "confide/empirical/canaries.py::run_canary_audit",
     "confide/privacy/secagg/protocol.py::SecAggClient.masked_input",
     "confide/server/secure_round.py::SecureRounds.run_round",
-    "confide/simulation/runner.py::simulate",
 })
 
 

@@ -65,6 +65,10 @@ def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None
             run_cfg = cfg or from_run_config(dict(context.run_config))
             Federation.open(grid, run_cfg, default_out_dir(run_cfg, context.run_id),
                        on_round=on_round, on_preflight=on_preflight, stop=stop).run()
+        except Aborted:
+            if stop is None:
+                raise
+            return  # the driver stopped the run (a signal, its engine failed) and says so
         except PreflightRefused as exc:  # a plain message, not a traceback: nothing ran
             if cfg is not None:
                 log(ERROR, "Confide: %s", exc)

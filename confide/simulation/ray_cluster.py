@@ -9,6 +9,7 @@ each virtual partner reserves `client-cpus` CPUs and `client-gpus` of a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -90,6 +91,88 @@ def disconnect() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def start_local(init_args: dict[str, Any]) -> None:
+    """This process's own Ray instance, started as Flower's RayBackend would (Flower then
+    uses it and skips its own `ray.init`): here, so that the driver can set its SIGTERM
+    handler again afterwards (`ray.init` replaces it with one that raises SystemExit in
+    whatever the main thread is doing)."""
+    import ray
+
+    if ray.is_initialized():  # an earlier run in this process
+        ray.shutdown()
+    # Ray's workers inherit this driver's import path (what Flower's init_ray does)
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+             **{"include_dashboard": False, **init_args})
+
+
+# Ray's per-node agents: daemons, not partners' workers (killing them first would make the
+# raylet fail, and with it this driver)
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def descendants() -> list[Any]:
+    """Every live process this one started, directly or not (psutil.Process objects:
+    they compare start times, so a reused pid is never mistaken for one of them)."""
+    import psutil
+
+    try:
+        return list(psutil.Process().children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def _title(proc: Any) -> str:
+    import psutil
+
+    try:
+        cmdline = proc.cmdline()
+        return str(cmdline[0]) if cmdline else str(proc.name())
+    except psutil.Error:
+        return ""
+
+
+def kill_workers(procs: list[Any]) -> int:
+    """SIGKILL the Ray worker processes among `procs` (the partners' training in flight,
+    idle workers); returns how many. Flower's engine waits for each task it handed to a
+    worker: killed, the task fails at once."""
+    import psutil
+    import ray
+
+    # the driver would print "(raylet) A worker died or was killed ..." for each: the
+    # stop's own doing. The switch Ray's debugger uses to keep worker output off the
+    # console (a no-op where a Ray version lacks it).
+    ray._private.worker._worker_logs_enabled = False
+    killed = 0
+    for proc in procs:
+        title = _title(proc)
+        if title.startswith("ray::") and not title.startswith(RAY_AGENTS):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+                killed += 1
+    return killed
+
+
+def end_processes(procs: list[Any], timeout: float = 3.0) -> None:
+    """SIGTERM the live ones among `procs`, wait up to `timeout` s, then SIGKILL those left
+    (timeout 0: SIGKILL at once)."""
+    import psutil
+
+    alive = [p for p in {p.pid: p for p in procs}.values() if p.is_running()]
+    if timeout > 0:
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(alive, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=1.0)
 
 
 def backend_config(cfg: RunConfig, *, cluster: dict[str, float] | None = None

@@ -5,12 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shlex
-import signal
-import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +26,80 @@ from confide.server.recovery import (
     StopRequest,
     check_not_finished,
     check_resume,
+    describe_checkpoint,
+    finished,
     ledger_entries,
 )
 from confide.server.run_folder import RunFolder
 from confide.server.server_app import default_out_dir, make_server_app
 from confide.simulation import ray_cluster
+from confide.simulation.stopping import SignalStop
 from confide.task import federated_data, model_spec
 
 
 def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = False,
              ray_address: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Run `cfg` in Flower's simulation engine: on a Ray instance of this process, or on
-    the existing Ray cluster at `ray_address` (default: the RAY_ADDRESS variable)."""
-    from flwr.simulation import run_simulation
+    the existing Ray cluster at `ray_address` (default: the RAY_ADDRESS variable).
 
-    from confide.clients.client_app import app as client_app
-    from confide.simulation import engine_polling
-
-    # Flower 1.41's engine polls every registered partner every 0.1 s (O(partners x messages
-    # in flight)); poll only partners with a message. No-op (debug log) on other versions.
-    engine_polling.apply()
-
+    SIGINT / SIGTERM (confide.simulation.stopping): the run stops within seconds, the
+    report is written and Interrupted says how to resume; after the run has finished, a
+    signal changes nothing."""
     console = console or Console()
     out = default_out_dir(cfg)
+    address = ray_cluster.resolve_address(ray_address)
+    stop = StopRequest()
+    stopper = SignalStop(stop, lambda text: console.print(text, style="bold yellow",
+                                                          markup=False, highlight=False),
+                         lambda: interrupted_message(out, stop.reason, ray_address),
+                         local_ray=address is None)
+    with stopper.installed():
+        cfg, report = prepare(cfg, out, console)
+        stopper.check_not_stopped("before the run started: nothing was written or spent")
+        if not verbose:
+            logs.quiet_known_messages()
+        failures = run_engine(cfg, console, stopper, address=address, verbose=verbose)
+        folder = RunFolder(out)
+        if stopper.signalled and not finished(ledger_entries(folder)):
+            stopper.end_processes()  # Ray's agents and workers included: none may linger
+            if folder.ledger.is_file():
+                write_stopped_report(out, console)
+            raise Interrupted(interrupted_message(out, stop.reason, ray_address))
+        if failures:  # e.g. no partner has budget left, a full disk: the message says what
+            raise failures[0]
+        if not folder.summary.exists():
+            raise RuntimeError(f"the simulation ended without writing {folder.summary}; see "
+                               "the log")
+        if stopper.signalled:
+            console.print(f"{stopper.signal_name}: the run had finished already; its record "
+                          "is complete", style="yellow", markup=False, highlight=False)
+        summary = json.loads(folder.summary.read_text())
+        # The report is the driver's, after the run (it verifies the whole ledger again): an
+        # OSError is a ReportWriteError that says how to write it later; the run stands.
+        write_report_after_run(out, int(summary["rounds_completed"]),
+                               warn=lambda text: console.print(text, style="yellow",
+                                                               markup=False, highlight=False))
+        console.print(final_table(out, summary))
+        if report is not None and report.needs_attention:  # the warning has scrolled away
+            console.print(report.headline(), style="bold red" if report.cannot_learn
+                          else "yellow", markup=False, highlight=False)
+    return out, summary
+
+
+def prepare(cfg: RunConfig, out: Path, console: Console
+            ) -> tuple[RunConfig, PreflightReport | None]:
+    """Everything that can be refused before Ray starts, in this process (a message, not a
+    Ray traceback): the run folder (new and empty, or resumable), the model, the data,
+    delta; the run's first lines and the pre-flight report. Returns the configuration with
+    `out` set, and the report (None when pre-flight is off)."""
     folder = RunFolder(out)
+    resumed_after = None
     if cfg.resume:
         check_not_finished(folder)  # a finished run says so (and stays unchanged)
         if not folder.server_state.exists():
             raise FileNotFoundError(f"--resume: no checkpoint in {folder.checkpoint_dir} to "
                                     "resume")
-        check_resume(folder, cfg)  # in this process: a message, not a Ray traceback
+        resumed_after, _, _ = check_resume(folder, cfg)
     elif out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is an existing file, not a folder; choose "
                               "another --out")
@@ -79,14 +119,29 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
     console.print(f"Confide simulation: {cfg.clients} partners, "
                   f"{logs.plural(cfg.rounds, 'round')}, model {cfg.model} ({cfg.fine_tune}), "
                   f"example-level DP {'on' if cfg.example_dp else 'OFF'}, run folder {out}")
+    if resumed_after is not None:
+        console.print(f"resuming after round {resumed_after} ({cfg.rounds - resumed_after} "
+                      f"of {cfg.rounds} rounds left)", markup=False, highlight=False)
     report = preflight(cfg, [len(p) for p in fed.partitions])
     if report is not None:
         if report.cannot_learn and cfg.preflight == "error":
             raise PreflightRefused(refusal_message(report))  # before Ray: nothing spent
         show_preflight(console, report)
-    if not verbose:
-        logs.quiet_known_messages()
-    address = ray_cluster.resolve_address(ray_address)
+    return cfg, report
+
+
+def run_engine(cfg: RunConfig, console: Console, stopper: SignalStop, *, address: str | None,
+               verbose: bool) -> list[Exception]:
+    """Flower's simulation engine on Ray, with a progress bar; returns the ServerApp's
+    known failures (KNOWN_FAILURES: a message each). A stop (stopper) ends it early."""
+    from flwr.simulation import run_simulation
+
+    from confide.clients.client_app import app as client_app
+    from confide.simulation import engine_polling
+
+    # Flower 1.41's engine polls every registered partner every 0.1 s (O(partners x messages
+    # in flight)); poll only partners with a message. No-op (debug log) on other versions.
+    engine_polling.apply()
     cluster = None
     if address is not None:
         cluster = ray_cluster.connect(address, verbose=verbose)
@@ -95,10 +150,49 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
                       markup=False, highlight=False)
     try:
         backend = ray_cluster.backend_config(cfg, cluster=cluster)
+        if cluster is None:
+            ray_cluster.start_local({**backend["init_args"],
+                                     **({} if verbose else {"logging_level": logging.WARNING})})
+        stopper.install()  # ray.init replaced the SIGTERM handler
+        stopper.check_not_stopped("before the run started: nothing was written or spent")
     except BaseException:
-        if cluster is not None:
-            ray_cluster.disconnect()
+        ray_cluster.disconnect()
         raise
+    failures: list[Exception] = []  # a known failure of the ServerApp, as a message
+    quiet = [] if verbose else [ray_cluster.EngineCrashLog(), QuietAfterStop(stopper)]
+    for f in quiet:
+        logging.getLogger("flwr").addFilter(f)
+    try:
+        with engine_progress(cfg, console) as on_round, stopper.engine():
+            # on_preflight: the report is shown already, the ServerApp records it
+            run_simulation(server_app=make_server_app(cfg, on_round=on_round,
+                                                      on_preflight=lambda _: None,
+                                                      stop=stopper.stop, failures=failures),
+                           client_app=client_app, num_supernodes=cfg.clients,
+                           backend_config=backend, verbose_logging=verbose)
+    except Exception as exc:
+        if not stopper.signalled:
+            # Flower leaves its ServerApp thread waiting for replies that will never come:
+            # end it, so that the error ends the command instead of a hang.
+            failed = ray_cluster.engine_error(exc, cfg, cluster)
+            stopper.stop.abort("the simulation engine failed" if failed
+                               else type(exc).__name__)
+            if failed is None:
+                raise
+            raise failed from exc
+        # stopped on request: the killed workers' errors are the stop's, not the run's
+    finally:
+        for f in quiet:
+            logging.getLogger("flwr").removeFilter(f)
+        # a cluster keeps running (it is not ours); our own Ray instance ends with the run
+        ray_cluster.disconnect()
+    return failures
+
+
+@contextlib.contextmanager
+def engine_progress(cfg: RunConfig, console: Console
+                    ) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar of rounds; yields the ServerApp's per-round callback."""
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -109,56 +203,37 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
             # no example DP: no epsilon at all (printing 0.00 would claim perfect privacy)
             privacy = (f"max eps {max(eps.values()) if eps else 0.0:.2f}" if cfg.example_dp
                        else "example DP off")
-            progress.update(task, advance=1, description=(
+            progress.update(task, completed=row["round"], description=(
                 f"acc {row['accuracy']:.3f} loss {row['loss']:.3f} "
                 f"{privacy} aggregated {row['num_clients_aggregated']}"
                 f"/{row['num_clients_sampled']}"))
 
-        stop = StopRequest()
-        failures: list[Exception] = []  # a known failure of the ServerApp, as a message
-        crash_log = None if verbose else ray_cluster.EngineCrashLog()
-        if crash_log is not None:
-            logging.getLogger("flwr").addFilter(crash_log)
-        try:
-            with stop_on_signals(stop, console):
-                # on_preflight: the report is shown above already, the ServerApp records it
-                run_simulation(server_app=make_server_app(cfg, on_round=on_round,
-                                                          on_preflight=lambda _: None,
-                                                          stop=stop, failures=failures),
-                               client_app=client_app, num_supernodes=cfg.clients,
-                               backend_config=backend, verbose_logging=verbose)
-        except Exception as exc:
-            # Flower leaves its ServerApp thread waiting for replies that will never come:
-            # end it, so that the error ends the command instead of a hang.
-            failed = ray_cluster.engine_error(exc, cfg, cluster)
-            stop.abort("the simulation engine failed" if failed else type(exc).__name__)
-            if failed is None:
-                raise
-            raise failed from exc
-        finally:
-            if crash_log is not None:
-                logging.getLogger("flwr").removeFilter(crash_log)
-            if cluster is not None:
-                ray_cluster.disconnect()  # leaves the cluster running: it is not ours
-    if stop:
-        shutdown_ray()  # the workers got the terminal's signal too: none may linger
-        raise Interrupted(interrupted_message(out, stop.reason))
-    if failures:  # e.g. no partner has budget left, a full disk: the message says what
-        raise failures[0]
-    if not folder.summary.exists():
-        raise RuntimeError(f"the simulation ended without writing {folder.summary}; see the "
-                           "log")
-    summary = json.loads(folder.summary.read_text())
-    # The report is the driver's, after the run (it verifies the whole ledger again): an
-    # OSError is a ReportWriteError that says how to write it later; the run stands.
-    write_report_after_run(out, int(summary["rounds_completed"]),
-                           warn=lambda text: console.print(text, style="yellow", markup=False,
-                                                           highlight=False))
-    console.print(final_table(out, summary))
-    if report is not None and report.needs_attention:  # the warning has scrolled away
-        console.print(report.headline(), style="bold red" if report.cannot_learn
-                      else "yellow", markup=False, highlight=False)
-    return out, summary
+        yield on_round
+
+
+class QuietAfterStop(logging.Filter):
+    """Once the user asked to stop, Flower's records (the killed workers' errors, the
+    engine winding down) are the stop's, not the run's: left out (`--verbose` keeps
+    them)."""
+
+    def __init__(self, stopper: SignalStop) -> None:
+        super().__init__()
+        self.stopper = stopper
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.stopper.signalled
+
+
+def write_stopped_report(out: Path, console: Console) -> None:
+    """report.html / report.md of a stopped run (the audit's INCOMPLETE verdict, the rounds
+    so far); a failure is one line: the run folder is what counts."""
+    from confide.audit.report import write_report
+
+    try:
+        write_report(out)
+    except Exception as exc:
+        console.print(f"report.html could not be written: {exc} (later: confide audit "
+                      f"report {out})", style="yellow", markup=False, highlight=False)
 
 
 def check_model(cfg: RunConfig) -> None:
@@ -176,52 +251,28 @@ def check_model(cfg: RunConfig) -> None:
         raise ModelError(problem)
 
 
-@contextlib.contextmanager
-def stop_on_signals(stop: StopRequest, console: Console) -> Iterator[None]:
-    """First SIGINT / SIGTERM: ask the server to stop at its next safe point (the round in
-    flight finishes, so nothing a node spent goes unrecorded). A second one: leave at once
-    (the ledger and checkpoints are written atomically; resume repeats the open round)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        name = signal.Signals(signum).name
-        if stop:
-            console.print(f"{name} again: leaving now. The run folder resumes from its last "
-                          "checkpoint (--resume).", style="bold red", markup=False)
-            os._exit(130)
-        stop.request(name)
-        console.print(f"{name}: stopping after the round in progress (a second {name} "
-                      "leaves at once) ...", style="yellow", markup=False)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-def interrupted_message(out: Path, reason: str) -> str:
-    entries = ledger_entries(RunFolder(out))
+def interrupted_message(out: Path, reason: str, ray_address: str | None = None) -> str:
+    """Where a stopped run stands (read from its folder) and the command that resumes it."""
+    folder = RunFolder(out)
+    entries = ledger_entries(folder)
+    if finished(entries):
+        return (f"the run had finished; {out} is complete (confide audit verify "
+                f"{shlex.quote(str(out))})")
+    if not folder.server_state.exists():
+        return (f"run stopped ({reason}) before it started: nothing was spent. Start it "
+                "again with the same command")
     done = next((e["payload"]["after_round"] for e in reversed(entries)
                  if e.get("type") == "run_interrupted"), None)
-    args = sys.argv[1:] if sys.argv[1:2] == ["simulate"] else ["simulate", "...", "--out",
-                                                                 str(out)]
-    if "--resume" not in args:
-        args = [*args, "--resume"]
-    where = f"after round {done}" if done is not None else "before its first checkpoint"
+    if done is not None:
+        where = f"after round {done}"
+    else:  # left inside a round: it resumes after the last checkpointed one
+        where = f"during a round; it resumes {describe_checkpoint(folder)}"
+    command = ["confide", "simulate", "--resume", str(out)]
+    if ray_address:
+        command += ["--ray-address", ray_address]
     return (f"run stopped ({reason}) {where}. {out} is resumable and verifiable "
-            f"(confide audit verify {shlex.quote(str(out))}). To continue:\n  confide "
-            + " ".join(shlex.quote(a) for a in args))
+            f"(confide audit verify {shlex.quote(str(out))}). To continue:\n  "
+            + " ".join(shlex.quote(a) for a in command))
 
 
 def preflight(cfg: RunConfig, partition_rows: list[int]) -> PreflightReport | None:
