@@ -57,14 +57,16 @@ class InProcessGrid:
     def _enrol(self, msg: Message) -> None:
         """Deployed partners (state_root): create their identities and the federation
         roster before the first message, as each partner and the operator would."""
-        if self.state_root is None or (self.state_root / "roster.txt").is_file():
+        if self.state_root is None:
             return
-        cfg = from_flat_record(dict(msg.content[W.CONFIG]))
-        lines = [enrol(Path(str(c.node_config["state-dir"])), delta=cfg.delta,
-                       max_epsilon=cfg.max_epsilon) for c in self.contexts.values()]
-        (self.state_root / "roster.txt").write_text("\n".join(lines) + "\n")
+        roster = self.state_root / "roster.txt"
+        if not roster.is_file():  # the same partners in a later run keep their roster
+            cfg = from_flat_record(dict(msg.content[W.CONFIG]))
+            lines = [enrol(Path(str(c.node_config["state-dir"])), delta=cfg.delta,
+                           max_epsilon=cfg.max_epsilon) for c in self.contexts.values()]
+            roster.write_text("\n".join(lines) + "\n")
         for c in self.contexts.values():
-            c.node_config["federation-roster"] = str(self.state_root / "roster.txt")
+            c.node_config.setdefault("federation-roster", str(roster))
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)

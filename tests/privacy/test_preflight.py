@@ -18,14 +18,14 @@ def hopeless_distributed() -> RunConfig:
     # the example: 10 partners, distributed DP at multiplier 1, clip 1
     return build_config({"clients": 10, "secure-aggregation": True, "distributed-dp": True,
                          "client-dp-noise-multiplier": 1.0, "client-dp-clipping-norm": 1.0,
-                         "noise-multiplier": 1.0})
+                         "noise-multiplier": 1.0, "secagg-threshold": 0.51})
 
 
 def test_hopeless_distributed_dp_cannot_learn_and_says_what_would_help() -> None:
     report = P.check(hopeless_distributed(), D_MINILM_LORA, [300] * 10)
     assert report.verdict == P.CANNOT_LEARN and report.cannot_learn
     ddp = next(m for m in report.mechanisms if m.mechanism == "distributed-dp")
-    # noise calibrated for m = 6 survivors of 10 (threshold 0.5 of k + 1 = 9): sigma C/sqrt(m)
+    # noise calibrated for m = 6 survivors of 10 (threshold 5 of k + 1 = 9): sigma C/sqrt(m)
     # per client, so the mean of all 10 has std sigma C/sqrt(60): at least sigma*sqrt(d)/n
     assert ddp.min_survivors == 6
     assert ddp.ratio == pytest.approx(math.sqrt(D_MINILM_LORA / 60))
@@ -135,7 +135,7 @@ def test_deployment_without_row_counts_reports_what_it_can() -> None:
 
 
 @pytest.mark.parametrize(("n", "threshold", "neighbours"), [
-    (2, 0.5, 0), (3, 0.5, 0), (10, 0.5, 0), (10, 0.9, 0), (17, 0.3, 4), (50, 0.5, 0)])
+    (2, 0.6, 0), (3, 0.6, 0), (10, 0.6, 0), (10, 0.9, 0), (17, 0.7, 4), (50, 0.51, 0)])
 def test_min_survivors_matches_the_secure_round(n: int, threshold: float,
                                                 neighbours: int) -> None:
     cfg = build_config({"clients": n, "secure-aggregation": True, "distributed-dp": True,
