@@ -40,6 +40,7 @@ from confide.privacy.ledger_events import weights_digest
 from confide.privacy.mechanisms import ExampleLevelMechanism, SampledGaussian
 from confide.privacy.receipts import binding, dp_receipt_payload, sign_receipt, update_digest
 from confide.privacy.refusals import sign_refusal
+from confide.privacy.sampling import plan_round, poisson_rate
 from confide.privacy.secagg import SecAggRefusal
 from confide.privacy.secagg.shared_noise import (
     ExampleSumEncoder,
@@ -145,8 +146,8 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
                  data: TextDataset, state: NodeState, context: Context) -> Message:
     n = len(data)
     rows = reported_rows(cfg, n)  # under DP the public (rounded) count: rate and divisor
-    sample_rate = min(1.0, cfg.batch_size / rows)
-    steps = max(1, round(cfg.local_epochs / sample_rate))
+    plan = plan_round(cfg.batch_size, rows, cfg.local_epochs)
+    sample_rate, steps = plan.sample_rate, plan.steps
     noise = _noise_multiplier(cfg, state, sample_rate, steps, run_key)
     planned = Spend(SampledGaussian(noise, sample_rate, steps), server_round, run_key)
     if cfg.example_dp:
@@ -273,7 +274,7 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     rows = reported_rows(cfg, n)  # the public (rounded) count the server was told
     # The run's common rate, set by the server: the node's own budget guard below decides
     # whether it can afford it, whatever the server chose.
-    sample_rate = shared.sample_rate or min(1.0, cfg.batch_size / rows)
+    sample_rate = shared.sample_rate or poisson_rate(cfg.batch_size, rows)
     # a fixed physical budget from public values, so the round's work does not depend on
     # its sample; the chance a sample exceeds it is added to the round's TV slack
     slots, truncation_tail = padded_slots(rows, sample_rate)

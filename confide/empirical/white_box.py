@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from confide.config import ConfigError, RunConfig
+from confide.privacy.sampling import plan_round
 from confide.tasks.base import Objective
 
 INCLUDED, EXCLUDED = -1, -2  # canary rows' labels: natural labels are >= 0
@@ -175,8 +176,8 @@ def train_with_canaries(cfg: RunConfig, included: np.ndarray, *, partner: int = 
 
     # The node's mechanism (confide.clients.local_round): rate, steps, and one noise
     # multiplier calibrated over all planned rounds with the PLD accountant.
-    sample_rate = min(1.0, cfg.batch_size / rows)
-    steps = max(1, round(cfg.local_epochs / sample_rate))
+    sampling = plan_round(cfg.batch_size, rows, cfg.local_epochs)
+    sample_rate, steps = sampling.sample_rate, sampling.steps
     sigma = cfg.noise_multiplier or calibrate_noise(
         cfg.target_epsilon, cfg.delta, sample_rate, steps * cfg.rounds, accountant=PLD)
     plan = guess_plan(len(included), sample_rate, steps * cfg.rounds)

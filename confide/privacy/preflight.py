@@ -57,6 +57,7 @@ import numpy as np
 from confide.config import ConfigError, RunConfig
 from confide.logs import plural
 from confide.privacy.accountant import calibrate_noise
+from confide.privacy.sampling import plan_round, poisson_rate
 from confide.privacy.secagg.config import SecAggConfig
 from confide.privacy.secagg.errors import SecAggValidationError
 
@@ -181,8 +182,8 @@ def _calibrated(target_epsilon: float, delta: float, q: float, steps: int) -> fl
 
 def _plan(cfg: RunConfig, rows: int, batch_size: int | None = None) -> tuple[float, int]:
     """(q, steps per round) exactly as the node plans them (local_round._train_round)."""
-    q = min(1.0, (batch_size or cfg.batch_size) / rows)
-    return q, max(1, round(cfg.local_epochs / q))
+    plan = plan_round(batch_size or cfg.batch_size, rows, cfg.local_epochs)
+    return plan.sample_rate, plan.steps
 
 
 def _sigmas(cfg: RunConfig, sizes: Sequence[int], target_epsilon: float | None = None,
@@ -264,7 +265,7 @@ def _shared_example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | No
                    "not either; the ratio per round is sigma * sqrt(d) / batch-size.",
             unknown=("partners' training rows",))
     total = sum(int(s) for s in sizes if s > 0)
-    q = min(1.0, cfg.batch_size / total)
+    q = poisson_rate(cfg.batch_size, total)
     sigma = cfg.noise_multiplier or _calibrated(cfg.target_epsilon, cfg.delta, q, R)
     # only the sampled share of the records contributes when fraction-train < 1
     B = q * total * min(1.0, n / max(1, len(sizes)))
@@ -329,7 +330,7 @@ def _example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | None
         return MechanismEstimate(
             name, CANNOT_LEARN, None, None, None, C, d, n, reason=(
                 f"target-epsilon {cfg.target_epsilon:g} cannot be reached with "
-                f"{k * R} steps at sampling rate {min(1.0, cfg.batch_size / sizes[mid]):.3g}"
+                f"{k * R} steps at sampling rate {poisson_rate(cfg.batch_size, sizes[mid]):.3g}"
                 ": the nodes would refuse to train."),
             suggestions=("a larger target-epsilon, fewer rounds or local epochs",))
     verdict = _verdict(agg, R)

@@ -47,6 +47,7 @@ from confide.config import ConfigError
 from confide.privacy import ledger_events as E
 from confide.privacy.mechanisms import SecureAggregationAbort
 from confide.privacy.receipts import pseudonym_of
+from confide.privacy.sampling import poisson_rate
 from confide.privacy.secagg import (
     AdvertiseKeys,
     DistributedDGAccountant,
@@ -615,7 +616,7 @@ class SecureRounds:
             # One Poisson rate for every partner: batch-size is the expected batch of the
             # whole federation per round, so the sum is central DP-SGD's step on the union.
             total = sum(rows for rows, _ in self.partner_info.values())
-            self.shared_rate = min(1.0, cfg.batch_size / total)
+            self.shared_rate = poisson_rate(cfg.batch_size, total)
             self.shared_sigma = cfg.noise_multiplier if cfg.noise_multiplier > 0 else \
                 calibrate_noise(cfg.target_epsilon, cfg.delta, self.shared_rate, cfg.rounds)
             log(INFO, "shared noise: sigma %.4f, sampling rate %.4g for every partner "
