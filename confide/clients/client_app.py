@@ -102,10 +102,11 @@ def secagg_stage(msg: Message, context: Context) -> Message:
         # count only (confide.clients.disclosure), which the node computes with too
         from confide.clients.disclosure import reported_rows
         from confide.clients.local_round import partner_data
+        from confide.privacy.sampling import poisson_rate
 
         rows = reported_rows(cfg, len(partner_data(cfg, context)))
         extra = {W.SHARED_INFO: json.dumps(
-            {"examples": rows, "sample_rate": min(1.0, cfg.batch_size / rows)})}
+            {"examples": rows, "sample_rate": poisson_rate(cfg.batch_size, rows)})}
     return secure_client.secure_reply(msg, context, cfg, None, None, extra_up=extra)
 
 

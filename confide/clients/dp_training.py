@@ -72,6 +72,7 @@ from confide.tasks.batches import (
     check_dataset,
     to_batch,
 )
+from confide.privacy.sampling import plan_round
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -124,8 +125,8 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < n:
         raise DPTrainingError(f"public_rows = {public_rows!r} must be an integer >= the {n} "
                               "rows trained on")
-    sample_rate = min(1.0, batch_size / rows)
-    steps = max(1, round(epochs / sample_rate))
+    plan = plan_round(batch_size, rows, epochs)
+    sample_rate, steps = plan.sample_rate, plan.steps
     private = dp if private_randomness is None else private_randomness
     sampling_seed = secrets.randbits(63) if private else seed
     noise_seed = secrets.randbits(63) if private else seed + 1
