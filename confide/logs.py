@@ -18,7 +18,9 @@ VERBOSE_ENV = "CONFIDE_VERBOSE"
 # Flower's deprecated entry point that `confide simulate` still drives; evaluation is
 # central, so Flower's "fraction_evaluate is 0" notice is by design.
 KNOWN_FLWR_NOISE = ("DEPRECATED FEATURE: The `run_simulation` function",
-                    "fraction_evaluate is set to 0.0")
+                    "fraction_evaluate is set to 0.0",
+                    # each simulated partner's worker, as the engine ends it after the run
+                    "Manually terminating ClientAppActor")
 # Ray's tip concerns GPU visibility for actors without GPUs, which Confide does not rely on.
 KNOWN_RAY_WARNING = r"Tip: In future versions of Ray, Ray will no longer override"
 # UserWarnings of every DP training step that are expected: torch's note on full backward
@@ -30,10 +32,13 @@ KNOWN_USER_WARNINGS = (r"Full backward hook is firing when gradients are compute
 
 
 class DropKnown(logging.Filter):
-    """Drops exactly the records whose message contains one of KNOWN_FLWR_NOISE."""
+    """Drops exactly the records whose message contains one of KNOWN_FLWR_NOISE, and
+    blank ones."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if not message.strip():  # Flower's blank separator lines ("INFO :" and nothing)
+            return False
         return not any(known in message for known in KNOWN_FLWR_NOISE)
 
 

@@ -66,6 +66,9 @@ from confide.privacy.ledger import (
     load_public_key,
 )
 from confide.privacy.replay import ClientReplay, PartnerReplay
+
+# the words the final statements share (re-exported: the report imports them here)
+from confide.privacy.statements import LARGE_DELTA_NOTE, over_target_text
 from confide.run_layout import LEDGER_FILE, LEDGER_PUBLIC_KEY_FILE
 
 Check = Callable[[LoadedRun], CheckResult]
@@ -262,10 +265,6 @@ def delta_statement(delta: float | None, large_delta: bool) -> str:
     return text + (f" ({LARGE_DELTA_NOTE})" if large_delta else "")
 
 
-LARGE_DELTA_NOTE = ("allow-large-delta = true: delta may be >= 1/(rows of the smallest "
-                    "partner), a guarantee that publishing one record could meet")
-
-
 def over_target(epsilons: dict[str, float], target: float | None) -> dict[str, float]:
     """The partners whose epsilon for the run is above its target-epsilon: the noise was
     calibrated to reach the target in the planned rounds, so more releases were recorded
@@ -273,14 +272,6 @@ def over_target(epsilons: dict[str, float], target: float | None) -> dict[str, f
     if target is None:
         return {}
     return {p: e for p, e in sorted(epsilons.items()) if e > target * (1 + 1e-9)}
-
-
-def over_target_text(over: dict[str, float], target: float) -> str:
-    """The words every final statement uses for a spend above the target."""
-    who = "; ".join(f"partner {p} spent epsilon {e:.4g}" for p, e in over.items())
-    return (f"ABOVE TARGET: {who}, more than the run's target-epsilon {target:g}. The noise "
-            "was calibrated to reach the target in the planned rounds; the ledger records "
-            "more releases than that (a round trained again, e.g. after a resume).")
 
 
 def _number(value: Any) -> float | None:

@@ -55,12 +55,13 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _deployed_node_setup(context: Context) -> None:
-    """A deployed node (it reads its own data-path): each log line once, known notices
-    filtered (`--verbose` keeps them), and its CPU threads (confide.clients.threads).
-    In simulation the driver sets logging and Ray gives each partner one CPU."""
+    """Every node: each log line once, known notices filtered (`--verbose` keeps them; a
+    simulated partner's lines reach the console under `flwr run`). A deployed node (it
+    reads its own data-path): its CPU threads too (confide.clients.threads); in
+    simulation Ray gives each partner one CPU."""
+    deployed_process_logging()
     if not context.node_config.get("data-path"):
         return
-    deployed_process_logging()
     threads = node_threads(context.node_config.get("threads"))
     apply_threads(threads)
     log(INFO, "confide: this node trains with %d CPU threads", threads)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,14 +66,15 @@ from confide.clients.opacus_compat import (
     trainable_parameters,
 )
 from confide.config import SUM_ONLY_GRAD_SAMPLE_MODES
+from confide.logs import KNOWN_USER_WARNINGS
 from confide.model import HEAD_MARKER
+from confide.privacy.sampling import plan_round
 from confide.tasks.base import Objective, PerExampleCriterion
 from confide.tasks.batches import (
     DPTrainingError,
     check_dataset,
     to_batch,
 )
-from confide.privacy.sampling import plan_round
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -143,15 +145,22 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
                            learning_rate, weight_decay)
     loader = _poisson_loader(tensors, sample_rate, steps, sampling_seed)
     try:
-        if dp:
-            taken, loss_sum, seen = _train_private(
-                wrapper, base, loader, params, noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm, expected_batch=sample_rate * rows,
-                physical=physical_batch_size, mode=grad_sample_mode, noise_seed=noise_seed,
-                device=dev, where=where, objective=obj)
-        else:
-            taken, loss_sum, seen = _train_plain(wrapper, base, loader, params,
-                                                 physical_batch_size, dev, where, obj)
+        with warnings.catch_warnings():
+            # expected on every step, in every process that trains (a Ray worker, a node):
+            # torch's note that Opacus' full backward hooks fire on modules whose inputs,
+            # token ids, need no gradient; Opacus' secure-RNG notice (the noise seed above
+            # comes from OS entropy)
+            for notice in KNOWN_USER_WARNINGS:
+                warnings.filterwarnings("ignore", message=notice, category=UserWarning)
+            if dp:
+                taken, loss_sum, seen = _train_private(
+                    wrapper, base, loader, params, noise_multiplier=noise_multiplier,
+                    max_grad_norm=max_grad_norm, expected_batch=sample_rate * rows,
+                    physical=physical_batch_size, mode=grad_sample_mode,
+                    noise_seed=noise_seed, device=dev, where=where, objective=obj)
+            else:
+                taken, loss_sum, seen = _train_plain(wrapper, base, loader, params,
+                                                     physical_batch_size, dev, where, obj)
     finally:
         strip_opacus_state(model)
         model.zero_grad(set_to_none=True)

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from collections.abc import Iterable
-from logging import ERROR
+from logging import ERROR, INFO
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common.logger import log
@@ -26,6 +29,8 @@ from confide.server.recovery import (
     StopRequest,
 )
 from confide.server.run_folder import CheckpointError
+from confide.server.run_table import final_table
+from confide.server.secure_round import is_simulation
 
 # The one line `confide deploy run` shows when a deployed run fails (and exits non-zero).
 FAILURE_PREFIX = "Confide: error: "
@@ -63,8 +68,16 @@ def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None
             grid = AbortableGrid(grid, stop)
         try:
             run_cfg = cfg or from_run_config(dict(context.run_config))
-            Federation.open(grid, run_cfg, default_out_dir(run_cfg, context.run_id),
-                       on_round=on_round, on_preflight=on_preflight, stop=stop).run()
+            out = default_out_dir(run_cfg, context.run_id)
+            # `flwr run` in Flower's simulation engine: no driver of ours ends the console
+            # (`confide deploy run` shows its own), so the ServerApp says where and what
+            console = cfg is None and is_simulation(grid)
+            if console:
+                log(INFO, "Confide: run folder %s", out.resolve())
+            result = Federation.open(grid, run_cfg, out, on_round=on_round,
+                                     on_preflight=on_preflight, stop=stop).run()
+            if console and not result.get("interrupted"):
+                show_final_table(out, result)
         except Aborted:
             if stop is None:
                 raise
@@ -87,6 +100,18 @@ def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None
             raise RunFailed(str(exc)) from None
 
     return server_app
+
+
+def show_final_table(out: Path, summary: dict[str, Any]) -> None:
+    """The table `confide simulate` ends with, on the ServerApp's output (streamed by
+    `flwr run --stream`), and where the report comes from."""
+    from rich.console import Console
+
+    console = Console(file=sys.stdout, width=80)
+    console.print(final_table(out.resolve(), summary))
+    console.print(f"Run folder {out.resolve()}; its report: confide audit report "
+                  f"{shlex.quote(str(out.resolve()))}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 app = make_server_app()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from confide.simulation.runner import PARTNER_ROWS_MAX, final_table
+from confide.server.run_table import PARTNER_ROWS_MAX, final_table
 
 
 def _run_folder(tmp_path: Path, partners: int) -> tuple[Path, dict]:
