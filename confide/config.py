@@ -24,6 +24,7 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from confide.modes import ModeError, PrivacyMode
 from confide.run_layout import canonical_json
 
 
@@ -311,11 +312,12 @@ class RunConfig:
                 f"max-epsilon ({self.max_epsilon}) is below target-epsilon "
                 f"({self.target_epsilon}): the calibrated noise would exhaust the budget; "
                 "allowed: max-epsilon >= target-epsilon")
-        if self.distributed_dp and not self.secure_aggregation:
-            raise ConfigError("distributed-dp needs secure-aggregation = true "
-                              "(the noise is only private inside the secure sum)")
         if self.example_dp_noise == "shared":
             self._check_shared_noise()
+        try:  # the privacy mode, resolved and validated once (confide.modes)
+            PrivacyMode.of(self)
+        except ModeError as exc:
+            raise ConfigError(str(exc)) from None
         if self.min_clients > self.clients:
             raise ConfigError(f"min-clients ({self.min_clients}) exceeds clients "
                               f"({self.clients}); allowed: 1 <= min-clients <= clients")
@@ -323,13 +325,16 @@ class RunConfig:
             object.__setattr__(self, "physical_batch_size", self.batch_size)
 
     @property
+    def privacy_mode(self) -> PrivacyMode:
+        """What the privacy flags amount to (confide.modes): what every module
+        outside this one asks instead of reading the flags."""
+        return PrivacyMode.of(self)
+
+    @property
     def secure_sum_weighted(self) -> bool:
         """Whether the secure sum weights each update by its rows (capped at
-        secagg-max-weight), as the plaintext mean does. Distributed DP keeps weight 1 (its
-        client-level guarantee bounds each update's contribution, DP-FedAvg); the shared-noise
-        mode sums clipped gradients, not weighted updates."""
-        return self.secure_aggregation and not self.distributed_dp \
-            and self.example_dp_noise != "shared"
+        secagg-max-weight), as the plaintext mean does (PrivacyMode.weighted_sum)."""
+        return self.privacy_mode.weighted_sum
 
     def _check_shared_noise(self) -> None:
         """Shared noise is private only inside the secure sum, and its guarantee is that of

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from confide.config import RunConfig
+from confide.modes import ClientLevel
 from confide.privacy.secagg import SecAggConfig
 
 if TYPE_CHECKING:
@@ -222,7 +223,8 @@ def session_config(cfg: RunConfig, *, session_id: bytes, num_clients: int,
     k = int(base.degree)  # type: ignore[arg-type]  # resolved to an int in __post_init__
     t = min(k + 1, max(2, math.ceil(cfg.secagg_threshold * (k + 1))))
     noise = (cfg.client_dp_noise_multiplier * cfg.client_dp_clipping_norm
-             if cfg.distributed_dp else None)
+             if cfg.privacy_mode.client is ClientLevel.DISTRIBUTED else None)
     return dataclasses.replace(base, threshold=t, min_survivors=None,
-                               l2_clip=cfg.client_dp_clipping_norm if cfg.distributed_dp
+                               l2_clip=cfg.client_dp_clipping_norm
+                               if cfg.privacy_mode.client is ClientLevel.DISTRIBUTED
                                else None, noise_stddev=noise)

@@ -31,7 +31,7 @@ PUBLIC_ROWS_FLOOR = 100  # the smallest public row count
 
 def dp_run(cfg: RunConfig) -> bool:
     """Whether the run promises any DP guarantee (then replies carry no raw statistics)."""
-    return cfg.example_dp or cfg.client_dp or cfg.distributed_dp
+    return cfg.privacy_mode.any_dp
 
 
 def public_rows(n: int) -> int:

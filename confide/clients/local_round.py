@@ -74,12 +74,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     message_id = msg.metadata.message_id or msg.object_id
     if state.seen(message_id):
         return _status_reply(msg, state, W.STALE, f"message {message_id} was already handled")
-    secure = cfg.secure_aggregation and W.SECAGG in msg.content.config_records
+    secure = cfg.privacy_mode.secure and W.SECAGG in msg.content.config_records
     if secure and (dropped := secure_client.injected_dropout(msg, context, cfg)) is not None:
         return dropped
     data = partner_data(cfg, context)
     run_key = str(config_record.get(W.RUN_KEY, ""))
-    if secure and cfg.example_dp_noise == "shared":
+    if secure and cfg.privacy_mode.shared_noise:
         # one clipped per-example gradient sum + a share of the noise, into the secure sum
         reply, encoded = _shared_round(msg, cfg, server_round, run_key, data, state, context)
         state.mark_handled(message_id)
@@ -150,7 +150,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     sample_rate, steps = plan.sample_rate, plan.steps
     noise = _noise_multiplier(cfg, state, sample_rate, steps, run_key)
     planned = Spend(SampledGaussian(noise, sample_rate, steps), server_round, run_key)
-    if cfg.example_dp:
+    if cfg.privacy_mode.example_dp:
         policy = node_policy(context, cfg)
         policy.check_noise(noise)
         policy.check_run_budget(state.accountant, planned)
@@ -176,7 +176,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         weight_decay=cfg.weight_decay, device=device,
         head_learning_rate=cfg.head_learning_rate or None,
         seed=cfg.seed * 100_003 + server_round * 1009 + _partition_id(context),
-        dp=cfg.example_dp, round_id=server_round,
+        dp=cfg.privacy_mode.example_dp, round_id=server_round,
         grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune,
                                                   model),
         objective=get_task(cfg).objective, public_rows=rows)
@@ -188,7 +188,7 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     spent = SampledGaussian(result.noise_multiplier, result.sample_rate, result.steps)
     epsilon = 0.0
     receipt_json = ""
-    if cfg.example_dp:
+    if cfg.privacy_mode.example_dp:
         epsilon = state.accountant.record(Spend(spent, server_round, run_key))
         receipt_json = _receipt_payload(cfg, state, server_round, spent, epsilon)
     receipt = _receipt_record(msg, state, run_key, receipt_json)
@@ -348,7 +348,7 @@ def _status_reply(msg: Message, state: NodeState, code: str, detail: str, **extr
 
 def _noise_multiplier(cfg: RunConfig, state: NodeState, sample_rate: float, steps: int,
                       run_key: str) -> float:
-    if not cfg.example_dp:
+    if not cfg.privacy_mode.example_dp:
         return 0.0
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier

@@ -27,6 +27,7 @@ from flwr.common.logger import log
 from confide.clients.faults import drops_out
 from confide.clients.identity import IdentityError, node_identity
 from confide.config import RunConfig
+from confide.modes import ClientLevel
 from confide.privacy.secagg import (
     KeyDirectory,
     MaskedInputRequest,
@@ -76,7 +77,7 @@ STATE_RECORD = "confide-secagg"
 def check_session_config(config: SecAggConfig, cfg: RunConfig) -> None:
     """A node checks the server's session parameters against the run configuration it was
     sent: it will not add less noise or clip less than the run promises."""
-    if not cfg.distributed_dp:
+    if cfg.privacy_mode.client is not ClientLevel.DISTRIBUTED:
         return
     want = cfg.client_dp_noise_multiplier * cfg.client_dp_clipping_norm
     if config.noise_stddev is None or config.noise_stddev < want * (1 - 1e-9):

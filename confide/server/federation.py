@@ -31,6 +31,7 @@ from confide.model import (
     resolve_device,
     trainable_state,
 )
+from confide.modes import ClientLevel
 from confide.privacy import ledger_events as E
 from confide.privacy.accountant import (
     ACCOUNTANT_NAMES,
@@ -141,10 +142,11 @@ class Federation:
                                          if self.cfg.server_head_learning_rate else ())))
         self.ledger: Ledger | None = None
         self.aggregation: RoundAggregation
-        if self.cfg.secure_aggregation:
+        mode = self.cfg.privacy_mode
+        if mode.secure:
             # the server only ever sees the (noised) sum of the survivors' updates
             self.aggregation = SecureRounds(self)
-        elif self.cfg.client_dp:
+        elif mode.client is ClientLevel.CENTRAL:
             self.aggregation = PlainRounds(self, ClientLevelDp(
                 self.inner, noise_multiplier=self.cfg.client_dp_noise_multiplier,
                 clipping_norm=self.cfg.client_dp_clipping_norm, population=self.cfg.clients,
@@ -300,7 +302,7 @@ class Federation:
         outcome = self.aggregation.run_round(server_round, config)
         for event in outcome.events:
             self.ledger.append(event)
-        if server_round == self.cfg.rounds and self.cfg.example_dp:
+        if server_round == self.cfg.rounds and self.cfg.privacy_mode.example_dp:
             late = self.collect_unrecorded_receipts(server_round, config)
             outcome.replied = sorted({*outcome.replied, *late})
         if outcome.client_level_epsilon is not None:
@@ -340,7 +342,8 @@ class Federation:
         self.save_checkpoint(round_record(completed, row))
         self.ledger.append(completed)
         self.folder.append_metrics(row)
-        log(INFO, "%s", round_line(row, self.cfg.rounds, example_dp=self.cfg.example_dp))
+        log(INFO, "%s", round_line(row, self.cfg.rounds,
+                                   example_dp=self.cfg.privacy_mode.example_dp))
         if self.on_round:
             self.on_round(row)
         crash_point("after-round", server_round, run_dir=self.folder.root)
@@ -405,7 +408,7 @@ class Federation:
             "privacy": {
                 # without example DP there is no example-level guarantee: the zeros below
                 # mean "no DP events", never "epsilon 0"; readers must check this first
-                "example_dp": self.cfg.example_dp,
+                "example_dp": self.cfg.privacy_mode.example_dp,
                 "delta": self.cfg.delta,
                 "example_level": {p.pseudonym: p.epsilon for p in self.book.records.values()},
                 # The same events read by RDP: a looser second opinion, never the claim.
@@ -426,16 +429,15 @@ class Federation:
                 "target_epsilon": self.cfg.target_epsilon,
                 "above_target_epsilon": {
                     p.pseudonym: p.epsilon for p in self.book.records.values()
-                    if self.cfg.example_dp and self.cfg.noise_multiplier == 0
+                    if self.cfg.privacy_mode.example_dp and self.cfg.noise_multiplier == 0
                     and p.epsilon > self.cfg.target_epsilon * (1 + 1e-9)},
                 "allow_large_delta": self.cfg.allow_large_delta,
                 "accountant": self._accountant_summary(),
                 "accountants": {
                     "example_level": sorted({p.accountant for p in self.book.records.values()})
-                    or ([PLD] if self.cfg.example_dp else []),
+                    or ([PLD] if self.cfg.privacy_mode.example_dp else []),
                     "example_level_second_opinion": RDP,
-                    "client_level": (RDP if self.cfg.distributed_dp else PLD)
-                    if self.cfg.client_dp or self.cfg.distributed_dp else None,
+                    "client_level": self.cfg.privacy_mode.client_accountant,
                 },
                 "adjacency": "add/remove one record (example level); add/remove one "
                              "client (client level)",
@@ -446,8 +448,8 @@ class Federation:
                           "rounds_trained": sorted(p.rounds_trained),
                           "refused_rounds": sorted(p.refused)}
                          for p in sorted(self.book.records.values(), key=lambda p: p.pseudonym)],
-            "secure_aggregation": self.cfg.secure_aggregation,
-            "distributed_dp": self.cfg.distributed_dp,
+            "secure_aggregation": self.cfg.privacy_mode.secure,
+            "distributed_dp": self.cfg.privacy_mode.client is ClientLevel.DISTRIBUTED,
             "synthetic_data": self.evaluation.synthetic,
             "bytes_uploaded_total": sum(r["bytes_uploaded"] for r in self.folder.read_metrics()),
             "trainable_parameters": int(sum(v.size for v in self.global_state.values())),
@@ -469,11 +471,12 @@ class Federation:
         text = "example level, per partner: " + "; ".join(ACCOUNTANT_NAMES.get(k, k)
                                                         for k in kinds)
         text += "; RDP (integer orders) as second opinion"
-        if self.cfg.distributed_dp:
+        client = self.cfg.privacy_mode.client
+        if client is ClientLevel.DISTRIBUTED:
             text += ("; client level: RDP of the distributed discrete Gaussian "
                      "(Kairouz-Liu-Steinke 2021; no tight accountant covers sums of "
                      "discrete Gaussians)")
-        elif self.cfg.client_dp:
+        elif client is ClientLevel.CENTRAL:
             text += "; client level: PLD of the composed Gaussian releases (tight)"
         return text
 

@@ -164,7 +164,7 @@ class PartnerBook:
                 out.failures.append(r.reason)
             else:
                 out.uploaded += uploaded_bytes(r.reply)
-                if self.cfg.example_dp and not self._record_example_dp(
+                if self.cfg.privacy_mode.example_dp and not self._record_example_dp(
                         ledger, server_round, partner, r.reply):
                     continue
                 partner.rounds_trained.append(server_round)

@@ -44,6 +44,7 @@ from flwr.common.logger import log
 
 from confide import wire as W
 from confide.config import ConfigError
+from confide.modes import ClientLevel
 from confide.privacy import ledger_events as E
 from confide.privacy.mechanisms import SecureAggregationAbort
 from confide.privacy.receipts import pseudonym_of
@@ -130,10 +131,6 @@ class SecureRounds:
         self.fed = fed
         cfg = fed.cfg
         self.simulation = is_simulation(fed.grid) if simulation is None else simulation
-        if cfg.client_dp:
-            raise ConfigError("client-dp (central noise on the server) and secure-aggregation "
-                              "exclude each other; use distributed-dp = true for client-level "
-                              "DP without trusting the server")
         if not self.simulation and cfg.verify_secagg:
             raise ConfigError("verify-secagg = true is allowed only in simulation: it sends "
                               "each client's plaintext input to the server")
@@ -146,7 +143,7 @@ class SecureRounds:
         self.accountant = DistributedDGAccountant()
         self.uploaded = 0
         # shared-noise example-level DP: one sigma per run; each node's (rows, rate)
-        self.shared_mode = cfg.example_dp_noise == "shared"
+        self.shared_mode = cfg.privacy_mode.shared_noise
         self.shared_sigma: float | None = None
         self.shared_rate: float = 0.0  # the run's common sampling rate (set with sigma)
         self.partner_info: dict[int, tuple[int, float]] = {}
@@ -527,7 +524,7 @@ class SecureRounds:
                 neighbours=int(cur.config.degree), abort=abort, refusals=cur.refusals,
                 authenticated=cur.server.authenticated)],
             metrics=extra)
-        if fed.cfg.distributed_dp:
+        if fed.cfg.privacy_mode.client is ClientLevel.DISTRIBUTED:
             self._distributed_dp(cur, outcome, released=result is not None)
         del self.sessions[server_round]
         return outcome
