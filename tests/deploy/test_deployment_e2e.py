@@ -87,6 +87,7 @@ class Federation:
     app: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     node_args: dict[str, list[str]] = field(default_factory=dict)
+    node_pgid: dict[str, int] = field(default_factory=dict)
 
     def confide(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "confide.cli", *args]
@@ -126,7 +127,7 @@ class Federation:
             "--trusted-publishers", str(trusted),
             "--roster", str(self.root / "roster.txt"),
             "--runtime-port", str(_free_port()), *extra))
-        self.start(name, args)
+        self.node_pgid[name] = self.start(name, args).pid  # its own session and group
         _wait_for(lambda: "SuperNode ID" in self.log(name) or self.procs[name].poll()
                   is not None, 90, f"SuperNode {name} to connect")
         assert self.procs[name].poll() is None, self.log(name)[-3000:]
@@ -259,6 +260,11 @@ def test_two_rounds_over_tls_with_node_auth(fed: Federation) -> None:
     for name in PARTNERS:
         node_log = fed.log(name)
         assert "UserWarning" not in node_log, node_log[-3000:]
+        # no heartbeat meets a revoked task token at the end of a ClientApp's task
+        assert "1008" not in node_log and "401 Unauthorized" not in node_log, node_log[-3000:]
+        # the ClientApp's lines in a redirected log carry no colour codes
+        ours = [line for line in node_log.splitlines() if "this node trains with" in line]
+        assert ours and not any("\x1b[" in line for line in ours), ours
         assert len(re.findall(r"partner p-\w+ round 1: ", node_log)) == 1, node_log[-3000:]
         # threads divided between the nodes on this machine
         assert re.search(r"this node trains with \d+ CPU threads", node_log), node_log[-3000:]
@@ -374,9 +380,26 @@ def _serverapps(port: int) -> list[int]:
     return found
 
 
+def _group(pgid: int) -> dict[int, str]:
+    """Live processes of process group `pgid`: pid -> command line."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+                found[int(stat.parent.name)] = b" ".join(argv).decode(errors="replace")
+    return found
+
+
+def _clientapps(fed: Federation, name: str) -> list[int]:
+    return [pid for pid, cmd in _group(fed.procs[name].pid).items() if "flwr-clientapp" in cmd]
+
+
 def test_superlink_stops_within_15_s_of_sigterm_during_a_run(fed: Federation) -> None:
-    # Flower's SuperLink waited for the run's log stream and never stopped. Last
-    # test of the module: the federation's SuperLink is gone afterwards.
+    # Flower's SuperLink waited for the run's log stream and never stopped; a partner's
+    # ClientApp of the round in flight then outlived its SuperNode (hung, reparented to
+    # init). Last test of the module: the federation is gone afterwards.
     log = (fed.root / "run-sigterm.log").open("w")
     run = subprocess.Popen(fed.run_argv(fed.root / "run-sigterm",
                                         f"{BASE_CONFIG} rounds=2 eval-data='{fed.root}/"
@@ -387,6 +410,9 @@ def test_superlink_stops_within_15_s_of_sigterm_during_a_run(fed: Federation) ->
         _wait_for(lambda: "configure_train: Sampled" in fed.log("run-sigterm")
                   or run.poll() is not None, 120, "round 1 of the run to start")
         assert run.poll() is None and _serverapps(fed.port), fed.log("run-sigterm")[-3000:]
+        # mid-round: every partner's ClientApp is working on it
+        _wait_for(lambda: all(_clientapps(fed, n) for n in PARTNERS), 120,
+                  "every partner's ClientApp of round 1")
         superlink = fed.procs.pop("superlink")
         start = time.monotonic()
         os.killpg(superlink.pid, signal.SIGTERM)  # as a service manager stops it
@@ -395,6 +421,20 @@ def test_superlink_stops_within_15_s_of_sigterm_during_a_run(fed: Federation) ->
         assert "stopped on request" in fed.log("superlink")
         time.sleep(0.5)
         assert _serverapps(fed.port) == []  # the ServerApp's own session is stopped too
+        # each partner stops its SuperNode alone (`kill PID`, a service manager stopping
+        # its main process): nothing of that node may remain, its ClientApps included
+        for name in PARTNERS:
+            node = fed.procs.pop(name)
+            node.send_signal(signal.SIGTERM)
+            node.wait(20)
+        deadline = time.monotonic() + 20
+        left = {}
+        while time.monotonic() < deadline:
+            left = {n: _group(fed.node_pgid[n]) for n in PARTNERS}
+            if not any(left.values()):
+                break
+            time.sleep(0.5)
+        assert not any(left.values()), f"stray processes after their SuperNode: {left}"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
