@@ -18,6 +18,7 @@ from confide.config import (
     normalise_key,
     parse_set_items,
 )
+from confide.errors import ConfideError
 
 # flag -> config key; each flag is a shortcut for --set key=value
 SIMULATE_FLAGS: dict[str, str] = {
@@ -286,33 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             from confide.deploy.commands import run as deploy_run
 
             return deploy_run(args, show_finished=_final_table)
-    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
-        print(f"confide: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        from confide.server.recovery import Interrupted
-        from confide.server.run_folder import CheckpointError
-
-        if isinstance(exc, Interrupted):  # stopped on request: how to resume, exit 130
-            print(f"confide: {exc}", file=sys.stderr)
-            return _leave(130, argv)
-        from confide.audit.report import ReportWriteError
-        from confide.server.recovery import EveryPartnerFailed, NoBudgetLeft, RunWriteError
-
-        # disk full or permissions (resumable, or only the report of a finished run is
-        # missing); no partner has budget left for this run
-        from confide.simulation.ray_cluster import SimulationEngineError
-
-        # the simulation engine (Flower on Ray) failed: its error, never a hang
-        if isinstance(exc, RunWriteError | ReportWriteError | NoBudgetLeft
-                      | EveryPartnerFailed | SimulationEngineError):
-            print(f"confide: error: {exc}", file=sys.stderr)
-            return 1
-        if not isinstance(exc, CheckpointError):  # a bug: keep its traceback
-            raise
-        print(f"confide: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # DataError, ModelError: named file/row/key in the message
+    except ConfideError as exc:  # what the user can act on: its message, its status
+        print(f"confide: {exc.label}{exc}", file=sys.stderr)
+        return _leave(exc.exit_status, argv) if exc.exit_status == 130 else exc.exit_status
+    except (FileExistsError, FileNotFoundError) as exc:
         print(f"confide: error: {exc}", file=sys.stderr)
         return 2
     return 1

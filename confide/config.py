@@ -24,11 +24,12 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from confide.errors import ConfideError
 from confide.modes import ModeError, PrivacyMode
 from confide.run_layout import canonical_json
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfideError, ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
 
 

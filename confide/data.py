@@ -16,12 +16,14 @@ from typing import Self
 
 import numpy as np
 
+from confide.errors import ConfideError
+
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
 TEXT = "text"
 LABEL = "label"
 
 
-class DataError(ValueError):
+class DataError(ConfideError, ValueError):
     """A data file or partition cannot be used; the message names file, row and problem."""
 
 

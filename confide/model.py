@@ -35,6 +35,8 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
 
+from confide.errors import ConfideError
+
 if TYPE_CHECKING:
     from confide.config import RunConfig
 
@@ -48,7 +50,7 @@ TINY = "tiny"
 MINILM = "minilm"
 
 
-class ModelError(ValueError):
+class ModelError(ConfideError, ValueError):
     """The model cannot be built or loaded as configured."""
 
 

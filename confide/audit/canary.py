@@ -39,11 +39,13 @@ from typing import Any
 
 import numpy as np
 
+from confide.errors import ConfideError
+
 Secret = tuple[int, ...]  # symbol indices into the format's alphabet, one per slot
 FAMILIES = ("skewnorm", "normal")
 
 
-class CanaryFormatError(ValueError):
+class CanaryFormatError(ConfideError, ValueError):
     """A canary format or sampling request that cannot work (message names the value)."""
 
 

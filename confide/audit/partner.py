@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from confide.audit.checks.base import CheckResult
 from confide.audit.checks.integrity import check_chain
 from confide.audit.checks.loaded_run import LoadedRun, load_run
+from confide.errors import ConfideError
 from confide.privacy import ledger_events as ev
 from confide.privacy.accountant import PartnerAccountant
 from confide.privacy.json_fields import PayloadError
@@ -52,7 +53,7 @@ NODE_STATE_FILE = "node_state.json"  # confide.clients.node_state.STATE_FILE (no
 SAME = 1e-6  # relative: the partner's own epsilon and a published one are the same number
 
 
-class PartnerStateError(ValueError):
+class PartnerStateError(ConfideError, ValueError):
     """The partner's node state cannot be read or holds nothing of the run."""
 
 

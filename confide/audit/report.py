@@ -40,6 +40,7 @@ from confide.audit.verify import (
     render_verdict,
     verify_run,
 )
+from confide.errors import ConfideError
 from confide.logs import plural
 from confide.privacy import ledger_events as ev
 from confide.run_layout import (
@@ -399,9 +400,11 @@ def write_report(run_dir: Path | str, out_html: Path | str | None = None,
     return html_path, md_path
 
 
-class ReportWriteError(RuntimeError):
+class ReportWriteError(ConfideError, RuntimeError):
     """A finished run's report could not be written (disk full, permissions). The run's
     results stand; the message names the command that writes the report later."""
+
+    exit_status = 1
 
 
 def write_report_after_run(run_dir: Path | str, rounds_completed: int,

@@ -50,6 +50,7 @@ from confide.audit.canary import (
     summary_rows,
 )
 from confide.config import ConfigError, RunConfig
+from confide.errors import ConfideError
 from confide.run_layout import (
     CANARY_EXPOSURE_FILE,
     METRICS_FILE,
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 SECRETS_FILE = "canary_secrets.json"  # in the audit folder: the secret texts and the seed
 
 
-class CanaryAuditError(ValueError):
+class CanaryAuditError(ConfideError, ValueError):
     """The audited run cannot be measured (e.g. it trained nothing)."""
 
 

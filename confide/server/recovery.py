@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from confide.config import RunConfig
+from confide.errors import ConfideError
 from confide.logs import plural
 from confide.privacy import ledger_events as E
 from confide.privacy.ledger import Ledger, read_lines
@@ -212,13 +213,17 @@ class Aborted(RuntimeError):
     """Raised in the server loop when its driver aborted the run (StopRequest.abort)."""
 
 
-class Interrupted(RuntimeError):
+class Interrupted(ConfideError, RuntimeError):
     """The run stopped at a safe point on request; the message says how to resume."""
 
+    exit_status, label = 130, ""  # as a shell reports an interrupted command
 
-class RunWriteError(RuntimeError):
+
+class RunWriteError(ConfideError, RuntimeError):
     """A write to the run folder failed (disk full, permissions): the run stopped; the
     message names the file and says from which round it resumes."""
+
+    exit_status = 1  # the run could not go on
 
 
 def write_failure(folder: RunFolder, exc: OSError) -> RunWriteError:
@@ -230,16 +235,20 @@ def write_failure(folder: RunFolder, exc: OSError) -> RunWriteError:
         "space or fix permissions, then run the same command with --resume")
 
 
-class EveryPartnerFailed(RuntimeError):
+class EveryPartnerFailed(ConfideError, RuntimeError):
     """Every partner sampled for the run's first round failed with an error (none trained,
     none refused for budget): later rounds would fail the same way, so the run stops with
     the partners' errors instead of finishing "completed" with nothing aggregated."""
 
+    exit_status = 1  # the run could not go on
 
-class NoBudgetLeft(RuntimeError):
+
+class NoBudgetLeft(ConfideError, RuntimeError):
     """Every partner that answered the run's first round refused it because its lifetime
     privacy budget is spent: the run cannot train anything. Raised after the refusals are
     in the ledger, before any evaluation or checkpoint."""
+
+    exit_status = 1  # the run could not go on
 
 
 def no_budget_message(server_round: int, refusals: list[tuple[str, float, float, float]],

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file, save_file
 
 from confide.config import RunConfig
+from confide.errors import ConfideError
 from confide.run_layout import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -38,7 +39,7 @@ from confide.server.faults import crash_point
 OPTIMIZER_PREFIX = "server_optimizer_round"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ConfideError, RuntimeError):
     """A checkpoint is missing, unreadable or does not match the run."""
 
 

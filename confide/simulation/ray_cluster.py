@@ -17,17 +17,20 @@ import sys
 from typing import Any
 
 from confide.config import RunConfig
+from confide.errors import ConfideError
 
 PROBE_SECONDS = 5.0  # a Ray head that does not accept a TCP connection in this time is down
 ENGINE_FAILURE = "An error was encountered. Ending simulation."  # flwr 1.41 _main_loop
 
 
-class RayClusterError(ValueError):
+class RayClusterError(ConfideError, ValueError):
     """The Ray cluster named by --ray-address / RAY_ADDRESS cannot be used; says why."""
 
 
-class SimulationEngineError(RuntimeError):
+class SimulationEngineError(ConfideError, RuntimeError):
     """Flower's simulation engine (or Ray under it) failed; the message carries its error."""
+
+    exit_status = 1
 
 
 def resolve_address(flag: str | None) -> str | None:

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from confide.errors import ConfideError
+
 KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -17,7 +19,7 @@ class DPTrainingError(RuntimeError):
     """Local training (or evaluation) cannot run or produced an unusable result."""
 
 
-class EmptyDatasetError(DPTrainingError, ValueError):
+class EmptyDatasetError(ConfideError, DPTrainingError, ValueError):
     """There is no example to train or evaluate on."""
 
 

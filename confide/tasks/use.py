@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from confide.config import RunConfig, load_toml, recorded_config
+from confide.errors import ConfideError
 from confide.run_layout import (
     CONFIG_FILE,
     LEDGER_FILE,
@@ -26,7 +27,7 @@ from confide.run_layout import (
 PREDICTIONS_FILE = "predictions.csv"  # predict's default output, in the run folder
 
 
-class RunUseError(ValueError):
+class RunUseError(ConfideError, ValueError):
     """The run folder cannot be used this way (wrong task, missing model, weights that are
     not the run's)."""
 
