@@ -135,6 +135,11 @@ def _simulate_parser(sub: Any) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any configuration key, e.g. --set local-epochs=2 (repeatable; "
                    "python -m confide.config lists every key)")
+    p.add_argument("--partner-config", action="append", metavar="KEY=VALUE",
+                   help="a policy key every virtual partner holds in its node config, as a "
+                   "deployed partner sets it on its SuperNode: max-delta, max-epsilon, "
+                   "max-run-epsilon, min-partners, dp-colluders, min-noise-multiplier "
+                   "(repeatable; the server cannot lower them)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
     p.add_argument("--ray-address", metavar="ADDRESS",
                    help="run on the existing Ray cluster at ADDRESS (host:port of a head "
@@ -275,9 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             cfg = resolve_config(args)
+            from confide.clients.policy import PolicyError, parse_policy_setting
             from confide.simulation.runner import simulate
 
-            simulate(cfg, verbose=args.verbose, ray_address=args.ray_address)
+            try:
+                partner = dict(parse_policy_setting(t) for t in args.partner_config or [])
+            except PolicyError as exc:
+                raise ConfigError(str(exc)) from None
+            simulate(cfg, verbose=args.verbose, ray_address=args.ray_address,
+                     partner_config=partner)
             return _leave(0, argv)
         if args.command == "audit":
             return _audit(args)

@@ -156,5 +156,31 @@ def partner_node_config(context: Context, cfg: RunConfig) -> dict[str, Any]:
     return config
 
 
+def parse_policy_setting(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` (a policy key, a TOML value) -> (key, value); PolicyError names the key."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or key not in POLICY_KEYS:
+        raise PolicyError(f"partner config {text!r}: allowed KEY=VALUE with KEY one of "
+                          f"{', '.join(POLICY_KEYS)}")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise PolicyError(f"partner config {key} = {value!r} is not a number") from None
+    PartnerPolicy.from_node_config({key: parsed})  # the value's own check, named
+    return key, parsed
+
+
+def write_simulated_policies(run_out: str | Path, num_partitions: int,
+                             values: Mapping[str, Any]) -> None:
+    """Simulation: every virtual partner's node config holds these policy keys."""
+    PartnerPolicy.from_node_config(values)
+    text = "".join(f"{k} = {v!r}\n" for k, v in values.items())
+    for partition in range(num_partitions):
+        folder = Path(run_out) / "partners" / f"partition-{partition}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / NODE_CONFIG_FILE).write_text(text)
+
+
 def node_policy(context: Context, cfg: RunConfig) -> PartnerPolicy:
     return PartnerPolicy.from_node_config(partner_node_config(context, cfg))

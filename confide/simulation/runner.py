@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from confide import logs
 from confide.audit.report import write_report_after_run
+from confide.clients.identity import enrol_simulated_partners
+from confide.clients.policy import write_simulated_policies
 from confide.config import RunConfig
 from confide.data import check_delta
 from confide.privacy.preflight import PreflightRefused, PreflightReport, check, refusal_message
@@ -36,9 +38,12 @@ from confide.task import federated_data, model_spec
 
 
 def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = False,
-             ray_address: str | None = None) -> tuple[Path, dict[str, Any]]:
+             ray_address: str | None = None,
+             partner_config: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Run `cfg` in Flower's simulation engine: on a Ray instance of this process, or on
     the existing Ray cluster at `ray_address` (default: the RAY_ADDRESS variable).
+    `partner_config`: policy keys every virtual partner's node config holds
+    (confide.clients.policy), as a deployed partner's SuperNode would.
 
     SIGINT / SIGTERM (confide.simulation.stopping): the run stops within seconds, the
     report is written and Interrupted says how to resume; after the run has finished, a
@@ -53,6 +58,11 @@ def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = 
                          local_ray=address is None)
     with stopper.installed():
         cfg, report = prepare(cfg, out, console)
+        if partner_config:
+            write_simulated_policies(out, cfg.clients, partner_config)
+        if cfg.privacy_mode.secure:  # the partners' identities and the federation roster
+            enrol_simulated_partners(out, cfg.clients, delta=cfg.delta,
+                                     max_epsilon=cfg.max_epsilon)
         stopper.check_not_stopped("before the run started: nothing was written or spent")
         if not verbose:
             logs.quiet_known_messages()

@@ -95,3 +95,28 @@ def test_a_round_resent_to_drain_the_budget_is_refused(tmp_path: Path) -> None:
     for i in (1, 2):
         history = json.loads((nodes / f"node-{i}" / "node_state.json").read_text())
         assert len(history["accountant"]["history"]) == 2  # the round and one re-send
+
+
+def test_partner_config_settings_are_parsed_and_reach_every_virtual_partner(tmp_path: Path
+                                                                            ) -> None:
+    from flwr.app import Context, RecordDict
+
+    from confide.clients.policy import (
+        node_policy,
+        parse_policy_setting,
+        write_simulated_policies,
+    )
+
+    assert parse_policy_setting("max-delta=1e-6") == ("max-delta", 1e-6)
+    assert parse_policy_setting("min-partners = 3") == ("min-partners", 3)
+    with pytest.raises(PolicyError, match="KEY one of max-delta"):
+        parse_policy_setting("delta=1e-6")
+    with pytest.raises(PolicyError, match="min-partners = 1: allowed"):
+        parse_policy_setting("min-partners=1")
+    write_simulated_policies(tmp_path, 2, {"min-partners": 3, "dp-colluders": 1})
+    cfg = build_config({"out": str(tmp_path)})
+    for partition in (0, 1):
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": partition},
+                          state=RecordDict(), run_config={})
+        policy = node_policy(context, cfg)
+        assert (policy.min_partners, policy.dp_colluders) == (3, 1)
