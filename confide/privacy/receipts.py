@@ -112,6 +112,20 @@ class Receipt:
             raise ReceiptError(f"receipt is not JSON: {exc}") from None
 
 
+def check_partner_signature(rec: Receipt, message: bytes, signature_name: str,
+                            name: str) -> None:
+    """`rec` is signed over `message` by its public key, and names the partner that key
+    belongs to (ReceiptError saying which fails, e.g. "refusal signature is not valid")."""
+    try:
+        as_public_key(rec.public_key_hex).verify(bytes.fromhex(rec.signature_hex), message)
+    except (InvalidSignature, ValueError, TypeError):
+        raise ReceiptError(f"{signature_name} is not valid for its public key") from None
+    expected = pseudonym_of(bytes.fromhex(rec.public_key_hex))
+    if rec.partner != expected:
+        raise ReceiptError(f"{name} names partner {rec.partner!r}, but it is signed by the "
+                           f"key of {expected!r}")
+
+
 def _message(payload: Mapping[str, Any]) -> bytes:
     return DOMAIN + canonical_json(dict(payload))
 
@@ -191,22 +205,15 @@ def verify_receipt(receipt: Receipt | Mapping[str, Any]) -> None:
     """Raise ReceiptError unless the signature is valid and the signing key is the
     partner's (pseudonym derived from the key)."""
     rec = receipt if isinstance(receipt, Receipt) else Receipt.from_dict(receipt)
-    try:
-        key = as_public_key(rec.public_key_hex)
-        signature = bytes.fromhex(rec.signature_hex)
+    try:  # a malformed key or signature is named as such, before any verification
+        as_public_key(rec.public_key_hex)
+        bytes.fromhex(rec.signature_hex)
     except ValueError as exc:
         raise ReceiptError(f"receipt key or signature is not valid hex/Ed25519: {exc}") \
             from None
     if rec.public_key_hex != rec.public_key_hex.lower():
         raise ReceiptError("receipt public key is not lowercase hex")
-    try:
-        key.verify(signature, _message(rec.payload))
-    except (InvalidSignature, ValueError):
-        raise ReceiptError("receipt signature is not valid for its public key") from None
-    expected = pseudonym_of(bytes.fromhex(rec.public_key_hex))
-    if rec.partner != expected:
-        raise ReceiptError(f"receipt names partner {rec.partner!r}, but it is signed by "
-                           f"the key of {expected!r}")
+    check_partner_signature(rec, _message(rec.payload), "receipt signature", "receipt")
     receipt_binding(rec)  # well-formed where present
 
 
@@ -260,15 +267,7 @@ def verify_head(countersignature: Receipt | Mapping[str, Any]) -> Receipt:
             not isinstance(pay.get("index"), int) or not isinstance(pay.get("round"), int):
         raise ReceiptError("not a countersignature of a chain head (kind, run, index, hash, "
                            "round)")
-    try:
-        as_public_key(rec.public_key_hex).verify(bytes.fromhex(rec.signature_hex),
-                                                 _head_message(pay))
-    except (InvalidSignature, ValueError, TypeError):
-        raise ReceiptError("countersignature is not valid for its public key") from None
-    expected = pseudonym_of(bytes.fromhex(rec.public_key_hex))
-    if rec.partner != expected:
-        raise ReceiptError(f"countersignature names partner {rec.partner!r}, but it is "
-                           f"signed by the key of {expected!r}")
+    check_partner_signature(rec, _head_message(pay), "countersignature", "countersignature")
     return rec
 
 

@@ -16,13 +16,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from confide.privacy.accountant import Spend
 from confide.privacy.json_fields import PayloadError
-from confide.privacy.ledger import as_public_key, public_key_hex
-from confide.privacy.receipts import Receipt, ReceiptError, _clean, pseudonym_of
+from confide.privacy.ledger import public_key_hex
+from confide.privacy.receipts import (
+    Receipt,
+    ReceiptError,
+    _clean,
+    check_partner_signature,
+    pseudonym_of,
+)
 from confide.run_layout import canonical_json
 
 REFUSAL_DOMAIN = b"confide-budget-refusal-v1\n"
@@ -61,15 +66,7 @@ def verify_refusal(receipt: Receipt | Mapping[str, Any]) -> Receipt:
     missing = [k for k in REQUIRED if k not in rec.payload]
     if missing or rec.payload.get("kind") != "budget_refusal":
         raise ReceiptError(f"not a budget refusal (missing {missing})")
-    try:
-        key = as_public_key(rec.public_key_hex)
-        key.verify(bytes.fromhex(rec.signature_hex), _message(rec.payload))
-    except (InvalidSignature, ValueError, TypeError):
-        raise ReceiptError("refusal signature is not valid for its public key") from None
-    expected = pseudonym_of(bytes.fromhex(rec.public_key_hex))
-    if rec.partner != expected:
-        raise ReceiptError(f"refusal names partner {rec.partner!r}, but it is signed by the "
-                           f"key of {expected!r}")
+    check_partner_signature(rec, _message(rec.payload), "refusal signature", "refusal")
     lifetime_spends(rec)  # ReceiptError unless they are the node's history entries
     return rec
 
