@@ -4,7 +4,6 @@ certify (tiny model, 2 partners, 200 canaries)."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import pytest
 
 from confide.audit.empirical_bounds import max_certifiable_epsilon
 from confide.config import build_config
-from confide.data import synthetic_sentiment
 from confide.empirical.one_run import guess_and_count, run_empirical_audit, verdict_lines
+from tests.empirical.files import write_sentiment_csv
 
 NOISE_OFF_THRESHOLD = 1.5  # stated: with noise off the audit must certify more than this
 
@@ -25,23 +24,14 @@ def test_guessing_counts_top_and_bottom() -> None:
     assert guess_and_count(scores, included, 2) == (4, 3)
 
 
-def _write(path: Path, n: int, seed: int) -> Path:
-    data = synthetic_sentiment(n, seed=seed)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        w.writerows(zip(data.texts, data.labels.tolist(), strict=True))
-    return path
-
-
 @pytest.fixture(scope="module")
 def audits(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("empirical")
     base = {"model": "tiny", "fine-tune": "full", "clients": 2, "rounds": 2,
             "local-epochs": 10.0, "learning-rate": 3e-3, "head-learning-rate": 0.0,
             "batch-size": 32, "physical-batch-size": 32, "max-length": 16,
-            "data": str(_write(root / "train.csv", 200, 1)),
-            "eval-data": str(_write(root / "eval.csv", 100, 2)),
+            "data": str(write_sentiment_csv(root / "train.csv", 200, 1)),
+            "eval-data": str(write_sentiment_csv(root / "eval.csv", 100, 2)),
             "target-epsilon": 8.0, "max-epsilon": 8.0}
     noise_off = run_empirical_audit(build_config({**base, "example-dp": False}),
                                     canaries=200, work_dir=root / "off", seed=1)

@@ -7,7 +7,6 @@ calibration, the accountant and the claim stay as they are."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -19,24 +18,15 @@ import torch
 from confide.audit.empirical_bounds import canaries_needed, max_certifiable_epsilon
 from confide.cli import main
 from confide.config import build_config
-from confide.data import synthetic_sentiment
 from confide.empirical.white_box import (
     count_correct,
     draw_inclusion,
     guesses_for_plan,
     train_with_canaries,
 )
+from tests.empirical.files import write_sentiment_csv
 
 REFUTING_CANARIES = 14_000  # > 12,977: every canary guessed right certifies > 8 at 1e-5
-
-
-def _write(path: Path, n: int, seed: int) -> Path:
-    data = synthetic_sentiment(n, seed=seed)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        w.writerows(zip(data.texts, data.labels.tolist(), strict=True))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +37,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"model": "tiny", "fine-tune": "head", "clients": 2, "rounds": 1,
             "local-epochs": 1.0, "batch-size": 65536, "physical-batch-size": 2048,
             "max-length": 16, "device": "cpu", "target-epsilon": 8.0, "max-epsilon": 8.0,
-            "data": str(_write(root / "train.csv", 80, 1)),
-            "eval-data": str(_write(root / "eval.csv", 40, 2))}
+            "data": str(write_sentiment_csv(root / "train.csv", 80, 1)),
+            "eval-data": str(write_sentiment_csv(root / "eval.csv", 40, 2))}
 
 
 def _noise_off(monkeypatch: pytest.MonkeyPatch) -> None:
