@@ -99,7 +99,8 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
              round_id: int | None = None,
              head_learning_rate: float | None = None,
              objective: Objective | None = None,
-             public_rows: int | None = None) -> TrainResult:
+             public_rows: int | None = None,
+             on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train `model`'s trainable parameters in place for `epochs` passes (in expectation).
 
     steps = max(1, round(epochs / q)) with q = min(1, batch_size / N), N = `public_rows`
@@ -115,6 +116,10 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
 
     `objective` (the task's forward pass and per-example loss; default: classification)
     is what is clipped: each example's gradient is that of its own loss alone.
+
+    `on_step(done)`: called with 0 before the first step and with the count after each
+    (`confide.clients.progress.ProgressWriter`: the round's progress display). The count is
+    of the planned steps, which every Poisson batch takes, empty or not.
     """
     start = time.perf_counter()
     obj = objective or _default_objective()
@@ -144,6 +149,8 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
     base = _make_optimizer(optimizer, _param_groups(model, learning_rate, head_learning_rate),
                            learning_rate, weight_decay)
     loader = _poisson_loader(tensors, sample_rate, steps, sampling_seed)
+    step_done = on_step or _no_progress
+    step_done(0)
     try:
         with warnings.catch_warnings():
             # expected on every step, in every process that trains (a Ray worker, a node):
@@ -157,10 +164,12 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
                     wrapper, base, loader, params, noise_multiplier=noise_multiplier,
                     max_grad_norm=max_grad_norm, expected_batch=sample_rate * rows,
                     physical=physical_batch_size, mode=grad_sample_mode,
-                    noise_seed=noise_seed, device=dev, where=where, objective=obj)
+                    noise_seed=noise_seed, device=dev, where=where, objective=obj,
+                    on_step=step_done)
             else:
                 taken, loss_sum, seen = _train_plain(wrapper, base, loader, params,
-                                                     physical_batch_size, dev, where, obj)
+                                                     physical_batch_size, dev, where, obj,
+                                                     step_done)
     finally:
         strip_opacus_state(model)
         model.zero_grad(set_to_none=True)
@@ -179,7 +188,8 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                    loader: DataLoader, params: list[nn.Parameter], *, noise_multiplier: float,
                    max_grad_norm: float, expected_batch: float, physical: int, mode: str,
                    noise_seed: int, device: torch.device, where: str,
-                   objective: Objective) -> tuple[int, float, int]:
+                   objective: Objective, on_step: Callable[[int], None]
+                   ) -> tuple[int, float, int]:
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -278,6 +288,7 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                 dp_opt.step()
                 if not dp_opt._is_last_step_skipped:
                     taken += 1
+                    on_step(taken)
                 dp_opt.zero_grad(set_to_none=True)
     finally:
         if gsm is not None:
@@ -287,13 +298,14 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
 
 def _train_plain(wrapper: ExplicitInputsClassifier, opt: torch.optim.Optimizer,
                  loader: DataLoader, params: list[nn.Parameter], physical: int,
-                 device: torch.device, where: str, objective: Objective
-                 ) -> tuple[int, float, int]:
+                 device: torch.device, where: str, objective: Objective,
+                 on_step: Callable[[int], None]) -> tuple[int, float, int]:
     taken, loss_sum, seen = 0, 0.0, 0
     for input_ids, attention_mask, labels in loader:
         taken += 1
         rows = len(labels)
         if rows == 0:
+            on_step(taken)
             continue  # nothing to learn from; no noise to add without DP
         opt.zero_grad(set_to_none=True)
         for s in range(0, rows, physical):
@@ -307,6 +319,7 @@ def _train_plain(wrapper: ExplicitInputsClassifier, opt: torch.optim.Optimizer,
             loss_sum += loss.item()
         seen += rows
         opt.step()
+        on_step(taken)
     opt.zero_grad(set_to_none=True)
     return taken, loss_sum, seen
 
@@ -397,6 +410,10 @@ def _check_optimizer_params(updated: Sequence[nn.Parameter], trainable: Sequence
                                 "parameters")
 
 
+def _no_progress(done: int) -> None:
+    """No progress display (the default): nothing to report to."""
+
+
 def _default_objective() -> Objective:
     from confide.tasks.classification import CLASSIFICATION_OBJECTIVE
 
@@ -428,7 +445,9 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
                               private_randomness: bool = True,
                               round_id: int | None = None,
                               objective: Objective | None = None,
-                              slots: int | None = None) -> ExampleGradientsResult:
+                              slots: int | None = None,
+                              on_step: Callable[[int], None] | None = None
+                              ) -> ExampleGradientsResult:
     """One Poisson sample at rate `sample_rate` of `dataset`, and for every sampled example
     its gradient clipped to `max_grad_norm`, passed to `on_rows` as a float64 numpy array
     [rows, d] per physical batch (the trainable parameters flattened in sorted-name order,
@@ -439,6 +458,9 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     docstring). Exactly `slots` rows go through the model and reach `on_rows`, the padding
     rows as zero vectors, and `physical_batch_size` splits them the same way every round.
     Without it the sample is processed as drawn (tests, benchmarks).
+
+    `on_step(done)`: physical batches done (0 first); with `slots` there are exactly
+    ceil(slots / physical_batch_size) of them (`padded_batches`), a number from public values.
 
     Per-example gradients are Opacus' (`GradSampleModule`, hooks, through the same
     `make_opacus_ready` wrapper and `check_grad_samples` guard as `train_dp`), clipped with
@@ -473,6 +495,8 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="sum", strict=True)
     physical = max(1, physical_batch_size)
     summed, loss_sum = 0, 0.0
+    step_done = on_step or _no_progress
+    step_done(0)
     try:
         for s in range(0, len(order), physical):
             ids, mask, labels = (t.index_select(0, order[s:s + physical]) for t in tensors)
@@ -491,6 +515,7 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
             on_rows(_clipped_rows(params, ordered, live, max_grad_norm))
             loss_sum += losses.detach()[live.to(losses.device)].sum().item()
             summed += int(live.sum())
+            step_done(s // physical + 1)
     finally:
         gsm.to_standard_module()
         strip_opacus_state(model)
@@ -500,6 +525,11 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
                                   mean_loss=loss_sum / summed if summed else float("nan"),
                                   seconds=time.perf_counter() - start, slots=len(order),
                                   truncated=sampled > real)
+
+
+def padded_batches(slots: int, physical_batch_size: int) -> int:
+    """The physical batches of a padded shared-noise round: its progress plan."""
+    return -(-slots // max(1, physical_batch_size))
 
 
 def _clipped_rows(params: list[nn.Parameter], ordered: list[nn.Parameter],

@@ -20,10 +20,11 @@ from flwr.common.logger import log
 from confide import wire as W
 from confide.clients import secure_client
 from confide.clients.disclosure import reply_metrics, reported_rows
-from confide.clients.dp_training import clipped_example_gradients, train_dp
+from confide.clients.dp_training import clipped_example_gradients, padded_batches, train_dp
 from confide.clients.node_state import NodeState, load_node_state, save_node_state
 from confide.clients.opacus_compat import resolve_grad_sample_mode
 from confide.clients.policy import PartnerPolicy, node_policy
+from confide.clients.progress import progress_writer
 from confide.clients.state_location import node_state_dir
 from confide.config import RunConfig, from_flat_record
 from confide.data import TextDataset
@@ -179,7 +180,9 @@ def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
         dp=cfg.privacy_mode.example_dp, round_id=server_round,
         grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune,
                                                   model),
-        objective=get_task(cfg).objective, public_rows=rows)
+        objective=get_task(cfg).objective, public_rows=rows,
+        # steps done / planned into the partner's own folder (never sent: see the module)
+        on_step=progress_writer(node_state_dir(context, cfg.out), server_round, steps))
     delta = compute_delta(trainable_state(model), global_state)
     for name, value in delta.items():
         if not np.all(np.isfinite(value)):
@@ -298,7 +301,9 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     result = clipped_example_gradients(
         model, _encoded(cfg, data), sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm,
         physical_batch_size=cfg.physical_batch_size, on_rows=encoder.add_examples,
-        device=device, round_id=server_round, objective=get_task(cfg).objective, slots=slots)
+        device=device, round_id=server_round, objective=get_task(cfg).objective, slots=slots,
+        on_step=progress_writer(node_state_dir(context, cfg.out), server_round,
+                                padded_batches(slots, cfg.physical_batch_size)))
     if result.truncated:
         log(WARNING, "round %d: the Poisson sample exceeded the round's %d slots and was "
             "truncated (accounted: probability %.2g, in the round's TV slack)", server_round,

@@ -6,6 +6,8 @@ import contextlib
 import json
 import logging
 import shlex
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,12 @@ from confide import logs
 from confide.audit.report import write_report_after_run
 from confide.clients.identity import enrol_simulated_partners
 from confide.clients.policy import write_simulated_policies
+from confide.clients.progress import (
+    partner_progress_files,
+    progress_text,
+    read_progress,
+    round_progress,
+)
 from confide.config import RunConfig
 from confide.data import check_delta
 from confide.privacy.preflight import PreflightRefused, PreflightReport, check, refusal_message
@@ -200,23 +208,79 @@ def run_engine(cfg: RunConfig, console: Console, stopper: SignalStop, *, address
 @contextlib.contextmanager
 def engine_progress(cfg: RunConfig, console: Console
                     ) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A progress bar of rounds; yields the ServerApp's per-round callback."""
+    """A progress bar of rounds, and inside the round the partners' steps done / planned and
+    an ETA (`confide.clients.progress`, polled from the run folder every second); yields
+    the ServerApp's per-round callback."""
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(),
+                  TextColumn("{task.fields[inside]}"),
                   console=console, transient=False) as progress:
-        task = progress.add_task("starting partners", total=cfg.rounds)
+        task = progress.add_task("starting partners", total=cfg.rounds, inside="")
+        poller = InsideRound(cfg, lambda text: progress.update(task, inside=text))
 
         def on_round(row: dict[str, Any]) -> None:
             eps = row["epsilon_example_level"]
             # no example DP: no epsilon at all (printing 0.00 would claim perfect privacy)
             privacy = (f"max eps {max(eps.values()) if eps else 0.0:.2f}" if cfg.example_dp
                        else "example DP off")
-            progress.update(task, completed=row["round"], description=(
+            poller.round_done(int(row["round"]))
+            progress.update(task, completed=row["round"], inside="", description=(
                 f"acc {row['accuracy']:.3f} loss {row['loss']:.3f} "
                 f"{privacy} aggregated {row['num_clients_aggregated']}"
                 f"/{row['num_clients_sampled']}"))
 
-        yield on_round
+        with poller.running():
+            yield on_round
+
+
+class InsideRound:
+    """Polls the virtual partners' progress files (RUN/partners/partition-N/progress.json)
+    and shows "round r: s/S steps, ETA mm:ss" through `show`. Files older than this driver
+    (a resumed run's earlier rounds) and of rounds already completed are ignored. On a Ray
+    cluster whose workers write to other machines' disks there are no files: nothing shown."""
+
+    POLL_S = 1.0
+
+    def __init__(self, cfg: RunConfig, show: Callable[[str], None], *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.out = Path(cfg.out)
+        self.show, self.clock = show, clock
+        self.started = clock()
+        self.completed = 0
+        # the partners a round samples (Flower's FedAvg: int(n * fraction), at least the
+        # minimum): those not started yet count in the steps left
+        self.partners = min(cfg.clients, max(1, cfg.min_clients,
+                                             int(cfg.clients * cfg.fraction_train)))
+        self._stop = threading.Event()
+
+    def round_done(self, round_id: int) -> None:
+        self.completed = max(self.completed, round_id)
+
+    def text(self) -> str:
+        reports = [r for r in map(read_progress, partner_progress_files(self.out))
+                   if r is not None]
+        current = round_progress(reports, after=self.started, min_round=self.completed + 1)
+        if current is None:
+            return ""
+        round_id, of_round = current
+        return progress_text(round_id, of_round, self.clock(), partners=self.partners)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        thread = threading.Thread(target=self._loop, name="confide-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            try:
+                self.show(self.text())
+            except Exception:  # a display aid: it must never end or disturb the run
+                logging.getLogger(__name__).debug("progress poll failed", exc_info=True)
 
 
 class QuietAfterStop(logging.Filter):
