@@ -38,7 +38,11 @@ Verdicts, per mechanism, on the per-round ratio rho and the number of rounds R:
   exceed the largest accumulated signal 3x; the factor 3 (half an order of magnitude) keeps a
   rough estimate from refusing a run that is merely poor.
 * ``unknown``: a needed number is not known to the server (partners' row counts in
-  deployment).
+  deployment with local noise; with shared noise a deployed server learns them before round
+  1 and checks then). Printed as one line.
+
+Shared noise is also ``weak`` whatever its ratio when q = batch / N reaches 1 or the run has
+fewer than MIN_SHARED_ROUNDS rounds (server steps): schedules the ratio cannot see.
 
 The overall verdict is the worst mechanism's. Pure and transport-free: no Flower imports.
 """
@@ -54,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from confide.config import ConfigError, RunConfig
+from confide.config import SHARED_NOISE_DEFAULTS, ConfigError, RunConfig
 from confide.logs import plural
 from confide.privacy.accountant import calibrate_noise
 from confide.privacy.sampling import plan_round, poisson_rate
@@ -69,6 +73,14 @@ CANNOT_LEARN_ABOVE = 3.0  # ratio / sqrt(rounds) above which the whole run is no
 # Shared noise: fewer expected passes over the records than this, with signal-dominated
 # rounds, and the run is compute-bound (benchmarks/results/utility_sst2.md, 20,000 rows)
 FEW_PASSES = 3.0
+# Shared noise: each round is one server-optimizer step; 6 rounds (6 steps) at the mode's
+# defaults reached 74.2% on 3,000 SST-2 records, the fewest measured to learn
+# (benchmarks/results/shared_noise_search.md); fewer is flagged.
+MIN_SHARED_ROUNDS = 6
+# Shared noise: the rate the mode's defaults were measured at (1,024 of 3,000 records); a
+# batch-size that makes q = 1 is pointed here.
+SHARED_RATE = 1024 / 3000
+SHARED_ROUNDS_DEFAULT = int(SHARED_NOISE_DEFAULTS["rounds"])
 NOTE = ("order-of-magnitude estimate: noise norm on one round's aggregated update / the "
         "largest possible signal (clip norm; local steps add signal coherently, noise as "
         "sqrt(steps)); real updates are smaller than the clip norm, so real runs are noisier")
@@ -137,13 +149,20 @@ class PreflightReport:
                 f"{self.partners_per_round} partners per round, {plural(self.rounds, 'round')})")
 
     def lines(self) -> list[str]:
-        """Plain lines for the log and the console: numbers, reason, what would help."""
+        """Plain lines for the log and the console: numbers, reason, what would help. A
+        mechanism the server cannot estimate (partners' rows unknown) takes one line; a
+        report with nothing estimated is that one line alone."""
+        known = [m for m in self.mechanisms if m.verdict != UNKNOWN]
+        unknown = [m for m in self.mechanisms if m.verdict == UNKNOWN]
+        if not known and unknown:
+            return ["pre-flight: not estimated: " + "; ".join(
+                f"{m.mechanism}: {m.reason}" for m in unknown)]
         out = [self.headline()]
         for m in self.mechanisms:
             out.append(f"  {m.mechanism} [{m.verdict}]: {m.reason}")
-            out.extend(f"    would help: {s}" for s in m.suggestions)
-            out.extend(f"    unknown: {u}" for u in m.unknown)
-        if self.mechanisms:
+            if m.verdict != UNKNOWN:
+                out.extend(f"    would help: {s}" for s in m.suggestions)
+        if known:
             out.append(f"  ({self.note}; silence with preflight = 'off')")
         return out
 
@@ -255,14 +274,18 @@ def _shared_example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | No
                        ) -> MechanismEstimate:
     """Shared noise: one noisy gradient per round on the union, central DP-SGD's step. The
     sum of clipped gradients of the expected batch B = q N (N: all records, q = batch / N)
-    carries noise std sigma*C per coordinate; divided by B: ratio sigma*sqrt(d)/B."""
+    carries noise std sigma*C per coordinate; divided by B: ratio sigma*sqrt(d)/B.
+
+    Two schedules are flagged (weak) whatever the ratio, because the ratio cannot see them:
+    q reaching 1 (batch-size >= N: every round's gradient is over every record, no sampling
+    amplification, and the mode's defaults were measured at q <= 0.34) and fewer than
+    MIN_SHARED_ROUNDS rounds (each round is one server-optimizer step)."""
     name, C, R = "example-dp (shared noise)", cfg.max_grad_norm, cfg.rounds
     if not sizes:
         return MechanismEstimate(
             name, UNKNOWN, None, None, cfg.noise_multiplier or None, C, d, n,
-            reason="partners' row counts are not known before the run starts (the server "
-                   "learns them in the first exchange), so the common rate and sigma are "
-                   "not either; the ratio per round is sigma * sqrt(d) / batch-size.",
+            reason="estimated once the partners report their record counts (the server "
+                   "learns them before round 1)",
             unknown=("partners' training rows",))
     total = sum(int(s) for s in sizes if s > 0)
     q = poisson_rate(cfg.batch_size, total)
@@ -277,23 +300,57 @@ def _shared_example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | No
               f"sigma {sigma:.3f}, d = {d:,}: noise/signal {ratio:.2f} per round; "
               f"{passes:.1f} passes over the records in {plural(R, 'round')}")
     reason += _consequence(verdict, ratio, R)
-    suggestions: tuple[str, ...] = ()
+    suggestions: list[str] = []
     if verdict != OK:
-        suggestions = (f"a larger batch-size (the federation's expected batch): about "
+        suggestions = [f"a larger batch-size (the federation's expected batch): about "
                        f"{math.ceil(B * ratio):,} would bring the ratio to 1",
-                       "a larger target-epsilon", _fewer_parameters(d, ratio))
-    elif passes < FEW_PASSES and not cfg.noise_multiplier:
+                       "a larger target-epsilon", _fewer_parameters(d, ratio)]
+    schedule = _shared_schedule(cfg, q, total)
+    if schedule:
+        verdict = max(verdict, WEAK, key=_SEVERITY.__getitem__)
+        reason += "".join(f" {why}" for why, _ in schedule)
+        suggestions = [fix for _, fix in schedule] + suggestions
+    elif verdict == OK and passes < FEW_PASSES and not cfg.noise_multiplier:
         # Signal-dominated rounds but few of them: compute-bound, not noise-bound.
-        suggestions = (f"more rounds if compute allows: {passes:.1f} passes over the records "
+        suggestions = [f"more rounds if compute allows: {passes:.1f} passes over the records "
                        f"is few; at the same epsilon sigma grows slowly with rounds at this "
                        f"rate ({_more_rounds_hint(cfg, q, sigma, passes)}). Measured (SST-2, "
                        "20,000 records, batch 1,024, epsilon 8, this mode's defaults): "
                        "a 60-round run (3.1 passes) reached 83.6%, where the 30-round "
                        "default (1.5 passes) reached 79.1% with an earlier server step "
-                       "(benchmarks/results/shared_noise_search.md, utility_sst2.md)",)
+                       "(benchmarks/results/shared_noise_search.md, utility_sst2.md)"]
     return MechanismEstimate(name, verdict, ratio, _over_run(ratio, R), sigma, C, d, n,
                              expected_batch=B, steps_per_round=1, ratio_per_step=ratio,
-                             reason=reason, suggestions=suggestions)
+                             reason=reason, suggestions=tuple(suggestions))
+
+
+def _shared_schedule(cfg: RunConfig, q: float, total: int) -> list[tuple[str, str]]:
+    """(what is wrong, what would fix it) for a shared-noise schedule that the noise ratio
+    does not see: q = 1, or too few server steps."""
+    out: list[tuple[str, str]] = []
+    if q >= 1.0:
+        batch = max(1, round(total * SHARED_RATE))
+        at = ""
+        if not cfg.noise_multiplier:
+            sigma = _calibrated(cfg.target_epsilon, cfg.delta, batch / total, cfg.rounds)
+            at = f" (sigma {sigma:.3f} at the same epsilon)"
+        out.append((
+            f"The common rate q = batch-size / records reached 1: batch-size "
+            f"{cfg.batch_size:,} >= the federation's {total:,} records, so every round's "
+            "gradient is over every record, without the privacy amplification of sampling "
+            f"(this mode's defaults were measured at q = {SHARED_RATE:.2g} and below).",
+            f"a smaller batch-size: about {batch:,} (q = {SHARED_RATE:.2g}){at}, or more "
+            f"records than {cfg.batch_size:,} across the partners"))
+    if cfg.rounds < MIN_SHARED_ROUNDS:
+        out.append((
+            f"With {plural(cfg.rounds, 'round')} the server optimizer takes "
+            f"{plural(cfg.rounds, 'step')} (one per round in this mode): too few to learn (the "
+            f"fewest measured to learn: {MIN_SHARED_ROUNDS} rounds reached 74.2% on SST-2, "
+            "benchmarks/results/shared_noise_search.md).",
+            f"more rounds: at least {MIN_SHARED_ROUNDS} (this mode's default is "
+            f"{SHARED_ROUNDS_DEFAULT}); at the same epsilon sigma grows only slowly with "
+            "rounds"))
+    return out
 
 
 def _more_rounds_hint(cfg: RunConfig, q: float, sigma: float, passes: float) -> str:
@@ -310,13 +367,13 @@ def _example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | None
     name, C, R = "example-dp", cfg.max_grad_norm, cfg.rounds
     if not sizes:
         sigma = cfg.noise_multiplier or None
-        best = (f" With noise multiplier {sigma:g} and at most batch-size = {cfg.batch_size} "
-                f"rows per step, one step's ratio is at least "
-                f"{sigma * math.sqrt(d) / cfg.batch_size:.2f}." if sigma else "")
+        best = (f"; with noise multiplier {sigma:g} and at most batch-size = "
+                f"{cfg.batch_size} rows per step, one step's ratio is at least "
+                f"{sigma * math.sqrt(d) / cfg.batch_size:.2f}" if sigma else "")
         return MechanismEstimate(
             name, UNKNOWN, None, None, sigma, C, d, n,
-            reason="partners' row counts are not known to the server, so their sampling "
-                   "rates, expected batches and calibrated noise are not either." + best,
+            reason="partners' row counts are not known to the server in deployment (each "
+                   "partner's node log shows its sigma and steps per round)" + best,
             suggestions=("each partner's node log shows its sigma and steps per round; "
                          "the ratio per step is sigma * sqrt(d) / expected batch",),
             unknown=("partners' training rows (the server sees them only in simulation)",))

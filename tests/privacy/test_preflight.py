@@ -187,3 +187,59 @@ def test_shared_noise_with_few_passes_suggests_more_rounds() -> None:
     assert "10.2 passes" in small.mechanisms[0].reason
     fixed = P.check(cfg.replace(noise_multiplier=0.7), D_MINILM_LORA, [2000] * 10)
     assert fixed.mechanisms[0].suggestions == ()  # more rounds would raise epsilon instead
+
+
+def shared_run(rounds: int, **keys: object) -> RunConfig:
+    return build_config({"clients": 3, "secure-aggregation": True, "rounds": rounds,
+                         "target-epsilon": 8.0, **keys})
+
+
+def test_shared_noise_rate_reaching_one_and_too_few_rounds_are_flagged() -> None:
+    """The mode's defaults (batch 1,024) on 900 records in 2 rounds: the noise ratio alone is
+    small (q = 1, full batch), yet the run cannot learn; the pre-flight says why and what to
+    set instead."""
+    cfg = shared_run(2)
+    assert cfg.example_dp_noise == "shared" and cfg.batch_size == 1024
+    report = P.check(cfg, D_MINILM_LORA, [300] * 3)
+    (ex,) = report.mechanisms
+    assert ex.ratio is not None and ex.ratio < 1  # the ratio cannot see the schedule
+    assert report.verdict == P.WEAK and report.needs_attention
+    assert "q = batch-size / records reached 1: batch-size 1,024 >= the federation's 900" \
+        in ex.reason
+    assert "With 2 rounds the server optimizer takes 2 steps" in ex.reason
+    batch_fix, rounds_fix = ex.suggestions[:2]
+    assert batch_fix.startswith("a smaller batch-size: about 307 (q = 0.34)")
+    assert rounds_fix.startswith(f"more rounds: at least {P.MIN_SHARED_ROUNDS}")
+    # taking both pieces of advice clears both flags
+    fixed = P.check(cfg.replace(batch_size=307, rounds=P.MIN_SHARED_ROUNDS), D_MINILM_LORA,
+                    [300] * 3)
+    assert fixed.verdict == P.OK and "reached 1" not in fixed.mechanisms[0].reason
+    text = "\n".join(report.lines())
+    assert text.startswith("pre-flight: WEAK") and "would help: a smaller batch-size" in text
+
+
+@pytest.mark.parametrize(("rounds", "rows", "flags"), [
+    (30, 300, ("reached 1",)),  # enough rounds, but the batch is every record
+    (3, 3000, ("server optimizer takes 3 steps",)),  # q = 0.34, too few steps
+    (P.MIN_SHARED_ROUNDS, 3000, ())])
+def test_shared_noise_schedule_flags_one_at_a_time(rounds: int, rows: int,
+                                                   flags: tuple[str, ...]) -> None:
+    (ex,) = P.check(shared_run(rounds), D_MINILM_LORA, [rows // 3] * 3).mechanisms
+    for flag in ("reached 1", "server optimizer takes"):
+        assert (flag in ex.reason) == any(flag in f for f in flags)
+    assert ex.verdict == (P.WEAK if flags else P.OK)
+
+
+def test_without_row_counts_the_report_is_one_line() -> None:
+    shared = P.check(shared_run(30), D_MINILM_LORA, None)
+    assert shared.verdict == P.UNKNOWN and not shared.needs_attention
+    (line,) = shared.lines()
+    assert line.startswith("pre-flight: not estimated: example-dp (shared noise): ")
+    assert "before round 1" in line
+    (line,) = P.check(RunConfig(), D_MINILM_LORA, None).lines()
+    assert "example-dp: partners' row counts are not known to the server" in line
+    # beside an estimated mechanism the unknown one still takes a single line
+    mixed = P.check(hopeless_distributed(), D_MINILM_LORA, None).lines()
+    at = [i for i, x in enumerate(mixed) if x.startswith("  example-dp")]
+    assert len(at) == 1 and mixed[at[0]].startswith("  example-dp [unknown]: ")
+    assert not mixed[at[0] + 1].startswith("    ")  # no sub-lines under it
