@@ -42,11 +42,12 @@ picks `slots` and returns it; it is added to the round's TV slack, hence to delt
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,11 +116,8 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
     Pass False only for tests and baselines that need bit-for-bit repeatable runs.
 
     `objective` (the task's forward pass and per-example loss; default: classification)
-    is what is clipped: each example's gradient is that of its own loss alone.
-
-    `on_step(done)`: called with 0 before the first step and with the count after each
-    (`confide.clients.progress.ProgressWriter`: the round's progress display). The count is
-    of the planned steps, which every Poisson batch takes, empty or not.
+    is what is clipped: each example's gradient is that of its own loss alone. `on_step`:
+    called with the count after each of the planned steps (`confide.clients.progress`).
     """
     start = time.perf_counter()
     obj = objective or _default_objective()
@@ -149,27 +147,19 @@ def train_dp(model: nn.Module, dataset: Mapping[str, torch.Tensor], *,
     base = _make_optimizer(optimizer, _param_groups(model, learning_rate, head_learning_rate),
                            learning_rate, weight_decay)
     loader = _poisson_loader(tensors, sample_rate, steps, sampling_seed)
-    step_done = on_step or _no_progress
-    step_done(0)
     try:
-        with warnings.catch_warnings():
-            # expected on every step, in every process that trains (a Ray worker, a node):
-            # torch's note that Opacus' full backward hooks fire on modules whose inputs,
-            # token ids, need no gradient; Opacus' secure-RNG notice (the noise seed above
-            # comes from OS entropy)
-            for notice in KNOWN_USER_WARNINGS:
-                warnings.filterwarnings("ignore", message=notice, category=UserWarning)
+        with _known_warnings_ignored():
             if dp:
                 taken, loss_sum, seen = _train_private(
                     wrapper, base, loader, params, noise_multiplier=noise_multiplier,
                     max_grad_norm=max_grad_norm, expected_batch=sample_rate * rows,
                     physical=physical_batch_size, mode=grad_sample_mode,
                     noise_seed=noise_seed, device=dev, where=where, objective=obj,
-                    on_step=step_done)
+                    on_step=on_step or _no_progress)
             else:
                 taken, loss_sum, seen = _train_plain(wrapper, base, loader, params,
                                                      physical_batch_size, dev, where, obj,
-                                                     step_done)
+                                                     on_step or _no_progress)
     finally:
         strip_opacus_state(model)
         model.zero_grad(set_to_none=True)
@@ -410,6 +400,17 @@ def _check_optimizer_params(updated: Sequence[nn.Parameter], trainable: Sequence
                                 "parameters")
 
 
+@contextlib.contextmanager
+def _known_warnings_ignored() -> Iterator[None]:
+    # expected on every step, in every process that trains (a Ray worker, a node): torch's
+    # note that Opacus' full backward hooks fire on modules whose inputs, token ids, need no
+    # gradient; Opacus' secure-RNG notice (the noise seed comes from OS entropy)
+    with warnings.catch_warnings():
+        for notice in KNOWN_USER_WARNINGS:
+            warnings.filterwarnings("ignore", message=notice, category=UserWarning)
+        yield
+
+
 def _no_progress(done: int) -> None:
     """No progress display (the default): nothing to report to."""
 
@@ -445,9 +446,7 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
                               private_randomness: bool = True,
                               round_id: int | None = None,
                               objective: Objective | None = None,
-                              slots: int | None = None,
-                              on_step: Callable[[int], None] | None = None
-                              ) -> ExampleGradientsResult:
+                              slots: int | None = None) -> ExampleGradientsResult:
     """One Poisson sample at rate `sample_rate` of `dataset`, and for every sampled example
     its gradient clipped to `max_grad_norm`, passed to `on_rows` as a float64 numpy array
     [rows, d] per physical batch (the trainable parameters flattened in sorted-name order,
@@ -458,9 +457,6 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     docstring). Exactly `slots` rows go through the model and reach `on_rows`, the padding
     rows as zero vectors, and `physical_batch_size` splits them the same way every round.
     Without it the sample is processed as drawn (tests, benchmarks).
-
-    `on_step(done)`: physical batches done (0 first); with `slots` there are exactly
-    ceil(slots / physical_batch_size) of them (`padded_batches`), a number from public values.
 
     Per-example gradients are Opacus' (`GradSampleModule`, hooks, through the same
     `make_opacus_ready` wrapper and `check_grad_samples` guard as `train_dp`), clipped with
@@ -495,8 +491,6 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="sum", strict=True)
     physical = max(1, physical_batch_size)
     summed, loss_sum = 0, 0.0
-    step_done = on_step or _no_progress
-    step_done(0)
     try:
         for s in range(0, len(order), physical):
             ids, mask, labels = (t.index_select(0, order[s:s + physical]) for t in tensors)
@@ -515,7 +509,6 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
             on_rows(_clipped_rows(params, ordered, live, max_grad_norm))
             loss_sum += losses.detach()[live.to(losses.device)].sum().item()
             summed += int(live.sum())
-            step_done(s // physical + 1)
     finally:
         gsm.to_standard_module()
         strip_opacus_state(model)
@@ -528,7 +521,8 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
 
 
 def padded_batches(slots: int, physical_batch_size: int) -> int:
-    """The physical batches of a padded shared-noise round: its progress plan."""
+    """The physical batches (`on_rows` calls) of a padded shared-noise round: a number of
+    public values, its progress plan (`confide.clients.progress`)."""
     return -(-slots // max(1, physical_batch_size))
 
 

@@ -24,7 +24,7 @@ from confide.clients.dp_training import clipped_example_gradients, padded_batche
 from confide.clients.node_state import NodeState, load_node_state, save_node_state
 from confide.clients.opacus_compat import resolve_grad_sample_mode
 from confide.clients.policy import PartnerPolicy, node_policy
-from confide.clients.progress import progress_writer
+from confide.clients.progress import counting_calls, progress_writer
 from confide.clients.state_location import node_state_dir
 from confide.config import RunConfig, from_flat_record
 from confide.data import TextDataset
@@ -298,12 +298,13 @@ def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
     load_trainable_state(model, {k: v.numpy() for k, v in msg.content[W.ARRAYS].items()})
     device = resolve_device(str(context.node_config.get("device", cfg.device)))
     encoder = ExampleSumEncoder(shared)
+    progress = progress_writer(node_state_dir(context, cfg.out), server_round,  # never sent
+                               padded_batches(slots, cfg.physical_batch_size))
     result = clipped_example_gradients(
         model, _encoded(cfg, data), sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm,
-        physical_batch_size=cfg.physical_batch_size, on_rows=encoder.add_examples,
-        device=device, round_id=server_round, objective=get_task(cfg).objective, slots=slots,
-        on_step=progress_writer(node_state_dir(context, cfg.out), server_round,
-                                padded_batches(slots, cfg.physical_batch_size)))
+        physical_batch_size=cfg.physical_batch_size,
+        on_rows=counting_calls(encoder.add_examples, progress), device=device,
+        round_id=server_round, objective=get_task(cfg).objective, slots=slots)
     if result.truncated:
         log(WARNING, "round %d: the Poisson sample exceeded the round's %d slots and was "
             "truncated (accounted: probability %.2g, in the round's TV slack)", server_round,

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from confide.run_layout import atomic_write_text
 
@@ -60,9 +61,9 @@ class RoundProgress:
 class ProgressWriter:
     """The training loop's progress callback: `writer(done)` after each step.
 
-    Writes `path` on the first call (0 steps: the display learns the plan at once), then at
-    most every `interval` seconds, and always on the last step. `clock` is the wall clock
-    (the reader, another process, compares it with its own)."""
+    Writes `path` at once (0 steps: the display learns the plan when the round's training
+    starts), then at most every `interval` seconds, and always on the last step. `clock`
+    is the wall clock (the reader, another process, compares it with its own)."""
 
     def __init__(self, path: Path, round_id: int, planned: int, *,
                  interval: float = WRITE_INTERVAL_S,
@@ -74,10 +75,11 @@ class ProgressWriter:
         self.path, self.round, self.planned = path, round_id, planned
         self.interval, self.clock = interval, clock
         self.started = clock()
-        self.done = -1  # nothing reported yet
+        self.done = 0
         self.last_write: float | None = None
         self.writes = 0
         self.failed = False
+        self._write(self.started)
 
     def __call__(self, done: int) -> None:
         if done < self.done or done > self.planned or done < 0:
@@ -112,6 +114,24 @@ def progress_writer(state_dir: Path | None, round_id: int, planned: int
     if state_dir is None:
         return None
     return ProgressWriter(state_dir / PROGRESS_FILE, round_id, planned)
+
+
+def counting_calls(fn: Callable[[Any], None], on_step: Callable[[int], None] | None
+                   ) -> Callable[[Any], None]:
+    """`fn`, telling `on_step` after each call how many calls there were: the progress of a
+    shared-noise round, whose `on_rows` is called once per physical batch of a fixed number
+    (`confide.clients.dp_training.padded_batches`)."""
+    if on_step is None:
+        return fn
+    calls = 0
+
+    def counted(arg: Any) -> None:
+        nonlocal calls
+        fn(arg)
+        calls += 1
+        on_step(calls)
+
+    return counted
 
 
 def read_progress(path: Path) -> RoundProgress | None:

@@ -16,6 +16,7 @@ from confide.clients.progress import (
     ProgressError,
     ProgressWriter,
     RoundProgress,
+    counting_calls,
     partner_progress_files,
     progress_text,
     progress_writer,
@@ -40,8 +41,7 @@ class Clock:
 def test_writer_throttles_and_always_writes_start_and_end(tmp_path: Path) -> None:
     clock = Clock()
     path = tmp_path / PROGRESS_FILE
-    writer = ProgressWriter(path, 3, 10, interval=2.0, clock=clock)
-    writer(0)  # the plan is known at once
+    writer = ProgressWriter(path, 3, 10, interval=2.0, clock=clock)  # the plan, at once
     assert read_progress(path) == RoundProgress(3, 0, 10, 1000.0, 1000.0)
     for done in range(1, 10):
         clock.now += 0.5
@@ -60,7 +60,6 @@ def test_writer_throttles_and_always_writes_start_and_end(tmp_path: Path) -> Non
 
 def test_writer_counts_only_forward_within_the_plan(tmp_path: Path) -> None:
     writer = ProgressWriter(tmp_path / PROGRESS_FILE, 1, 5, interval=0.0)
-    writer(0)
     writer(2)
     writer(2)  # a repeat (a skipped physical step) is fine
     with pytest.raises(ProgressError, match="only moves forward"):
@@ -102,7 +101,7 @@ def test_reader_skips_what_is_not_a_report(tmp_path: Path) -> None:
     assert read_progress(path) is None  # more done than planned: not a report to trust
     for n in (1, 0):
         folder = tmp_path / "partners" / f"partition-{n}"
-        ProgressWriter(folder / PROGRESS_FILE, 1, 3)(0)
+        ProgressWriter(folder / PROGRESS_FILE, 1, 3)
     assert [p.parent.name for p in partner_progress_files(tmp_path)] == [
         "partition-0", "partition-1"]
 
@@ -147,10 +146,10 @@ def test_train_dp_reports_every_planned_step_in_order() -> None:
     seen: list[int] = []
     result = run(model, data, batch_size=8, physical_batch_size=4, epochs=1.0,
                  on_step=seen.append)
-    assert seen == list(range(result.steps + 1))  # 0 first, then each noisy step
+    assert seen == list(range(1, result.steps + 1))  # after each noisy step
     plain: list[int] = []
     result = run(model, data, dp=False, batch_size=8, epochs=1.0, on_step=plain.append)
-    assert plain == list(range(result.steps + 1))
+    assert plain == list(range(1, result.steps + 1))
 
 
 def test_shared_noise_round_reports_its_padded_batches() -> None:
@@ -158,8 +157,12 @@ def test_shared_noise_round_reports_its_padded_batches() -> None:
     data = easy_task(n=20)
     model = build_model(ModelSpec("tiny", 2, fine_tune="full"))
     seen: list[int] = []
+    batches: list[int] = []
     clipped_example_gradients(model, data, sample_rate=0.3, max_grad_norm=1.0,
-                              physical_batch_size=4, on_rows=lambda rows: None, slots=10,
-                              on_step=seen.append)
-    assert padded_batches(10, 4) == 3
-    assert seen == [0, 1, 2, 3]
+                              physical_batch_size=4, slots=10,
+                              on_rows=counting_calls(lambda rows: batches.append(len(rows)),
+                                                     seen.append))
+    assert batches == [4, 4, 2]  # the rows still reach the encoder
+    assert seen == [1, 2, 3] and padded_batches(10, 4) == 3
+    plain = print
+    assert counting_calls(plain, None) is plain  # no folder, no wrapper

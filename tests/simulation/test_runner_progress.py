@@ -40,16 +40,13 @@ def test_inside_round_reads_the_partners_files(tmp_path: Path) -> None:
     assert inside.text() == ""  # no partner has started this driver's round
     a = partner_writer(tmp_path, 0, 1, 20, clock)
     b = partner_writer(tmp_path, 1, 1, 20, clock)
-    a(0)
-    b(0)
     clock.now += 10
     a(10)
     b(5)  # 1.5 steps/s together; 45 steps left, 20 of them the partner not started yet
     assert inside.text() == "round 1: 15/60 steps (2/3 partners started), ETA 00:30"
     inside.round_done(1)
     assert inside.text() == ""  # round 1 is completed: its files are history
-    c = partner_writer(tmp_path, 2, 2, 20, clock)
-    c(0)
+    partner_writer(tmp_path, 2, 2, 20, clock)
     assert inside.text().startswith("round 2: 0/60 steps")
 
 
@@ -61,7 +58,6 @@ def test_the_bar_shows_the_round_inside(tmp_path: Path, monkeypatch: pytest.Monk
     console = Console(file=buffer, width=200)
     with engine_progress(cfg, console):
         writer = ProgressWriter(tmp_path / "partners" / "partition-0" / PROGRESS_FILE, 1, 146)
-        writer(0)
         time.sleep(0.05)
         writer.last_write = None  # due again: write now
         writer(41)
