@@ -171,8 +171,9 @@ def progress_text(round_id: int, reports: list[RoundProgress], now: float, *,
     `partners`: how many partners train this round (the sampled count). Those that have not
     started (Ray runs as many at once as it has CPUs for) are counted at the mean plan of
     those that have, and the ETA is the steps left over the rate of the partners training
-    now (all steps per second of the ones started and unfinished; the finished ones' when
-    none is training): right both when partners train side by side and one after another."""
+    now (the steps per second of the ones started and unfinished; the finished ones' pace
+    while those have just started): right both when partners train side by side and one
+    after another."""
     if not reports:
         return f"round {round_id}: waiting for partners"
     done = sum(r.done for r in reports)
@@ -185,7 +186,10 @@ def progress_text(round_id: int, reports: list[RoundProgress], now: float, *,
     if done >= total:
         return text + ", finishing"
     active = [r for r in reports if r.done < r.planned]
-    rate = sum(_rate(r) for r in (active or reports))
+    rate = sum(_rate(r) for r in active)
+    paces = [_rate(r) for r in reports if r.done == r.planned and _rate(r) > 0]
+    if rate <= 0 and paces:  # the ones training have just started: the finished ones' pace
+        rate = sum(paces) / len(paces) * max(1, len(active))
     if rate <= 0:
         return text + ", ETA --:--"
     # time since the last report counts: the ETA moves between a partner's writes

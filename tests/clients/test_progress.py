@@ -134,6 +134,9 @@ def test_progress_text_partners_one_after_another() -> None:
     assert text == "round 1: 50/160 steps (2/4 partners started), ETA 01:50"
     assert progress_text(1, [report(1, 40, 40, 0, 40)] * 2, 41) == (
         "round 1: 80/80 steps, finishing")
+    # the next partner has just started: the finished one's pace (1 step/s) until it moves
+    assert progress_text(1, [report(1, 40, 40, 0, 40), report(1, 0, 40, 41, 41)], 41) == (
+        "round 1: 40/80 steps, ETA 00:40")
     assert progress_text(1, [report(1, 0, 40, 0, 0)], 1) == "round 1: 0/40 steps, ETA --:--"
     assert progress_text(2, [], 0) == "round 2: waiting for partners"
     long = progress_text(1, [report(1, 1, 5000, 0, 2)], 2)
