@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, NoReturn
@@ -30,7 +31,8 @@ from typing import Any, NoReturn
 from confide.server.recovery import StopRequest
 from confide.simulation import ray_cluster
 
-GRACE_SECONDS = 7.0  # first signal -> the engine has ended, or the driver leaves at once
+GRACE_SECONDS = 6.0  # first signal -> the engine has ended, or the driver leaves at once
+REAP_INTERVAL = 0.5  # until then, workers Ray starts (for actors still being created) die
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
 
@@ -70,6 +72,7 @@ class SignalStop:
         try:
             yield self
         finally:
+            self.engine_ended.set()  # the command is leaving by itself: no timer may end it
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler)
             self._previous.clear()
@@ -114,9 +117,13 @@ class SignalStop:
                              daemon=True).start()
 
     def _grace_timer(self) -> None:
-        if not self.engine_ended.wait(self.grace):
-            self.leave_now(f"the simulation did not stop within {self.grace:g} s of "
-                           f"{self.signal_name}")
+        deadline = time.monotonic() + self.grace
+        while not self.engine_ended.wait(REAP_INTERVAL):
+            if self.local_ray:  # a worker Ray started since (an actor still being created)
+                ray_cluster.kill_workers(ray_cluster.descendants())
+            if time.monotonic() >= deadline:
+                self.leave_now(f"the simulation did not stop within {self.grace:g} s of "
+                               f"{self.signal_name}")
 
     def end_processes(self) -> None:
         """Every process this one started (Ray's daemons, agents and workers) ends: those
