@@ -56,6 +56,11 @@ class RoundHost(Protocol):
     book: PartnerBook
     rounds_completed: int
 
+    def partner_rows_known(self, rows: list[int]) -> None:
+        """Every partner's training rows, learnt before round 1 (shared noise's size
+        exchange): the federation's pre-flight can run then."""
+        ...
+
 
 class RoundAggregation(Protocol):
     def run_round(self, server_round: int, config: ConfigRecord) -> RoundOutcome: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -202,16 +202,24 @@ class Federation:
         """`resume` when the configuration says resume = true, else `create`."""
         return (cls.resume if cfg.resume else cls.create)(grid, cfg, out_dir, **options)
 
-    def run_preflight(self, *, refuse: bool = True) -> None:
+    def run_preflight(self, *, refuse: bool = True,
+                      partition_rows: Sequence[int] | None = None) -> None:
         """Before round 1: noise vs the largest possible signal of the aggregated update
         (confide.privacy.preflight). Logged (WARNING when the run is weak or cannot learn);
         with preflight = 'error' a run that cannot learn is refused before any message is
-        sent. Never changes a privacy setting."""
+        sent (deployed shared noise: before any training message). Never changes a privacy
+        setting. `partition_rows`: the partners' row counts where the caller has them."""
         if self.cfg.preflight == "off":
             return
-        # partners' row counts: only the simulation's server can see the split
-        rows = ([len(p) for p in federated_data(self.cfg).partitions]
-                if is_simulation(self.grid) else None)
+        rows = partition_rows
+        if rows is None and is_simulation(self.grid):  # the simulation's server sees the split
+            rows = [len(p) for p in federated_data(self.cfg).partitions]
+        if rows is None and self.cfg.privacy_mode.shared_noise:
+            # a deployed server learns every partner's rows in the size exchange before round
+            # 1, and SecureRounds runs the check then (the estimate needs them all)
+            log(INFO, "pre-flight: shared noise: checked once the partners report their "
+                "record counts, before round 1")
+            return
         report = preflight_check(self.cfg, count_trainable(self.model), rows)
         self.preflight = report
         if self.on_preflight is not None:
@@ -220,6 +228,13 @@ class Federation:
             log(WARNING if report.needs_attention else INFO, "%s", "\n".join(report.lines()))
         if refuse and report.cannot_learn and self.cfg.preflight == "error":
             raise PreflightRefused(refusal_message(report))
+
+    def partner_rows_known(self, rows: list[int]) -> None:
+        """The deployed shared-noise pre-flight, once the size exchange gave every partner's
+        rows (before any training message: a new run that cannot learn can still be refused
+        with preflight = 'error' and nothing spent; a resumed run is only reported on)."""
+        if self.preflight is None:
+            self.run_preflight(refuse=not self.resumed, partition_rows=rows)
 
     def _load_checkpoint(self) -> None:
         # read-only checks first: a finished run, another configuration (keys named) or
@@ -269,9 +284,10 @@ class Federation:
                     return self.interrupt()
                 self.run_round(server_round)
             return self.finish()
-        except (Aborted, NoBudgetLeft, EveryPartnerFailed):
+        except (Aborted, NoBudgetLeft, EveryPartnerFailed, PreflightRefused):
             # the driver failed (leave mid-round; resumable from the checkpoint), or round 1
-            # showed the run cannot train: the ledger as it stands is the record of why
+            # showed the run cannot train (or, deployed shared noise, cannot learn): the
+            # ledger as it stands is the record of why
             self.ledger.close()
             raise
         except OSError as exc:  # disk full, permissions: a message, and resumable

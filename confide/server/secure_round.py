@@ -620,6 +620,8 @@ class SecureRounds:
                 "(expected batch %d of %d records), %d rounds, target epsilon %g",
                 self.shared_sigma, self.shared_rate, cfg.batch_size, total, cfg.rounds,
                 cfg.target_epsilon)
+            # deployed, the first moment the server knows N (nothing is trained yet)
+            self.fed.partner_rows_known([rows for rows, _ in self.partner_info.values()])
         if self.shared_rate:
             # newcomers sample at the run's rate too
             self.partner_info = {n: (rows, self.shared_rate)
