@@ -559,7 +559,7 @@ def check(cfg: RunConfig, trainable_parameters: int,
 
 def refusal_message(report: PreflightReport) -> str:
     """The error of preflight = 'error' (one paragraph: numbers, reason, what would help)."""
-    return ("this configuration cannot learn, so the run was not started and no privacy "
+    return ("this configuration cannot learn, so no round was run and no privacy "
             "budget was spent (preflight = 'error'; set preflight = 'warn' to run anyway):\n"
             + "\n".join(report.lines()))
 
