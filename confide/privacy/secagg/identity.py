@@ -15,8 +15,8 @@ server cannot add partners of its own. With them:
   value the server picks, so the server cannot choose who neighbours whom; it can only
   leave advertisers out, which costs it rounds (the clients' floors) and shows in the logs.
 * **Consistency votes.** Before revealing any share a survivor needs signatures, from at
-  least ``min_survivors`` identities of the directory, on the very (survivors, dropped)
-  split the unmask request names, and it must have signed that split itself. Together with
+  least t identities of the directory, on the very (survivors, dropped) split the unmask
+  request names, and it must have signed that split itself. Together with
   one unmask answer per round and a threshold above half of every closed neighbourhood,
   no party's self-mask seed and mask key can both be rebuilt: the server would need t
   shares of each kind from the k + 1 holders, and an honest holder gives one kind only,

@@ -33,7 +33,7 @@ the federation's roster signs its advertisement, checks the whole directory agai
 roster, recomputes the graph seed from the directory, refuses a threshold that is not above
 half of its closed neighbourhood, votes (signs) the (survivors, dropped) split it will
 unmask for, and unmasks only a split it voted for itself that carries votes of at least
-``min_survivors`` identities of the directory. The vote for "everyone asked survived" travels
+t identities of the directory. The vote for "everyone asked survived" travels
 with the masked input, so a round without dropouts needs no extra exchange; otherwise the
 server asks the survivors to vote on the actual split (:class:`ConsistencyRequest`) first.
 Without identity and roster a client runs the honest-but-curious protocol.
@@ -506,21 +506,23 @@ class SecAggClient:
 
     def _check_votes(self, request: UnmaskRequest) -> None:
         """Authenticated clients unmask only a split they voted for themselves that carries
-        valid votes of at least min_survivors distinct survivors of the directory."""
+        valid votes of at least t distinct survivors of the directory (Bonawitz et al.'s
+        consistency check; every survivor is a signed member of the directory, so the
+        survivor count the noise accounting rests on is checked in `unmask`)."""
         me, cfg = self.client_id, self.config
         split = (tuple(sorted(set(request.survivors))), tuple(sorted(set(request.dropped))))
         if split not in self._voted:
             raise SecAggRefusal("unmask request names a split of the survivors this client "
                                 "never voted for", receiver=me, stage=STAGE_UNMASK)
         message = vote_bytes(cfg.session_id, self.round, *split)
-        valid = [c for c, sig in request.votes.items()
-                 if c in split[0] and verify_signature(self._identities.get(c, b""), sig,
-                                                       message)]
-        need = max(int(cfg.min_survivors), self._floor())
-        if len(valid) < need:
-            raise SecAggRefusal(f"unmask request carries {len(valid)} valid survivor votes for "
-                                f"its split; {need} are needed", receiver=me,
-                                stage=STAGE_UNMASK)
+        need, valid = int(cfg.threshold), 0
+        for c, sig in sorted(request.votes.items()):  # stops at the quorum: O(t) checks
+            if c in split[0] and verify_signature(self._identities.get(c, b""), sig, message):
+                valid += 1
+                if valid >= need:
+                    return
+        raise SecAggRefusal(f"unmask request carries {valid} valid survivor votes for its "
+                            f"split; {need} are needed", receiver=me, stage=STAGE_UNMASK)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Stage 3: release b-shares of survivors and s^SK-shares of dropped clients, never
@@ -543,10 +545,11 @@ class SecAggClient:
                 receiver=me,
                 stage=STAGE_UNMASK,
             )
-        if len(survivors) < self.config.min_survivors:
+        fewest = max(int(self.config.min_survivors), self._floor())
+        if len(survivors) < fewest:
             raise SecAggRefusal(
-                f"unmask request names {len(survivors)} survivors < min_survivors ="
-                f" {self.config.min_survivors}",
+                f"unmask request names {len(survivors)} survivors < {fewest} (min_survivors"
+                f" {self.config.min_survivors}, this partner's floor {self._floor()})",
                 receiver=me,
                 stage=STAGE_UNMASK,
             )
@@ -840,8 +843,8 @@ class SecAggServer:
         if self._stage is not ServerStage.CONSISTENCY:
             self._expect(ServerStage.UNMASK, "request unmasking")
         cfg = self.config
-        if self.authenticated and len(self._votes) < cfg.min_survivors:
-            raise self._abort(STAGE_CONSISTENCY, len(self._votes), cfg.min_survivors,
+        if self.authenticated and len(self._votes) < int(cfg.threshold):
+            raise self._abort(STAGE_CONSISTENCY, len(self._votes), int(cfg.threshold),
                               "survivors voted for the split")
         self._stage = ServerStage.UNMASK
         return UnmaskRequest(cfg.session_id, self.round, survivors=self._survivors,
