@@ -27,10 +27,11 @@ import os
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import ndarrays_to_parameters
 from flwr.serverapp import Grid, ServerApp
@@ -142,6 +143,8 @@ def _ours_reply(msg: Message, context: Context, train: bool) -> Message:
         RecordDict(
             {
                 W.ARRAYS: W.to_array_record(delta),
+                # the rows the weighted secure sum weights the update by
+                W.METRICS: MetricRecord({W.NUM_EXAMPLES: 100}),
                 W.STATUS: ConfigRecord(
                     {
                         W.STATUS_CODE: W.OK,
@@ -193,6 +196,8 @@ class BenchFederation:
         from confide.strategies.delta_fedavg import DeltaFedAvg
 
         self.grid, self.cfg, self.timeout = grid, cfg, 3600.0
+        # fault injection's crash points name the run folder (never set off here)
+        self.folder = SimpleNamespace(root=Path(cfg.out or "."))
         self.global_state = {"w": np.zeros(d, dtype=np.float32)}
         self.ledger = _Ledger()
         self.book = PartnerBook(cfg)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,9 +103,13 @@ def protocol_table(cases: list[tuple[int, int]], repeats: int, dp: bool) -> None
 def simulate(mode: str, n: int, d: int, rounds: int, dp: bool, timeout: float,
              tree: Path | None = None) -> dict | None:
     """One cell in a fresh process (Ray started and stopped with it). ``tree``: another
-    checkout of the project whose apps and package run the cell (the baseline)."""
+    checkout of the project whose package runs the cell under this harness (copied into
+    it, and run from it: Ray's workers import from the driver's folder)."""
     env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
-    apps = APPS if tree is None else tree / "benchmarks" / APPS.name
+    apps = APPS
+    if tree is not None:
+        apps = tree / "benchmarks" / APPS.name
+        shutil.copyfile(APPS, apps)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
@@ -119,7 +124,7 @@ def simulate(mode: str, n: int, d: int, rounds: int, dp: bool, timeout: float,
         ] + (["--dp"] if dp and mode == "ours" else [])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  env=env)
+                                  env=env, cwd=tree)
         except subprocess.TimeoutExpired:
             print(f"  {mode} n={n} d={d}: over {timeout:.0f} s, not measured", flush=True)
             return None
