@@ -439,8 +439,11 @@ class PartnerBook:
                 continue
             event = E.ExampleDpEvent.from_payload(entry["payload"])
             if event.receipt is not None:
-                self._index_receipt(event.partner, str(event.receipt.get("signature")),
-                                    int(entry["index"]))
+                signature = str(event.receipt.get("signature"))
+                if "index" in entry:
+                    self._index_receipt(event.partner, signature, int(entry["index"]))
+                else:  # an entry without its place in the chain: no head can cover it
+                    self.signatures.add(signature)
             mechanisms.setdefault(event.partner, []).append(event.mechanism)
             partner = self.records.get(event.partner)
             if partner is None and event.receipt is not None:
