@@ -36,6 +36,7 @@ from confide.clients.node_state import STATE_FILE, NodeState
 from confide.data import synthetic_sentiment
 from confide.server.faults import CRASH_AFTER_ROUND_ENV, CRASH_RUN_DIR_ENV
 
+ROOT = Path(__file__).resolve().parents[2]
 PARTNERS = ("alpha", "beta", "gamma")
 RUN_TIMEOUT = 600  # seconds for one run (2 rounds are ~2 min on 2 busy cores; 7 under a load of 15)
 BASE_CONFIG = ("model='tiny' clients=3 max-length=16 batch-size=16 target-epsilon=4.0 "
@@ -116,7 +117,8 @@ class Federation:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
 
-    def start_node(self, name: str, trusted: Path, extra: tuple[str, ...] = ()) -> None:
+    def start_node(self, name: str, trusted: Path, extra: tuple[str, ...] = (),
+                   roster: Path | None = None) -> None:
         args = self.node_args.setdefault(name, self.confide(
             "deploy", "supernode", "--superlink", f"127.0.0.1:{self.port}",
             "--ca", str(self.root / "pki" / "ca.crt"),
@@ -125,7 +127,7 @@ class Federation:
             "--state-dir", str(self.root / "state" / name),
             "--max-epsilon", "50", "--device", "cpu",
             "--trusted-publishers", str(trusted),
-            "--roster", str(self.root / "roster.txt"),
+            "--roster", str(roster or self.root / "roster.txt"),
             "--runtime-port", str(_free_port()), *extra))
         self.node_pgid[name] = self.start(name, args).pid  # its own session and group
         _wait_for(lambda: "SuperNode ID" in self.log(name) or self.procs[name].poll()
@@ -367,6 +369,91 @@ def test_runs_that_cannot_proceed_exit_non_zero_with_one_message(fed: Federation
     # a consistent record of a run that stopped before run_finished: INCOMPLETE (exit 3)
     assert confide_main(["audit", "verify", str(run_dir)]) == 3
     assert {n: _node_state(fed, n).accountant.epsilon() for n in PARTNERS} == spent
+
+
+def test_an_operator_partner_not_on_the_roster_gets_nothing(fed: Federation) -> None:
+    """The operator registers a node of its own (an impostor with an identity of its own and
+    a roster that lists it) to sit in the honest partners' neighbourhoods: every honest
+    partner refuses the key directory, signed, and nothing is unmasked."""
+    nodes = fed.root / "nodes"
+    assert confide_main(["deploy", "node-key", str(nodes), "impostor"]) == 0
+    _write_csv(fed.root / "impostor.csv", 48, seed=3)
+    reg = subprocess.run(fed.confide("deploy", "register", str(nodes / "impostor.pub")),
+                         env=fed.env, capture_output=True, text=True, timeout=120, check=False)
+    assert reg.returncode == 0, reg.stdout + reg.stderr
+    line = subprocess.run(fed.confide("deploy", "partner-identity", "--state-dir",
+                                      str(fed.root / "state" / "impostor")), env=fed.env,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    own_roster = fed.root / "impostor-roster.txt"
+    own_roster.write_text((fed.root / "roster.txt").read_text() + line + "\n")
+    fed.start_node("impostor", fed.root / "trusted.yaml", roster=own_roster)
+    try:
+        run_dir = fed.root / "run-impostor"
+        result = fed.flwr_run(run_dir, f"{BASE_CONFIG} rounds=1 secure-aggregation=true "
+                                       f"eval-data='{fed.root}/eval.csv'")
+        shown = result.stdout + result.stderr
+        entries = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+        rounds = [e["payload"] for e in entries if e["type"] == "secure_aggregation"]
+        assert rounds and rounds[0]["aborted"] is not None, shown[-4000:]
+        refusals = rounds[0].get("refusals", [])
+        honest = {_node_state(fed, n).public_key.hex() for n in PARTNERS}
+        assert {r["identity"] for r in refusals} == honest, refusals
+        assert all("not on this partner's federation roster" in r["reason"]
+                   for r in refusals)
+        # the audit checks each refusal's signature
+        assert confide_main(["audit", "verify", str(run_dir)]) in (0, 3)
+    finally:
+        fed.stop("impostor")
+
+
+# A malicious server (tests only): its secure round tells the first half of the survivors
+# "the others dropped" and the second half the reverse, to get a self-mask seed from some
+# holders and the mask key from others. Patched into a copy of the app, which the
+# federation's trusted publisher signs: the partners run it as they would any release.
+_EQUIVOCATION_ANCHOR = "        train = train or set()\n        messages = []\n"
+_EQUIVOCATION = _EQUIVOCATION_ANCHOR + """\
+        for _node, _part in parts.items():
+            for _key in [k for k in _part if k.startswith(W.UNMASK_REQUEST + "/")]:
+                _session = self.sessions[int(_key.split("/")[1])]
+                _honest = UnmaskRequest.from_bytes(bytes(_part[_key]))
+                _ids = sorted(_honest.survivors)
+                _a, _b = set(_ids[:len(_ids) // 2]), set(_ids[len(_ids) // 2:])
+                _mine, _other = (_a, _b) if _session.ids[_node] in _a else (_b, _a)
+                _part[_key] = UnmaskRequest(
+                    _honest.session_id, _honest.round, survivors=tuple(sorted(_mine)),
+                    dropped=tuple(sorted(_other)), votes=_honest.votes).to_bytes()
+"""
+
+
+def test_an_equivocating_server_gets_no_share_over_tls(fed: Federation) -> None:
+    """The secure round of a staged, signed app whose server equivocates on the survivor
+    list: every partner refuses to unmask (signed), and the round releases nothing."""
+    import shutil
+
+    source = fed.root / "malicious-source"
+    shutil.copytree(ROOT / "confide", source / "confide",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(ROOT / "pyproject.toml", source / "pyproject.toml")
+    secure_round = source / "confide" / "server" / "secure_round.py"
+    text = secure_round.read_text()
+    assert _EQUIVOCATION_ANCHOR in text
+    secure_round.write_text(text.replace(_EQUIVOCATION_ANCHOR, _EQUIVOCATION, 1))
+    app = fed.root / "malicious-app"
+    assert confide_main(["deploy", "stage-app", str(app), "--key",
+                         str(fed.root / "pki" / "publisher.key"), "--source", str(source)]) == 0
+    run_dir = fed.root / "run-equivocation"
+    argv = fed.confide("deploy", "run", str(app), "confide", "--run-config",
+                       f"out='{run_dir}' {BASE_CONFIG} rounds=1 secure-aggregation=true "
+                       f"eval-data='{fed.root}/eval.csv'")
+    result = subprocess.run(argv, env=fed.env, capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT, check=False)
+    shown = result.stdout + result.stderr
+    entries = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    rounds = [e["payload"] for e in entries if e["type"] == "secure_aggregation"]
+    assert rounds and rounds[0]["aborted"] is not None, shown[-4000:]
+    refusals = [r for r in rounds[0].get("refusals", []) if r["stage"] == "unmask"]
+    honest = {_node_state(fed, n).public_key.hex() for n in PARTNERS}
+    assert {r["identity"] for r in refusals} == honest, (refusals, shown[-3000:])
 
 
 def _serverapps(port: int) -> list[int]:
