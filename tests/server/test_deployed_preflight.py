@@ -5,8 +5,6 @@ training message: one line before it, the full report after, saved in summary.js
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,17 +17,6 @@ from tests.inprocess import InProcessGrid, tiny_secure_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-
-@pytest.fixture
-def flwr_records(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    flwr = logging.getLogger("flwr")
-    propagate = flwr.propagate
-    flwr.propagate = False  # as in a deployed process (confide.logs): one record each
-    flwr.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="flwr")
-    yield caplog
-    flwr.removeHandler(caplog.handler)
-    flwr.propagate = propagate
 
 
 def test_shared_noise_preflight_runs_after_the_size_exchange(

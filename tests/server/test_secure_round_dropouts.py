@@ -3,24 +3,10 @@ and each round's abort is logged in round order (in-process grid, real SecAgg co
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from confide.privacy import ledger_events as E
 from tests.server.test_secure_round import make, run, task_identity  # noqa: F401
-
-
-@pytest.fixture
-def flwr_records(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    flwr = logging.getLogger("flwr")
-    propagate = flwr.propagate
-    flwr.propagate = False  # as in a deployed process (confide.logs): one record each
-    flwr.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="flwr")
-    yield caplog
-    flwr.removeHandler(caplog.handler)
-    flwr.propagate = propagate
 
 
 def test_two_partners_one_killed_counts_one_dropout_names_it_in_round_order(
