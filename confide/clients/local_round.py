@@ -23,7 +23,7 @@ from confide.clients.disclosure import reply_metrics, reported_rows
 from confide.clients.dp_training import clipped_example_gradients, padded_batches, train_dp
 from confide.clients.node_state import NodeState, load_node_state, save_node_state
 from confide.clients.opacus_compat import resolve_grad_sample_mode
-from confide.clients.policy import PartnerPolicy, node_policy
+from confide.clients.policy import PartnerPolicy, node_policy, partner_node_config
 from confide.clients.progress import counting_calls, progress_writer
 from confide.clients.state_location import node_state_dir
 from confide.config import RunConfig, from_flat_record
@@ -370,8 +370,9 @@ def _noise_multiplier(cfg: RunConfig, state: NodeState, sample_rate: float, step
 
 
 def _node_max_epsilon(cfg: RunConfig, context: Context) -> float:
-    """The partner's own cap (node config) wins when it is lower than the run's."""
-    node_cap = context.node_config.get("max-epsilon")
+    """The partner's own cap (node config; in simulation also its node-config file) wins
+    when it is lower than the run's."""
+    node_cap = partner_node_config(context, cfg).get("max-epsilon")
     if node_cap is None:
         return cfg.max_epsilon
     try:

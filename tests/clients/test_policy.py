@@ -120,3 +120,17 @@ def test_partner_config_settings_are_parsed_and_reach_every_virtual_partner(tmp_
                           state=RecordDict(), run_config={})
         policy = node_policy(context, cfg)
         assert (policy.min_partners, policy.dp_colluders) == (3, 1)
+
+
+def test_a_simulated_partners_lifetime_cap_comes_from_its_node_config(tmp_path: Path
+                                                                     ) -> None:
+    from flwr.app import Context, RecordDict
+
+    from confide.clients.local_round import _node_max_epsilon
+    from confide.clients.policy import write_simulated_policies
+
+    write_simulated_policies(tmp_path, 1, {"max-epsilon": 2.5})
+    cfg = build_config({"out": str(tmp_path), "max-epsilon": 8.0})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0},
+                      state=RecordDict(), run_config={})
+    assert _node_max_epsilon(cfg, context) == 2.5
