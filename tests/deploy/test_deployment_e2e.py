@@ -456,6 +456,22 @@ def test_an_equivocating_server_gets_no_share_over_tls(fed: Federation) -> None:
     assert {r["identity"] for r in refusals} == honest, (refusals, shown[-3000:])
 
 
+def test_a_server_chosen_delta_is_refused_by_every_partner_over_tls(fed: Federation) -> None:
+    """The operator asks for delta 0.5 (and overrides its own check): each partner's
+    policy caps delta at 1/(10 x its rows) and refuses before loading or spending
+    anything, so the run stops and no partner's accountant takes that delta."""
+    before = {n: _node_state(fed, n).accountant.state_dict() for n in PARTNERS}
+    run_dir = fed.root / "run-large-delta"
+    result = fed.flwr_run(run_dir, f"{BASE_CONFIG} rounds=1 delta=0.5 allow-large-delta=true "
+                                   f"eval-data='{fed.root}/eval.csv'")
+    shown = result.stdout + result.stderr
+    assert result.returncode != 0, shown[-4000:]
+    assert not (run_dir / "summary.json").exists()
+    for name in PARTNERS:
+        # still pinned to 1e-5 (from_json refuses another delta), nothing spent
+        assert _node_state(fed, name).accountant.state_dict() == before[name]
+
+
 def _serverapps(port: int) -> list[int]:
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
