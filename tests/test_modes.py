@@ -20,13 +20,7 @@ FLAGS = re.compile(r"\bcfg\.(example_dp_noise|example_dp|client_dp|secure_aggreg
 # Modules that still read a privacy flag from a RunConfig themselves. Only the configuration
 # (confide/config.py, as `self.`) and the mode object should: this list only shrinks, each
 # module moved onto `cfg.privacy_mode` leaves it.
-STILL_READING_FLAGS = {
-    "privacy/preflight.py",  # its estimate per mechanism: the next to move onto the mode
-    "simulation/runner.py",
-    "empirical/canaries.py",
-    "empirical/one_run.py",
-    "empirical/white_box.py",
-}
+STILL_READING_FLAGS: set[str] = set()
 
 
 @pytest.mark.parametrize(("values", "example", "client", "secure"), [

@@ -278,8 +278,8 @@ def run_canary_audit(cfg: RunConfig, settings: CanarySettings, *, work_dir: Path
     result = CanaryAuditResult(
         run_dir=str(run_dir), partner=settings.partner, format=fmt.describe(),
         space_bits=fmt.space_bits, candidates=len(candidates), exhaustive=exhaustive,
-        family=settings.family, example_dp=cfg.example_dp,
-        claimed_epsilon=max(eps.values()) if eps and cfg.example_dp else None,
+        family=settings.family, example_dp=cfg.privacy_mode.example_dp,
+        claimed_epsilon=max(eps.values()) if eps and cfg.privacy_mode.example_dp else None,
         delta=cfg.delta, secrets=rows)
     atomic_write_bytes(Path(run_dir) / CANARY_EXPOSURE_FILE,
                        json.dumps(asdict(result), indent=2).encode())

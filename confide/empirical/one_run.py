@@ -187,7 +187,7 @@ def run_empirical_audit(cfg: RunConfig, *, canaries: int, work_dir: Path,
     scores = canary_scores(model, canary_set, cfg.model, cfg.max_length)
     guesses, correct = guess_and_count(scores, included, guesses // 2)
     eps = summary["privacy"]["example_level"]
-    claimed = max(eps.values()) if eps and cfg.example_dp else float("inf")
+    claimed = max(eps.values()) if eps and cfg.privacy_mode.example_dp else float("inf")
     result = AuditResult(
         claimed_epsilon=claimed,
         epsilon_lower_bound=epsilon_lower_bound(canaries, guesses, correct, cfg.delta, beta),
@@ -356,7 +356,7 @@ def main(args: argparse.Namespace) -> int:
         guesses = guesses_for(canaries, fraction)
         # Before the run: what the audit can show at all (the target is the claim to be)
         console.print(capability_line(canaries, guesses, cfg.delta, confidence))
-        if cfg.example_dp and not cfg.noise_multiplier:
+        if cfg.privacy_mode.example_dp and not cfg.noise_multiplier:
             cap = max_certifiable_epsilon(canaries, guesses, cfg.delta, 1.0 - confidence)
             if cfg.target_epsilon >= cap:
                 console.print(f"The run targets epsilon {cfg.target_epsilon:g}: above what "

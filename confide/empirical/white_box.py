@@ -155,10 +155,10 @@ def train_with_canaries(cfg: RunConfig, included: np.ndarray, *, partner: int = 
     if cfg.task != CLASSIFICATION:
         raise ConfigError(f"--white-box audits classification runs (task = {cfg.task!r}); "
                           "causal-lm runs get the canary exposure audit")
-    if not cfg.example_dp:
+    if not cfg.privacy_mode.example_dp:
         raise ConfigError("--white-box audits example-level DP and the run has none "
                           "(example-dp = false): there is no claim to test")
-    if cfg.example_dp_noise == "shared":
+    if cfg.privacy_mode.shared_noise:
         raise ConfigError("--white-box audits the partners' local DP-SGD; example-dp-noise "
                           "= 'shared' adds the noise inside the secure sum instead (set "
                           "example-dp-noise = 'local' to audit that mechanism)")

@@ -60,6 +60,7 @@ import numpy as np
 
 from confide.config import SHARED_NOISE_DEFAULTS, ConfigError, RunConfig
 from confide.logs import plural
+from confide.modes import ClientLevel
 from confide.privacy.accountant import calibrate_noise
 from confide.privacy.sampling import plan_round, poisson_rate
 from confide.privacy.secagg.config import SecAggConfig
@@ -173,7 +174,7 @@ def partners_per_round(cfg: RunConfig) -> int:
     """Partners sampled per round, as the server samples them (Flower's FedAvg sampling:
     max(int(clients * fraction), min-clients); the secure cohort needs at least 2)."""
     n = max(int(cfg.clients * cfg.fraction_train), cfg.min_clients)
-    if cfg.secure_aggregation:
+    if cfg.privacy_mode.secure:
         n = max(2, n)
     return max(1, min(n, cfg.clients))
 
@@ -258,7 +259,7 @@ def _example_ratio(cfg: RunConfig, sizes: Sequence[int], d: int, n: int,
     per_partner = sigmas * math.sqrt(d) / (batch * np.sqrt(steps))
     # weights of the server's mean: example counts (capped inside a weighted secure sum), or
     # 1 each with distributed DP
-    if not cfg.secure_aggregation:
+    if not cfg.privacy_mode.secure:
         w = rows
     elif cfg.secure_sum_weighted:
         w = np.minimum(rows, cfg.secagg_max_weight)
@@ -362,7 +363,7 @@ def _more_rounds_hint(cfg: RunConfig, q: float, sigma: float, passes: float) -> 
 
 def _example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | None
                 ) -> MechanismEstimate:
-    if cfg.example_dp_noise == "shared":
+    if cfg.privacy_mode.shared_noise:
         return _shared_example_dp(cfg, d, n, sizes)
     name, C, R = "example-dp", cfg.max_grad_norm, cfg.rounds
     if not sizes:
@@ -391,7 +392,7 @@ def _example_dp(cfg: RunConfig, d: int, n: int, sizes: Sequence[int] | None
                 ": the nodes would refuse to train."),
             suggestions=("a larger target-epsilon, fewer rounds or local epochs",))
     verdict = _verdict(agg, R)
-    weighting = ("equal weights: distributed DP" if cfg.secure_aggregation
+    weighting = ("equal weights: distributed DP" if cfg.privacy_mode.secure
                  and not cfg.secure_sum_weighted else "weighted by example counts")
     reason = (f"each partner adds noise std sigma*C per coordinate to a step's gradient sum "
               f"and divides by its expected batch: median partner sigma {sigma:.3f}, "
@@ -457,7 +458,7 @@ def _consequence(verdict: str, ratio: float, rounds: int) -> str:
 def _client_level(cfg: RunConfig, d: int, n: int, example: MechanismEstimate | None
                   ) -> MechanismEstimate:
     sigma, C, R = cfg.client_dp_noise_multiplier, cfg.client_dp_clipping_norm, cfg.rounds
-    distributed = cfg.distributed_dp
+    distributed = cfg.privacy_mode.client is ClientLevel.DISTRIBUTED
     name = "distributed-dp" if distributed else "client-dp"
     m: int | None = None
     worst: float | None = None
@@ -545,10 +546,10 @@ def check(cfg: RunConfig, trainable_parameters: int,
     d = int(trainable_parameters)
     n = partners_per_round(cfg)
     mechanisms: list[MechanismEstimate] = []
-    example = _example_dp(cfg, d, n, partition_rows) if cfg.example_dp else None
+    example = _example_dp(cfg, d, n, partition_rows) if cfg.privacy_mode.example_dp else None
     if example is not None:
         mechanisms.append(example)
-    if cfg.distributed_dp or (cfg.client_dp and not cfg.secure_aggregation):
+    if cfg.privacy_mode.client_level:
         mechanisms.append(_client_level(cfg, d, n, example))
     verdict = max((m.verdict for m in mechanisms), key=_SEVERITY.__getitem__, default=OK)
     return PreflightReport(mode=cfg.preflight, verdict=verdict, rounds=cfg.rounds,

@@ -134,7 +134,8 @@ def prepare(cfg: RunConfig, out: Path, console: Console
         console.print(fed.labels_note, markup=False, highlight=False)
     console.print(f"Confide simulation: {cfg.clients} partners, "
                   f"{logs.plural(cfg.rounds, 'round')}, model {cfg.model} ({cfg.fine_tune}), "
-                  f"example-level DP {'on' if cfg.example_dp else 'OFF'}, run folder {out}")
+                  f"example-level DP {'on' if cfg.privacy_mode.example_dp else 'OFF'}, "
+                  f"run folder {out}")
     if resumed_after is not None:
         console.print(f"resuming after round {resumed_after} ({cfg.rounds - resumed_after} "
                       f"of {cfg.rounds} rounds left)", markup=False, highlight=False)
@@ -221,8 +222,8 @@ def engine_progress(cfg: RunConfig, console: Console
         def on_round(row: dict[str, Any]) -> None:
             eps = row["epsilon_example_level"]
             # no example DP: no epsilon at all (printing 0.00 would claim perfect privacy)
-            privacy = (f"max eps {max(eps.values()) if eps else 0.0:.2f}" if cfg.example_dp
-                       else "example DP off")
+            privacy = (f"max eps {max(eps.values()) if eps else 0.0:.2f}"
+                       if cfg.privacy_mode.example_dp else "example DP off")
             poller.round_done(int(row["round"]))
             progress.update(task, completed=row["round"], inside="", description=(
                 f"acc {row['accuracy']:.3f} loss {row['loss']:.3f} "
