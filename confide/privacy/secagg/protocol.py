@@ -494,7 +494,7 @@ class SecAggClient:
                 set(survivors) | set(dropped) != set(self._candidates) or not dropped:
             problem = ("the split is not a partition of the clients asked for masked inputs "
                        "with someone dropped")
-        elif len(survivors) < max(int(self.config.min_survivors), self._floor()):
+        elif len(survivors) < self._fewest_survivors():
             problem = f"the split names only {len(survivors)} survivors"
         if problem is not None:
             raise SecAggRefusal(problem, receiver=me, stage=STAGE_CONSISTENCY)
@@ -503,6 +503,11 @@ class SecAggClient:
 
     def _floor(self) -> int:
         return self._roster.min_partners if self._roster is not None else 0
+
+    def _fewest_survivors(self) -> int:
+        """The fewest survivors this client unmasks for: the session's min_survivors, or
+        its own floor where that is higher."""
+        return max(int(self.config.min_survivors), self._floor())
 
     def _check_votes(self, request: UnmaskRequest) -> None:
         """Authenticated clients unmask only a split they voted for themselves that carries
@@ -545,7 +550,7 @@ class SecAggClient:
                 receiver=me,
                 stage=STAGE_UNMASK,
             )
-        fewest = max(int(self.config.min_survivors), self._floor())
+        fewest = self._fewest_survivors()
         if len(survivors) < fewest:
             raise SecAggRefusal(
                 f"unmask request names {len(survivors)} survivors < {fewest} (min_survivors"
