@@ -7,7 +7,7 @@ benchmarks/utility_sst2.py's write_subset) and, for `central`, `epochs` (default
 rounds x local-epochs: the same passes over the data as the federated run).
 
 Federated rounds run in-process (no Ray/Flower) but mirror the product's client and server:
-* data: `confide.task.federated_data` (the product's Dirichlet partitioner and seeds) on the
+* data: `confide.tasks.inputs.federated_data` (the product's Dirichlet partitioner and seeds) on the
   subset file, the full SST-2 dev set (872 rows) as eval data;
 * per partner: q = min(1, batch-size / n), steps = max(1, round(local-epochs / q)), sigma =
   `confide.privacy.accountant.calibrate_noise(target-epsilon, delta, q, steps * rounds)`
@@ -199,9 +199,9 @@ def run_federated(recipe: dict[str, Any]) -> dict[str, Any]:
         trainable_state,
     )
     from confide.strategies.server_optimizer import ServerOptimizer
-    from confide.task import federated_data, model_spec
     from confide.tasks import build_model
     from confide.tasks.classification import evaluate
+    from confide.tasks.inputs import federated_data, model_spec
 
     cfg = product_config(recipe)
     data = federated_data(cfg)
@@ -261,9 +261,9 @@ def run_central(recipe: dict[str, Any]) -> dict[str, Any]:
     from confide.data import read_text_file
     from confide.encoding import encode
     from confide.model import load_tokenizer
-    from confide.task import model_spec
     from confide.tasks import build_model
     from confide.tasks.classification import evaluate
+    from confide.tasks.inputs import model_spec
 
     cfg = product_config(recipe)
     tok = load_tokenizer(cfg.model)

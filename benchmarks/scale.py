@@ -53,7 +53,7 @@ def child(partners: int, mode: str, rounds: int, out: Path, max_eval: int) -> di
 
     from confide.config import build_config
     from confide.simulation.runner import simulate
-    from confide.task import federated_data
+    from confide.tasks.inputs import federated_data
 
     counted = {"sent": 0, "received": 0}
     push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages

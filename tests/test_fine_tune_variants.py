@@ -8,8 +8,8 @@ import torch
 
 from confide.config import build_config
 from confide.model import ModelSpec, count_trainable, frozen_digest, trainable_state
-from confide.task import model_spec
 from confide.tasks import build_model
+from confide.tasks.inputs import model_spec
 
 
 def lora_modules(model: torch.nn.Module) -> set[str]:

@@ -48,8 +48,8 @@ from confide.privacy.secagg.shared_noise import (
     SharedNoiseConfig,
     padded_slots,
 )
-from confide.task import data_reader_config, federated_data, model_spec
 from confide.tasks import build_model, get_task
+from confide.tasks.inputs import data_reader_config, federated_data, model_spec
 
 
 class NodeConfigError(ValueError):

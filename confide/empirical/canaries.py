@@ -212,8 +212,8 @@ def run_canary_audit(cfg: RunConfig, settings: CanarySettings, *, work_dir: Path
     `work_dir`."""
     from confide.audit.report import write_report
     from confide.simulation.runner import simulate
-    from confide.task import federated_data
     from confide.tasks import CAUSAL_LM, get_task
+    from confide.tasks.inputs import federated_data
     from confide.tasks.use import load_trained_model
 
     if cfg.task != CAUSAL_LM:

@@ -149,8 +149,8 @@ def train_with_canaries(cfg: RunConfig, included: np.ndarray, *, partner: int = 
     from confide.clients.opacus_compat import resolve_grad_sample_mode
     from confide.privacy.accountant import PLD, calibrate_noise, epsilon_of
     from confide.privacy.mechanisms import SampledGaussian
-    from confide.task import federated_data, model_spec
     from confide.tasks import CLASSIFICATION, build_model, get_task
+    from confide.tasks.inputs import federated_data, model_spec
 
     if cfg.task != CLASSIFICATION:
         raise ConfigError(f"--white-box audits classification runs (task = {cfg.task!r}); "

@@ -62,9 +62,9 @@ from confide.server.secure_round import SecureRounds, is_simulation
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg
 from confide.strategies.server_optimizer import ServerOptimizer
-from confide.task import federated_data, model_spec
 from confide.tasks import build_model, get_task
 from confide.tasks.base import Evaluation
+from confide.tasks.inputs import federated_data, model_spec
 
 RoundCallback = Callable[[dict[str, Any]], None]
 PreflightCallback = Callable[[PreflightReport], None]

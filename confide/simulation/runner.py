@@ -42,7 +42,7 @@ from confide.server.run_table import final_table
 from confide.server.server_app import default_out_dir, make_server_app
 from confide.simulation import ray_cluster
 from confide.simulation.stopping import SignalStop
-from confide.task import federated_data, model_spec
+from confide.tasks.inputs import federated_data, model_spec
 
 
 def simulate(cfg: RunConfig, *, console: Console | None = None, verbose: bool = False,

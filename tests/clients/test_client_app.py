@@ -15,8 +15,8 @@ from confide.clients.local_round import NodeConfigError
 from confide.config import build_config
 from confide.model import frozen_digest, trainable_state
 from confide.privacy.receipts import Receipt, verify_receipt
-from confide.task import model_spec
 from confide.tasks import build_model
+from confide.tasks.inputs import model_spec
 
 
 def train_message(cfg, server_round: int = 1, frozen: str | None = None) -> Message:

@@ -27,7 +27,7 @@ from confide.config import RunConfig, build_config
 from confide.privacy.mechanisms import SampledGaussian
 from confide.privacy.secagg.shared_noise import padded_slots
 from confide.server.federation import Federation
-from confide.task import federated_data, model_spec
+from confide.tasks.inputs import federated_data, model_spec
 from tests.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

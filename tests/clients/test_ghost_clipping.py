@@ -11,8 +11,8 @@ from confide.clients.dp_training import train_dp
 from confide.clients.opacus_compat import has_opacus_state, resolve_grad_sample_mode
 from confide.config import build_config
 from confide.model import ModelSpec, trainable_state
-from confide.task import model_spec
 from confide.tasks import build_model
+from confide.tasks.inputs import model_spec
 from tests.clients.test_dp_training import easy_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -16,8 +16,8 @@ from confide.config import build_config
 from confide.privacy import ledger_events as E
 from confide.server.federation import Federation
 from confide.server.recovery import EveryPartnerFailed
-from confide.task import model_spec
 from confide.tasks import build_model
+from confide.tasks.inputs import model_spec
 from tests.inprocess import InProcessGrid
 from tests.tasks.test_causal_lm_task import write_csv
 

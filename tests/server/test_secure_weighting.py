@@ -13,7 +13,7 @@ import pytest
 
 from confide.config import build_config
 from confide.server.federation import Federation
-from confide.task import federated_data
+from confide.tasks.inputs import federated_data
 from tests.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -73,7 +73,7 @@ def test_ledger_records_the_shared_mechanism_per_partner(run_dir: Path) -> None:
     assert len(rates) == 1
     q = rates.pop()
     from confide.config import load_toml
-    from confide.task import federated_data
+    from confide.tasks.inputs import federated_data
 
     partitions = federated_data(build_config(load_toml(run_dir / "config.toml"))).partitions
     # batch / all records, each partner's count as it declares it (rounded up: public)

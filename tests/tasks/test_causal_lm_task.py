@@ -15,9 +15,9 @@ from confide.config import build_config
 from confide.data import DataError
 from confide.model import trainable_state
 from confide.server.run_folder import RunFolder
-from confide.task import federated_data
 from confide.tasks import get_task
 from confide.tasks.causal_lm import PromptDataset, corpus_scores, read_prompt_file
+from confide.tasks.inputs import federated_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -1,4 +1,5 @@
-"""What client and server share about the task: the model spec and the simulation data.
+"""What a run's client and server derive alike from its configuration: the task's model
+spec and the simulation's data split.
 
 Both sides build the same model from the same configuration, and in simulation both read
 the same data split (the server only for evaluation and the number of classes)."""
