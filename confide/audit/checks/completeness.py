@@ -4,15 +4,32 @@ short."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from confide.audit.checks.base import CheckResult
-from confide.audit.checks.ledger_walk import IndexedEvent
+from confide.audit.checks.ledger_walk import IndexedEvent, RoundAttempt
 from confide.audit.checks.loaded_run import LoadedRun
 from confide.config import recorded_value
 from confide.logs import plural
 from confide.privacy import ledger_events as ev
 from confide.privacy.mechanisms import SharedNoiseSampledGaussian
+
+
+@dataclass(frozen=True)
+class _RequiredEvents:
+    """What the run's recorded configuration requires of every completed round."""
+    example_dp: bool
+    client_dp: bool
+    secagg: bool
+
+    @classmethod
+    def of(cls, run: LoadedRun) -> _RequiredEvents:
+        return cls(
+            example_dp=bool(recorded_value(run.config, "example-dp")),
+            client_dp=bool(recorded_value(run.config, "client-dp"))
+            or bool(recorded_value(run.config, "distributed-dp")),
+            secagg=bool(recorded_value(run.config, "secure-aggregation")))
 
 
 def check_completeness(run: LoadedRun) -> CheckResult:
@@ -21,6 +38,25 @@ def check_completeness(run: LoadedRun) -> CheckResult:
     client_dp / secure_aggregation when the config enables them, and shared-noise accounting
     that matches its secure sum; run_finished is present when summary.json is."""
     c = CheckResult("completeness")
+    _check_run_end(run, c)
+    required = _RequiredEvents.of(run)
+    signatures = [(e.receipt or {}).get("signature") for _, e in run.events
+                  if isinstance(e, ev.ExampleDpEvent)]
+    for r in range(1, run.rounds.rounds_completed + 1):
+        att = run.rounds.attempts.get(r)
+        if att is None or att.completed_at is None:
+            c.add(f"round {r} has no complete round_configured ... round_completed",
+                  len(run.lines))
+            continue
+        _check_round(run, r, att, required, signatures, c)
+    c.detail = (f"{_rounds_span(run)}; example-dp={required.example_dp}, "
+                f"client-dp={required.client_dp}, secure-aggregation={required.secagg}")
+    return c
+
+
+def _check_run_end(run: LoadedRun, c: CheckResult) -> None:
+    """run_finished and summary.json agree with the rounds the ledger completes, and
+    run_finished is there when summary.json is (else the ledger was cut short)."""
     n = len(run.lines)
     rounds_completed = run.rounds.rounds_completed
     finished = [(i, e) for i, e in run.events if isinstance(e, ev.RunFinished)]
@@ -36,71 +72,80 @@ def check_completeness(run: LoadedRun) -> CheckResult:
     if run.has_summary and stated_rounds != rounds_completed:
         c.add(f"summary.json rounds_completed = {stated_rounds!r}, the ledger completes "
               f"{plural(rounds_completed, 'round')}", n)
-    example_dp = bool(recorded_value(run.config, "example-dp"))
-    client_dp = bool(recorded_value(run.config, "client-dp")) or \
-        bool(recorded_value(run.config, "distributed-dp"))
-    secagg = bool(recorded_value(run.config, "secure-aggregation"))
-    signatures = [(e.receipt or {}).get("signature") for _, e in run.events
-                  if isinstance(e, ev.ExampleDpEvent)]
-    for r in range(1, rounds_completed + 1):
-        att = run.rounds.attempts.get(r)
-        if att is None or att.completed_at is None:
-            c.add(f"round {r} has no complete round_configured ... round_completed", n)
+
+
+def _check_round(run: LoadedRun, r: int, att: RoundAttempt, required: _RequiredEvents,
+                 signatures: list[Any], c: CheckResult) -> None:
+    """One completed round: its entries, by kind, are what the configuration requires."""
+    at = att.completed_at
+    kinds: dict[str, list[IndexedEvent]] = {}
+    for i, e in att.entries:
+        kinds.setdefault(e.TYPE, []).append((i, e))
+    if len(kinds.get(ev.MODEL_DIGEST, [])) != 1:
+        c.add(f"round {r} has {len(kinds.get(ev.MODEL_DIGEST, []))} model_digest "
+              "entries, expected 1", at)
+    done = next(e for i, e in att.entries if isinstance(e, ev.RoundCompleted))
+    assert isinstance(done, ev.RoundCompleted)
+    trained = _check_releases(run, r, att, kinds, done, signatures, c)
+    if required.example_dp:
+        _check_replies_accounted(r, at, kinds, done, trained, c)
+    configured = next((e for i, e in run.events if i == att.configured_at
+                       and isinstance(e, ev.RoundConfigured)), None)
+    _check_shared_noise(run, r, kinds, c, configured)
+    if required.client_dp and len(kinds.get(ev.CLIENT_DP, [])) != 1:
+        c.add(f"round {r} has {len(kinds.get(ev.CLIENT_DP, []))} client_dp entries, "
+              "expected 1 (client-level DP is enabled)", at)
+    if required.secagg and len(kinds.get(ev.SECURE_AGGREGATION, [])) != 1:
+        c.add(f"round {r} has {len(kinds.get(ev.SECURE_AGGREGATION, []))} "
+              "secure_aggregation entries, expected 1", at)
+
+
+def _check_releases(run: LoadedRun, r: int, att: RoundAttempt,
+                    kinds: dict[str, list[IndexedEvent]], done: ev.RoundCompleted,
+                    signatures: list[Any], c: CheckResult) -> dict[str, int]:
+    """Round r's own example_dp releases: one per partner (or distinct signed receipts of a
+    lost attempt on a re-run), each from a partner that replied; late releases of earlier
+    rounds are checked apart. Returns partner -> entry index of its release."""
+    trained: dict[str, int] = {}
+    # A round re-run after run_resumed may hold, before a partner's new receipt, the
+    # receipts it signed in the lost attempt (the server died after the partner
+    # trained, before recording it): real spends, each a distinct signed receipt.
+    rerun = any(isinstance(e, ev.RunResumed) and e.from_round == r - 1
+                for i, e in run.events if i < att.configured_at)
+    first_signature: dict[str, Any] = {}
+    for i, e in kinds.get(ev.EXAMPLE_DP, []):
+        assert isinstance(e, ev.ExampleDpEvent)
+        signature = (e.receipt or {}).get("signature")
+        if e.recorded_in_round is not None:
+            _check_late_release(i, e, run, signatures, c)
             continue
-        at = att.completed_at
-        kinds: dict[str, list[IndexedEvent]] = {}
-        for i, e in att.entries:
-            kinds.setdefault(e.TYPE, []).append((i, e))
-        if len(kinds.get(ev.MODEL_DIGEST, [])) != 1:
-            c.add(f"round {r} has {len(kinds.get(ev.MODEL_DIGEST, []))} model_digest "
-                  "entries, expected 1", at)
-        done = next(e for i, e in att.entries if isinstance(e, ev.RoundCompleted))
-        assert isinstance(done, ev.RoundCompleted)
-        trained: dict[str, int] = {}
-        # A round re-run after run_resumed may hold, before a partner's new receipt, the
-        # receipts it signed in the lost attempt (the server died after the partner
-        # trained, before recording it): real spends, each a distinct signed receipt.
-        rerun = any(isinstance(e, ev.RunResumed) and e.from_round == r - 1
-                    for i, e in run.events if i < att.configured_at)
-        first_signature: dict[str, Any] = {}
-        for i, e in kinds.get(ev.EXAMPLE_DP, []):
-            assert isinstance(e, ev.ExampleDpEvent)
-            signature = (e.receipt or {}).get("signature")
-            if e.recorded_in_round is not None:
-                _check_late_release(i, e, run, signatures, c)
-                continue
-            if e.partner in trained and not (
-                    rerun and all(x is not None and signatures.count(x) == 1
-                                  for x in (signature, first_signature[e.partner]))):
-                c.add(f"second example_dp of partner {e.partner} in round {r}", i)
-            first_signature.setdefault(e.partner, signature)
-            trained[e.partner] = i
-            if e.partner not in done.replied:
-                c.add(f"example_dp of partner {e.partner}, who is not among round {r}'s "
-                      "replies", i)
-        refused = {e.partner for _, e in kinds.get(ev.BUDGET_REFUSAL, [])
-                   if isinstance(e, ev.BudgetRefusal)}
-        if example_dp:
-            for p in done.replied:
-                if p not in trained and p not in refused:
-                    c.add(f"partner {p} replied in round {r} but has neither example_dp "
-                          "nor budget_refusal", at)
-            for p in done.aggregated:
-                if p not in trained:
-                    c.add(f"partner {p}'s update is in round {r}'s aggregate without an "
-                          "example_dp event", at)
-        configured = next((e for i, e in run.events if i == att.configured_at
-                           and isinstance(e, ev.RoundConfigured)), None)
-        _check_shared_noise(run, r, kinds, c, configured)
-        if client_dp and len(kinds.get(ev.CLIENT_DP, [])) != 1:
-            c.add(f"round {r} has {len(kinds.get(ev.CLIENT_DP, []))} client_dp entries, "
-                  "expected 1 (client-level DP is enabled)", at)
-        if secagg and len(kinds.get(ev.SECURE_AGGREGATION, [])) != 1:
-            c.add(f"round {r} has {len(kinds.get(ev.SECURE_AGGREGATION, []))} "
-                  "secure_aggregation entries, expected 1", at)
-    c.detail = (f"{_rounds_span(run)}; example-dp={example_dp}, "
-                f"client-dp={client_dp}, secure-aggregation={secagg}")
-    return c
+        if e.partner in trained and not (
+                rerun and all(x is not None and signatures.count(x) == 1
+                              for x in (signature, first_signature[e.partner]))):
+            c.add(f"second example_dp of partner {e.partner} in round {r}", i)
+        first_signature.setdefault(e.partner, signature)
+        trained[e.partner] = i
+        if e.partner not in done.replied:
+            c.add(f"example_dp of partner {e.partner}, who is not among round {r}'s "
+                  "replies", i)
+    return trained
+
+
+def _check_replies_accounted(r: int, at: int | None, kinds: dict[str, list[IndexedEvent]],
+                             done: ev.RoundCompleted, trained: dict[str, int],
+                             c: CheckResult) -> None:
+    """With example-level DP, every reply is a release or a budget refusal, and every
+    aggregated update is a release."""
+    refused = {e.partner for _, e in kinds.get(ev.BUDGET_REFUSAL, [])
+               if isinstance(e, ev.BudgetRefusal)}
+    for p in done.replied:
+        if p not in trained and p not in refused:
+            c.add(f"partner {p} replied in round {r} but has neither example_dp "
+                  "nor budget_refusal", at)
+    for p in done.aggregated:
+        if p not in trained:
+            c.add(f"partner {p}'s update is in round {r}'s aggregate without an "
+                  "example_dp event", at)
 
 
 def _rounds_span(run: LoadedRun) -> str:
