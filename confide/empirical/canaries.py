@@ -42,6 +42,7 @@ from confide.audit.canary import (
     INSERTED,
     CanaryFormat,
     CanaryFormatError,
+    Secret,
     candidate_pool,
     extrapolated_exposures,
     rank_exposures,
@@ -204,6 +205,101 @@ def check_trained(run_dir: Path) -> None:
                                "its exposure would mean nothing")
 
 
+@dataclass(frozen=True)
+class _DrawnSecrets:
+    """The audit's secrets (inserted ones first, then controls) and the candidates they are
+    ranked among, all drawn from one seeded generator."""
+
+    seed: int
+    inserted: list[Secret]
+    controls: list[Secret]
+    repeats: list[int]  # per inserted secret
+    candidates: list[Secret]
+    exhaustive: bool
+
+    @property
+    def all(self) -> list[Secret]:
+        return [*self.inserted, *self.controls]
+
+    def record(self, fmt: CanaryFormat) -> list[dict[str, Any]]:
+        """The secret texts as the audit folder keeps them (never the run folder)."""
+        return ([{"kind": INSERTED, "repeats": r, "prompt": fmt.prefix,
+                  "completion": fmt.text(s)}
+                 for s, r in zip(self.inserted, self.repeats, strict=True)]
+                + [{"kind": CONTROL, "repeats": 0, "prompt": fmt.prefix,
+                    "completion": fmt.text(s)} for s in self.controls])
+
+
+def _draw_secrets(settings: CanarySettings, seed: int, rng: np.random.Generator
+                  ) -> _DrawnSecrets:
+    fmt = settings.format
+    n_inserted = settings.canaries * len(settings.repeats)
+    drawn = sample_secrets(fmt, n_inserted + settings.controls, rng)
+    candidates, exhaustive = candidate_pool(fmt, settings.candidates, rng, exclude=drawn)
+    return _DrawnSecrets(seed=seed, inserted=drawn[:n_inserted], controls=drawn[n_inserted:],
+                         repeats=[r for r in settings.repeats for _ in range(settings.canaries)],
+                         candidates=candidates, exhaustive=exhaustive)
+
+
+def _write_audit_data(cfg: RunConfig, settings: CanarySettings, drawn: _DrawnSecrets,
+                      rng: np.random.Generator, work_dir: Path) -> tuple[Path, Path]:
+    """The partner files (the audited partner's with the inserted secrets), the evaluation
+    file and the secret record, under `work_dir`; returns (partner folder, eval file)."""
+    from confide.tasks.inputs import federated_data
+
+    fmt = settings.format
+    fed = federated_data(cfg)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    partners = work_dir / "data" / "partners"
+    for i, part in enumerate(fed.partitions):
+        if i == settings.partner:
+            part = insert_rows(part, [(fmt.prefix, fmt.text(s)) for s in drawn.inserted],
+                               drawn.repeats, rng)
+        write_prompt_csv(partners / f"partner{i:03d}.csv", part, cfg.prompt_column,
+                         cfg.completion_column)
+    eval_path = work_dir / "data" / "eval.csv"
+    write_prompt_csv(eval_path, fed.evaluation, cfg.prompt_column, cfg.completion_column)
+    secret_record = {
+        "seed": drawn.seed, "partner": settings.partner,
+        "partner_file": str(partners / f"partner{settings.partner:03d}.csv"),
+        "format": fmt.describe(), "secrets": drawn.record(fmt)}
+    atomic_write_text(work_dir / SECRETS_FILE, json.dumps(secret_record, indent=2))
+    return partners, eval_path
+
+
+def _measure_exposures(cfg: RunConfig, run_dir: str | Path, settings: CanarySettings,
+                       drawn: _DrawnSecrets) -> list[SecretExposure]:
+    """Score every secret and candidate under the run's final model: each secret's rank
+    among the candidates and its exposure, by rank and extrapolated."""
+    import torch
+
+    from confide.tasks import get_task
+    from confide.tasks.use import load_trained_model
+
+    fmt = settings.format
+    model = load_trained_model(run_dir)
+    device = torch.device("cuda" if cfg.device.startswith("cuda")
+                          or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    tok = get_task(cfg).tokenizer()
+    secret_scores = log_perplexities(model, tok, fmt.prefix,
+                                     [fmt.text(s) for s in drawn.all],
+                                     max_length=cfg.max_length, device=device)
+    cand_scores = log_perplexities(model, tok, fmt.prefix,
+                                   [fmt.text(s) for s in drawn.candidates],
+                                   max_length=cfg.max_length, device=device)
+    by_rank = rank_exposures(secret_scores, cand_scores)
+    extrapolated = extrapolated_exposures(secret_scores, cand_scores, family=settings.family,
+                                          space_bits=fmt.space_bits)
+    ranks = 1 + np.searchsorted(np.sort(cand_scores), secret_scores, side="right")
+    n_inserted = len(drawn.inserted)
+    return [SecretExposure(kind=INSERTED if i < n_inserted else CONTROL,
+                           repeats=drawn.repeats[i] if i < n_inserted else 0,
+                           log_perplexity_bits=float(secret_scores[i]), rank=int(ranks[i]),
+                           rank_exposure=float(by_rank[i]),
+                           extrapolated_exposure=float(extrapolated[i]))
+            for i in range(len(drawn.all))]
+
+
 def run_canary_audit(cfg: RunConfig, settings: CanarySettings, *, work_dir: Path,
                      seed: int | None = None, console: Console | None = None
                      ) -> CanaryAuditResult:
@@ -212,73 +308,29 @@ def run_canary_audit(cfg: RunConfig, settings: CanarySettings, *, work_dir: Path
     `work_dir`."""
     from confide.audit.report import write_report
     from confide.simulation.runner import simulate
-    from confide.tasks import CAUSAL_LM, get_task
-    from confide.tasks.inputs import federated_data
-    from confide.tasks.use import load_trained_model
+    from confide.tasks import CAUSAL_LM
 
     if cfg.task != CAUSAL_LM:
         raise ConfigError(f"the canary exposure audit needs task = 'causal-lm' (got "
                           f"{cfg.task!r})")
     settings.check(cfg.clients)
-    fmt = settings.format
     seed = secrets.randbits(63) if seed is None else seed  # the secrets' seed is secret too
     rng = np.random.default_rng(seed)
-    n_inserted = settings.canaries * len(settings.repeats)
-    drawn = sample_secrets(fmt, n_inserted + settings.controls, rng)
-    inserted, controls = drawn[:n_inserted], drawn[n_inserted:]
-    repeats = [r for r in settings.repeats for _ in range(settings.canaries)]
-    candidates, exhaustive = candidate_pool(fmt, settings.candidates, rng, exclude=drawn)
-
-    fed = federated_data(cfg)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    partners = work_dir / "data" / "partners"
-    for i, part in enumerate(fed.partitions):
-        if i == settings.partner:
-            part = insert_rows(part, [(fmt.prefix, fmt.text(s)) for s in inserted], repeats,
-                               rng)
-        write_prompt_csv(partners / f"partner{i:03d}.csv", part, cfg.prompt_column,
-                         cfg.completion_column)
-    eval_path = work_dir / "data" / "eval.csv"
-    write_prompt_csv(eval_path, fed.evaluation, cfg.prompt_column, cfg.completion_column)
-    secret_record = {
-        "seed": seed, "partner": settings.partner,
-        "partner_file": str(partners / f"partner{settings.partner:03d}.csv"),
-        "format": fmt.describe(),
-        "secrets": [{"kind": INSERTED, "repeats": r, "prompt": fmt.prefix,
-                     "completion": fmt.text(s)} for s, r in zip(inserted, repeats, strict=True)]
-        + [{"kind": CONTROL, "repeats": 0, "prompt": fmt.prefix, "completion": fmt.text(s)}
-           for s in controls]}
-    atomic_write_text(work_dir / SECRETS_FILE, json.dumps(secret_record, indent=2))
+    drawn = _draw_secrets(settings, seed, rng)
+    partners, eval_path = _write_audit_data(cfg, settings, drawn, rng, work_dir)
 
     run_cfg = cfg.replace(data=str(partners), eval_data=str(eval_path), max_train_examples=0,
                           max_eval_examples=0, out=str(work_dir / "run"))
     run_dir, summary = simulate(run_cfg, console=console)
-    import torch
-
     check_trained(Path(run_dir))
-    model = load_trained_model(run_dir)
-    device = torch.device("cuda" if cfg.device.startswith("cuda")
-                          or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-    tok = get_task(cfg).tokenizer()
-    secret_scores = log_perplexities(model, tok, fmt.prefix, [fmt.text(s) for s in drawn],
-                                     max_length=cfg.max_length, device=device)
-    cand_scores = log_perplexities(model, tok, fmt.prefix, [fmt.text(s) for s in candidates],
-                                   max_length=cfg.max_length, device=device)
-    by_rank = rank_exposures(secret_scores, cand_scores)
-    extrapolated = extrapolated_exposures(secret_scores, cand_scores, family=settings.family,
-                                          space_bits=fmt.space_bits)
-    ranks = 1 + np.searchsorted(np.sort(cand_scores), secret_scores, side="right")
-    rows = [SecretExposure(kind=INSERTED if i < n_inserted else CONTROL,
-                           repeats=repeats[i] if i < n_inserted else 0,
-                           log_perplexity_bits=float(secret_scores[i]), rank=int(ranks[i]),
-                           rank_exposure=float(by_rank[i]),
-                           extrapolated_exposure=float(extrapolated[i]))
-            for i in range(len(drawn))]
+    rows = _measure_exposures(cfg, run_dir, settings, drawn)
     eps = summary["privacy"]["example_level"]
+    fmt = settings.format
     result = CanaryAuditResult(
         run_dir=str(run_dir), partner=settings.partner, format=fmt.describe(),
-        space_bits=fmt.space_bits, candidates=len(candidates), exhaustive=exhaustive,
-        family=settings.family, example_dp=cfg.privacy_mode.example_dp,
+        space_bits=fmt.space_bits, candidates=len(drawn.candidates),
+        exhaustive=drawn.exhaustive, family=settings.family,
+        example_dp=cfg.privacy_mode.example_dp,
         claimed_epsilon=max(eps.values()) if eps and cfg.privacy_mode.example_dp else None,
         delta=cfg.delta, secrets=rows)
     atomic_write_bytes(Path(run_dir) / CANARY_EXPOSURE_FILE,
