@@ -1,6 +1,8 @@
-"""The shared transformer: loading (offline), fine-tune modes, and the trainable state.
+"""What every task's model shares: the spec, offline model and tokenizer paths, LoRA
+wrapping, the trainable state and its deltas, digests and devices.
 
-Every node builds the same model from the same local files and seed; only the trainable
+Each task builds its own model (`confide.tasks.build_model` asks the spec's task). Every
+node builds the same model from the same local files and seed; only the trainable
 parameters (LoRA adapters + classifier by default) travel, as deltas against the global
 weights. `frozen_digest` lets a node prove it holds the same frozen base as the server.
 """
@@ -23,16 +25,7 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from transformers import (
-    AutoModel,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    BertModel,
-    PreTrainedTokenizerBase,
-)
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from confide.errors import ConfideError
@@ -87,15 +80,6 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(resolve_model_path(model)), local_files_only=True)
 
 
-def tiny_bert_config(num_labels: int, vocab_size: int) -> BertConfig:
-    """A small random-init BERT for fast tests (same code path as the real model)."""
-    return BertConfig(  # type: ignore[call-arg]  # num_labels: PretrainedConfig's **kwargs
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything that determines the shared model; identical on every node."""
@@ -126,115 +110,6 @@ class ModelSpec:
                    freeze_embeddings=cfg.freeze_embeddings, task=cfg.task)
 
 
-class MeanPoolClassifier(nn.Module):
-    """Encoder + masked mean pooling + linear head.
-
-    Sentence-transformers models such as all-MiniLM-L6-v2 were trained so that the mean of
-    their token states is the sentence representation; the CLS token + pooler that
-    `BertForSequenceClassification` uses was never trained for it. Under DP this matters
-    twice: good features need fewer steps, and a head of `hidden x labels` parameters
-    (instead of a 148k-parameter pooler) keeps the noise dimension small.
-    """
-
-    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.classifier = nn.Linear(hidden_size, num_labels)
-        self.num_labels = num_labels
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids,
-                              token_type_ids=token_type_ids).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        logits = self.classifier(pooled)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-def is_sentence_transformer(path: Path) -> bool:
-    pooling = path / "1_Pooling" / "config.json"
-    if not pooling.is_file():
-        return False
-    import json
-
-    return bool(json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"))
-
-
-def resolve_pooling(spec: ModelSpec) -> str:
-    if spec.pooling != "auto":
-        return spec.pooling
-    if spec.model == TINY:
-        return "mean"
-    return "mean" if is_sentence_transformer(resolve_model_path(spec.model)) else "cls"
-
-
-def build_classifier(spec: ModelSpec) -> nn.Module:
-    """Build the classifier with exactly the spec's parameters trainable (the
-    classification task's model; `confide.tasks.build_model` builds any task's).
-
-    Seeded so that randomly initialised parts (classifier head, pooler if absent from the
-    checkpoint, LoRA A matrices, the whole tiny model) agree across nodes.
-    """
-    if spec.task != "classification":
-        raise ModelError(f"build_classifier got a {spec.task!r} spec; confide.tasks.build_model "
-                         "builds the model of any task")
-    torch.manual_seed(spec.seed)
-    pooling = resolve_pooling(spec)
-    if spec.model == TINY:
-        config = tiny_bert_config(spec.num_labels, load_tokenizer(TINY).vocab_size)
-        if pooling == "mean":
-            model: nn.Module = MeanPoolClassifier(BertModel(config, add_pooling_layer=False),
-                                                  config.hidden_size, spec.num_labels)
-        else:
-            model = BertForSequenceClassification(config)
-    elif pooling == "mean":
-        encoder = AutoModel.from_pretrained(str(resolve_model_path(spec.model)),
-                                            local_files_only=True, add_pooling_layer=False)
-        model = MeanPoolClassifier(encoder, encoder.config.hidden_size, spec.num_labels)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(resolve_model_path(spec.model)), num_labels=spec.num_labels,
-            local_files_only=True)
-    disable_dropout(model)
-    head = _head_parameter_names(model)
-    if spec.fine_tune == "full":
-        model.requires_grad_(True)
-        if spec.freeze_embeddings:
-            # The embedding tables are most of a small encoder (MiniLM: 11.9M of 22.7M)
-            # and a DP update of a word row is mostly noise for words the batch never saw.
-            for name, p in model.named_parameters():
-                if name.rsplit(".", 1)[0].endswith(EMBEDDING_TABLES):
-                    p.requires_grad_(False)
-    elif spec.fine_tune == "head":
-        model.requires_grad_(False)
-        for name, p in model.named_parameters():
-            if name in head:
-                p.requires_grad_(True)
-    elif spec.fine_tune == "bitfit":
-        # BitFit (Ben Zaken et al. 2022): every bias term (attention, MLP, LayerNorm) plus
-        # the head; about 0.1% of the encoder, so DP noise has few coordinates to land on.
-        model.requires_grad_(False)
-        for name, p in model.named_parameters():
-            if name in head or name.endswith(".bias"):
-                p.requires_grad_(True)
-    elif spec.fine_tune == "lora":
-        model = add_lora(model, spec, head)
-    else:
-        raise ModelError(f"fine-tune = {spec.fine_tune!r}; allowed: lora, full, head, bitfit")
-    return model
-
-
-EMBEDDING_TABLES = ("embeddings.word_embeddings", "embeddings.position_embeddings",
-                    "embeddings.token_type_embeddings")
-
-
 def disable_dropout(model: nn.Module) -> None:
     # DP noise already regularises; dropout only adds variance to per-sample gradients
     # and makes the per-sample-gradient check non-deterministic.
@@ -246,14 +121,6 @@ def disable_dropout(model: nn.Module) -> None:
 # The classifier head's parameters carry this in their (possibly peft-prefixed) names; the
 # head may step at its own rate, on the partner (head-learning-rate) and on the server.
 HEAD_MARKER = "classifier."
-
-
-def _head_parameter_names(model: nn.Module) -> set[str]:
-    # With CLS pooling the (pretrained) pooler belongs to the head: it adapts the CLS state.
-    return {n for n, _ in model.named_parameters()
-            if n.startswith(("classifier.", "bert.pooler.", "pooler."))}
-
-
 
 ALL_LINEAR = "all-linear"
 

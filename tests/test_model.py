@@ -78,12 +78,12 @@ def test_real_packaged_minilm_builds_offline_with_mean_pooling() -> None:
 def test_each_task_builds_its_own_model_through_confide_tasks() -> None:
     from torch import nn
 
-    from confide.model import build_classifier
+    from confide.tasks.classification import ClassificationTask
 
     causal = build_model(ModelSpec("tiny", 2, fine_tune="full", task="causal-lm"))
     assert hasattr(causal, "generate") and not hasattr(causal, "classifier")
     with pytest.raises(ModelError, match=r"confide\.tasks\.build_model"):
-        build_classifier(ModelSpec("tiny", 2, task="causal-lm"))
+        ClassificationTask.build_model(ModelSpec("tiny", 2, task="causal-lm"))
     with pytest.raises(ValueError, match="allowed: classification, causal-lm"):
         build_model(ModelSpec("tiny", 2, task="translation"))
     assert isinstance(build_model(ModelSpec("tiny", 2)), nn.Module)

@@ -353,12 +353,12 @@ def preflight(cfg: RunConfig, partition_rows: list[int]) -> PreflightReport | No
     plain message (the ServerApp repeats it for summary.json; calibrations are cached)."""
     if cfg.preflight == "off":
         return None
-    from confide.model import count_trainable
     from confide.server.federation import resolve_evaluation
-    from confide.tasks import build_model
+    from confide.tasks import count_trainable_parameters
 
     _, num_labels = resolve_evaluation(cfg)
-    d = count_trainable(build_model(model_spec(cfg, num_labels)))
+    # counted from the model's configuration: the ServerApp builds the model itself
+    d = count_trainable_parameters(model_spec(cfg, num_labels))
     return check(cfg, d, partition_rows)
 
 

