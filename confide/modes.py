@@ -12,9 +12,10 @@ A mode is three independent choices, in the combinations the system supports:
 | off / local noise | central (trusted server) | plain | client-level DP |
 | off / local noise | distributed (noise in the secure sum) | secure | distributed DP |
 
-What the mode owns: which mechanisms a run composes (and so which ledger events and
-accountants it has), how the secure sum is weighted, whether a node's replies are held to
-the disclosure rules under DP, and its name in consoles and reports.
+What the mode says: which mechanisms a run composes, how the secure sum is weighted,
+whether a node's replies are held to the disclosure rules under DP, and its name in
+consoles and reports. What each mode decides (its calibration, ledger events, pre-flight
+estimate and reply fields) is its rules object: `confide.privacy.mode_rules.rules_of`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from typing import Protocol
 # ledger entry types of the mechanisms (confide.privacy.ledger_events; equal, by test): this
 # module sits beside the configuration, below the privacy package, and imports nothing
 EXAMPLE_DP, CLIENT_DP, SECURE_AGGREGATION = "example_dp", "client_dp", "secure_aggregation"
+# the accountants' names (confide.privacy.accountant; equal, by test), for the same reason:
+# the secure-aggregation stages read the mode without importing dp-accounting
+PLD, RDP = "pld", "rdp"
 
 
 class ModeError(ValueError):
@@ -125,23 +129,11 @@ class PrivacyMode:
             and not self.shared_noise
 
     @property
-    def ledger_events(self) -> tuple[str, ...]:
-        """The mechanism events a round of this mode records."""
-        events: list[str] = []
-        if self.example_dp:
-            events.append(EXAMPLE_DP)
-        if self.client_level:
-            events.append(CLIENT_DP)
-        if self.secure:
-            events.append(SECURE_AGGREGATION)
-        return tuple(events)
-
-    @property
     def client_accountant(self) -> str | None:
         """How client-level epsilon is composed: RDP for the distributed discrete Gaussian
         (no tight accountant covers sums of discrete Gaussians), PLD for the central one."""
-        return {ClientLevel.OFF: None, ClientLevel.CENTRAL: "pld",
-                ClientLevel.DISTRIBUTED: "rdp"}[self.client]
+        return {ClientLevel.OFF: None, ClientLevel.CENTRAL: PLD,
+                ClientLevel.DISTRIBUTED: RDP}[self.client]
 
     @property
     def name(self) -> str:

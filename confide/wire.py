@@ -27,6 +27,13 @@ import numpy as np
 
 from confide.config import RunConfig
 from confide.modes import ClientLevel
+from confide.privacy.reply_fields import EPSILON as EPSILON
+from confide.privacy.reply_fields import NOISE_MULTIPLIER as NOISE_MULTIPLIER
+from confide.privacy.reply_fields import NUM_EXAMPLES as NUM_EXAMPLES
+from confide.privacy.reply_fields import SAMPLE_RATE as SAMPLE_RATE
+from confide.privacy.reply_fields import STEPS as STEPS
+from confide.privacy.reply_fields import TRAIN_LOSS as TRAIN_LOSS
+from confide.privacy.reply_fields import TRAIN_SECONDS as TRAIN_SECONDS
 from confide.privacy.secagg import SecAggConfig
 
 if TYPE_CHECKING:
@@ -48,14 +55,7 @@ FROZEN_DIGEST = "frozen-digest"
 LEDGER_HEAD_INDEX = "ledger-head-index"
 LEDGER_HEAD_HASH = "ledger-head-hash"
 
-# METRICS keys
-NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-EPSILON = "epsilon"
-STEPS = "steps"
-SAMPLE_RATE = "sample-rate"
-NOISE_MULTIPLIER = "noise-multiplier"
-TRAIN_SECONDS = "train-seconds"
+# METRICS keys: confide.privacy.reply_fields (which of them a reply carries is its mode's rule)
 
 # STATUS keys and codes
 STATUS_CODE = "code"

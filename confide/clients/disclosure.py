@@ -24,6 +24,7 @@ from __future__ import annotations
 from confide import wire as W
 from confide.config import RunConfig
 from confide.privacy.mechanisms import ExampleLevelMechanism
+from confide.privacy.mode_rules import rules_of
 
 PUBLIC_ROWS_DIGITS = 2  # significant digits of the public row count
 PUBLIC_ROWS_FLOOR = 100  # the smallest public row count
@@ -54,14 +55,13 @@ def reported_rows(cfg: RunConfig, n: int) -> int:
 def reply_metrics(cfg: RunConfig, *, rows: int, epsilon: float,
                   mechanism: ExampleLevelMechanism, train_loss: float | None = None,
                   train_seconds: float | None = None) -> dict[str, float | int]:
-    """A training reply's metrics. `rows`: `reported_rows`. The loss and the time are
-    dropped under DP (module docstring)."""
-    metrics: dict[str, float | int] = {
+    """A training reply's metrics: the fields the run's mode allows (`ModeRules.reply_fields`:
+    the loss and the time only without DP, module docstring). `rows`: `reported_rows`."""
+    values: dict[str, float | int | None] = {
         W.NUM_EXAMPLES: rows, W.EPSILON: epsilon, W.STEPS: mechanism.steps,
-        W.SAMPLE_RATE: mechanism.sample_rate, W.NOISE_MULTIPLIER: mechanism.noise_multiplier}
-    if not dp_run(cfg):
-        if train_loss is not None:
-            metrics[W.TRAIN_LOSS] = float(train_loss)
-        if train_seconds is not None:
-            metrics[W.TRAIN_SECONDS] = float(train_seconds)
-    return metrics
+        W.SAMPLE_RATE: mechanism.sample_rate, W.NOISE_MULTIPLIER: mechanism.noise_multiplier,
+        W.TRAIN_LOSS: None if train_loss is None else float(train_loss),
+        W.TRAIN_SECONDS: None if train_seconds is None else float(train_seconds)}
+    allowed = rules_of(cfg.privacy_mode).reply_fields
+    return {key: value for key, value in values.items()
+            if key in allowed and value is not None}

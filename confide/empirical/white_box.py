@@ -147,7 +147,8 @@ def train_with_canaries(cfg: RunConfig, included: np.ndarray, *, partner: int = 
     the run's rounds; score each canary by the delta of its coordinate."""
     from confide.clients.dp_training import train_dp
     from confide.clients.opacus_compat import resolve_grad_sample_mode
-    from confide.privacy.accountant import PLD, calibrate_noise, epsilon_of
+    from confide.privacy.accountant import PLD, epsilon_of
+    from confide.privacy.calibration import run_noise_multiplier
     from confide.privacy.mechanisms import SampledGaussian
     from confide.tasks import CLASSIFICATION, build_model, get_task
     from confide.tasks.inputs import federated_data, model_spec
@@ -178,8 +179,7 @@ def train_with_canaries(cfg: RunConfig, included: np.ndarray, *, partner: int = 
     # multiplier calibrated over all planned rounds with the PLD accountant.
     sampling = plan_round(cfg.batch_size, rows, cfg.local_epochs)
     sample_rate, steps = sampling.sample_rate, sampling.steps
-    sigma = cfg.noise_multiplier or calibrate_noise(
-        cfg.target_epsilon, cfg.delta, sample_rate, steps * cfg.rounds, accountant=PLD)
+    sigma = run_noise_multiplier(cfg, sample_rate, steps, accountant=PLD)
     plan = guess_plan(len(included), sample_rate, steps * cfg.rounds)
 
     model = WithCanaries(build_model(model_spec(cfg, num_labels)), len(included))

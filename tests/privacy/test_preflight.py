@@ -9,6 +9,8 @@ import pytest
 
 from confide.config import ConfigError, RunConfig, build_config
 from confide.privacy import preflight as P
+from confide.privacy.accountant import calibrate_noise
+from confide.privacy.mode_rules import estimates as PE
 from confide.wire import session_config
 
 D_MINILM_LORA = 74_498  # all-MiniLM-L6-v2, LoRA rank 8 on query,value + the 2-class head
@@ -70,7 +72,7 @@ def test_shared_noise_is_central_dp_sgd_on_the_union() -> None:
     (ex,) = report.mechanisms
     assert ex.mechanism == "example-dp (shared noise)" and ex.steps_per_round == 1
     assert ex.expected_batch == pytest.approx(1024)
-    sigma = P.calibrate_noise(8.0, 1e-5, 1024 / 3000, 30)
+    sigma = calibrate_noise(8.0, 1e-5, 1024 / 3000, 30)
     assert ex.noise_multiplier == pytest.approx(sigma)
     assert ex.ratio == pytest.approx(sigma * math.sqrt(D_MINILM_LORA) / 1024)
     assert report.verdict == P.OK
@@ -120,7 +122,7 @@ def test_client_level_dp_ratio_and_partners_per_round() -> None:
     (0.9, 3, P.OK), (1.0, 1, P.OK), (2.0, 3, P.WEAK), (5.0, 3, P.WEAK), (6.0, 3, P.CANNOT_LEARN),
     (10.0, 100, P.WEAK), (None, 3, P.UNKNOWN)])
 def test_verdict_thresholds(ratio: float | None, rounds: int, verdict: str) -> None:
-    assert P._verdict(ratio, rounds) == verdict
+    assert P.verdict_of(ratio, rounds) == verdict
 
 
 def test_deployment_without_row_counts_reports_what_it_can() -> None:
@@ -178,8 +180,8 @@ def test_shared_noise_with_few_passes_suggests_more_rounds() -> None:
     (advice,) = ex.suggestions
     assert advice.startswith("more rounds if compute allows")
     rounds = int(advice.split("; at the same epsilon")[1].split("(")[1].split(" rounds")[0])
-    assert rounds == math.ceil(30 * P.FEW_PASSES / (30 * 1024 / 20000))
-    sigma_more = P.calibrate_noise(8.0, 1e-5, 1024 / 20000, rounds)
+    assert rounds == math.ceil(30 * PE.FEW_PASSES / (30 * 1024 / 20000))
+    sigma_more = calibrate_noise(8.0, 1e-5, 1024 / 20000, rounds)
     assert f"sigma {sigma_more:.3f} instead of {ex.noise_multiplier:.3f}" in advice
     assert ex.noise_multiplier < sigma_more < 1.2 * ex.noise_multiplier  # slow growth
     small = P.check(cfg, D_MINILM_LORA, [300] * 10)
@@ -209,9 +211,9 @@ def test_shared_noise_rate_reaching_one_and_too_few_rounds_are_flagged() -> None
     assert "With 2 rounds the server optimizer takes 2 steps" in ex.reason
     batch_fix, rounds_fix = ex.suggestions[:2]
     assert batch_fix.startswith("a smaller batch-size: about 307 (q = 0.34)")
-    assert rounds_fix.startswith(f"more rounds: at least {P.MIN_SHARED_ROUNDS}")
+    assert rounds_fix.startswith(f"more rounds: at least {PE.MIN_SHARED_ROUNDS}")
     # taking both pieces of advice clears both flags
-    fixed = P.check(cfg.replace(batch_size=307, rounds=P.MIN_SHARED_ROUNDS), D_MINILM_LORA,
+    fixed = P.check(cfg.replace(batch_size=307, rounds=PE.MIN_SHARED_ROUNDS), D_MINILM_LORA,
                     [300] * 3)
     assert fixed.verdict == P.OK and "reached 1" not in fixed.mechanisms[0].reason
     text = "\n".join(report.lines())
@@ -221,7 +223,7 @@ def test_shared_noise_rate_reaching_one_and_too_few_rounds_are_flagged() -> None
 @pytest.mark.parametrize(("rounds", "rows", "flags"), [
     (30, 300, ("reached 1",)),  # enough rounds, but the batch is every record
     (3, 3000, ("server optimizer takes 3 steps",)),  # q = 0.34, too few steps
-    (P.MIN_SHARED_ROUNDS, 3000, ())])
+    (PE.MIN_SHARED_ROUNDS, 3000, ())])
 def test_shared_noise_schedule_flags_one_at_a_time(rounds: int, rows: int,
                                                    flags: tuple[str, ...]) -> None:
     (ex,) = P.check(shared_run(rounds), D_MINILM_LORA, [rows // 3] * 3).mechanisms
