@@ -27,7 +27,6 @@ import os
 import random
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -180,16 +179,12 @@ def ours_secagg(msg: Message, context: Context) -> Message:
     return _ours_reply(msg, context, False)
 
 
-class _Ledger:
-    def append(self, *args: Any) -> None:
-        pass
-
-
 class BenchFederation:
     """What `SecureRounds` reads from its host (confide.server.aggregation.RoundHost): no
-    model, no evaluation, no run folder; replies are recorded by the product's PartnerBook."""
+    model, no evaluation, no ledger; replies are recorded by the product's PartnerBook."""
 
-    rounds_completed = 0
+    first_round = True
+    run_key = ""
 
     def __init__(self, grid: Grid, cfg: Any, d: int) -> None:
         from confide.server.partners import PartnerBook
@@ -197,11 +192,24 @@ class BenchFederation:
 
         self.grid, self.cfg, self.timeout = grid, cfg, 3600.0
         # fault injection's crash points name the run folder (never set off here)
-        self.folder = SimpleNamespace(root=Path(cfg.out or "."))
+        self.run_dir = Path(cfg.out or ".")
         self.global_state = {"w": np.zeros(d, dtype=np.float32)}
-        self.ledger = _Ledger()
         self.book = PartnerBook(cfg)
         self.inner = DeltaFedAvg(server_learning_rate=1.0)
+        self.entries = 0
+
+    def record(self, event: Any) -> int:
+        self.entries += 1
+        return self.entries - 1
+
+    def entry_hash_at(self, index: int) -> str | None:
+        return None
+
+    def server_step(self, mean_delta: Any) -> dict[str, np.ndarray]:
+        return self.inner.step(self.global_state, mean_delta)
+
+    def partner_rows_known(self, rows: list[int]) -> None:
+        pass
 
 
 def ours_config(n: int, rounds: int, dp: bool, out: Path | None = None) -> Any:

@@ -375,16 +375,13 @@ class Ledger:
         prev = entries[-1]["entry_hash"] if entries else GENESIS_HASH
         return cls(path, signing_key, len(entries), prev, entries)
 
-    def append(self, event_type: str | ev.LedgerEvent,
-               payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Sign and durably append one entry; returns it. Either `append(event)` with a
-        typed event, or `append(type, payload)` (the payload is validated by its type)."""
-        if isinstance(event_type, ev.LedgerEvent):
-            kind, body = event_type.TYPE, event_type.to_payload()
-        else:
-            if payload is None:
-                raise TypeError("append(type, payload) needs a payload")
-            kind, body = event_type, dict(payload)
+    def append(self, event: ev.LedgerEvent) -> dict[str, Any]:
+        """Sign and durably append one typed event's entry; returns it (its "index" is
+        where a partner's acknowledgement points)."""
+        if not isinstance(event, ev.LedgerEvent):
+            raise TypeError("Ledger.append takes a typed ledger event, not "
+                            f"{type(event).__name__}")
+        kind, body = event.TYPE, event.to_payload()
         ev.parse_payload(kind, body)  # fail at the writer, not later at the auditor
         with self._lock:
             if self._fh.closed:

@@ -4,8 +4,11 @@
 runs each round's exchanges: `PlainRounds` (plain_round.py: updates reach the server in the
 clear) or `SecureRounds` (secure_round.py: the server only learns their masked sum). Each
 takes the round's instructions from the host and returns one `RoundOutcome`; the host
-appends the outcome's privacy events to the ledger and adopts its aggregate. Typing the
-host with a protocol keeps the aggregations from importing the federation.
+appends the outcome's privacy events to the ledger and adopts its aggregate. What must be in
+the ledger before the round ends (the round's sample, the partners' receipts: a crash mid-
+aggregation must find them) is handed to the host's `record` as it happens; only the host
+holds the `Ledger`. Typing the host with a protocol keeps the aggregations from importing
+the federation.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
     import numpy as np
     from flwr.app import ConfigRecord
     from flwr.serverapp import Grid
 
     from confide.config import RunConfig
-    from confide.privacy.ledger import Ledger
     from confide.privacy.ledger_events import LedgerEvent
     from confide.server.partners import PartnerBook
-    from confide.server.run_folder import RunFolder
-    from confide.strategies.delta_fedavg import DeltaFedAvg
 
 
 @dataclass
@@ -43,18 +46,58 @@ class RoundOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)  # extra metrics.jsonl fields
 
 
-class RoundHost(Protocol):
-    """What an aggregation reads from the federation that runs it."""
+class RunRecord(Protocol):
+    """The run's ledger as those that hand it events see it: `Federation` alone appends
+    (`record`); partners' receipts and countersignatures are checked against its key and
+    entries."""
 
-    cfg: RunConfig
-    grid: Grid
-    timeout: float
-    folder: RunFolder
-    ledger: Ledger | None
-    global_state: dict[str, np.ndarray]
-    inner: DeltaFedAvg  # the server optimizer that turns an aggregate update into weights
-    book: PartnerBook
-    rounds_completed: int
+    @property
+    def run_key(self) -> str:
+        """The ledger's public key (hex): the run a partner's signed statement names."""
+        ...
+
+    def record(self, event: LedgerEvent) -> int:
+        """Append `event` to the ledger now (durably); returns its entry index."""
+        ...
+
+    def entry_hash_at(self, index: int) -> str | None:
+        """The entry_hash of ledger entry `index` (None: no such entry)."""
+        ...
+
+
+class RoundHost(RunRecord, Protocol):
+    """What an aggregation reads from the federation that runs it (all read-only: the
+    host adopts the outcome), and the two things it may ask of it."""
+
+    @property
+    def cfg(self) -> RunConfig: ...
+
+    @property
+    def grid(self) -> Grid: ...
+
+    @property
+    def timeout(self) -> float: ...
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder (fault injection's crash points are armed per run)."""
+        ...
+
+    @property
+    def global_state(self) -> Mapping[str, np.ndarray]: ...
+
+    @property
+    def book(self) -> PartnerBook: ...
+
+    @property
+    def first_round(self) -> bool:
+        """No round of this run is complete yet (a resumed run's first round is not)."""
+        ...
+
+    def server_step(self, mean_delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global weights after one server-optimizer step along `mean_delta` (the
+        host's global weights are unchanged until it adopts the round's outcome)."""
+        ...
 
     def partner_rows_known(self, rows: list[int]) -> None:
         """Every partner's training rows, learnt before round 1 (shared noise's size

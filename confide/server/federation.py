@@ -10,11 +10,12 @@ from __future__ import annotations
 import ast
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -169,11 +170,10 @@ class Federation:
         fed.folder.create(fed.cfg)
         fed.ledger = Ledger.create(fed.folder.ledger, fed.folder.ledger_signing_key())
         fed.ledger.before_write = ledger_crash_point(fed.folder.root)
-        fed.ledger.append(E.RUN_STARTED, E.RunStarted(
+        fed.record(E.RunStarted(
             config=fed.cfg.to_dict(), config_digest=fed.cfg.digest(),
             code_version=confide.__version__,
-            ledger_public_key=fed.ledger.public_key_hex, delta=fed.cfg.delta,
-        ).to_payload())
+            ledger_public_key=fed.ledger.public_key_hex, delta=fed.cfg.delta))
         # round 0: a server that dies in round 1 (when partners may have spent budget
         # already) is resumable too, like one that dies in any later round
         fed.save_checkpoint()
@@ -236,6 +236,34 @@ class Federation:
         if self.preflight is None:
             self.run_preflight(refuse=not self.resumed, partition_rows=rows)
 
+    # -- what the round's aggregation asks of its host (aggregation.RoundHost) ---------
+    def record(self, event: E.LedgerEvent) -> int:
+        """Append `event` to the run's ledger (the only writer); returns its entry index."""
+        if self.ledger is None:
+            raise RuntimeError("the run has no ledger yet: build it with Federation.create, "
+                               "Federation.resume or Federation.open")
+        return int(self.ledger.append(event)["index"])
+
+    @property
+    def run_key(self) -> str:
+        assert self.ledger is not None
+        return self.ledger.public_key_hex
+
+    def entry_hash_at(self, index: int) -> str | None:
+        assert self.ledger is not None
+        return self.ledger.entry_hash_at(index)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.root
+
+    @property
+    def first_round(self) -> bool:
+        return self.rounds_completed == 0
+
+    def server_step(self, mean_delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner.step(self.global_state, mean_delta)
+
     def _load_checkpoint(self) -> None:
         # read-only checks first: a finished run, another configuration (keys named) or
         # weights that are not the ledger's model_digest refuse before anything is written
@@ -263,13 +291,14 @@ class Federation:
         random.setstate(ast.literal_eval(state["python_random"]))
         self.rounds_completed = round_
         self.folder.truncate_metrics(round_)
-        for recorded in complete_recorded_round(self.folder, self.ledger, round_, state):
+        for recorded in complete_recorded_round(self.folder, self, self.ledger.entries, round_,
+                                                state):
             log(INFO, "Confide: resume recorded %s", recorded)
         rows = self.folder.read_metrics()
         self.last_metrics = rows[-1] if rows else {}
         self.book.account_unfinished_rounds(self.ledger.entries)
         self.resumed = True
-        self.ledger.append(E.RunResumed(from_round=round_))
+        self.record(E.RunResumed(from_round=round_))
         log(INFO, "Confide: resuming %s after round %d", self.folder.root, round_)
 
     def run(self) -> dict[str, Any]:
@@ -298,8 +327,8 @@ class Federation:
         """Stop after the last checkpointed round: record why in the ledger and leave the
         run folder resumable (no summary.json, no run_finished)."""
         assert self.ledger is not None and self.stop is not None
-        self.ledger.append(E.RunInterrupted(after_round=self.rounds_completed,
-                                            reason=self.stop.reason or "stop requested"))
+        self.record(E.RunInterrupted(after_round=self.rounds_completed,
+                                     reason=self.stop.reason or "stop requested"))
         self.ledger.close()
         log(WARNING, "Confide: run stopped (%s) after round %d; %s is resumable",
             self.stop.reason, self.rounds_completed, self.folder.root)
@@ -317,7 +346,7 @@ class Federation:
                                W.LEDGER_HEAD_INDEX: head_index, W.LEDGER_HEAD_HASH: head_hash})
         outcome = self.aggregation.run_round(server_round, config)
         for event in outcome.events:
-            self.ledger.append(event)
+            self.record(event)
         if server_round == self.cfg.rounds and self.cfg.privacy_mode.example_dp:
             late = self.collect_unrecorded_receipts(server_round, config)
             outcome.replied = sorted({*outcome.replied, *late})
@@ -334,8 +363,7 @@ class Federation:
             self.folder.append_examples(evaluation.examples)
         digest = E.weights_digest(self.global_state)
         partners = list(self.book.records.values())
-        self.ledger.append(E.MODEL_DIGEST, E.ModelDigest(round=server_round,
-                                                         sha256=digest).to_payload())
+        self.record(E.ModelDigest(round=server_round, sha256=digest))
         row = {
             "round": server_round, "num_clients_sampled": len(outcome.sampled),
             "num_clients_aggregated": len(outcome.aggregated), "accuracy": accuracy, "loss": loss,
@@ -356,7 +384,7 @@ class Federation:
         # that stops once the ledger records round_completed resumes after this round
         # (recovery.complete_recorded_round) and never trains it, or spends for it, again
         self.save_checkpoint(round_record(completed, row))
-        self.ledger.append(completed)
+        self.record(completed)
         self.folder.append_metrics(row)
         log(INFO, "%s", round_line(row, self.cfg.rounds,
                                    example_dp=self.cfg.privacy_mode.example_dp))
@@ -385,7 +413,7 @@ class Federation:
             self.book.prepare_train(message, server_round)
             messages.append(message)
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        answered, this_round = self.book.record_unrecorded_receipts(self.ledger, server_round,
+        answered, this_round = self.book.record_unrecorded_receipts(self, server_round,
                                                                     replies, nodes)
         log(INFO, "round %d: asked %d node(s) for receipts the ledger may lack; %d answered",
             server_round, len(messages), answered)
@@ -503,8 +531,7 @@ class Federation:
                                 "weights-digest": E.weights_digest(self.global_state)})
         summary = self.summary()
         self.folder.write_summary(summary)
-        self.ledger.append(E.RUN_FINISHED, E.RunFinished(
-            rounds_completed=self.rounds_completed).to_payload())
+        self.record(E.RunFinished(rounds_completed=self.rounds_completed))
         self.ledger.close()
         # report.html / report.md are the driver's, written after the run
         # (confide.audit.report.write_report_after_run); after a plain `flwr run`:

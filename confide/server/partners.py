@@ -2,9 +2,10 @@
 
 `PartnerBook.record_replies` takes one round's replies through the pure sort
 (`confide.server.replies`), checks what only a key or the ledger can check (signed budget
-refusals, DP receipts, receipts of earlier lost attempts), records those facts in the ledger
-and in each partner's record, and logs what it drops. Plain and secure rounds both use it, so
-a reply is judged the same way on either path.
+refusals, DP receipts, receipts of earlier lost attempts), hands those facts to the run's
+record (`aggregation.RunRecord`: the federation appends each to the ledger at once) and
+keeps them in each partner's record, and logs what it drops. It never holds the ledger.
+Plain and secure rounds both use it, so a reply is judged the same way on either path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
@@ -23,7 +24,6 @@ from confide.config import RunConfig
 from confide.logs import verbose_from_env
 from confide.privacy import ledger_events as E
 from confide.privacy.accountant import rdp_epsilon
-from confide.privacy.ledger import Ledger
 from confide.privacy.mechanisms import (
     ExampleLevelMechanism,
     SampledGaussian,
@@ -47,6 +47,9 @@ from confide.server.replies import (
     sort_replies,
     uploaded_bytes,
 )
+
+if TYPE_CHECKING:
+    from confide.server.aggregation import RunRecord
 
 
 @dataclass
@@ -135,7 +138,7 @@ class PartnerBook:
         self.last_recorded: dict[int, int] = {}
 
     # -- one round -------------------------------------------------------------------
-    def record_replies(self, ledger: Ledger, server_round: int, replies: Iterable[Message],
+    def record_replies(self, host: RunRecord, server_round: int, replies: Iterable[Message],
                        expected: set[int] | None = None) -> RoundReplies:
         """Keep replies that trained; log and record refusals and failures. A trained reply
         whose DP receipt does not verify is dropped (its spend could not be audited), as is
@@ -155,9 +158,9 @@ class PartnerBook:
             partner = self._partner(r)
             out.partner_of[r.node] = self.node_partner[r.node] = partner.pseudonym
             self.last_recorded[r.node] = server_round
-            self._record_countersignature(ledger, server_round, partner, r.reply)
+            self._record_countersignature(host, server_round, partner, r.reply)
             if r.kind == REFUSED:
-                self._record_refusal(ledger, server_round, partner, r, out)
+                self._record_refusal(host, server_round, partner, r, out)
             elif r.kind == FAILED:
                 log(WARNING, "round %d: partner %s: %s", server_round, partner.pseudonym,
                     r.reason)
@@ -165,7 +168,7 @@ class PartnerBook:
             else:
                 out.uploaded += uploaded_bytes(r.reply)
                 if self.cfg.privacy_mode.example_dp and not self._record_example_dp(
-                        ledger, server_round, partner, r.reply):
+                        host, server_round, partner, r.reply):
                     continue
                 partner.rounds_trained.append(server_round)
                 out.trained.append(r.reply)
@@ -192,23 +195,23 @@ class PartnerBook:
         return self.records[r.partner]
 
     # -- refusals --------------------------------------------------------------------
-    def _record_refusal(self, ledger: Ledger, server_round: int, partner: PartnerRecord,
+    def _record_refusal(self, host: RunRecord, server_round: int, partner: PartnerRecord,
                         r: SortedReply, out: RoundReplies) -> None:
         status = r.reply.content.config_records[W.STATUS]
-        refusal = self._refusal(ledger, server_round, partner, r.reply)
+        refusal = self._refusal(host, server_round, partner, r.reply)
         if refusal is None:
             del out.partner_of[r.node]
             out.dropped.append(partner.pseudonym)
             return
-        self._record_earlier_receipts(ledger, server_round, partner, r.reply)
+        self._record_earlier_receipts(host, server_round, partner, r.reply)
         partner.refused.append(server_round)
         out.refusals.append(Refusal(partner.pseudonym, float(status["spent"]),
                                     float(status["would_be"]), float(status["max_epsilon"])))
         log(WARNING, "round %d: partner %s refused: %s", server_round, partner.pseudonym,
             r.reason)
-        ledger.append(refusal)
+        host.record(refusal)
 
-    def _refusal(self, ledger: Ledger, server_round: int, partner: PartnerRecord,
+    def _refusal(self, host: RunRecord, server_round: int, partner: PartnerRecord,
                  reply: Message) -> E.BudgetRefusal | None:
         """The budget_refusal entry: the partner's signed numbers (its lifetime spend) with
         the signed refusal attached; None (not recorded) when the signature does not hold.
@@ -227,7 +230,7 @@ class PartnerBook:
             event = E.BudgetRefusal(round=server_round, partner=partner.pseudonym,
                                     **numbers, receipt=signed.to_dict())
             bad = refusal_mismatches(signed, event.to_payload())
-            if bad or signed.payload.get("run") != ledger.public_key_hex:
+            if bad or signed.payload.get("run") != host.run_key:
                 raise ValueError("; ".join(bad) or "refusal is for another run")
         except (KeyError, ValueError) as exc:
             log(WARNING, "round %d: partner %s: invalid signed refusal (%s); counted as "
@@ -236,23 +239,23 @@ class PartnerBook:
         return event
 
     # -- example-level DP receipts ---------------------------------------------------
-    def _record_example_dp(self, ledger: Ledger, server_round: int, partner: PartnerRecord,
+    def _record_example_dp(self, host: RunRecord, server_round: int, partner: PartnerRecord,
                            reply: Message) -> bool:
         """Store the partner-signed DP event; an update without a valid receipt is dropped
         (its privacy spend could not be audited)."""
         try:
             receipt = self._checked_receipt(str(reply.content[W.RECEIPT][W.RECEIPT_JSON]),
-                                            server_round, partner, run=ledger.public_key_hex)
+                                            server_round, partner, run=host.run_key)
         except (KeyError, ValueError, json.JSONDecodeError) as exc:
             log(WARNING, "round %d: partner %s: invalid DP receipt (%s); update dropped",
                 server_round, partner.pseudonym, exc)
             return False
-        self._record_earlier_receipts(ledger, server_round, partner, reply)
+        self._record_earlier_receipts(host, server_round, partner, reply)
         if receipt.signature_hex in self.signatures:
             log(WARNING, "round %d: partner %s sent a receipt the ledger already holds; "
                 "update dropped", server_round, partner.pseudonym)
             return False
-        self._append_receipt(ledger, partner, receipt)
+        self._append_receipt(host, partner, receipt)
         unpaid = self._unpaid_update(server_round, receipt, reply)
         if unpaid:
             # the partner spent its budget all the same: the receipt stays in the ledger
@@ -305,21 +308,21 @@ class PartnerBook:
                              f"run (1..{rounds})")
         return receipt
 
-    def _append_receipt(self, ledger: Ledger, partner: PartnerRecord, receipt: Receipt,
+    def _append_receipt(self, host: RunRecord, partner: PartnerRecord, receipt: Receipt,
                         recorded_in_round: int | None = None) -> None:
         partner.epsilon = float(receipt.payload["epsilon"])
         event = E.ExampleDpEvent.from_receipt(receipt, recorded_in_round)
         partner.accountant = event.accountant
         partner.add_mechanism(event.mechanism, event.delta)
-        entry = ledger.append(event)
-        self._index_receipt(partner.pseudonym, receipt.signature_hex, int(entry["index"]))
+        index = host.record(event)  # durable before the round goes on
+        self._index_receipt(partner.pseudonym, receipt.signature_hex, index)
 
     def _index_receipt(self, partner: str, signature_hex: str, index: int) -> None:
         self.signatures.add(signature_hex)
         self.acknowledged.setdefault(partner, {})[W.receipt_ack_name(signature_hex)] = index
 
     # -- countersigned chain heads ---------------------------------------------------
-    def _record_countersignature(self, ledger: Ledger, server_round: int,
+    def _record_countersignature(self, host: RunRecord, server_round: int,
                                  partner: PartnerRecord, reply: Message) -> None:
         """The partner's countersignature of the ledger head its train message named, in
         the ledger (head_countersigned), when it holds: signed by the partner's key, for
@@ -334,19 +337,19 @@ class PartnerBook:
             head = signed.payload
             if signed.public_key_hex != partner.public_key:
                 raise ValueError("countersigned by another key than the partner's")
-            if head["run"] != ledger.public_key_hex:
+            if head["run"] != host.run_key:
                 raise ValueError("it countersigns another run's ledger")
-            if ledger.entry_hash_at(head["index"]) != head["hash"]:
+            if host.entry_hash_at(head["index"]) != head["hash"]:
                 raise ValueError(f"entry {head['index']} of this ledger has another hash")
         except (KeyError, ValueError) as exc:
             log(WARNING, "round %d: partner %s: invalid countersignature of the ledger head "
                 "(%s); not recorded", server_round, partner.pseudonym, exc)
             return
-        ledger.append(E.HeadCountersigned(
+        host.record(E.HeadCountersigned(
             round=server_round, partner=partner.pseudonym, index=int(head["index"]),
             hash=str(head["hash"]), countersignature=signed.to_dict()))
 
-    def _record_earlier_receipts(self, ledger: Ledger, server_round: int,
+    def _record_earlier_receipts(self, host: RunRecord, server_round: int,
                                  partner: PartnerRecord, reply: Message) -> list[int]:
         """Receipts the partner signed earlier in this run that the ledger does not hold
         (its reply was lost: the server died after the node trained, before or while
@@ -365,7 +368,7 @@ class PartnerBook:
             try:
                 receipt = self._checked_receipt(str(text), server_round, partner,
                                                 rounds=self.cfg.rounds,
-                                                run=ledger.public_key_hex)
+                                                run=host.run_key)
             except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
                 log(WARNING, "round %d: partner %s: invalid receipt of an earlier reply "
                     "(%s); not recorded", server_round, partner.pseudonym, exc)
@@ -377,7 +380,7 @@ class PartnerBook:
                 "spend is recorded now", server_round, partner.pseudonym,
                 "an earlier attempt of this round" if trained_in == server_round
                 else f"round {trained_in}")
-            self._append_receipt(ledger, partner, receipt,
+            self._append_receipt(host, partner, receipt,
                                  None if trained_in == server_round else server_round)
             rounds.append(trained_in)
         return rounds
@@ -408,7 +411,7 @@ class PartnerBook:
         hold a receipt the ledger lacks (it trained, the reply was lost)."""
         return {n for n, r in self.last_sent.items() if self.last_recorded.get(n, 0) < r}
 
-    def record_unrecorded_receipts(self, ledger: Ledger, server_round: int,
+    def record_unrecorded_receipts(self, host: RunRecord, server_round: int,
                                    replies: Iterable[Message], asked: set[int]
                                    ) -> tuple[int, list[str]]:
         """Replies to a receipts query (`wire.RECEIPTS_MESSAGE_TYPE`) sent to `asked`: each
@@ -423,7 +426,7 @@ class PartnerBook:
             self.node_partner[r.node] = partner.pseudonym
             self.last_recorded[r.node] = self.last_sent.get(r.node, server_round)
             if W.RECEIPT in r.reply.content.config_records and server_round in \
-                    self._record_earlier_receipts(ledger, server_round, partner, r.reply):
+                    self._record_earlier_receipts(host, server_round, partner, r.reply):
                 this_round.append(partner.pseudonym)
         return len(answered), this_round
 

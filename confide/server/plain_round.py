@@ -26,28 +26,27 @@ if TYPE_CHECKING:
 class PlainRounds:
     def __init__(self, host: RoundHost, strategy: DeltaFedAvg | ClientLevelDp) -> None:
         self.host = host
-        self.strategy = strategy  # host.inner, or ClientLevelDp around it
+        self.strategy = strategy  # the federation's DeltaFedAvg, or ClientLevelDp around it
+        self.inner = strategy.strategy if isinstance(strategy, ClientLevelDp) else strategy
 
     def run_round(self, server_round: int, config: ConfigRecord) -> RoundOutcome:
         host = self.host
-        assert host.ledger is not None
         messages = list(self.strategy.configure_train(
             server_round, W.to_array_record(host.global_state), config, host.grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         for message in messages:
             host.book.prepare_train(message, server_round)
-        host.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
-            round=server_round, sampled=[str(n) for n in sampled]).to_payload())
+        host.record(E.RoundConfigured(round=server_round, sampled=[str(n) for n in sampled]))
         replies = list(host.grid.send_and_receive(messages, timeout=host.timeout))
-        crash_point("after-replies", server_round, run_dir=host.folder.root)
-        recorded = host.book.record_replies(host.ledger, server_round, replies, set(sampled))
-        first = host.rounds_completed == 0
+        crash_point("after-replies", server_round, run_dir=host.run_dir)
+        recorded = host.book.record_replies(host, server_round, replies, set(sampled))
+        first = host.first_round
         check_budget_left(server_round, recorded, first_round=first,
                           target_epsilon=host.cfg.target_epsilon)
         check_any_trained(server_round, recorded, len(sampled), first_round=first)
         arrays, _ = self.strategy.aggregate_train(server_round, recorded.trained)
-        crash_point("mid-aggregation", server_round, run_dir=host.folder.root)
-        rejected = {node for node, _ in host.inner.rejected}
+        crash_point("mid-aggregation", server_round, run_dir=host.run_dir)
+        rejected = {node for node, _ in self.inner.rejected}
         aggregate = None if arrays is None else arrays_to_numpy(arrays)
         aggregated = [] if arrays is None else [
             recorded.partner_of[m.metadata.src_node_id] for m in recorded.trained

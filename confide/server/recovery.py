@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,8 +21,11 @@ from confide.config import RunConfig
 from confide.errors import ConfideError
 from confide.logs import plural
 from confide.privacy import ledger_events as E
-from confide.privacy.ledger import Ledger, read_lines
+from confide.privacy.ledger import read_lines
 from confide.server.run_folder import CheckpointError, RunFolder
+
+if TYPE_CHECKING:
+    from confide.server.aggregation import RunRecord
 
 # Keys that may differ on resume: `resume` itself, `out` (a run folder may be moved or
 # copied and resumed in its new place; nothing privacy-relevant depends on the path) and
@@ -152,7 +155,8 @@ def round_record(completed: E.RoundCompleted, metrics_row: dict[str, Any]) -> di
                              "metrics": metrics_row}}
 
 
-def complete_recorded_round(folder: RunFolder, ledger: Ledger, round_: int,
+def complete_recorded_round(folder: RunFolder, host: RunRecord,
+                            entries: list[dict[str, Any]], round_: int,
                             state: dict[str, Any]) -> list[str]:
     """On resume from the checkpoint of `round_`: record what the run wrote after that
     checkpoint and lost when it stopped (disk full, killed): the round's round_completed
@@ -162,8 +166,8 @@ def complete_recorded_round(folder: RunFolder, ledger: Ledger, round_: int,
     if not isinstance(record, dict) or record.get("round") != round_ or round_ == 0:
         return []
     done: list[str] = []
-    if completed_rounds(ledger.entries) < round_:
-        ledger.append(E.ROUND_COMPLETED, dict(record["round_completed"]))
+    if completed_rounds(entries) < round_:
+        host.record(E.RoundCompleted.from_payload(record["round_completed"]))
         done.append(f"round {round_}'s round_completed (from its checkpoint)")
     if not any(row.get("round") == round_ for row in folder.read_metrics()):
         folder.append_metrics(dict(record["metrics"]))

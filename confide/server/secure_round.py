@@ -74,7 +74,6 @@ from confide.server.aggregation import RoundOutcome
 from confide.server.faults import crash_point
 from confide.server.partners import check_budget_left
 from confide.server.recovery import EveryPartnerFailed
-from confide.strategies.delta_fedavg import arrays_to_numpy
 
 if TYPE_CHECKING:
     from confide.server.aggregation import RoundHost
@@ -367,7 +366,6 @@ class SecureRounds:
         """Fit + unmask exchanges of one round; the outcome's aggregate is the new global
         weights when the secure sum is released (None when the round aborted)."""
         fed = self.fed
-        assert fed.ledger is not None
         self.uploaded = 0
         config = ConfigRecord({**dict(config), W.ROUND: server_round})
         if self.shared_mode:
@@ -377,8 +375,7 @@ class SecureRounds:
         cur = self.sessions[server_round]
         nxt = self.sessions.get(server_round + 1)
         sampled = sorted(cur.ids)
-        fed.ledger.append(E.ROUND_CONFIGURED, E.RoundConfigured(
-            round=server_round, sampled=[str(n) for n in sampled]).to_payload())
+        fed.record(E.RoundConfigured(round=server_round, sampled=[str(n) for n in sampled]))
 
         # fit: MaskedInputRequest(r) with the weights, KeyDirectory(r+1) alongside
         parts: dict[int, dict[str, Any]] = {}
@@ -402,10 +399,10 @@ class SecureRounds:
                 parts.setdefault(node, {})[f"{W.KEY_DIRECTORY}/{nxt.round}"] = \
                     nxt.directory.to_bytes()
         replies = self._exchange(server_round, config, parts, train)
-        crash_point("after-replies", server_round, run_dir=fed.folder.root)
+        crash_point("after-replies", server_round, run_dir=fed.run_dir)
         recorded = fed.book.record_replies(
-            fed.ledger, server_round, [r for r in replies if r.metadata.src_node_id in train])
-        check_budget_left(server_round, recorded, first_round=fed.rounds_completed == 0,
+            fed, server_round, [r for r in replies if r.metadata.src_node_id in train])
+        check_budget_left(server_round, recorded, first_round=fed.first_round,
                           target_epsilon=fed.cfg.target_epsilon)
         trained = recorded.trained
         if nxt is not None and nxt.aborted is None:
@@ -459,7 +456,7 @@ class SecureRounds:
                 cur.aborted = f"unmasking failed: {exc}"
 
         # aggregate, verify, account, record
-        crash_point("mid-aggregation", server_round, run_dir=fed.folder.root)  # sum released
+        crash_point("mid-aggregation", server_round, run_dir=fed.run_dir)  # sum released
         abort = None if cur.aborted is None else SecureAggregationAbort(cur.aborted)
         extra: dict[str, Any] = {"secagg_aborted": abort.reason if abort else None}
         aggregated: list[str] = []
@@ -477,8 +474,7 @@ class SecureRounds:
             expected = sum(self.partner_info[n][0] * self.partner_info[n][1]
                            for n in survivors)
             gradient = decode_sum(result.ring_sum, cur.shared) / expected
-            fed.inner.global_state = fed.global_state
-            aggregate = arrays_to_numpy(fed.inner.apply(W.unflatten(-gradient, self.reference)))
+            aggregate = fed.server_step(W.unflatten(-gradient, self.reference))
             aggregated = [partner.get(n) or fed.book.record_name(n) for n in survivors]
             released = cur.shared.mechanism(cur.shared.sample_rate)  # the partners' receipts
             extra.update({"shared_noise_multiplier": released.noise_multiplier,
@@ -491,8 +487,7 @@ class SecureRounds:
             # count of survivors is public and exact
             mean = result.weighted_sum / (result.total_weight if fed.cfg.secure_sum_weighted
                                           else len(survivors))
-            fed.inner.global_state = fed.global_state
-            aggregate = arrays_to_numpy(fed.inner.apply(W.unflatten(mean, self.reference)))
+            aggregate = fed.server_step(W.unflatten(mean, self.reference))
             aggregated = [partner.get(n) or fed.book.record_name(n) for n in survivors]
             encoder = UpdateEncoder(cur.config)
             extra["secagg_quantization_step"] = encoder.step * cur.config.max_weight

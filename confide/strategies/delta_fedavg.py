@@ -8,7 +8,7 @@ example-weighted mean of the deltas and moves the global weights by
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import WARNING
 
 import numpy as np
@@ -107,9 +107,17 @@ class DeltaFedAvg(FedAvg):
         return {name: sum((w / total) * d[name].astype(np.float64) for _, d, w in updates)
                 for name in self.global_state}
 
+    def step(self, global_state: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]
+             ) -> dict[str, np.ndarray]:
+        """The weights after one server-optimizer step from `global_state` along
+        `mean_delta` (float32, as sent to the nodes): every path that moves the global
+        weights goes through here."""
+        new = self.optimizer.step(dict(global_state), dict(mean_delta))
+        return {k: v.astype(np.float32) for k, v in new.items()}
+
     def apply(self, mean_delta: dict[str, np.ndarray]) -> ArrayRecord:
-        new = self.optimizer.step(self.global_state, mean_delta)
-        return W.to_array_record({k: v.astype(np.float32) for k, v in new.items()})
+        """`step` from the weights of this round's train messages."""
+        return W.to_array_record(self.step(self.global_state, mean_delta))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

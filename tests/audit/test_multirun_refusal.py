@@ -15,6 +15,7 @@ import pytest
 from confide.audit.verify import verify_run
 from confide.config import build_config
 from confide.privacy.ledger import Ledger
+from confide.privacy.ledger_events import parse_payload
 from confide.run_layout import LEDGER_FILE
 from confide.server.federation import Federation
 from confide.server.run_folder import RunFolder
@@ -76,7 +77,7 @@ def _resign(out: Path, edit) -> None:
     ledger = Ledger.create(out / LEDGER_FILE, key)
     for e in old:
         if e["type"] != "head_countersigned":
-            ledger.append(e["type"], edit(e))
+            ledger.append(parse_payload(e["type"], edit(e)))
     ledger.close()
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import stat
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -28,6 +30,11 @@ from confide.privacy.ledger import (
 from confide.privacy.mechanisms import ClientLevelGaussian, SecureAggregationAbort
 
 
+@dataclass(frozen=True)
+class MadeUp(ev.LedgerEvent):
+    TYPE: ClassVar[str] = "made_up"
+
+
 def _start(led: Ledger) -> dict:
     return led.append(ev.RunStarted(config={"rounds": 2}, config_digest="ab" * 32,
                                     code_version="test", ledger_public_key=led.public_key_hex,
@@ -39,7 +46,7 @@ def test_entries_are_chained_hashed_and_signed(tmp_path: Path) -> None:
     path = tmp_path / "ledger.jsonl"
     with Ledger.create(path, key) as led:
         first = _start(led)
-        second = led.append(ev.ROUND_CONFIGURED, {"round": 1, "sampled": ["a", "b"]})
+        second = led.append(ev.RoundConfigured(round=1, sampled=["a", "b"]))
     assert first["prev_hash"] == GENESIS_HASH and first["index"] == 0
     assert second["prev_hash"] == first["entry_hash"] and second["index"] == 1
     assert first["time"].endswith("Z")
@@ -77,12 +84,12 @@ def test_append_validates_payloads_and_requires_run_started_first(tmp_path: Path
         with pytest.raises(LedgerError, match="run_started"):
             led.append(ev.ModelDigest(round=1, sha256="0" * 64))
         _start(led)
-        with pytest.raises(ev.PayloadError, match=r"example_dp.*steps"):
-            led.append(ev.EXAMPLE_DP, {"round": 1, "partner": "p", "noise_multiplier": 1.0,
-                                       "sample_rate": 0.1, "steps": "ten", "delta": 1e-5,
-                                       "epsilon_claimed": 1.0})
+        with pytest.raises(ev.PayloadError, match=r"round_configured.*round"):
+            led.append(ev.RoundConfigured(round=0, sampled=["a"]))
         with pytest.raises(ev.PayloadError, match="unknown"):
-            led.append("made_up", {})
+            led.append(MadeUp())
+        with pytest.raises(TypeError, match="typed ledger event"):
+            led.append({"round": 1, "sampled": ["a"]})  # type: ignore[arg-type]  # the old shape
 
 
 def test_resume_continues_the_chain(tmp_path: Path) -> None:

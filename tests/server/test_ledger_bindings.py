@@ -82,7 +82,7 @@ def types(fed: Federation) -> list[str]:
 def test_a_receipt_for_the_update_and_model_it_came_with_is_kept(fed: Federation) -> None:
     key = Ed25519PrivateKey.generate()
     assert fed.ledger is not None
-    recorded = fed.book.record_replies(fed.ledger, 1, [
+    recorded = fed.book.record_replies(fed, 1, [
         reply(fed, send(fed, 1), key, delta=delta_of(fed, 0.5))], {1})
     assert len(recorded.trained) == 1 and types(fed).count(E.EXAMPLE_DP) == 1
 
@@ -90,7 +90,7 @@ def test_a_receipt_for_the_update_and_model_it_came_with_is_kept(fed: Federation
 def test_a_receipt_of_another_run_is_refused(fed: Federation) -> None:
     key = Ed25519PrivateKey.generate()
     assert fed.ledger is not None
-    recorded = fed.book.record_replies(fed.ledger, 1, [
+    recorded = fed.book.record_replies(fed, 1, [
         reply(fed, send(fed, 1), key, delta=delta_of(fed, 0.5), run="ee" * 32)], {1})
     assert recorded.trained == [] and E.EXAMPLE_DP not in types(fed)
 
@@ -102,7 +102,7 @@ def test_an_update_its_receipt_did_not_pay_for_is_dropped_but_the_spend_recorded
         fed: Federation, bound: dict[str, Any]) -> None:
     key = Ed25519PrivateKey.generate()
     assert fed.ledger is not None
-    recorded = fed.book.record_replies(fed.ledger, 1, [
+    recorded = fed.book.record_replies(fed, 1, [
         reply(fed, send(fed, 1), key, delta=delta_of(fed, 0.5), **bound)], {1})
     assert recorded.trained == []
     # the partner spent its budget: the ledger holds the receipt all the same
@@ -131,7 +131,7 @@ def test_a_countersignature_is_recorded_only_when_it_names_this_ledgers_entry(
     replies = [with_head(reply(fed, send(fed, i + 1), k, delta=delta_of(fed, 0.5)), c)
                for i, (k, c) in enumerate(zip(keys, (good, wrong_hash, other_run, foreign),
                                               strict=True))]
-    recorded = fed.book.record_replies(fed.ledger, 1, replies, {1, 2, 3, 4})
+    recorded = fed.book.record_replies(fed, 1, replies, {1, 2, 3, 4})
     assert len(recorded.trained) == 4  # a bad countersignature does not cost the update
     heads = [e["payload"] for e in fed.ledger.entries if e["type"] == E.HEAD_COUNTERSIGNED]
     assert [(h["partner"], h["index"], h["hash"]) for h in heads] == [
@@ -142,7 +142,7 @@ def test_train_messages_say_at_which_entry_each_receipt_is(fed: Federation) -> N
     key = Ed25519PrivateKey.generate()
     assert fed.ledger is not None
     first = reply(fed, send(fed, 1), key, delta=delta_of(fed, 0.5))
-    fed.book.record_replies(fed.ledger, 1, [first], {1})
+    fed.book.record_replies(fed, 1, [first], {1})
     at = next(e["index"] for e in fed.ledger.entries if e["type"] == E.EXAMPLE_DP)
     second = send(fed, 1, 2)
     signature = json.loads(str(first.content[W.RECEIPT][W.RECEIPT_JSON]))["signature"]

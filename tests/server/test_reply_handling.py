@@ -48,7 +48,7 @@ def reply(fed: Federation, node: int, key: Ed25519PrivateKey, server_round: int 
 
 def record(fed: Federation, replies: list[Message], expected: set[int]) -> RoundReplies:
     assert fed.ledger is not None
-    return fed.book.record_replies(fed.ledger, 1, replies, expected)
+    return fed.book.record_replies(fed, 1, replies, expected)
 
 
 def test_valid_replies_are_kept_and_their_receipts_recorded(federation: Federation) -> None:
@@ -101,19 +101,19 @@ def test_a_lost_reply_of_an_earlier_round_is_recorded_with_the_next_one(
     assert federation.ledger is not None
     lost = reply(federation, 1, key, server_round=1, epsilon=1.0)  # never reached the server
     second = with_earlier(reply(federation, 1, key, server_round=2, epsilon=1.5), lost)
-    recorded = federation.book.record_replies(federation.ledger, 2, [second], {1})
+    recorded = federation.book.record_replies(federation, 2, [second], {1})
     assert len(recorded.trained) == 1
     events = [e["payload"] for e in federation.ledger.entries if e["type"] == "example_dp"]
     assert [(e["round"], e.get("recorded_in_round")) for e in events] == [(1, 2), (2, None)]
     # sent again (not yet acknowledged): the ledger's copy is skipped, nothing is repeated
     third = with_earlier(reply(federation, 1, key, server_round=3, epsilon=2.0), lost, second)
-    federation.book.record_replies(federation.ledger, 3, [third], {1})
+    federation.book.record_replies(federation, 3, [third], {1})
     events = [e["payload"] for e in federation.ledger.entries if e["type"] == "example_dp"]
     assert [e["round"] for e in events] == [1, 2, 3]
     # a receipt for a round the run does not have is not recorded
     beyond = reply(federation, 1, key, server_round=federation.cfg.rounds + 1, epsilon=3.0)
     fourth = with_earlier(reply(federation, 1, key, server_round=4, epsilon=2.5), beyond)
-    federation.book.record_replies(federation.ledger, 4, [fourth], {1})
+    federation.book.record_replies(federation, 4, [fourth], {1})
     events = [e["payload"] for e in federation.ledger.entries if e["type"] == "example_dp"]
     assert [e["round"] for e in events] == [1, 2, 3, 4]
 
@@ -123,7 +123,7 @@ def test_train_messages_acknowledge_what_the_ledger_holds_per_node(
     key = Ed25519PrivateKey.generate()
     assert federation.ledger is not None
     first = reply(federation, 1, key)
-    federation.book.record_replies(federation.ledger, 1, [first], {1})
+    federation.book.record_replies(federation, 1, [first], {1})
     shared = RecordDict({W.CONFIG: ConfigRecord({W.ROUND: 2})})  # as a strategy sends
     known, unknown = (Message(shared, dst_node_id=n, message_type="train") for n in (1, 2))
     for message in (known, unknown):

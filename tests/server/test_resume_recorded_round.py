@@ -87,11 +87,10 @@ def test_stopped_while_writing_round_completed_resumes_after_that_round(
     out = tmp_path / "run"
     real = Ledger.append
 
-    def append(self: Ledger, event_type: Any, payload: Any = None) -> dict[str, Any]:
-        if getattr(event_type, "TYPE", event_type) == "round_completed" and \
-                getattr(event_type, "round", None) == 2:
+    def append(self: Ledger, event: Any) -> dict[str, Any]:
+        if event.TYPE == "round_completed" and event.round == 2:
             raise full_disk(out / "ledger.jsonl")
-        return real(self, event_type, payload)
+        return real(self, event)
 
     with monkeypatch.context() as m:
         m.setattr(Ledger, "append", append)

@@ -32,7 +32,6 @@ from confide.privacy import ledger_events as E
 from confide.privacy.mechanisms import DistributedDiscreteGaussian
 from confide.privacy.replay import replay_client_level
 from confide.server.partners import PartnerBook
-from confide.server.run_folder import RunFolder
 from confide.server.secure_round import SecureRounds
 from confide.strategies.delta_fedavg import DeltaFedAvg
 
@@ -119,11 +118,9 @@ class FakeLedger:
     def __init__(self) -> None:
         self.entries: list[tuple[str, dict[str, Any]]] = []
 
-    def append(self, *args: Any) -> None:
-        if len(args) == 2:
-            self.entries.append((args[0], args[1]))
-        else:
-            self.entries.append((args[0].TYPE, args[0].to_payload()))
+    def append(self, event: E.LedgerEvent) -> int:
+        self.entries.append((event.TYPE, event.to_payload()))
+        return len(self.entries) - 1
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [p for k, p in self.entries if k == kind]
@@ -133,16 +130,29 @@ class FakeFederation:
     """What the adapter reads from its host (confide.server.aggregation.RoundHost); the
     replies are recorded by the real PartnerBook."""
 
-    rounds_completed = 0
+    first_round = True
+    run_key = ""
 
     def __init__(self, cfg: RunConfig, grid: LocalGrid) -> None:
         self.cfg, self.grid, self.timeout = cfg, grid, 10.0
         self.global_state = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
         self.ledger = FakeLedger()
-        self.folder = RunFolder(Path(cfg.out))  # nothing is written: for crash points only
+        self.run_dir = Path(cfg.out)  # nothing is written: for crash points only
         self.book = PartnerBook(cfg)
         self.inner = DeltaFedAvg(server_learning_rate=1.0)
         self.client_dp_epsilon: float | None = None
+
+    def record(self, event: E.LedgerEvent) -> int:
+        return self.ledger.append(event)
+
+    def entry_hash_at(self, index: int) -> str | None:
+        return None
+
+    def server_step(self, mean_delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner.step(self.global_state, mean_delta)
+
+    def partner_rows_known(self, rows: list[int]) -> None:
+        pass
 
 
 def make(n: int = 5, rounds: int = 2, **kw: Any) -> tuple[FakeFederation, SecureRounds]:
@@ -167,7 +177,7 @@ def run(fed: FakeFederation, secure: SecureRounds, server_round: int) -> dict[st
     before = {k: v.copy() for k, v in fed.global_state.items()}
     outcome = secure.run_round(server_round, ConfigRecord(fed.cfg.to_dict()))
     for event in outcome.events:  # as Federation.run_round adopts an outcome
-        fed.ledger.append(event)
+        fed.record(event)
     if outcome.client_level_epsilon is not None:
         fed.client_dp_epsilon = outcome.client_level_epsilon
     if outcome.aggregate is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from confide.audit.verify import verify_run
+from confide.privacy import ledger_events as E
 from confide.privacy.ledger import Ledger
 from confide.run_layout import REPORT_HTML_FILE
 from confide.server.recovery import RunWriteError
@@ -43,10 +44,10 @@ def test_disk_full_at_each_write_site_stops_clearly_and_resumes(
         if site == "ledger":  # the round's model_digest entry cannot be appended
             real = Ledger.append
 
-            def append(self: Ledger, event_type: object, payload: object = None) -> dict:
-                if getattr(event_type, "TYPE", event_type) == "model_digest":
+            def append(self: Ledger, event: E.LedgerEvent) -> dict:
+                if event.TYPE == E.MODEL_DIGEST:
                     full(out / "ledger.jsonl")()
-                return real(self, event_type, payload)  # type: ignore[arg-type]
+                return real(self, event)
             m.setattr(Ledger, "append", append)
         else:
             owner, name, file = SITES[site]
