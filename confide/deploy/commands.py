@@ -55,10 +55,32 @@ class DeployError(ValueError):
     """A deployment command cannot proceed; the message says what to fix."""
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("deploy", help="keys, allow-list, signed app, SuperLink/SuperNode")
-    d = p.add_subparsers(dest="deploy_command", required=True)
+DEPLOY_DESCRIPTION = """\
+Who runs which sub-command:
+  the operator   init-ca, server-cert, publisher-key, stage-app (or sign-app), connection,
+                 register, superlink, run (docs/OPERATORS.md)
+  each partner   node-key, partner-identity, trust-publisher, supernode (docs/PARTNERS.md)"""
 
+
+def add_parser(sub: Any) -> None:
+    """`confide deploy` and its sub-commands, in the order a federation is set up: keys and
+    certificates, the signed app, the SuperLink's allow-list and connection, the launchers,
+    then a run."""
+    p = sub.add_parser("deploy", help="keys, allow-list, signed app, SuperLink/SuperNode",
+                       description=DEPLOY_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_subparsers(dest="deploy_command", required=True)
+    _add_identity_parsers(d)
+    _add_app_parsers(d)
+    _add_superlink_access_parsers(d)
+    _add_superlink_parser(d)
+    _add_supernode_parser(d)
+    _add_run_parser(d)
+
+
+def _add_identity_parsers(d: Any) -> None:
+    """The federation's CA, the SuperLink's certificate, and a partner's identities: for
+    secure aggregation and for node authentication."""
     c = d.add_parser("init-ca", help="create the federation's CA (ca.crt, ca.key)")
     c.add_argument("dir", type=Path)
     c.add_argument("--name", default="Confide federation CA")
@@ -82,6 +104,9 @@ def add_parser(sub: Any) -> None:
     n.add_argument("dir", type=Path)
     n.add_argument("name", help="file name of the private key; the public key is NAME.pub")
 
+
+def _add_app_parsers(d: Any) -> None:
+    """The publisher's signing key, the partners' trust in it, and the signed app."""
     k = d.add_parser("publisher-key", help="the app publisher's Ed25519 signing key")
     k.add_argument("dir", type=Path)
 
@@ -100,6 +125,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("app", type=Path)
     g.add_argument("--key", type=Path, required=True)
 
+
+def _add_superlink_access_parsers(d: Any) -> None:
+    """The SuperLink's allow-list of partner keys and the `flwr` connection to it."""
     r = d.add_parser("register", help="add partner public keys to the SuperLink allow-list "
                      "(`flwr supernode register`)")
     r.add_argument("public_keys", type=Path, nargs="+")
@@ -113,6 +141,8 @@ def add_parser(sub: Any) -> None:
     f.add_argument("--address", required=True, help="HOST:PORT of the SuperLink")
     f.add_argument("--ca", type=Path, required=True, help="the federation's ca.crt")
 
+
+def _add_superlink_parser(d: Any) -> None:
     sl = d.add_parser("superlink", help="start flower-superlink with TLS + node auth")
     sl.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key")
     sl.add_argument("--state", type=Path, required=True,
@@ -124,6 +154,8 @@ def add_parser(sub: Any) -> None:
                     help="ServerApp logs keep Flower's, torch's and Opacus' known notices")
     _insecure_flags(sl)
 
+
+def _add_supernode_parser(d: Any) -> None:
     sn = d.add_parser("supernode", help="start flower-supernode with TLS, node key and "
                       "the partner's node config")
     sn.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
@@ -167,6 +199,8 @@ def add_parser(sub: Any) -> None:
                     help="ClientApp logs keep torch's and Opacus' known warnings")
     _insecure_flags(sn)
 
+
+def _add_run_parser(d: Any) -> None:
     ru = d.add_parser("run", help="start a run of a staged app (`flwr run --stream`): its "
                       "log with one line per round, and exit status 1 if the run fails")
     ru.add_argument("app", type=Path, help="the staged, signed app folder")

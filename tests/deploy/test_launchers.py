@@ -341,3 +341,18 @@ def test_deploy_run_says_every_failure_in_words_without_colour_codes(
     assert "interrupted; run 5 goes on" in err
     assert "flwr log 5 confide --stream" in err and "flwr stop 5 confide" in err
     assert "{" not in err
+
+
+def test_deploy_help_says_who_runs_every_sub_command_once(capsys) -> None:
+    parser = argparse.ArgumentParser(prog="confide")
+    commands.add_parser(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["deploy", "--help"])
+    help_text = capsys.readouterr().out
+    names = ["init-ca", "server-cert", "partner-identity", "node-key", "publisher-key",
+             "trust-publisher", "stage-app", "sign-app", "register", "connection",
+             "superlink", "supernode", "run"]
+    assert "{" + ",".join(names) + "}" in help_text  # every sub-command, in setup order
+    who = help_text.split("Who runs which sub-command:", 1)[1].split("positional", 1)[0]
+    for name in names:
+        assert len(re.findall(rf"(?<![\w-]){name}(?![\w-])", who)) == 1, name
