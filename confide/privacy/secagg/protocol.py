@@ -389,6 +389,31 @@ class SecAggClient:
                 receiver=me,
                 stage=STAGE_MASKED_INPUT,
             )
+        held = self._open_envelopes(request)
+        if len(held) + 1 < cfg.threshold:
+            raise SecAggAbort(
+                STAGE_MASKED_INPUT, len(held) + 1, cfg.threshold, f"live neighbourhood of {me}"
+            )
+        candidates = self._checked_candidates(request, held)
+        encoded = self._input_to_mask(update, weight, encoded)
+        assert self._own_shares is not None
+        held[me] = self._own_shares
+        self._held = held
+        pair_seeds = self._pair_seeds(held)
+        if keep_encoded:
+            self.last_encoded = encoded.copy()
+        vector = mask_vector(encoded, me, self._self_seed, pair_seeds, cfg)
+        self._candidates = candidates
+        vote = self._vote(candidates, ()) if self.authenticated else b""
+        self._stage = ClientStage.UNMASK
+        return MaskedInput(cfg.session_id, self.round, sender=me, vector=vector, vote=vote)
+
+    def _open_envelopes(self, request: MaskedInputRequest) -> dict[int, tuple[int, int]]:
+        """The shares the neighbours sent this client: owner -> (share of b_owner, share of
+        s_owner^SK). An envelope from a non-neighbour, one that does not decrypt, or one
+        that names another owner or holder is a protocol error."""
+        cfg = self.config
+        me = self.client_id
         held: dict[int, tuple[int, int]] = {}
         for sender, envelope in request.envelopes.items():
             if sender not in self._neighbours:
@@ -423,10 +448,14 @@ class SecAggClient:
                     stage=STAGE_MASKED_INPUT,
                 )
             held[sender] = (share_from_bytes(b_share), share_from_bytes(sk_share))
-        if len(held) + 1 < cfg.threshold:
-            raise SecAggAbort(
-                STAGE_MASKED_INPUT, len(held) + 1, cfg.threshold, f"live neighbourhood of {me}"
-            )
+        return held
+
+    def _checked_candidates(self, request: MaskedInputRequest,
+                            held: dict[int, tuple[int, int]]) -> tuple[int, ...]:
+        """U2 as the request names it. The vote sent with the masked input is for "every
+        candidate survived", so an authenticated client refuses candidates that leave it
+        out, miss a neighbour whose envelope it holds, or reach outside the directory."""
+        me = self.client_id
         candidates = tuple(sorted(set(request.candidates)))
         if self.authenticated and (me not in candidates or not set(held) <= set(candidates)
                                    or not set(candidates) <= set(self._directory)):
@@ -434,6 +463,13 @@ class SecAggClient:
                 "masked-input request names candidates that do not contain this client, "
                 "its neighbours' envelopes, or are outside the key directory",
                 receiver=me, stage=STAGE_MASKED_INPUT)
+        return candidates
+
+    def _input_to_mask(self, update: np.ndarray | None, weight: float,
+                       encoded: np.ndarray | None) -> np.ndarray:
+        """The ring vector to mask: the caller's pre-encoded one (checked for dtype and
+        length), else ``update`` encoded here (clip, quantize, noise)."""
+        cfg = self.config
         if encoded is not None:
             if not isinstance(encoded, np.ndarray) or encoded.dtype != np.dtype(cfg.dtype) \
                     or encoded.shape != (cfg.encoded_length,):
@@ -441,17 +477,18 @@ class SecAggClient:
                     f"pre-encoded input must be a {np.dtype(cfg.dtype)} vector of length"
                     f" {cfg.encoded_length}"
                 )
-        elif update is None:
+            return encoded
+        if update is None:
             raise SecAggValidationError("masked_input needs an update or an encoded vector")
-        else:
-            encoded = UpdateEncoder(cfg).encode(
-                update, weight, noise_stream=self._noise_stream,
-                rounding_stream=self._rounding_stream,
-            )
-        assert self._own_shares is not None
-        held[me] = self._own_shares
-        self._held = held
-        pair_seeds = [
+        return UpdateEncoder(cfg).encode(
+            update, weight, noise_stream=self._noise_stream,
+            rounding_stream=self._rounding_stream,
+        )
+
+    def _pair_seeds(self, held: dict[int, tuple[int, int]]) -> list[tuple[int, bytes]]:
+        """The pairwise mask seed s_uv shared with each live neighbour v."""
+        cfg = self.config
+        return [
             (
                 v,
                 pairwise_mask_seed(
@@ -459,15 +496,8 @@ class SecAggClient:
                 ),
             )
             for v in sorted(held)
-            if v != me
+            if v != self.client_id
         ]
-        if keep_encoded:
-            self.last_encoded = encoded.copy()
-        vector = mask_vector(encoded, me, self._self_seed, pair_seeds, cfg)
-        self._candidates = candidates
-        vote = self._vote(candidates, ()) if self.authenticated else b""
-        self._stage = ClientStage.UNMASK
-        return MaskedInput(cfg.session_id, self.round, sender=me, vector=vector, vote=vote)
 
     def _vote(self, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> bytes:
         assert self._identity is not None
