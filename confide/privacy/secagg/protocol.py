@@ -685,66 +685,81 @@ class SecAggServer:
         if expected is None:
             raise SecAggProtocolError(f"round {self.round} is {self._stage.name}; no more messages")
         _check_context(msg, self.config, self.round, expected)
-        sender = msg.sender  # type: ignore[attr-defined]  # every client message has one
         if isinstance(msg, AdvertiseKeys):
-            _check_client_id(sender)
-            if sender in self._public_keys:
-                raise SecAggProtocolError(
-                    "duplicate key advertisement", sender=sender, stage=msg.STAGE
-                )
-            if (
-                len(msg.encryption_public) != PUBLIC_KEY_BYTES
-                or len(msg.mask_public) != PUBLIC_KEY_BYTES
-            ):
-                raise SecAggProtocolError(
-                    "public keys must be 32 bytes", sender=sender, stage=msg.STAGE
-                )
-            if len(self._public_keys) >= self.config.num_clients:
-                raise SecAggProtocolError(
-                    f"more than num_clients={self.config.num_clients} advertisements",
-                    sender=sender,
-                    stage=msg.STAGE,
-                )
-            if msg.identity or msg.signature:
-                self._check_advertisement(msg)
-            self._public_keys[sender] = (msg.encryption_public, msg.mask_public)
+            self._receive_advertisement(msg)
         elif isinstance(msg, ShareKeys):
-            if sender not in self._graph:
-                raise SecAggProtocolError(
-                    "shares from a client not in the key directory", sender=sender, stage=msg.STAGE
-                )
-            if sender in self._share_msgs:
-                raise SecAggProtocolError("duplicate share message", sender=sender, stage=msg.STAGE)
-            if set(msg.envelopes) != set(self._graph[sender]):
-                raise SecAggProtocolError(
-                    "share message must address exactly the sender's neighbours",
-                    sender=sender,
-                    stage=msg.STAGE,
-                )
-            self._share_msgs[sender] = msg
+            self._receive_shares(msg)
         elif isinstance(msg, MaskedInput):
             self._receive_masked(msg)
         elif isinstance(msg, ConsistencyVote):
-            if sender not in self._survivors or sender in self._votes:
-                raise SecAggProtocolError("consistency vote from a non-survivor, or twice",
-                                          sender=sender, stage=msg.STAGE)
-            self._take_vote(sender, msg.vote, self._survivors, self._dropped)
+            self._receive_vote(msg)
         elif isinstance(msg, UnmaskShares):
-            if sender not in self._survivors:
-                raise SecAggProtocolError(
-                    "unmask shares from a non-survivor", sender=sender, stage=msg.STAGE
-                )
-            if sender in self._unmask_msgs:
-                raise SecAggProtocolError("duplicate unmask shares", sender=sender, stage=msg.STAGE)
-            dropped = set(self._dropped)
-            if (
-                not set(msg.self_mask_shares) <= set(self._survivors)
-                or not set(msg.mask_key_shares) <= dropped
-            ):
-                raise SecAggProtocolError(
-                    "unmask shares for clients not requested", sender=sender, stage=msg.STAGE
-                )
-            self._unmask_msgs[sender] = msg
+            self._receive_unmask_shares(msg)
+
+    def _receive_advertisement(self, msg: AdvertiseKeys) -> None:
+        sender = msg.sender
+        _check_client_id(sender)
+        if sender in self._public_keys:
+            raise SecAggProtocolError(
+                "duplicate key advertisement", sender=sender, stage=msg.STAGE
+            )
+        if (
+            len(msg.encryption_public) != PUBLIC_KEY_BYTES
+            or len(msg.mask_public) != PUBLIC_KEY_BYTES
+        ):
+            raise SecAggProtocolError(
+                "public keys must be 32 bytes", sender=sender, stage=msg.STAGE
+            )
+        if len(self._public_keys) >= self.config.num_clients:
+            raise SecAggProtocolError(
+                f"more than num_clients={self.config.num_clients} advertisements",
+                sender=sender,
+                stage=msg.STAGE,
+            )
+        if msg.identity or msg.signature:
+            self._check_advertisement(msg)
+        self._public_keys[sender] = (msg.encryption_public, msg.mask_public)
+
+    def _receive_shares(self, msg: ShareKeys) -> None:
+        sender = msg.sender
+        if sender not in self._graph:
+            raise SecAggProtocolError(
+                "shares from a client not in the key directory", sender=sender, stage=msg.STAGE
+            )
+        if sender in self._share_msgs:
+            raise SecAggProtocolError("duplicate share message", sender=sender, stage=msg.STAGE)
+        if set(msg.envelopes) != set(self._graph[sender]):
+            raise SecAggProtocolError(
+                "share message must address exactly the sender's neighbours",
+                sender=sender,
+                stage=msg.STAGE,
+            )
+        self._share_msgs[sender] = msg
+
+    def _receive_vote(self, msg: ConsistencyVote) -> None:
+        sender = msg.sender
+        if sender not in self._survivors or sender in self._votes:
+            raise SecAggProtocolError("consistency vote from a non-survivor, or twice",
+                                      sender=sender, stage=msg.STAGE)
+        self._take_vote(sender, msg.vote, self._survivors, self._dropped)
+
+    def _receive_unmask_shares(self, msg: UnmaskShares) -> None:
+        sender = msg.sender
+        if sender not in self._survivors:
+            raise SecAggProtocolError(
+                "unmask shares from a non-survivor", sender=sender, stage=msg.STAGE
+            )
+        if sender in self._unmask_msgs:
+            raise SecAggProtocolError("duplicate unmask shares", sender=sender, stage=msg.STAGE)
+        dropped = set(self._dropped)
+        if (
+            not set(msg.self_mask_shares) <= set(self._survivors)
+            or not set(msg.mask_key_shares) <= dropped
+        ):
+            raise SecAggProtocolError(
+                "unmask shares for clients not requested", sender=sender, stage=msg.STAGE
+            )
+        self._unmask_msgs[sender] = msg
 
     def _check_advertisement(self, msg: AdvertiseKeys) -> None:
         """An honest server keeps unverifiable or repeated identities out of the directory
