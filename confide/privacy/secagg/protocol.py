@@ -338,7 +338,22 @@ class SecAggClient:
                                 stage=STAGE_SHARE)
         b_shares = split_secret(self._self_seed, cfg.threshold, holders)
         sk_shares = split_secret(self._keys.mask_private_bytes(), cfg.threshold, holders)
-        envelopes = {}
+        envelopes = self._seal_envelopes(keys, neighbours, b_shares, sk_shares)
+        self._own_shares = (b_shares[me], sk_shares[me])
+        self._directory = dict(keys)
+        self._identities = {c: directory.identities.get(c, b"") for c in keys}
+        self._neighbours = neighbours
+        self._stage = ClientStage.MASKED_INPUT
+        return ShareKeys(cfg.session_id, self.round, sender=me, envelopes=envelopes)
+
+    def _seal_envelopes(self, keys: dict[int, tuple[bytes, bytes]],
+                        neighbours: frozenset[int], b_shares: dict[int, int],
+                        sk_shares: dict[int, int]) -> dict[int, bytes]:
+        """Each neighbour's shares of b_u and s_u^SK, encrypted under the key this client
+        shares with it (the server relays them and cannot read them)."""
+        cfg = self.config
+        me = self.client_id
+        envelopes: dict[int, bytes] = {}
         for v in neighbours:
             key = derive_key(
                 self._keys.encryption,
@@ -359,12 +374,7 @@ class SecAggClient:
                 sender=me,
                 receiver=v,
             )
-        self._own_shares = (b_shares[me], sk_shares[me])
-        self._directory = dict(keys)
-        self._identities = {c: directory.identities.get(c, b"") for c in keys}
-        self._neighbours = neighbours
-        self._stage = ClientStage.MASKED_INPUT
-        return ShareKeys(cfg.session_id, self.round, sender=me, envelopes=envelopes)
+        return envelopes
 
     def masked_input(
         self,
