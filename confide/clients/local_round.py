@@ -8,10 +8,10 @@ setup, shares, unmasking) need none of them.
 from __future__ import annotations
 
 import json
-import time
 from functools import lru_cache
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,46 +19,41 @@ from flwr.common.logger import log
 
 from confide import wire as W
 from confide.clients import secure_client
-from confide.clients.disclosure import reply_metrics, reported_rows
-from confide.clients.dp_training import clipped_example_gradients, padded_batches, train_dp
+from confide.clients.disclosure import reply_metrics
 from confide.clients.node_state import NodeState, load_node_state, save_node_state
-from confide.clients.opacus_compat import resolve_grad_sample_mode
 from confide.clients.policy import PartnerPolicy, node_policy, partner_node_config
-from confide.clients.progress import counting_calls, progress_writer
 from confide.clients.state_location import node_state_dir
+from confide.clients.update_producers import (
+    PRODUCERS,
+    NodeConfigError,
+    NodeRound,
+    Update,
+    UpdateProducer,
+    partition_id,
+)
 from confide.config import RunConfig, from_flat_record
 from confide.data import TextDataset
 from confide.model import (
     ModelSpec,
-    compute_delta,
     frozen_digest,
     load_trainable_state,
     resolve_device,
-    trainable_state,
 )
-from confide.privacy.accountant import BudgetExhausted, Spend, calibrate_noise
+from confide.privacy.accountant import BudgetExhausted, Spend
 from confide.privacy.ledger_events import weights_digest
-from confide.privacy.mechanisms import ExampleLevelMechanism, SampledGaussian
+from confide.privacy.mechanisms import ExampleLevelMechanism
 from confide.privacy.receipts import binding, dp_receipt_payload, sign_receipt, update_digest
 from confide.privacy.refusals import sign_refusal
-from confide.privacy.sampling import plan_round, poisson_rate
-from confide.privacy.secagg import SecAggRefusal
-from confide.privacy.secagg.shared_noise import (
-    ExampleSumEncoder,
-    SharedNoiseConfig,
-    padded_slots,
-)
 from confide.tasks import build_model, get_task
 from confide.tasks.inputs import data_reader_config, federated_data, model_spec
 
-
-class NodeConfigError(ValueError):
-    """The partner's node configuration is unusable."""
+__all__ = ["NodeConfigError", "handle_train", "node_round", "partner_data"]
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """One `train` message: budget check, local DP training (or the shared-noise gradient
-    sum), signed receipt, and the reply (through secure aggregation when the run uses it)."""
+    """One `train` message: budget check, the mode's update (local DP training or the
+    shared-noise gradient sum), signed receipt, and the reply (through secure aggregation
+    when the run uses it)."""
     config_record = msg.content[W.CONFIG]
     cfg = from_flat_record(dict(config_record))
     server_round = int(config_record[W.ROUND])
@@ -78,25 +73,19 @@ def handle_train(msg: Message, context: Context) -> Message:
     secure = cfg.privacy_mode.secure and W.SECAGG in msg.content.config_records
     if secure and (dropped := secure_client.injected_dropout(msg, context, cfg)) is not None:
         return dropped
-    data = partner_data(cfg, context)
     run_key = str(config_record.get(W.RUN_KEY, ""))
-    if secure and cfg.privacy_mode.shared_noise:
-        # one clipped per-example gradient sum + a share of the noise, into the secure sum
-        reply, encoded = _shared_round(msg, cfg, server_round, run_key, data, state, context)
-        state.mark_handled(message_id)
-        reply = secure_client.secure_reply(msg, context, cfg, reply, None, encoded=encoded)
-        return _sealed(msg, reply, state, run_key, server_round, context, state_dir,
-                       policy)
-    reply = _train_round(msg, cfg, server_round, run_key, data, state, context)
+    r = NodeRound(msg, cfg, server_round, run_key, partner_data(cfg, context), state,
+                  context, policy)
+    reply, update = node_round(r, PRODUCERS[cfg.privacy_mode.example](r))
     state.mark_handled(message_id)
     if secure:
-        # The delta goes into the secure sum (clipped, quantized, noised, masked) instead
-        # of travelling in plaintext; status, metrics and DP receipt travel as before.
-        delta = (W.from_array_record(reply.content[W.ARRAYS])
-                 if W.ARRAYS in reply.content.array_records else None)
-        reply = secure_client.secure_reply(msg, context, cfg, reply, delta)
-    return _sealed(msg, reply, state, run_key, server_round, context, state_dir,
-                       policy)
+        # The update goes into the secure sum (a delta clipped, quantized, noised, masked;
+        # or the shared-noise ring vector) instead of travelling in plaintext; status,
+        # metrics and DP receipt travel as before.
+        reply = secure_client.secure_reply(
+            msg, context, cfg, reply, None if update is None else update.delta,
+            encoded=None if update is None else update.encoded)
+    return _sealed(msg, reply, state, run_key, server_round, context, state_dir, policy)
 
 
 def _sealed(msg: Message, reply: Message, state: NodeState, run_key: str, server_round: int,
@@ -143,70 +132,58 @@ def _sent_update_digest(reply: Message) -> str | None:
     return None
 
 
-def _train_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
-                 data: TextDataset, state: NodeState, context: Context) -> Message:
-    n = len(data)
-    rows = reported_rows(cfg, n)  # under DP the public (rounded) count: rate and divisor
-    plan = plan_round(cfg.batch_size, rows, cfg.local_epochs)
-    sample_rate, steps = plan.sample_rate, plan.steps
-    noise = _noise_multiplier(cfg, state, sample_rate, steps, run_key)
-    planned = Spend(SampledGaussian(noise, sample_rate, steps), server_round, run_key)
-    if cfg.privacy_mode.example_dp:
-        policy = node_policy(context, cfg)
-        policy.check_noise(noise)
-        policy.check_run_budget(state.accountant, planned)
+def node_round(r: NodeRound, producer: UpdateProducer) -> tuple[Message, Update | None]:
+    """One training round, the same for every mode; `producer` makes the update. The
+    planned spend is checked (the partner's policy, its run budget, its lifetime budget: a
+    signed refusal) before anything is loaded; the spend is recorded once the update
+    exists, and the reply carries its mechanism and the receipt of it (unsigned: `_sealed`
+    signs the reply as it will travel). The update is None when the node refused."""
+    cfg, state = r.cfg, r.state
+    planned_mechanism = producer.plan()
+    example_dp = cfg.privacy_mode.example_dp
+    planned = Spend(planned_mechanism.sampled_gaussian, r.server_round, r.run_key)
+    if example_dp:
+        r.policy.check_run_budget(state.accountant, planned)
         try:
             state.accountant.check(planned)
         except BudgetExhausted as exc:
-            return _refusal_reply(msg, cfg, state, server_round, run_key, exc, planned)
+            return _refusal_reply(r.msg, cfg, state, r.server_round, r.run_key, exc,
+                                  planned), None
 
-    spec = model_spec(cfg, _num_labels(cfg))
-    model = _cached_model(spec)
-    if msg.content[W.CONFIG].get(W.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
-        raise NodeConfigError("this node's frozen base model differs from the server's "
-                              "(different model files or versions?)")
-    global_state = {k: v.numpy() for k, v in msg.content[W.ARRAYS].items()}
-    load_trainable_state(model, global_state)
-    tensors = _encoded(cfg, data)
-    device = resolve_device(str(context.node_config.get("device", cfg.device)))
-    start = time.perf_counter()
-    result = train_dp(
-        model, tensors, noise_multiplier=noise, max_grad_norm=cfg.max_grad_norm,
-        batch_size=cfg.batch_size, physical_batch_size=cfg.physical_batch_size,
-        epochs=cfg.local_epochs, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, device=device,
-        head_learning_rate=cfg.head_learning_rate or None,
-        seed=cfg.seed * 100_003 + server_round * 1009 + _partition_id(context),
-        dp=cfg.privacy_mode.example_dp, round_id=server_round,
-        grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, cfg.fine_tune,
-                                                  model),
-        objective=get_task(cfg).objective, public_rows=rows,
-        # steps done / planned into the partner's own folder (never sent: see the module)
-        on_step=progress_writer(node_state_dir(context, cfg.out), server_round, steps))
-    delta = compute_delta(trainable_state(model), global_state)
-    for name, value in delta.items():
-        if not np.all(np.isfinite(value)):
-            raise FloatingPointError(f"local update of {name} is not finite; not sent")
-
-    spent = SampledGaussian(result.noise_multiplier, result.sample_rate, result.steps)
+    model, global_state = _round_model(r)
+    device = resolve_device(str(r.context.node_config.get("device", cfg.device)))
+    update = producer.produce(model, global_state, device)
     epsilon = 0.0
     receipt_json = ""
-    if cfg.privacy_mode.example_dp:
-        epsilon = state.accountant.record(Spend(spent, server_round, run_key))
-        receipt_json = _receipt_payload(cfg, state, server_round, spent, epsilon)
-    receipt = _receipt_record(msg, state, run_key, receipt_json)
-    log(INFO, "partner %s round %d: %d examples, %d steps, sigma %.3f, epsilon %.3f",
-        state.pseudonym, server_round, n, result.steps, result.noise_multiplier, epsilon)
-    content = RecordDict({
-        W.ARRAYS: W.to_array_record(delta),
-        # under DP no loss and no time (confide.clients.disclosure)
-        W.METRICS: MetricRecord(reply_metrics(
-            cfg, rows=rows, epsilon=epsilon, mechanism=spent, train_loss=result.mean_loss,
-            train_seconds=time.perf_counter() - start)),
-        W.STATUS: state.status(W.OK, ""),
-        W.RECEIPT: receipt,
-    })
-    return Message(content=content, reply_to=msg)
+    if example_dp:
+        spent = Spend(update.mechanism.sampled_gaussian, r.server_round, r.run_key)
+        epsilon = state.accountant.record(spent)
+        receipt_json = _receipt_payload(cfg, state, r.server_round, update.mechanism, epsilon)
+    log(INFO, "partner %s round %d: %d examples, %s, epsilon %.3f", state.pseudonym,
+        r.server_round, len(r.data), update.summary, epsilon)
+    content = RecordDict()
+    if update.delta is not None:
+        content[W.ARRAYS] = W.to_array_record(update.delta)
+    # under DP no loss and no time (confide.clients.disclosure)
+    content[W.METRICS] = MetricRecord(reply_metrics(
+        cfg, rows=r.rows, epsilon=epsilon, mechanism=update.mechanism,
+        train_loss=update.train_loss, train_seconds=update.train_seconds))
+    content[W.STATUS] = state.status(W.OK, "")
+    content[W.RECEIPT] = _receipt_record(receipt_json)
+    return Message(content=content, reply_to=r.msg), update
+
+
+def _round_model(r: NodeRound) -> tuple[Any, dict[str, np.ndarray]]:
+    """The run's model (built once per process), checked against the server's frozen
+    weights, with the round's global trainable weights loaded; and those weights."""
+    spec = model_spec(r.cfg, _num_labels(r.cfg))
+    model = _cached_model(spec)
+    if r.msg.content[W.CONFIG].get(W.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
+        raise NodeConfigError("this node's frozen base model differs from the server's "
+                              "(different model files or versions?)")
+    global_state = {k: v.numpy() for k, v in r.msg.content[W.ARRAYS].items()}
+    load_trainable_state(model, global_state)
+    return model, global_state
 
 
 def _receipt_payload(cfg: RunConfig, state: NodeState, server_round: int,
@@ -219,8 +196,7 @@ def _receipt_payload(cfg: RunConfig, state: NodeState, server_round: int,
     return json.dumps(payload)
 
 
-def _receipt_record(msg: Message, state: NodeState, run_key: str, payload_json: str
-                    ) -> ConfigRecord:
+def _receipt_record(payload_json: str) -> ConfigRecord:
     """The reply's receipt record, its receipt still unsigned (`_sealed` signs it and
     attaches this run's receipts the ledger may lack). Empty without example-level DP:
     nothing spent, nothing to sign."""
@@ -242,88 +218,6 @@ def _attach_unrecorded(msg: Message, state: NodeState, run_key: str,
     earlier = state.unrecorded_receipts(run_key, W.acknowledged_at(msg), countersigned)
     if earlier:
         record[W.RECEIPT_EARLIER] = json.dumps(earlier)
-
-
-def _shared_round(msg: Message, cfg: RunConfig, server_round: int, run_key: str,
-                  data: TextDataset, state: NodeState, context: Context
-                  ) -> tuple[Message, np.ndarray | None]:
-    """Shared-noise example-level DP (confide.privacy.secagg.shared_noise): one Poisson
-    sample at rate q = min(1, batch-size / n), per-example gradients clipped to
-    max-grad-norm, each rounded, summed, plus this node's share of the noise. The node
-    recomputes every derived parameter itself and checks the server's against its own
-    session and run configuration; its budget guard uses the effective multiplier."""
-    down = msg.content.config_records[W.SECAGG]
-    key = f"{W.SHARED}/{server_round}"
-    if key not in down:
-        raise NodeConfigError(f"round {server_round}: no shared-noise parameters in the "
-                              "message (server and node disagree on example-dp-noise)")
-    shared = SharedNoiseConfig.from_json(str(down[key]))
-    session = secure_client.ClientStore(context).config(server_round)
-    policy = node_policy(context, cfg)
-    # colluders: at least the run's and the partner's own assumption (more is safer)
-    policy.check_colluders(shared.colluders)
-    policy.check_noise(shared.noise_multiplier)
-    problems = [f"{name} {got} != {want}" for name, got, want in (
-        ("colluders", shared.colluders, max(cfg.dp_colluders, shared.colluders)),
-        ("clip", shared.clip, cfg.max_grad_norm),
-        ("min_survivors", shared.min_survivors, session.min_survivors),
-        ("num_clients", shared.num_clients, session.num_clients),
-        ("bits", shared.bits, session.bits),
-        ("vector_length", shared.vector_length, session.vector_length)) if got != want]
-    if problems:
-        raise SecAggRefusal(f"round {server_round}: shared-noise parameters differ from this "
-                            f"node's session and run configuration: {'; '.join(problems)}")
-    n = len(data)
-    rows = reported_rows(cfg, n)  # the public (rounded) count the server was told
-    # The run's common rate, set by the server: the node's own budget guard below decides
-    # whether it can afford it, whatever the server chose.
-    sample_rate = shared.sample_rate or poisson_rate(cfg.batch_size, rows)
-    # a fixed physical budget from public values, so the round's work does not depend on
-    # its sample; the chance a sample exceeds it is added to the round's TV slack
-    slots, truncation_tail = padded_slots(rows, sample_rate)
-    mechanism = shared.mechanism(sample_rate, truncation_tail)
-    # the guard and the history compose the sampled Gaussian the shared noise amounts to
-    planned = Spend(mechanism.sampled_gaussian, server_round, run_key)
-    policy.check_run_budget(state.accountant, planned)
-    try:
-        state.accountant.check(planned)
-    except BudgetExhausted as exc:
-        return _refusal_reply(msg, cfg, state, server_round, run_key, exc, planned), None
-
-    spec = model_spec(cfg, _num_labels(cfg))
-    model = _cached_model(spec)
-    if msg.content[W.CONFIG].get(W.FROZEN_DIGEST) not in (None, _cached_frozen_digest(spec)):
-        raise NodeConfigError("this node's frozen base model differs from the server's "
-                              "(different model files or versions?)")
-    load_trainable_state(model, {k: v.numpy() for k, v in msg.content[W.ARRAYS].items()})
-    device = resolve_device(str(context.node_config.get("device", cfg.device)))
-    encoder = ExampleSumEncoder(shared)
-    progress = progress_writer(node_state_dir(context, cfg.out), server_round,  # never sent
-                               padded_batches(slots, cfg.physical_batch_size))
-    result = clipped_example_gradients(
-        model, _encoded(cfg, data), sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm,
-        physical_batch_size=cfg.physical_batch_size,
-        on_rows=counting_calls(encoder.add_examples, progress), device=device,
-        round_id=server_round, objective=get_task(cfg).objective, slots=slots)
-    if result.truncated:
-        log(WARNING, "round %d: the Poisson sample exceeded the round's %d slots and was "
-            "truncated (accounted: probability %.2g, in the round's TV slack)", server_round,
-            slots, truncation_tail)
-    encoded = encoder.encode()
-    epsilon = state.accountant.record(planned)
-    receipt_json = _receipt_payload(cfg, state, server_round, mechanism, epsilon)
-    receipt = _receipt_record(msg, state, run_key, receipt_json)
-    log(INFO, "partner %s round %d: %d examples, shared noise sigma %.3f over m=%d shares, "
-        "epsilon %.3f", state.pseudonym, server_round, n, mechanism.noise_multiplier,
-        mechanism.noise_shares, epsilon)
-    # no loss, no time: statistics of this round's sample are not private
-    content = RecordDict({
-        W.METRICS: MetricRecord(reply_metrics(cfg, rows=rows, epsilon=epsilon,
-                                              mechanism=mechanism)),
-        W.STATUS: state.status(W.OK, ""),
-        W.RECEIPT: receipt,
-    })
-    return Message(content=content, reply_to=msg), encoded
 
 
 def _refusal_reply(msg: Message, cfg: RunConfig, state: NodeState, server_round: int,
@@ -352,23 +246,6 @@ def _status_reply(msg: Message, state: NodeState, code: str, detail: str, **extr
                    reply_to=msg)
 
 
-def _noise_multiplier(cfg: RunConfig, state: NodeState, sample_rate: float, steps: int,
-                      run_key: str) -> float:
-    if not cfg.privacy_mode.example_dp:
-        return 0.0
-    if cfg.noise_multiplier > 0:
-        return cfg.noise_multiplier
-    if state.noise_multiplier is None or state.noise_run != run_key:
-        # Calibrated once per run over all its planned rounds (as if sampled every round:
-        # the conservative choice when fraction-train < 1), then kept fixed for that run;
-        # with the node's own (tight, PLD) accountant, the one its claims and guard use.
-        state.noise_multiplier = calibrate_noise(cfg.target_epsilon, cfg.delta, sample_rate,
-                                                 steps * cfg.rounds,
-                                                 accountant=state.accountant.accountant)
-        state.noise_run = run_key
-    return state.noise_multiplier
-
-
 def _node_max_epsilon(cfg: RunConfig, context: Context) -> float:
     """The partner's own cap (node config; in simulation also its node-config file) wins
     when it is lower than the run's."""
@@ -385,17 +262,13 @@ def _node_max_epsilon(cfg: RunConfig, context: Context) -> float:
     return min(cap, cfg.max_epsilon)
 
 
-def _partition_id(context: Context) -> int:
-    return int(context.node_config.get("partition-id", 0))
-
-
 def partner_data(cfg: RunConfig, context: Context) -> TextDataset:
     """Deployment: the node's own `data-path`. Simulation: its partition of the run data."""
     path = context.node_config.get("data-path")
     if path:
         return _read_cached(str(path), cfg.num_labels, cfg.max_train_examples,
                             data_reader_config(cfg))
-    pid = _partition_id(context)
+    pid = partition_id(context)
     # Flower's simulation says how many virtual partners there are; `clients` may differ
     # (e.g. `flwr run .` with the engine's default number of SuperNodes).
     num = int(context.node_config.get("num-partitions", cfg.clients))
@@ -434,14 +307,3 @@ def _cached_model(spec: ModelSpec):
 @lru_cache(maxsize=2)
 def _cached_frozen_digest(spec: ModelSpec) -> str:
     return frozen_digest(_cached_model(spec))
-
-
-_ENCODED: dict[tuple, dict] = {}
-
-
-def _encoded(cfg: RunConfig, data: TextDataset) -> dict:
-    key = (cfg.task, cfg.model, cfg.max_length, data.source, len(data))
-    if key not in _ENCODED:
-        _ENCODED.clear()
-        _ENCODED[key] = dict(get_task(cfg).encode(data))
-    return _ENCODED[key]
