@@ -23,6 +23,8 @@ mechanism is the same: same clip factor min(1, C / (norm + 1e-6)), same noise on
 same divisor, same sampler and steps; only the way the clipped sum is computed differs.
 `grad_sample_mode="bookkeeping"` (`confide.clients.book_keeping`) computes the same clipped
 sum in one backward pass without weight gradients; the noise is added by the same optimizer.
+Each gradient mode is one `Clipper` (`confide.clients.clippers`); the training loop is the
+same for all of them.
 
 `public_rows`: the data set size the rate q and the divisor q * n are computed from. Under
 DP the node passes its public row count (`confide.clients.disclosure`: n rounded up), so
@@ -55,22 +57,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from confide.clients.book_keeping import BookKeepingClipper
+from confide.clients.clippers import PhysicalBatch, SharedRowsClipper, dp_sgd_clipper
 from confide.clients.opacus_compat import (
     DEFAULT_GRAD_SAMPLE_MODE,
     SUPPORTED_GRAD_SAMPLE_MODES,
     ExplicitInputsClassifier,
     OpacusCompatError,
-    check_grad_samples,
     make_opacus_ready,
     strip_opacus_state,
     trainable_parameters,
 )
-from confide.config import SUM_ONLY_GRAD_SAMPLE_MODES
 from confide.logs import KNOWN_USER_WARNINGS
 from confide.model import HEAD_MARKER
 from confide.privacy.sampling import plan_round
-from confide.tasks.base import Objective, PerExampleCriterion
+from confide.tasks.base import Objective
 from confide.tasks.batches import (
     DPTrainingError,
     check_dataset,
@@ -180,40 +180,13 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                    noise_seed: int, device: torch.device, where: str,
                    objective: Objective, on_step: Callable[[int], None]
                    ) -> tuple[int, float, int]:
-    from opacus.grad_sample import GradSampleModule
-    from opacus.optimizers import DPOptimizer
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
-    ghost = mode == "ghost"
-    clipper: BookKeepingClipper | None = None
-    gsm: GradSampleModule | None = None
-    dp_opt: DPOptimizer
-    if mode in SUM_ONLY_GRAD_SAMPLE_MODES:
-        from opacus.optimizers import DPOptimizerFastGradientClipping
-
-        # Both leave the clipped sum in p.grad: this optimizer adds the noise and divides
-        # by the expected batch.
-        dp_opt = DPOptimizerFastGradientClipping(
-            base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
-    if mode == "bookkeeping":
-        clipper = BookKeepingClipper(wrapper, max_grad_norm)
-    elif ghost:
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
-        gsm = GradSampleModuleFastGradientClipping(
-            wrapper, batch_first=True, max_grad_norm=max_grad_norm, use_ghost_clipping=True,
-            loss_reduction="mean", strict=True)
-        criterion = DPLossFastGradientClipping(gsm, dp_opt, PerExampleCriterion(objective),
-                                               "mean")
-    else:
-        gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="mean", strict=True,
-                               force_functorch=mode == "functorch")
-        dp_opt = DPOptimizer(base, noise_multiplier=noise_multiplier,
-                             max_grad_norm=max_grad_norm, expected_batch_size=expected_batch,
-                             loss_reduction="mean", generator=noise_gen)
+    clipper = dp_sgd_clipper(
+        mode, wrapper, base, params, objective=objective, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, expected_batch=expected_batch, where=where,
+        generator=torch.Generator(device=device).manual_seed(noise_seed))
+    dp_opt = clipper.optimizer
     _check_optimizer_params(dp_opt.params, params)
     taken, loss_sum, seen, phys = 0, 0.0, 0, 0
     try:
@@ -221,68 +194,19 @@ def _train_private(wrapper: ExplicitInputsClassifier, base: torch.optim.Optimize
                                 optimizer=dp_opt) as physical_loader:
             for input_ids, attention_mask, labels in physical_loader:
                 phys += 1
-                rows = len(labels)
-                if rows == 0:
-                    # No backward: give the optimizer zero per-sample rows so it still
-                    # clips nothing, adds noise and steps (Opacus would raise otherwise).
-                    for p in params:
-                        if ghost or clipper:  # p.grad accumulates the clipped sum: here 0
-                            p.grad = torch.zeros_like(p)
-                        else:
-                            p.grad_sample = torch.zeros(  # type: ignore[attr-defined]  # Opacus'
-                                (0, *p.shape), dtype=p.dtype, device=p.device)
-                elif clipper is not None:
-                    batch = to_batch(input_ids, attention_mask, labels, device)
-                    with clipper.recording():
-                        losses = objective.per_example_loss(
-                            wrapper(batch["input_ids"], batch["attention_mask"]),
-                            batch["labels"])
-                        _check_finite(losses.detach().mean(), where, taken + 1, phys)
-                        losses.sum().backward()  # each example's own gradient, unscaled
-                    example_norms = clipper.clip_into_grads()
-                    if tuple(example_norms.shape) != (rows,):
-                        raise OpacusCompatError(
-                            f"{where}: book-keeping gave per-example norms of shape "
-                            f"{tuple(example_norms.shape)} for {rows} rows")
-                    loss_sum += losses.detach().sum().item()
-                    seen += rows
-                elif ghost:
-                    assert gsm is not None
-                    batch = to_batch(input_ids, attention_mask, labels, device)
-                    logits = gsm(batch["input_ids"], batch["attention_mask"])
-                    dp_loss = criterion(logits.float(), batch["labels"])
-                    mean_loss = dp_loss.detach()
-                    _check_finite(mean_loss, where, taken + 1, phys)
-                    gsm.per_sample_gradient_norms = None  # never check a stale batch's
-                    dp_loss.backward()  # norms, clip factors, reweighted second backward
-                    norms = getattr(gsm, "_per_sample_gradient_norms", None)
-                    if norms is None or tuple(norms.shape) != (rows,):
-                        raise OpacusCompatError(
-                            f"{where}: ghost clipping gave per-example norms of shape "
-                            f"{None if norms is None else tuple(norms.shape)} for {rows} "
-                            "rows: it would clip a sum over examples, not one example")
-                    loss_sum += mean_loss.item() * rows
-                    seen += rows
+                if len(labels) == 0:
+                    clipper.clip_empty()  # no backward; the step still adds its noise
                 else:
-                    assert gsm is not None
-                    batch = to_batch(input_ids, attention_mask, labels, device)
-                    logits = gsm(batch["input_ids"], batch["attention_mask"])
-                    # mean of per-example losses: Opacus (loss_reduction="mean") rescales
-                    # by the batch size, so each grad_sample is one example's gradient
-                    loss = objective.per_example_loss(logits, batch["labels"]).mean()
-                    _check_finite(loss, where, taken + 1, phys)
-                    loss.backward()
-                    check_grad_samples(params, rows)
-                    loss_sum += loss.item() * rows
-                    seen += rows
+                    batch = PhysicalBatch(to_batch(input_ids, attention_mask, labels, device))
+                    loss_sum += clipper.clip(batch, _finite_check(where, taken + 1, phys))
+                    seen += batch.rows
                 dp_opt.step()
                 if not dp_opt._is_last_step_skipped:
                     taken += 1
                     on_step(taken)
                 dp_opt.zero_grad(set_to_none=True)
     finally:
-        if gsm is not None:
-            gsm.to_standard_module()
+        clipper.close()
     return taken, loss_sum, seen
 
 
@@ -427,6 +351,11 @@ def _check_finite(loss: torch.Tensor, where: str, step: int, chunk: int) -> None
                               f"is {loss.item()}; lower the learning rate or check the data")
 
 
+def _finite_check(where: str, step: int, chunk: int) -> Callable[[torch.Tensor], None]:
+    """`_check_finite` of one physical batch, for a clipper to call with its loss."""
+    return lambda loss: _check_finite(loss, where, step, chunk)
+
+
 # -- shared-noise mode: one clipped per-example gradient sum per round ----------------------
 
 @dataclass(frozen=True)
@@ -463,8 +392,6 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     Opacus' formula min(1, C / (norm + 1e-6)). `private_randomness` draws the sample from OS
     entropy (the seed is known to the server; a known sample voids amplification).
     """
-    from opacus.grad_sample import GradSampleModule
-
     start = time.perf_counter()
     where = f"round {round_id}" if round_id is not None else "this round"
     tensors = check_dataset(dataset, "train")
@@ -483,12 +410,9 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
     strip_opacus_state(model)
     was_training = model.training
     wrapper = make_opacus_ready(model, None if objective is None else objective.forward)
-    obj = objective or _default_objective()
-    params = trainable_parameters(model)
-    by_name = sorted(((name, p) for name, p in model.named_parameters() if p.requires_grad),
-                     key=lambda item: item[0])
-    ordered = [p for _, p in by_name]
-    gsm = GradSampleModule(wrapper, batch_first=True, loss_reduction="sum", strict=True)
+    clipper = SharedRowsClipper(wrapper, model, trainable_parameters(model),
+                                objective=objective or _default_objective(),
+                                max_grad_norm=max_grad_norm, on_rows=on_rows, where=where)
     physical = max(1, physical_batch_size)
     summed, loss_sum = 0, 0.0
     try:
@@ -499,18 +423,12 @@ def clipped_example_gradients(model: nn.Module, dataset: Mapping[str, torch.Tens
             else:  # full width: the longest sampled row must not set the work
                 batch = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
                          "labels": labels.to(dev)}
-            rows = len(batch["labels"])
-            live = torch.arange(s, s + rows) < real  # sampled rows; the rest is padding
-            logits = gsm(batch["input_ids"], batch["attention_mask"])
-            losses = obj.per_example_loss(logits, batch["labels"])
-            loss = losses.sum()
-            _check_finite(loss, where, 1, s // physical + 1)
-            loss.backward()
-            on_rows(_clipped_rows(params, ordered, live, max_grad_norm))
-            loss_sum += losses.detach()[live.to(losses.device)].sum().item()
+            live = torch.arange(s, s + len(labels)) < real  # sampled rows; the rest: padding
+            loss_sum += clipper.clip(PhysicalBatch(batch, live),
+                                     _finite_check(where, 1, s // physical + 1))
             summed += int(live.sum())
     finally:
-        gsm.to_standard_module()
+        clipper.close()
         strip_opacus_state(model)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -524,24 +442,6 @@ def padded_batches(slots: int, physical_batch_size: int) -> int:
     """The physical batches (`on_rows` calls) of a padded shared-noise round: a number of
     public values, its progress plan (`confide.clients.progress`)."""
     return -(-slots // max(1, physical_batch_size))
-
-
-def _clipped_rows(params: list[nn.Parameter], ordered: list[nn.Parameter],
-                  live: torch.Tensor, max_grad_norm: float) -> Any:
-    """The physical batch's per-example gradients (Opacus' grad_sample, flattened in
-    `ordered`'s order, float64 numpy [rows, d]), clipped with Opacus' formula
-    min(1, C / (norm + 1e-6)); rows not `live` (padding) multiplied by zero. Clears them."""
-    rows = len(live)
-    check_grad_samples(params, rows)
-    # grad_sample: Opacus' attribute on parameters, which torch's stubs lack
-    samples = [p.grad_sample for p in ordered]  # type: ignore[attr-defined]  # Opacus'
-    flat = torch.cat([g.reshape(rows, -1).double() for g in samples], dim=1)
-    factor = (max_grad_norm / (flat.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
-    factor = factor * live.to(factor.device, factor.dtype)
-    for p in params:
-        p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute
-        p.grad = None
-    return (flat * factor[:, None]).cpu().numpy()
 
 
 def _slot_order(n: int, sample_rate: float, slots: int | None, generator: torch.Generator
