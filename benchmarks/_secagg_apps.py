@@ -211,6 +211,11 @@ class BenchFederation:
     def partner_rows_known(self, rows: list[int]) -> None:
         pass
 
+    def exchange(self, messages: list[Message], what: str) -> list[Message]:
+        from confide.server.exchange import exchange
+
+        return exchange(self.grid, messages, timeout=self.timeout)
+
 
 def ours_config(n: int, rounds: int, dp: bool, out: Path | None = None) -> Any:
     from confide.config import build_config

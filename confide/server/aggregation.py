@@ -16,12 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from confide.server.run_record import RunRecord
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
 
     import numpy as np
-    from flwr.app import ConfigRecord
+    from flwr.app import ConfigRecord, Message
     from flwr.serverapp import Grid
 
     from confide.config import RunConfig
@@ -44,25 +46,6 @@ class RoundOutcome:
     events: list[LedgerEvent] = field(default_factory=list)
     client_level_epsilon: float | None = None  # the run's cumulative claim, when one applies
     metrics: dict[str, Any] = field(default_factory=dict)  # extra metrics.jsonl fields
-
-
-class RunRecord(Protocol):
-    """The run's ledger as those that hand it events see it: `Federation` alone appends
-    (`record`); partners' receipts and countersignatures are checked against its key and
-    entries."""
-
-    @property
-    def run_key(self) -> str:
-        """The ledger's public key (hex): the run a partner's signed statement names."""
-        ...
-
-    def record(self, event: LedgerEvent) -> int:
-        """Append `event` to the ledger now (durably); returns its entry index."""
-        ...
-
-    def entry_hash_at(self, index: int) -> str | None:
-        """The entry_hash of ledger entry `index` (None: no such entry)."""
-        ...
 
 
 class RoundHost(RunRecord, Protocol):
@@ -102,6 +85,11 @@ class RoundHost(RunRecord, Protocol):
     def partner_rows_known(self, rows: list[int]) -> None:
         """Every partner's training rows, learnt before round 1 (shared noise's size
         exchange): the federation's pre-flight can run then."""
+        ...
+
+    def exchange(self, messages: list[Message], what: str) -> list[Message]:
+        """Send `messages`, return the replies within the run's timeout (exchange.py);
+        `what` names the exchange in the operator's progress line."""
         ...
 
 

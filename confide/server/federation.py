@@ -44,6 +44,7 @@ from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.secagg.shared_noise import delta_with_slack
 from confide.server.aggregation import RoundAggregation
+from confide.server.exchange import RoundProgress, exchange, is_simulation
 from confide.server.faults import crash_point, ledger_crash_point
 from confide.server.partners import PartnerBook
 from confide.server.plain_round import PlainRounds
@@ -59,7 +60,7 @@ from confide.server.recovery import (
     write_failure,
 )
 from confide.server.run_folder import RunFolder
-from confide.server.secure_round import SecureRounds, is_simulation
+from confide.server.secure_round import SecureRounds
 from confide.strategies.client_level_dp import ClientLevelDp
 from confide.strategies.delta_fedavg import DeltaFedAvg
 from confide.strategies.server_optimizer import ServerOptimizer
@@ -113,6 +114,8 @@ class Federation:
         self.on_preflight = on_preflight  # a driver shows the report itself (else: logged)
         self.preflight: PreflightReport | None = None
         self.timeout = timeout
+        self.simulation = is_simulation(grid)
+        self.progress = RoundProgress()  # the round in flight, for the progress line
         self.evaluation = evaluation
         self.spec = model_spec(self.cfg, num_labels)
         self.model = build_model(self.spec)
@@ -212,7 +215,7 @@ class Federation:
         if self.cfg.preflight == "off":
             return
         rows = partition_rows
-        if rows is None and is_simulation(self.grid):  # the simulation's server sees the split
+        if rows is None and self.simulation:  # the simulation's server sees the split
             rows = [len(p) for p in federated_data(self.cfg).partitions]
         if rows is None and self.cfg.privacy_mode.shared_noise:
             # a deployed server learns every partner's rows in the size exchange before round
@@ -263,6 +266,11 @@ class Federation:
 
     def server_step(self, mean_delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.inner.step(self.global_state, mean_delta)
+
+    def exchange(self, messages: list[Message], what: str) -> list[Message]:
+        # deployed: the operator's console shows the round's progress while it waits
+        return exchange(self.grid, messages, timeout=self.timeout, what=what,
+                        progress=None if self.simulation else self.progress)
 
     def _load_checkpoint(self) -> None:
         # read-only checks first: a finished run, another configuration (keys named) or
@@ -338,6 +346,7 @@ class Federation:
     def run_round(self, server_round: int) -> dict[str, Any]:
         assert self.ledger is not None
         t0 = time.perf_counter()
+        self.progress.start(server_round)
         crash_point("before-sampling", server_round, run_dir=self.folder.root)
         # the ledger's head as the round starts: each partner that takes part countersigns it
         head_index, head_hash = self.ledger.head() or (-1, "")
@@ -380,6 +389,7 @@ class Federation:
             dropped=outcome.dropped, accuracy=accuracy, loss=loss)
         self.rounds_completed = server_round
         self.last_metrics = row
+        self.progress.finish()
         # the checkpoint first, holding the round's closing entry and metrics row: a run
         # that stops once the ledger records round_completed resumes after this round
         # (recovery.complete_recorded_round) and never trains it, or spends for it, again
@@ -412,7 +422,7 @@ class Federation:
                               message_type=W.RECEIPTS_MESSAGE_TYPE)
             self.book.prepare_train(message, server_round)
             messages.append(message)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = self.exchange(messages, "receipts")
         answered, this_round = self.book.record_unrecorded_receipts(self, server_round,
                                                                     replies, nodes)
         log(INFO, "round %d: asked %d node(s) for receipts the ledger may lack; %d answered",

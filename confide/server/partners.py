@@ -3,7 +3,7 @@
 `PartnerBook.record_replies` takes one round's replies through the pure sort
 (`confide.server.replies`), checks what only a key or the ledger can check (signed budget
 refusals, DP receipts, receipts of earlier lost attempts), hands those facts to the run's
-record (`aggregation.RunRecord`: the federation appends each to the ledger at once) and
+record (`run_record.RunRecord`: the federation appends each to the ledger at once) and
 keeps them in each partner's record, and logs what it drops. It never holds the ledger.
 Plain and secure rounds both use it, so a reply is judged the same way on either path.
 """
@@ -49,7 +49,7 @@ from confide.server.replies import (
 )
 
 if TYPE_CHECKING:
-    from confide.server.aggregation import RunRecord
+    from confide.server.run_record import RunRecord
 
 
 @dataclass

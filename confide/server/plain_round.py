@@ -6,14 +6,17 @@ secure_round.py; both return a `RoundOutcome` (aggregation.py).
 
 from __future__ import annotations
 
+from logging import INFO
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord
+from flwr.common.logger import log
 
 from confide import wire as W
 from confide.privacy import ledger_events as E
 from confide.privacy.accountant import PLD
 from confide.server.aggregation import RoundOutcome
+from confide.server.cohort import connected_nodes, sample_cohort
 from confide.server.faults import crash_point
 from confide.server.partners import check_any_trained, check_budget_left
 from confide.strategies.client_level_dp import ClientLevelDp
@@ -31,13 +34,16 @@ class PlainRounds:
 
     def run_round(self, server_round: int, config: ConfigRecord) -> RoundOutcome:
         host = self.host
+        nodes = connected_nodes(host.grid, host.cfg.min_clients, host.timeout)
+        sampled = sample_cohort(nodes, host.cfg)
+        log(INFO, "round %d: sampled %d of %d connected nodes", server_round, len(sampled),
+            len(nodes))
         messages = list(self.strategy.configure_train(
-            server_round, W.to_array_record(host.global_state), config, host.grid))
-        sampled = [m.metadata.dst_node_id for m in messages]
+            server_round, W.to_array_record(host.global_state), config, host.grid, sampled))
         for message in messages:
             host.book.prepare_train(message, server_round)
         host.record(E.RoundConfigured(round=server_round, sampled=[str(n) for n in sampled]))
-        replies = list(host.grid.send_and_receive(messages, timeout=host.timeout))
+        replies = host.exchange(messages, "train")
         crash_point("after-replies", server_round, run_dir=host.run_dir)
         recorded = host.book.record_replies(host, server_round, replies, set(sampled))
         first = host.first_round

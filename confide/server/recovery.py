@@ -25,7 +25,7 @@ from confide.privacy.ledger import read_lines
 from confide.server.run_folder import CheckpointError, RunFolder
 
 if TYPE_CHECKING:
-    from confide.server.aggregation import RunRecord
+    from confide.server.run_record import RunRecord
 
 # Keys that may differ on resume: `resume` itself, `out` (a run folder may be moved or
 # copied and resumed in its new place; nothing privacy-relevant depends on the path) and
@@ -262,10 +262,26 @@ def no_budget_message(server_round: int, refusals: list[tuple[str, float, float,
              f"{max(0.0, cap - spent):.4g}; round {server_round} would reach {would:.4g})"
              for p, spent, would, cap in sorted(refusals)]
     remaining = min(max(0.0, cap - spent) for _, spent, _, cap in refusals)
+    return (_no_budget_head(server_round, "; ".join(parts)) + _no_budget_advice(target_epsilon)
+            + f" (the smallest remaining budget is {remaining:.4g}).")
+
+
+def no_budget_reasons_message(server_round: int, refusals: list[tuple[str, str]],
+                              target_epsilon: float) -> str:
+    """refusals: (partner, the reason it signed) of refusals that carry no numbers (those
+    of the secure set-up's first stage)."""
+    parts = "; ".join(f"{p}: {reason}" for p, reason in sorted(refusals))
+    return _no_budget_head(server_round, parts) + _no_budget_advice(target_epsilon) + "."
+
+
+def _no_budget_head(server_round: int, parts: str) -> str:
     return (f"no partner can train: every partner refused round {server_round} because its "
-            f"privacy budget is spent ({'; '.join(parts)}). Nothing was trained or "
-            "aggregated; the run stops here. A partner's max-epsilon is a lifetime budget "
-            "over all runs on its data, and each run spends up to its target-epsilon "
-            f"({target_epsilon:g}) of it. Ask the partners whether they can give the "
-            f"federation more budget, or start a run whose target-epsilon fits what is left "
-            f"(the smallest remaining budget is {remaining:.4g}).")
+            f"privacy budget is spent ({parts}). Nothing was trained or aggregated; the run "
+            "stops here. ")
+
+
+def _no_budget_advice(target_epsilon: float) -> str:
+    return ("A partner's max-epsilon is a lifetime budget over all runs on its data, and each "
+            f"run spends up to its target-epsilon ({target_epsilon:g}) of it. Ask the "
+            "partners whether they can give the federation more budget, or start a run whose "
+            "target-epsilon fits what is left")

@@ -17,22 +17,23 @@ likewise get `train.secagg` messages.
 Folding has a consequence a plain protocol does not: a node that drops during fit r also
 loses its ShareKeys(r+1) and so sits out round r+1 (it can come back from r+2 on).
 
-Aggregation: with local example noise or none, each surviving update is weighted by its
-rows (capped at `secagg-max-weight`), as in the plaintext mean; with distributed DP each
-counts once (see the node's side, `confide.clients.secure_client.update_weight`). The server
-learns the (noised) weighted sum of the survivors' clipped, quantized updates and their
-total weight, divides, and applies its optimizer. If too few survive, the core aborts
-(`SecAggAbort`): nothing is unmasked, the global model stays as it was, the ledger records
-the abort, and the run continues with the next round.
+This module only schedules the protocol: sessions, the folding of stages, message plumbing,
+dropouts and refusals. The server learns the (noised) weighted sum of the survivors'
+clipped, quantized updates; decoding it and the server step are the privacy mode's
+(mode_steps.py), the shared-noise size exchange and calibration are shared_noise_round.py's,
+the distributed-DP accounting distributed_dp.py's, and the cohort is drawn by the sampler
+both rounds share (cohort.py). If too few survive, the core aborts (`SecAggAbort`): nothing
+is unmasked, the global model stays as it was, the ledger records the abort, and the run
+continues with the next round. When every node sampled for the run's first round refuses in
+the set-up's first stage because its privacy budget is spent, the run stops there
+(`NoBudgetLeft`), before any key is shared.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -48,35 +49,39 @@ from confide.modes import ClientLevel
 from confide.privacy import ledger_events as E
 from confide.privacy.mechanisms import SecureAggregationAbort
 from confide.privacy.receipts import pseudonym_of
-from confide.privacy.sampling import poisson_rate
 from confide.privacy.secagg import (
     AdvertiseKeys,
-    DistributedDGAccountant,
     KeyDirectory,
     MaskedInput,
     MaskedInputRequest,
     SecAggAbort,
     SecAggConfig,
     SecAggError,
+    SecAggResult,
     SecAggServer,
     ShareKeys,
     UnmaskRequest,
     UnmaskShares,
-    UpdateEncoder,
 )
 from confide.privacy.secagg import Message as SecAggMessage
-from confide.privacy.secagg.ddg_accounting import ddg_mechanism
 from confide.privacy.secagg.identity import refusal_verifies
-from confide.privacy.secagg.masking import reduce_mod
 from confide.privacy.secagg.messages import ConsistencyVote
-from confide.privacy.secagg.shared_noise import SharedNoiseConfig, decode_sum
+from confide.privacy.secagg.shared_noise import SharedNoiseConfig
 from confide.server.aggregation import RoundOutcome
+from confide.server.cohort import connected_nodes, sample_cohort
+from confide.server.distributed_dp import DistributedDpAccounting
+from confide.server.exchange import is_simulation
 from confide.server.faults import crash_point
-from confide.server.partners import check_budget_left
-from confide.server.recovery import EveryPartnerFailed
+from confide.server.mode_steps import Released, mode_step
+from confide.server.partners import RoundReplies, check_budget_left
+from confide.server.recovery import NoBudgetLeft, no_budget_reasons_message
+from confide.server.shared_noise_round import SharedNoiseRound
 
 if TYPE_CHECKING:
     from confide.server.aggregation import RoundHost
+
+BUDGET_STAGE = "budget"  # the stage a node names when it refuses for its privacy budget
+
 
 class SecureMessageRejected(ValueError):
     """A node's secure-aggregation message cannot be accepted (names the node)."""
@@ -100,6 +105,8 @@ class Session:
     # session aborted
     dropped: set[int] = field(default_factory=set)
     refusals: list[dict[str, Any]] = field(default_factory=list)  # partners' signed refusals
+    # node -> (signer, reason) of its signed refusal for its privacy budget
+    budget_refused: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def nodes(self) -> dict[int, int]:
@@ -113,13 +120,13 @@ class Session:
             self.aborted = str(exc)
 
 
-def is_simulation(grid: object) -> bool:
-    """Flower's simulation engine drives the ServerApp through an InMemoryGrid (possibly
-    wrapped, e.g. by server_app.AbortableGrid, which keeps it as `.inner`)."""
-    seen = 0
-    while type(grid).__name__ != "InMemoryGrid" and hasattr(grid, "inner") and seen < 8:
-        grid, seen = grid.inner, seen + 1
-    return type(grid).__name__ == "InMemoryGrid"
+@dataclass
+class Fit:
+    """What the fit exchange of a round left for its unmask exchange and its outcome."""
+
+    recorded: RoundReplies
+    verify: dict[int, np.ndarray] = field(default_factory=dict)  # client id -> encoded input
+    unmask_request: UnmaskRequest | None = None
 
 
 class SecureRounds:
@@ -139,13 +146,14 @@ class SecureRounds:
         self.reference = dict(fed.global_state)
         self.vector_length = int(sum(v.size for v in self.reference.values()))
         self.sessions: dict[int, Session] = {}
-        self.accountant = DistributedDGAccountant()
         self.uploaded = 0
-        # shared-noise example-level DP: one sigma per run; each node's (rows, rate)
-        self.shared_mode = cfg.privacy_mode.shared_noise
-        self.shared_sigma: float | None = None
-        self.shared_rate: float = 0.0  # the run's common sampling rate (set with sigma)
-        self.partner_info: dict[int, tuple[int, float]] = {}
+        mode = cfg.privacy_mode
+        self.shared = SharedNoiseRound(fed, self._exchange, self._nodes, self.vector_length) \
+            if mode.shared_noise else None
+        self.step = mode_step(cfg, self.reference,
+                              None if self.shared is None else self.shared.expected_batch)
+        self.distributed = mode.client is ClientLevel.DISTRIBUTED
+        self.ddp = DistributedDpAccounting(cfg)
 
     def name(self, node: int) -> str:
         """Logs name partners, also for a node that later stops answering."""
@@ -161,22 +169,11 @@ class SecureRounds:
     # -- cohorts and sessions ----------------------------------------------------------
     def _nodes(self) -> list[int]:
         need = max(2, self.fed.cfg.min_clients)
-        deadline = time.monotonic() + min(self.fed.timeout, 600.0)
-        while True:
-            nodes = sorted(self.fed.grid.get_node_ids())
-            if len(nodes) >= need or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        if len(nodes) < need:
-            raise RuntimeError(f"secure aggregation needs at least {need} connected nodes, "
-                               f"{len(nodes)} are connected")
-        return nodes
+        return sorted(connected_nodes(self.fed.grid, need, self.fed.timeout))
 
     def _open(self, q: int) -> Session:
-        """Sample round q's cohort (python `random`, seeded by the run) and open its session."""
-        nodes = self._nodes()
-        size = max(2, self.fed.cfg.min_clients, int(len(nodes) * self.fed.cfg.fraction_train))
-        cohort = sorted(random.sample(nodes, min(size, len(nodes))))
+        """Sample round q's cohort (the run's sampler) and open its session."""
+        cohort = sorted(sample_cohort(self._nodes(), self.fed.cfg, at_least=2))
         config = W.session_config(self.fed.cfg, session_id=os.urandom(16),
                                   num_clients=len(cohort), vector_length=self.vector_length)
         session = Session(q, config, SecAggServer(config, q),
@@ -209,25 +206,25 @@ class SecureRounds:
             if node in train:
                 self.fed.book.prepare_train(message, server_round)
             messages.append(message)
-        if not messages:
-            return []
-        replies = list(self.fed.grid.send_and_receive(messages, timeout=self.fed.timeout))
+        replies = self.fed.exchange(messages, "train" if train else "secure aggregation")
         for reply in replies:
-            if reply.has_error():
-                continue
-            up = reply.content.config_records.get(W.SECAGG_UP)
-            if up is not None:
-                self.uploaded += sum(len(v) for v in up.values() if isinstance(v, bytes))
-                for key, value in up.items():
-                    if key.startswith("error/"):
-                        log(WARNING, "%s: secure aggregation %s: %s",
-                            self.name(reply.metadata.src_node_id), key[6:], value)
-                    elif key.startswith(f"{W.REFUSAL}/"):
-                        self._signed_refusal(reply.metadata.src_node_id, str(value))
-            if W.MASKED in reply.content.array_records:
-                self.uploaded += sum(a.numpy().nbytes
-                                     for a in reply.content[W.MASKED].values())
+            if not reply.has_error():
+                self._read_up(reply)
         return replies
+
+    def _read_up(self, reply: Message) -> None:
+        """Count a reply's upload; log its secure-aggregation errors; keep its refusals."""
+        up = reply.content.config_records.get(W.SECAGG_UP)
+        if up is not None:
+            self.uploaded += sum(len(v) for v in up.values() if isinstance(v, bytes))
+            for key, value in up.items():
+                if key.startswith("error/"):
+                    log(WARNING, "%s: secure aggregation %s: %s",
+                        self.name(reply.metadata.src_node_id), key[6:], value)
+                elif key.startswith(f"{W.REFUSAL}/"):
+                    self._signed_refusal(reply.metadata.src_node_id, str(value))
+        if W.MASKED in reply.content.array_records:
+            self.uploaded += sum(a.numpy().nbytes for a in reply.content[W.MASKED].values())
 
     def _signed_refusal(self, node: int, text: str) -> None:
         """Keep a partner's signed refusal for its round's ledger entry (the operator can show
@@ -242,10 +239,12 @@ class SecureRounds:
             log(WARNING, "%s: a secure-aggregation refusal that does not verify was ignored",
                 self.name(node))
             return
+        signer = pseudonym_of(bytes.fromhex(refusal["identity"]))
         log(WARNING, "%s refused secure round %d (%s), signed by %s: %s", self.name(node),
-            session.round, refusal["stage"], pseudonym_of(bytes.fromhex(refusal["identity"])),
-            refusal["reason"])
+            session.round, refusal["stage"], signer, refusal["reason"])
         session.refusals.append(refusal)
+        if refusal["stage"] == BUDGET_STAGE and node in session.ids:
+            session.budget_refused[node] = (signer, str(refusal["reason"]))
 
     def consume(self, session: Session, reply: Message, key: str,
                 kind: type[SecAggMessage]) -> bool:
@@ -333,10 +332,22 @@ class SecureRounds:
         except SecAggAbort as exc:
             session.abort(exc)
 
+    def _collect(self, session: Session | None, replies: list[Message], key: str,
+                 kind: type[SecAggMessage], asked: Iterable[int], stage: str) -> None:
+        """One folded stage of `session` from an exchange's replies: its parts fed to the
+        core, who did not answer, and the stage closed."""
+        if session is None:
+            return
+        for reply in replies:
+            self.consume(session, reply, key, kind)
+        self._no_reply(session, replies, asked)
+        self._close(session, stage)
+
     # -- setup ---------------------------------------------------------------------
     def setup(self, first: int, config: ConfigRecord) -> None:
         """Two exchanges before the first secure round: advertise keys for rounds `first`
-        and `first + 1`, then share keys for `first`."""
+        and `first + 1`, then share keys for `first` (not when every node sampled for the
+        run's first round refused for its budget: the run stops, `NoBudgetLeft`)."""
         last = self.fed.cfg.rounds
         sessions = [self._open(q) for q in (first, first + 1) if q <= last]
         parts: dict[int, dict[str, Any]] = {}
@@ -344,40 +355,68 @@ class SecureRounds:
             self._advertise_parts(parts, s)
         replies = self._exchange(first, config, parts)
         for s in sessions:
-            for reply in replies:
-                self.consume(s, reply, f"{W.ADVERTISE}/{s.round}", AdvertiseKeys)
-            self._no_reply(s, replies, parts)
-            self._close(s, "advertise")
+            self._collect(s, replies, f"{W.ADVERTISE}/{s.round}", AdvertiseKeys, parts,
+                          "advertise")
         head = sessions[0]
+        self._stop_if_no_budget(head)
         if head.aborted is None and head.directory is not None:
             parts = {n: {f"{W.KEY_DIRECTORY}/{first}": head.directory.to_bytes()}
                      for n in head.ids}
-            replies = self._exchange(first, config, parts)
-            for reply in replies:
-                self.consume(head, reply, f"{W.SHARE_KEYS}/{first}", ShareKeys)
-            self._no_reply(head, replies, parts)
-            self._close(head, "share")
+            self._collect(head, self._exchange(first, config, parts),
+                          f"{W.SHARE_KEYS}/{first}", ShareKeys, parts, "share")
         log(INFO, "secure aggregation set up for round %d: %d clients, threshold %d, "
             "%d neighbours, %d bits", first, head.config.num_clients, head.config.threshold,
             head.config.degree, head.config.bits)
+
+    def _stop_if_no_budget(self, head: Session) -> None:
+        """The run's first round, whose sampled nodes all refused the set-up for their
+        privacy budget (or so many did that too few remain, and every other missing node
+        refused for it too): stop now, before any key is shared, as a plain run stops when
+        every train reply is a budget refusal (`partners.check_budget_left`). The ledger
+        ends with the round's sample and its secure_aggregation entry holding the signed
+        refusals."""
+        refused = head.budget_refused
+        if not self.fed.first_round or not refused:
+            return
+        everyone = set(refused) == set(head.ids)
+        too_few = head.aborted is not None and head.dropped <= set(refused)
+        if not (everyone or too_few):
+            return
+        sampled = sorted(head.ids)
+        message = no_budget_reasons_message(head.round, sorted(refused.values()),
+                                            self.fed.cfg.target_epsilon)
+        self.fed.record(E.RoundConfigured(round=head.round, sampled=[str(n) for n in sampled]))
+        self.fed.record(self._aggregation_event(
+            head, [], sorted(self.fed.book.record_name(n) for n in sampled),
+            SecureAggregationAbort("every sampled partner refused for its privacy budget")))
+        raise NoBudgetLeft(message)
 
     # -- one round -------------------------------------------------------------------
     def run_round(self, server_round: int, config: ConfigRecord) -> RoundOutcome:
         """Fit + unmask exchanges of one round; the outcome's aggregate is the new global
         weights when the secure sum is released (None when the round aborted)."""
-        fed = self.fed
         self.uploaded = 0
         config = ConfigRecord({**dict(config), W.ROUND: server_round})
-        if self.shared_mode:
-            self._shared_info(config, server_round)
+        if self.shared is not None:
+            self.shared.ask_sizes(config, server_round)
         if server_round not in self.sessions:
             self.setup(server_round, config)
         cur = self.sessions[server_round]
-        nxt = self.sessions.get(server_round + 1)
         sampled = sorted(cur.ids)
-        fed.record(E.RoundConfigured(round=server_round, sampled=[str(n) for n in sampled]))
+        self.fed.record(E.RoundConfigured(round=server_round,
+                                          sampled=[str(n) for n in sampled]))
+        fit = self._fit(cur, config)
+        result = self._unmask(cur, config, fit.unmask_request)
+        crash_point("mid-aggregation", server_round, run_dir=self.fed.run_dir)  # released
+        outcome = self._outcome(cur, sampled, fit, result)
+        del self.sessions[server_round]
+        return outcome
 
-        # fit: MaskedInputRequest(r) with the weights, KeyDirectory(r+1) alongside
+    def _fit_parts(self, cur: Session, nxt: Session | None, config: ConfigRecord
+                   ) -> tuple[dict[int, dict[str, Any]], set[int]]:
+        """Round r's fit exchange: MaskedInputRequest(r) with the weights (and the round's
+        shared-noise parameters) to its cohort, KeyDirectory(r+1) alongside."""
+        server_round = cur.round
         parts: dict[int, dict[str, Any]] = {}
         train: set[int] = set()
         if cur.aborted is None:
@@ -386,8 +425,9 @@ class SecureRounds:
                 parts.setdefault(nodes[cid], {})[f"{W.MASKED_REQUEST}/{server_round}"] = \
                     request.to_bytes()
                 train.add(nodes[cid])
-        if self.shared_mode and cur.aborted is None and train:
-            cur.shared, silent = self._shared_config(cur, config, train)
+        if self.shared is not None and cur.aborted is None and train:
+            cur.shared, silent = self.shared.round_config(server_round, cur.config, config,
+                                                          train)
             for node in silent:  # never reported its rows (e.g. refused the app): a dropout
                 train.discard(node)
                 del parts[node][f"{W.MASKED_REQUEST}/{server_round}"]
@@ -398,102 +438,91 @@ class SecureRounds:
             for node in nxt.ids:
                 parts.setdefault(node, {})[f"{W.KEY_DIRECTORY}/{nxt.round}"] = \
                     nxt.directory.to_bytes()
+        return parts, train
+
+    def _fit(self, cur: Session, config: ConfigRecord) -> Fit:
+        """The fit exchange: the partners' replies recorded (receipts in the ledger now),
+        ShareKeys(r+1) and the masked inputs fed to their sessions, the unmask request."""
+        fed, server_round = self.fed, cur.round
+        nxt = self.sessions.get(server_round + 1)
+        parts, train = self._fit_parts(cur, nxt, config)
         replies = self._exchange(server_round, config, parts, train)
         crash_point("after-replies", server_round, run_dir=fed.run_dir)
-        recorded = fed.book.record_replies(
-            fed, server_round, [r for r in replies if r.metadata.src_node_id in train])
-        check_budget_left(server_round, recorded, first_round=fed.first_round,
+        fit = Fit(fed.book.record_replies(
+            fed, server_round, [r for r in replies if r.metadata.src_node_id in train]))
+        check_budget_left(server_round, fit.recorded, first_round=fed.first_round,
                           target_epsilon=fed.cfg.target_epsilon)
-        trained = recorded.trained
         if nxt is not None and nxt.aborted is None:
-            for reply in replies:
-                self.consume(nxt, reply, f"{W.SHARE_KEYS}/{nxt.round}", ShareKeys)
-            self._no_reply(nxt, replies, nxt.ids)
-            self._close(nxt, "share")
-        verify: dict[int, np.ndarray] = {}
-        unmask_request = None
+            self._collect(nxt, replies, f"{W.SHARE_KEYS}/{nxt.round}", ShareKeys, nxt.ids,
+                          "share")
         if cur.aborted is None:
-            for reply in trained:
+            for reply in fit.recorded.trained:
                 if self.consume(cur, reply, "", MaskedInput) \
                         and W.VERIFY in reply.content.array_records:
-                    verify[cur.ids[reply.metadata.src_node_id]] = \
+                    fit.verify[cur.ids[reply.metadata.src_node_id]] = \
                             reply.content[W.VERIFY]["encoded"].numpy()
             # asked to train but no masked input (failed, refused, no answer)
-            cur.dropped.update(train - {r.metadata.src_node_id for r in trained})
+            cur.dropped.update(train - {r.metadata.src_node_id for r in fit.recorded.trained})
             try:
-                unmask_request = self._unmask_request(cur, server_round, config)
+                fit.unmask_request = self._unmask_request(cur, server_round, config)
             except SecAggAbort as exc:
                 cur.abort(exc)
+        return fit
 
-        # unmask: UnmaskRequest(r) to the survivors, advertise for r+2 alongside
-        parts = {}
+    def _unmask(self, cur: Session, config: ConfigRecord,
+                unmask_request: UnmaskRequest | None) -> SecAggResult | None:
+        """The unmask exchange: UnmaskRequest(r) to the survivors, advertise for r+2
+        alongside; the released sum (None when the round aborted)."""
+        server_round = cur.round
+        parts: dict[int, dict[str, Any]] = {}
         if unmask_request is not None:
             nodes = cur.nodes
             for cid in unmask_request.survivors:
                 parts.setdefault(nodes[cid], {})[f"{W.UNMASK_REQUEST}/{server_round}"] = \
                     unmask_request.to_bytes()
         later = None
-        if server_round + 2 <= fed.cfg.rounds and server_round + 2 not in self.sessions:
+        if server_round + 2 <= self.fed.cfg.rounds and server_round + 2 not in self.sessions:
             later = self._open(server_round + 2)
             self._advertise_parts(parts, later)
         replies = self._exchange(server_round, config, parts)
         if later is not None:
-            for reply in replies:
-                self.consume(later, reply, f"{W.ADVERTISE}/{later.round}", AdvertiseKeys)
-            self._no_reply(later, replies, later.ids)
-            self._close(later, "advertise")
-        result = None
-        if unmask_request is not None and cur.aborted is None:
-            for reply in replies:
-                if reply.metadata.src_node_id in cur.ids:
-                    self.consume(cur, reply, f"{W.UNMASK_SHARES}/{server_round}", UnmaskShares)
-            self._no_reply(cur, replies, [cur.nodes[c] for c in unmask_request.survivors])
-            try:
-                result = cur.server.result()
-            except SecAggAbort as exc:
-                cur.abort(exc)
-            except SecAggError as exc:  # e.g. inconsistent shares: nothing is released
-                cur.aborted = f"unmasking failed: {exc}"
+            self._collect(later, replies, f"{W.ADVERTISE}/{later.round}", AdvertiseKeys,
+                          later.ids, "advertise")
+        if unmask_request is None or cur.aborted is not None:
+            return None
+        for reply in replies:
+            if reply.metadata.src_node_id in cur.ids:
+                self.consume(cur, reply, f"{W.UNMASK_SHARES}/{server_round}", UnmaskShares)
+        self._no_reply(cur, replies, [cur.nodes[c] for c in unmask_request.survivors])
+        try:
+            return cur.server.result()
+        except SecAggAbort as exc:
+            cur.abort(exc)
+        except SecAggError as exc:  # e.g. inconsistent shares: nothing is released
+            cur.aborted = f"unmasking failed: {exc}"
+        return None
 
-        # aggregate, verify, account, record
-        crash_point("mid-aggregation", server_round, run_dir=fed.run_dir)  # sum released
+    def _outcome(self, cur: Session, sampled: list[int], fit: Fit,
+                 result: SecAggResult | None) -> RoundOutcome:
+        """The round's outcome: the mode's step on the released sum, who took part, the
+        secure_aggregation event (and distributed DP's client_dp event)."""
+        fed, server_round = self.fed, cur.round
         abort = None if cur.aborted is None else SecureAggregationAbort(cur.aborted)
         extra: dict[str, Any] = {"secagg_aborted": abort.reason if abort else None}
         aggregated: list[str] = []
         aggregate: dict[str, np.ndarray] | None = None
-        partner = recorded.partner_of
         nodes = cur.nodes
         # released: the clients in the sum; aborted: the sampled nodes still answering
         # (nothing of theirs was unmasked or aggregated)
         survivors = ([nodes[c] for c in result.survivors] if result is not None
                      else [n for n in sampled if n not in cur.dropped])
-        if result is not None and survivors and cur.shared is not None:
-            # shared noise: the noisy clipped-gradient sum over the expected total batch
-            # sum_i q_i n_i (public: the partners' rows and rates), then one server-optimizer
-            # step along minus that gradient (post-processing)
-            expected = sum(self.partner_info[n][0] * self.partner_info[n][1]
-                           for n in survivors)
-            gradient = decode_sum(result.ring_sum, cur.shared) / expected
-            aggregate = fed.server_step(W.unflatten(-gradient, self.reference))
+        if result is not None and survivors:
+            aggregate, metrics = self.step.step(fed, Released(
+                cur.config, result, survivors, cur.shared, fit.verify))
+            extra.update(metrics)
+            partner = fit.recorded.partner_of
             aggregated = [partner.get(n) or fed.book.record_name(n) for n in survivors]
-            released = cur.shared.mechanism(cur.shared.sample_rate)  # the partners' receipts
-            extra.update({"shared_noise_multiplier": released.noise_multiplier,
-                          "shared_noise_shares": released.noise_shares,
-                          "shared_expected_batch": expected,
-                          "secagg_quantization_step": 1.0 / cur.shared.scale})
-        elif result is not None and survivors:
-            # weighted: sum_i w_i x_i / sum_i w_i, as the plaintext mean (the total weight
-            # is decoded from the sum's weight coordinate); else weight 1 each, and the
-            # count of survivors is public and exact
-            mean = result.weighted_sum / (result.total_weight if fed.cfg.secure_sum_weighted
-                                          else len(survivors))
-            aggregate = fed.server_step(W.unflatten(mean, self.reference))
-            aggregated = [partner.get(n) or fed.book.record_name(n) for n in survivors]
-            encoder = UpdateEncoder(cur.config)
-            extra["secagg_quantization_step"] = encoder.step * cur.config.max_weight
-            if verify:
-                extra.update(self._verify(cur, result, verify))
-        dropped = list(recorded.dropped)
+        dropped = list(fit.recorded.dropped)
         for node in cur.rejected:
             name = fed.book.record_name(node)
             if name not in dropped:  # counted as a dropout of this round
@@ -502,27 +531,40 @@ class SecureRounds:
         dropouts = sorted(fed.book.record_name(n) for n in gone)
         extra["secagg_survivors"] = len(survivors)
         extra["secagg_dropouts"] = len(dropouts)
+        self._log_outcome(cur, len(survivors), len(sampled), gone)
+        outcome = RoundOutcome(
+            sampled=sampled, aggregate=aggregate, aggregated=aggregated,
+            replied=sorted(fit.recorded.partner_of.values()), dropped=sorted(dropped),
+            uploaded=self.uploaded,
+            events=[self._aggregation_event(cur, sorted(aggregated), dropouts, abort)],
+            metrics=extra)
+        if self.distributed:
+            event, outcome.client_level_epsilon = self.ddp.account(
+                server_round, cur.config, len(cur.ids), released=result is not None)
+            outcome.events.append(event)
+        return outcome
+
+    def _log_outcome(self, cur: Session, survivors: int, sampled: int, gone: list[int]
+                     ) -> None:
         dropped_text = ", ".join(self.name(n) for n in gone) or "none"
         if cur.aborted is not None:  # logged here, in round order (see Session.abort)
             log(WARNING, "secure round %d aborted: %s; dropped: %s; nothing was unmasked and "
-                "the global model stays unchanged", server_round,
+                "the global model stays unchanged", cur.round,
                 self._clients_named(cur, cur.aborted), dropped_text)
         elif gone:
             log(WARNING, "secure round %d: %d of %d sampled in the sum; dropped: %s",
-                server_round, len(survivors), len(sampled), dropped_text)
-        outcome = RoundOutcome(
-            sampled=sampled, aggregate=aggregate, aggregated=aggregated,
-            replied=sorted(partner.values()), dropped=sorted(dropped), uploaded=self.uploaded,
-            events=[E.SecureAggregationEvent(
-                round=server_round, participants=sorted(aggregated), dropouts=dropouts,
-                threshold=int(cur.config.threshold), bits=cur.config.bits,
-                neighbours=int(cur.config.degree), abort=abort, refusals=cur.refusals,
-                authenticated=cur.server.authenticated)],
-            metrics=extra)
-        if fed.cfg.privacy_mode.client is ClientLevel.DISTRIBUTED:
-            self._distributed_dp(cur, outcome, released=result is not None)
-        del self.sessions[server_round]
-        return outcome
+                cur.round, survivors, sampled, dropped_text)
+
+    @staticmethod
+    def _aggregation_event(session: Session, participants: list[str], dropouts: list[str],
+                           abort: SecureAggregationAbort | None
+                           ) -> E.SecureAggregationEvent:
+        config = session.config
+        return E.SecureAggregationEvent(
+            round=session.round, participants=participants, dropouts=dropouts,
+            threshold=int(config.threshold), bits=config.bits,
+            neighbours=int(config.degree), abort=abort, refusals=session.refusals,
+            authenticated=session.server.authenticated)
 
     def _unmask_request(self, session: Session, server_round: int, config: ConfigRecord
                         ) -> UnmaskRequest:
@@ -540,123 +582,11 @@ class SecureRounds:
                              ConsistencyVote)
         return session.server.unmask_request()
 
-    def _verify(self, session: Session, result: Any, encoded: dict[int, np.ndarray]
-                ) -> dict[str, Any]:
-        """Simulation only: the plaintext ring sum of the survivors' (noised, quantized)
-        inputs, decoded, against the secure result."""
-        cfg = session.config
-        missing = [c for c in result.survivors if c not in encoded]
-        if missing:
-            return {"secagg_max_abs_error": None, "secagg_verify_missing": missing}
-        total = np.zeros(cfg.encoded_length, dtype=cfg.dtype)
-        for c in result.survivors:
-            np.add(total, encoded[c].astype(cfg.dtype), out=total)
-        reduce_mod(total, cfg)
-        plain, _ = UpdateEncoder(cfg).decode(total)
-        error = float(np.max(np.abs(plain - result.weighted_sum), initial=0.0))
-        return {"secagg_max_abs_error": error,
-                "secagg_ring_sum_equal": bool(np.array_equal(total, result.ring_sum))}
-
-    def _distributed_dp(self, session: Session, outcome: RoundOutcome, *, released: bool
-                        ) -> None:
-        """Client-level DP of the distributed discrete Gaussian (KLS21), accounted for the
-        worst case the threshold allows: only min_survivors noise shares in the sum. Cohorts
-        are fixed-size samples, so no amplification by sampling is claimed (rate 1). An
-        aborted round released nothing and composes nothing (recorded with released=false)."""
-        cfg = self.fed.cfg
-        mechanism = ddg_mechanism(
-            session.config, noise_multiplier=cfg.client_dp_noise_multiplier,
-            clipping_norm=cfg.client_dp_clipping_norm,
-            population=max(cfg.clients, len(session.ids)), sampled=len(session.ids),
-            released=released)
-        self.accountant.record(mechanism)
-        outcome.client_level_epsilon = self.accountant.epsilon(cfg.delta)
-        outcome.events.append(E.ClientDpEvent(
-            round=session.round, mechanism=mechanism, delta=cfg.delta,
-            epsilon_claimed=outcome.client_level_epsilon))
-
-    # -- shared-noise example-level DP ----------------------------------------------------
-    def _shared_info(self, config: ConfigRecord, server_round: int) -> None:
-        """Ask connected nodes whose rows and rate are unknown (`train.secagg` exchange, at
-        the start of a run or for a newcomer) and fix the run's sampling rate and sigma once:
-        one rate q = batch-size / (all partners' records) for every partner, and sigma by PLD
-        so that q reaches target-epsilon after all rounds, one step per round (as if sampled
-        every round). A node re-checks its own epsilon for that rate and sigma before each
-        round and refuses when over budget."""
-        from confide.privacy.accountant import calibrate_noise
-
-        missing = [n for n in self._nodes() if n not in self.partner_info]
-        if missing:
-            parts: dict[int, dict[str, Any]] = {n: {W.SHARED_INFO: True} for n in missing}
-            for reply in self._exchange(server_round, config, parts):
-                up = reply.content.config_records.get(W.SECAGG_UP) \
-                    if not reply.has_error() else None
-                if up is None or W.SHARED_INFO not in up:
-                    continue
-                try:
-                    info = json.loads(str(up[W.SHARED_INFO]))
-                    rows, rate = int(info["examples"]), float(info["sample_rate"])
-                    if rows < 1 or not 0 < rate <= 1:
-                        raise ValueError(f"rows {rows}, rate {rate}")
-                except (ValueError, KeyError, TypeError) as exc:
-                    log(WARNING, "%s: unusable shared-noise info: %s",
-                        self.name(reply.metadata.src_node_id), exc)
-                    continue
-                self.partner_info[reply.metadata.src_node_id] = (rows, rate)
-        if self.shared_sigma is None and self.partner_info:
-            cfg = self.fed.cfg
-            # One Poisson rate for every partner: batch-size is the expected batch of the
-            # whole federation per round, so the sum is central DP-SGD's step on the union.
-            total = sum(rows for rows, _ in self.partner_info.values())
-            self.shared_rate = poisson_rate(cfg.batch_size, total)
-            self.shared_sigma = cfg.noise_multiplier if cfg.noise_multiplier > 0 else \
-                calibrate_noise(cfg.target_epsilon, cfg.delta, self.shared_rate, cfg.rounds)
-            log(INFO, "shared noise: sigma %.4f, sampling rate %.4g for every partner "
-                "(expected batch %d of %d records), %d rounds, target epsilon %g",
-                self.shared_sigma, self.shared_rate, cfg.batch_size, total, cfg.rounds,
-                cfg.target_epsilon)
-            # deployed, the first moment the server knows N (nothing is trained yet)
-            self.fed.partner_rows_known([rows for rows, _ in self.partner_info.values()])
-        if self.shared_rate:
-            # newcomers sample at the run's rate too
-            self.partner_info = {n: (rows, self.shared_rate)
-                                 for n, (rows, _) in self.partner_info.items()}
-
-    def _shared_config(self, session: Session, config: ConfigRecord, train: set[int]
-                       ) -> tuple[SharedNoiseConfig, set[int]]:
-        """The round's shared-noise parameters for the nodes asked to train, and those of
-        them that never reported their record count (they are left out of the round like a
-        dropout: the ring is sized from the reported counts only)."""
-        if self.shared_sigma is None or any(n not in self.partner_info for n in train):
-            self._shared_info(config, session.round)
-        if self.shared_sigma is None:
-            raise EveryPartnerFailed(
-                f"round {session.round}: shared noise: no sampled partner reported its number "
-                "of records (every one failed or refused the app), so the run's noise cannot "
-                "be set; nothing was trained")
-        silent = {n for n in train if n not in self.partner_info}
-        if silent:
-            log(WARNING, "round %d: shared noise: %s did not report their records; left out "
-                "of this round", session.round,
-                ", ".join(self.name(n) for n in sorted(silent)))
-        cfg, sc = self.fed.cfg, session.config
-        try:
-            return SharedNoiseConfig(
-                clip=cfg.max_grad_norm, noise_multiplier=self.shared_sigma,
-                num_clients=sc.num_clients, min_survivors=int(sc.min_survivors),
-                colluders=cfg.dp_colluders,
-                max_examples=max(1, sum(self.partner_info[n][0] for n in train - silent)),
-                vector_length=self.vector_length, bits=sc.bits,
-                sample_rate=self.shared_rate), silent
-        except SecAggError as exc:
-            raise ConfigError(f"example-dp-noise = 'shared': {exc}") from None
-
     # -- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # the sessions of rounds in flight are not saved: their secrets are not on the
         # server, and a resumed run sets up fresh keys (setup exchanges) for its next round
-        return {"ddg_accountant": self.accountant.state_dict()}
+        return self.ddp.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "ddg_accountant" in state:
-            self.accountant.load_state_dict(state["ddg_accountant"])
+        self.ddp.load_state_dict(state)

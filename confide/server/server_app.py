@@ -20,6 +20,7 @@ from flwr.supercore.run import Run
 from confide.config import ConfigError, RunConfig, from_run_config
 from confide.logs import deployed_process_logging
 from confide.privacy.preflight import PreflightRefused
+from confide.server.exchange import is_simulation
 from confide.server.federation import Federation, PreflightCallback, RoundCallback
 from confide.server.recovery import (
     Aborted,
@@ -30,7 +31,6 @@ from confide.server.recovery import (
 )
 from confide.server.run_folder import CheckpointError
 from confide.server.run_table import final_table
-from confide.server.secure_round import is_simulation
 
 # The one line `confide deploy run` shows when a deployed run fails (and exits non-zero).
 FAILURE_PREFIX = "Confide: error: "

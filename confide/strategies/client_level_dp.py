@@ -12,7 +12,7 @@ that this needs is removed by distributed DP inside secure aggregation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -45,8 +45,8 @@ class ClientLevelDp(Strategy):
         self.last_release: ClientLevelGaussian | None = None  # this round's, if any
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+                        grid: Grid, cohort: Sequence[int] | None = None) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid, cohort)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

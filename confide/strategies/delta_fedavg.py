@@ -8,11 +8,11 @@ example-weighted mean of the deltas and moves the global weights by
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -78,9 +78,17 @@ class DeltaFedAvg(FedAvg):
         return self.optimizer.learning_rate  # one source of truth: the optimizer's
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+                        grid: Grid, cohort: Sequence[int] | None = None) -> Iterable[Message]:
+        """One train message per node of `cohort` (in its order), carrying `arrays` and
+        `config`. The cohort is the round's sample (confide.server.cohort): this strategy
+        samples nothing itself."""
+        if cohort is None:
+            raise ValueError("DeltaFedAvg.configure_train needs the round's cohort (the "
+                             "server samples it: confide.server.cohort.sample_cohort)")
         self.global_state = arrays_to_numpy(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        config[W.ROUND] = server_round  # as Flower's strategies inject it
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, list(cohort), MessageType.TRAIN)
 
     def valid_updates(self, replies: Iterable[Message]
                       ) -> list[tuple[Message, dict[str, np.ndarray], float]]:

@@ -257,7 +257,7 @@ def test_two_rounds_over_tls_with_node_auth(fed: Federation) -> None:
     for r in (1, 2):
         assert log.count(f"Confide round {r}/2: accuracy ") == 1, log[-4000:]
     assert "example-level epsilon max" in log
-    assert log.count("configure_train: Sampled 4 nodes") == 2, log[-4000:]  # was 4
+    assert log.count("sampled 4 of 4 connected nodes") == 2, log[-4000:]  # was 4
     assert "fraction_evaluate" not in log and "Traceback" not in log, log[-4000:]
     for name in PARTNERS:
         node_log = fed.log(name)
@@ -510,7 +510,7 @@ def test_superlink_stops_within_15_s_of_sigterm_during_a_run(fed: Federation) ->
                            env=fed.env, stdout=log, stderr=subprocess.STDOUT,
                            start_new_session=True)
     try:
-        _wait_for(lambda: "configure_train: Sampled" in fed.log("run-sigterm")
+        _wait_for(lambda: "round 1: sampled" in fed.log("run-sigterm")
                   or run.poll() is not None, 120, "round 1 of the run to start")
         assert run.poll() is None and _serverapps(fed.port), fed.log("run-sigterm")[-3000:]
         # mid-round: every partner's ClientApp is working on it

@@ -11,8 +11,8 @@ import pytest
 
 from confide.privacy import ledger_events as E
 from confide.privacy import preflight as P
+from confide.server.exchange import is_simulation
 from confide.server.federation import Federation
-from confide.server.secure_round import is_simulation
 from tests.inprocess import InProcessGrid, tiny_secure_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -31,6 +31,7 @@ from confide.config import ConfigError, RunConfig, build_config
 from confide.privacy import ledger_events as E
 from confide.privacy.mechanisms import DistributedDiscreteGaussian
 from confide.privacy.replay import replay_client_level
+from confide.server.exchange import exchange
 from confide.server.partners import PartnerBook
 from confide.server.secure_round import SecureRounds
 from confide.strategies.delta_fedavg import DeltaFedAvg
@@ -153,6 +154,9 @@ class FakeFederation:
 
     def partner_rows_known(self, rows: list[int]) -> None:
         pass
+
+    def exchange(self, messages: list[Message], what: str) -> list[Message]:
+        return exchange(self.grid, messages, timeout=self.timeout)
 
 
 def make(n: int = 5, rounds: int = 2, **kw: Any) -> tuple[FakeFederation, SecureRounds]:
