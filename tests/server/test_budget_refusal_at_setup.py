@@ -82,7 +82,7 @@ def _stages(grid: InProcessGrid) -> set[str]:
     keys = set()
     for msg in grid.sent:
         down = msg.content.config_records.get(W.SECAGG)
-        keys.update(k.split("/")[0] for k in (down or {}).keys())
+        keys.update(k.split("/")[0] for k in (down or {}))
     return keys
 
 
@@ -117,3 +117,4 @@ def test_one_partner_without_budget_is_a_dropout_and_the_run_goes_on(tmp_path: P
     assert W.KEY_DIRECTORY in _stages(grid)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["secagg_survivors"] for r in rows] == [2, 2]
+
