@@ -24,6 +24,7 @@ from flwr.common.logger import log
 
 from confide import wire as W
 from confide.clients import secure_client
+from confide.clients.budget import advertise_guard
 from confide.clients.threads import apply_threads, node_threads
 from confide.config import from_flat_record
 from confide.logs import deployed_process_logging
@@ -102,12 +103,13 @@ def secagg_stage(msg: Message, context: Context) -> Message:
         # and divides the sum by sum_i q n_i: it learns each partner's public (rounded)
         # count only (confide.clients.disclosure), which the node computes with too
         from confide.clients.disclosure import reported_rows
-        from confide.clients.local_round import partner_data
+        from confide.clients.partner_data import partner_data
         from confide.privacy.sampling import poisson_rate
 
         rows = reported_rows(cfg, len(partner_data(cfg, context)))
         extra = {W.SHARED_INFO: json.dumps(
             {"examples": rows, "sample_rate": poisson_rate(cfg.batch_size, rows)})}
-    return secure_client.secure_reply(msg, context, cfg, None, None, extra_up=extra)
+    return secure_client.secure_reply(msg, context, cfg, None, None, extra_up=extra,
+                                      budget=advertise_guard(msg, context, cfg))
 
 

@@ -19,20 +19,24 @@ from flwr.common.logger import log
 
 from confide import wire as W
 from confide.clients import secure_client
+from confide.clients.budget import advertise_guard
 from confide.clients.disclosure import reply_metrics
 from confide.clients.node_state import NodeState, load_node_state, save_node_state
-from confide.clients.policy import PartnerPolicy, node_policy, partner_node_config
+from confide.clients.partner_data import partner_data
+from confide.clients.policy import (
+    NodeConfigError,
+    PartnerPolicy,
+    node_max_epsilon,
+    node_policy,
+)
 from confide.clients.state_location import node_state_dir
 from confide.clients.update_producers import (
     PRODUCERS,
-    NodeConfigError,
     NodeRound,
     Update,
     UpdateProducer,
-    partition_id,
 )
 from confide.config import RunConfig, from_flat_record
-from confide.data import TextDataset
 from confide.model import (
     ModelSpec,
     frozen_digest,
@@ -44,8 +48,8 @@ from confide.privacy.ledger_events import weights_digest
 from confide.privacy.mechanisms import ExampleLevelMechanism
 from confide.privacy.receipts import binding, dp_receipt_payload, sign_receipt, update_digest
 from confide.privacy.refusals import sign_refusal
-from confide.tasks import build_model, get_task
-from confide.tasks.inputs import data_reader_config, federated_data, model_spec
+from confide.tasks import build_model
+from confide.tasks.inputs import model_spec
 
 __all__ = ["NodeConfigError", "handle_train", "node_round", "partner_data"]
 
@@ -61,7 +65,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     # chose must not become the node's pinned delta)
     policy = node_policy(context, cfg)
     policy.check_run(cfg, len(partner_data(cfg, context)))
-    max_epsilon = _node_max_epsilon(cfg, context)
+    max_epsilon = node_max_epsilon(cfg, context)
     state_dir = node_state_dir(context, cfg.out)
     state = load_node_state(context, delta=cfg.delta, max_epsilon=max_epsilon,
                             state_dir=state_dir)
@@ -84,7 +88,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         # metrics and DP receipt travel as before.
         reply = secure_client.secure_reply(
             msg, context, cfg, reply, None if update is None else update.delta,
-            encoded=None if update is None else update.encoded)
+            encoded=None if update is None else update.encoded,
+            budget=advertise_guard(msg, context, cfg, state))
     return _sealed(msg, reply, state, run_key, server_round, context, state_dir, policy)
 
 
@@ -244,50 +249,6 @@ def _status_reply(msg: Message, state: NodeState, code: str, detail: str, **extr
                   ) -> Message:
     return Message(content=RecordDict({W.STATUS: state.status(code, detail, **extra)}),
                    reply_to=msg)
-
-
-def _node_max_epsilon(cfg: RunConfig, context: Context) -> float:
-    """The partner's own cap (node config; in simulation also its node-config file) wins
-    when it is lower than the run's."""
-    node_cap = partner_node_config(context, cfg).get("max-epsilon")
-    if node_cap is None:
-        return cfg.max_epsilon
-    try:
-        cap = float(node_cap)
-    except (TypeError, ValueError):
-        raise NodeConfigError(f"node config max-epsilon = {node_cap!r} is not a number") \
-            from None
-    if not cap > 0:
-        raise NodeConfigError(f"node config max-epsilon = {cap} must be > 0")
-    return min(cap, cfg.max_epsilon)
-
-
-def partner_data(cfg: RunConfig, context: Context) -> TextDataset:
-    """Deployment: the node's own `data-path`. Simulation: its partition of the run data."""
-    path = context.node_config.get("data-path")
-    if path:
-        return _read_cached(str(path), cfg.num_labels, cfg.max_train_examples,
-                            data_reader_config(cfg))
-    pid = partition_id(context)
-    # Flower's simulation says how many virtual partners there are; `clients` may differ
-    # (e.g. `flwr run .` with the engine's default number of SuperNodes).
-    num = int(context.node_config.get("num-partitions", cfg.clients))
-    parts = _simulation_partitions(cfg.replace(clients=num) if num != cfg.clients else cfg)
-    if not 0 <= pid < len(parts):
-        raise NodeConfigError(f"partition-id {pid} is outside 0..{len(parts) - 1}")
-    return parts[pid]
-
-
-@lru_cache(maxsize=4)
-def _read_cached(path: str, num_labels: int, max_rows: int,
-                 reader_cfg: RunConfig | None = None) -> TextDataset:
-    # the task reads its own file format (text,label or prompt,completion)
-    return get_task(reader_cfg or RunConfig()).read(Path(path), num_labels=num_labels,
-                                                    max_rows=max_rows)
-
-
-def _simulation_partitions(cfg: RunConfig) -> list[TextDataset]:
-    return federated_data(cfg).partitions
 
 
 def _num_labels(cfg: RunConfig) -> int:

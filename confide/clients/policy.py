@@ -184,3 +184,23 @@ def write_simulated_policies(run_out: str | Path, num_partitions: int,
 
 def node_policy(context: Context, cfg: RunConfig) -> PartnerPolicy:
     return PartnerPolicy.from_node_config(partner_node_config(context, cfg))
+
+
+class NodeConfigError(ValueError):
+    """The partner's node configuration is unusable."""
+
+
+def node_max_epsilon(cfg: RunConfig, context: Context) -> float:
+    """The partner's lifetime cap: its own (node config; in simulation also its node-config
+    file) wins when it is lower than the run's."""
+    node_cap = partner_node_config(context, cfg).get("max-epsilon")
+    if node_cap is None:
+        return cfg.max_epsilon
+    try:
+        cap = float(node_cap)
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node config max-epsilon = {node_cap!r} is not a number") \
+            from None
+    if not cap > 0:
+        raise NodeConfigError(f"node config max-epsilon = {cap} must be > 0")
+    return min(cap, cfg.max_epsilon)

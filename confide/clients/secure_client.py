@@ -16,7 +16,8 @@ Wire names and encodings (shared with the server): `confide.wire`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from logging import WARNING
 
 import numpy as np
@@ -72,6 +73,12 @@ from confide.wire import (
 DROPOUT_ERROR_CODE = 701  # Error code of an injected dropout (simulation only)
 
 STATE_RECORD = "confide-secagg"
+BUDGET_STAGE = "budget"  # the stage of a signed refusal for budget, before advertising
+
+
+class BudgetRefusal(SecAggRefusal):
+    """This node's budget cannot afford a round it is asked to set up
+    (`confide.clients.budget`): signed with the stage "budget", no keys advertised."""
 
 
 def check_session_config(config: SecAggConfig, cfg: RunConfig) -> None:
@@ -186,14 +193,17 @@ def injected_dropout(msg: Message, context: Context, cfg: RunConfig) -> Message 
 
 def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message | None,
                  delta: Mapping[str, np.ndarray] | None, *, encoded: np.ndarray | None = None,
-                 extra_up: Mapping[str, object] | None = None) -> Message:
+                 extra_up: Mapping[str, object] | None = None,
+                 budget: Callable[[int], None] | None = None) -> Message:
     """Answer every secure-aggregation part of `msg`. `plain` is the local training reply
     (status, metrics, DP receipt; None for key/unmask-only messages) whose plaintext delta
     is replaced by the masked vector; `delta` is that delta (None when the node did not
     train, e.g. it refused for budget: it still does the key stages of later rounds).
     `encoded`: shared-noise mode, the ring vector (clipped per-example gradient sum plus
     this node's noise share) that replaces the delta. `extra_up`: further answers (the
-    shared-noise info exchange)."""
+    shared-noise info exchange). `budget`: asked before advertising keys for round q
+    (`confide.clients.budget.advertise_guard`): BudgetRefusal when the node cannot afford
+    it."""
     down = msg.content.config_records[SECAGG]
     up: dict[str, object] = dict(extra_up or {})
     identity: tuple[Ed25519PrivateKey, Roster] | None = None
@@ -211,90 +221,124 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, plain: Message 
         for name, record in plain.content.items():
             if name != ARRAYS:  # the plaintext delta never leaves the node
                 content[name] = record
-    simulation = "num-partitions" in context.node_config
-    share_drop = simulation and cfg.dropout_rate > 0 and cfg.dropout_stage == "share-keys"
-
-    def attempt(q: int, stage: str, fn) -> None:
-        try:
-            fn()
-        except SecAggError as exc:
-            # a refused or invalid part is reported, the rest of the message still counts
-            log(WARNING, "partition %d: secure aggregation round %d, %s: %s",
-                _partition(context), q, stage, exc)
-            up[f"error/{q}/{stage}"] = str(exc)
-            if isinstance(exc, SecAggRefusal) and identity is not None:
-                session = _session_id(store, down, q)
-                if session is not None:  # signed: the operator can show who refused what
-                    up[f"{REFUSAL}/{q}/{stage}"] = json.dumps(sign_refusal(
-                        identity[0], session, q, stage, str(exc)))
-            store.drop(q)
-
-    advertise = json.loads(str(down.get(ADVERTISE, "[]")))
-    for q in advertise:
-        def adv(q: int = int(q)) -> None:
-            config = config_from_json(str(down[f"config/{q}"]))
-            check_session_config(config, cfg)
-            if identity is None:
-                raise SecAggRefusal("this node has no usable identity or federation roster")
-            client = SecAggClient(config, int(down[f"id/{q}"]), q, identity=identity[0],
-                                  roster=identity[1])
-            up[f"{ADVERTISE}/{q}"] = client.advertise_keys().to_bytes()
-            store.put(q, config, client)
-        attempt(int(q), ADVERTISE, adv)
-
-    for q in _rounds(down, KEY_DIRECTORY):
-        def share(q: int = q) -> None:
-            client = store.get(q)
-            if share_drop and drops_out(cfg.seed, q, _partition(context), cfg.dropout_rate):
-                # injected dropout after advertising: no shares, out of round q
-                log(WARNING, "partition %d: injected dropout at share-keys of round %d",
-                    _partition(context), q)
-                store.drop(q)
-                return
-            directory = KeyDirectory.from_bytes(bytes(down[f"{KEY_DIRECTORY}/{q}"]))
-            up[f"{SHARE_KEYS}/{q}"] = client.share_keys(directory).to_bytes()
-            store.put(q, client.config, client)
-        attempt(q, SHARE_KEYS, share)
-
-    for q in _rounds(down, MASKED_REQUEST):
-        def masked(q: int = q) -> None:
-            client = store.get(q)
-            if delta is None and encoded is None:  # did not train: a dropout for the protocol
-                store.drop(q)
-                return
-            request = MaskedInputRequest.from_bytes(bytes(down[f"{MASKED_REQUEST}/{q}"]))
-            verify = bool(down.get(VERIFY_FLAG, False)) and simulation
-            out = client.masked_input(request,
-                                      None if delta is None else flatten(delta),
-                                      update_weight(cfg, plain), keep_encoded=verify,
-                                      encoded=encoded)
-            content[MASKED] = ArrayRecord({"vector": Array(out.vector)})
-            up[MASKED_ROUND] = q
-            up[MASKED_SENDER] = out.sender
-            up[MASKED_VOTE] = out.vote
-            if verify and client.last_encoded is not None:
-                content[VERIFY] = ArrayRecord({"encoded": Array(client.last_encoded)})
-                up[VERIFY_ONLY] = True
-            store.put(q, client.config, client)
-        attempt(q, "masked-input", masked)
-
-    for q in _rounds(down, CONSISTENCY_REQUEST):
-        def vote(q: int = q) -> None:
-            client = store.get(q)
-            request = ConsistencyRequest.from_bytes(bytes(down[f"{CONSISTENCY_REQUEST}/{q}"]))
-            up[f"{CONSISTENCY_VOTE}/{q}"] = client.consistency_vote(request).to_bytes()
-            store.put(q, client.config, client)
-        attempt(q, "consistency", vote)
-
-    for q in _rounds(down, UNMASK_REQUEST):
-        def unmask(q: int = q) -> None:
-            client = store.get(q)
-            request = UnmaskRequest.from_bytes(bytes(down[f"{UNMASK_REQUEST}/{q}"]))
-            up[f"{UNMASK_SHARES}/{q}"] = client.unmask(request).to_bytes()
-            store.drop(q)  # one answer per round; the secrets are no longer needed
-        attempt(q, "unmask", unmask)
-
+    parts = _Parts(context, cfg, down, store, identity, up, content, plain, delta, encoded,
+                   budget)
+    for q in json.loads(str(down.get(ADVERTISE, "[]"))):
+        parts.attempt(int(q), ADVERTISE, _advertise)
+    for prefix, stage, handler in _STAGES:
+        for q in _rounds(down, prefix):
+            parts.attempt(q, stage, handler)
     store.save()
     content[SECAGG_UP] = ConfigRecord(up)
     return Message(content=content, reply_to=msg)
 
+
+@dataclass
+class _Parts:
+    """One message's secure-aggregation parts as they are answered: what every stage
+    reads (the message, the node's clients and identity) and writes (`up`, `content`)."""
+
+    context: Context
+    cfg: RunConfig
+    down: ConfigRecord
+    store: ClientStore
+    identity: tuple[Ed25519PrivateKey, Roster] | None
+    up: dict[str, object]
+    content: RecordDict
+    plain: Message | None
+    delta: Mapping[str, np.ndarray] | None
+    encoded: np.ndarray | None
+    budget: Callable[[int], None] | None
+
+    @property
+    def simulation(self) -> bool:
+        return "num-partitions" in self.context.node_config
+
+    def attempt(self, q: int, stage: str, handler: Callable[[_Parts, int], None]) -> None:
+        """Run one stage of round q; a refused or invalid part is reported (signed when
+        refused), the rest of the message still counts."""
+        try:
+            handler(self, q)
+        except SecAggError as exc:
+            if isinstance(exc, BudgetRefusal):
+                stage = BUDGET_STAGE
+            log(WARNING, "partition %d: secure aggregation round %d, %s: %s",
+                _partition(self.context), q, stage, exc)
+            self.up[f"error/{q}/{stage}"] = str(exc)
+            if isinstance(exc, SecAggRefusal) and self.identity is not None:
+                session = _session_id(self.store, self.down, q)
+                if session is not None:  # signed: the operator can show who refused what
+                    self.up[f"{REFUSAL}/{q}/{stage}"] = json.dumps(sign_refusal(
+                        self.identity[0], session, q, stage, str(exc)))
+            self.store.drop(q)
+
+
+def _advertise(p: _Parts, q: int) -> None:
+    config = config_from_json(str(p.down[f"config/{q}"]))
+    check_session_config(config, p.cfg)
+    if p.identity is None:
+        raise SecAggRefusal("this node has no usable identity or federation roster")
+    if p.budget is not None:
+        p.budget(q)  # a node that cannot afford round q says so now, before any key
+    client = SecAggClient(config, int(p.down[f"id/{q}"]), q, identity=p.identity[0],
+                          roster=p.identity[1])
+    p.up[f"{ADVERTISE}/{q}"] = client.advertise_keys().to_bytes()
+    p.store.put(q, config, client)
+
+
+def _share_keys(p: _Parts, q: int) -> None:
+    client = p.store.get(q)
+    cfg = p.cfg
+    if p.simulation and cfg.dropout_rate > 0 and cfg.dropout_stage == "share-keys" \
+            and drops_out(cfg.seed, q, _partition(p.context), cfg.dropout_rate):
+        # injected dropout after advertising: no shares, out of round q
+        log(WARNING, "partition %d: injected dropout at share-keys of round %d",
+            _partition(p.context), q)
+        p.store.drop(q)
+        return
+    directory = KeyDirectory.from_bytes(bytes(p.down[f"{KEY_DIRECTORY}/{q}"]))
+    p.up[f"{SHARE_KEYS}/{q}"] = client.share_keys(directory).to_bytes()
+    p.store.put(q, client.config, client)
+
+
+def _masked_input(p: _Parts, q: int) -> None:
+    client = p.store.get(q)
+    if p.delta is None and p.encoded is None:  # did not train: a dropout for the protocol
+        p.store.drop(q)
+        return
+    request = MaskedInputRequest.from_bytes(bytes(p.down[f"{MASKED_REQUEST}/{q}"]))
+    verify = bool(p.down.get(VERIFY_FLAG, False)) and p.simulation
+    out = client.masked_input(request, None if p.delta is None else flatten(p.delta),
+                              update_weight(p.cfg, p.plain), keep_encoded=verify,
+                              encoded=p.encoded)
+    p.content[MASKED] = ArrayRecord({"vector": Array(out.vector)})
+    p.up[MASKED_ROUND] = q
+    p.up[MASKED_SENDER] = out.sender
+    p.up[MASKED_VOTE] = out.vote
+    if verify and client.last_encoded is not None:
+        p.content[VERIFY] = ArrayRecord({"encoded": Array(client.last_encoded)})
+        p.up[VERIFY_ONLY] = True
+    p.store.put(q, client.config, client)
+
+
+def _consistency_vote(p: _Parts, q: int) -> None:
+    client = p.store.get(q)
+    request = ConsistencyRequest.from_bytes(bytes(p.down[f"{CONSISTENCY_REQUEST}/{q}"]))
+    p.up[f"{CONSISTENCY_VOTE}/{q}"] = client.consistency_vote(request).to_bytes()
+    p.store.put(q, client.config, client)
+
+
+def _unmask(p: _Parts, q: int) -> None:
+    client = p.store.get(q)
+    request = UnmaskRequest.from_bytes(bytes(p.down[f"{UNMASK_REQUEST}/{q}"]))
+    p.up[f"{UNMASK_SHARES}/{q}"] = client.unmask(request).to_bytes()
+    p.store.drop(q)  # one answer per round; the secrets are no longer needed
+
+
+# the stages after advertising, in protocol order: (request prefix, stage, handler)
+_STAGES: tuple[tuple[str, str, Callable[[_Parts, int], None]], ...] = (
+    (KEY_DIRECTORY, SHARE_KEYS, _share_keys),
+    (MASKED_REQUEST, "masked-input", _masked_input),
+    (CONSISTENCY_REQUEST, "consistency", _consistency_vote),
+    (UNMASK_REQUEST, "unmask", _unmask),
+)

@@ -34,7 +34,8 @@ from confide.clients.disclosure import reported_rows
 from confide.clients.dp_training import clipped_example_gradients, padded_batches, train_dp
 from confide.clients.node_state import NodeState
 from confide.clients.opacus_compat import resolve_grad_sample_mode
-from confide.clients.policy import PartnerPolicy
+from confide.clients.partner_data import partition_id
+from confide.clients.policy import NodeConfigError, PartnerPolicy
 from confide.clients.progress import counting_calls, progress_writer
 from confide.clients.state_location import node_state_dir
 from confide.config import RunConfig
@@ -51,10 +52,6 @@ from confide.privacy.secagg.shared_noise import (
     padded_slots,
 )
 from confide.tasks import get_task
-
-
-class NodeConfigError(ValueError):
-    """The partner's node configuration is unusable."""
 
 
 @dataclass(frozen=True)
@@ -127,9 +124,13 @@ class _DeltaProducer:
     def noise_multiplier(self) -> float:
         return 0.0
 
-    def plan(self) -> ExampleLevelMechanism:
+    def planned_mechanism(self) -> SampledGaussian:
+        """The mechanism the round will run (the producer's own checks aside)."""
         self.noise = self.noise_multiplier()
         return SampledGaussian(self.noise, self.planned.sample_rate, self.planned.steps)
+
+    def plan(self) -> ExampleLevelMechanism:
+        return self.planned_mechanism()
 
     def produce(self, model: nn.Module, global_state: dict[str, np.ndarray],
                 device: torch.device) -> Update:
@@ -175,7 +176,7 @@ class LocalNoiseDelta(_DeltaProducer):
                                       self.planned.steps, self.r.run_key)
 
     def plan(self) -> ExampleLevelMechanism:
-        mechanism = super().plan()
+        mechanism = self.planned_mechanism()
         self.r.policy.check_noise(mechanism.noise_multiplier)
         return mechanism
 
@@ -267,7 +268,3 @@ PRODUCERS: dict[ExampleNoise, Callable[[NodeRound], UpdateProducer]] = {
     ExampleNoise.LOCAL: LocalNoiseDelta,
     ExampleNoise.SHARED: SharedNoiseSum,
 }
-
-
-def partition_id(context: Context) -> int:
-    return int(context.node_config.get("partition-id", 0))

@@ -126,11 +126,11 @@ def test_a_simulated_partners_lifetime_cap_comes_from_its_node_config(tmp_path: 
                                                                      ) -> None:
     from flwr.app import Context, RecordDict
 
-    from confide.clients.local_round import _node_max_epsilon
+    from confide.clients.budget import node_max_epsilon
     from confide.clients.policy import write_simulated_policies
 
     write_simulated_policies(tmp_path, 1, {"max-epsilon": 2.5})
     cfg = build_config({"out": str(tmp_path), "max-epsilon": 8.0})
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0},
                       state=RecordDict(), run_config={})
-    assert _node_max_epsilon(cfg, context) == 2.5
+    assert node_max_epsilon(cfg, context) == 2.5
