@@ -4,9 +4,10 @@ BudgetExhausted reason), and the server stops the run there (`NoBudgetLeft`, the
 message family as a plain run's), without asking anyone to share keys. The refusals stay in
 the round's secure_aggregation entry, and the stopped run's ledger verifies.
 
-The nodes here are the real ClientApp (in process) with the budget refusal scripted on the
-wire exactly as the contract says: `refusal/<q>/budget` in the SECAGG_UP record, signed with
-the node's own identity (`secagg.identity.sign_refusal`)."""
+The nodes are the real ClientApp (in process). The first tests script the refusal on the
+wire exactly as the contract says (`refusal/<q>/budget` in the SECAGG_UP record, signed with
+the node's own identity, `secagg.identity.sign_refusal`), so the server's half is tested
+alone; the last lets the nodes' own budget check refuse after an earlier run spent it."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from confide import wire as W
 from confide.audit.verify import main as verify_main
 from confide.clients.identity import node_identity
-from confide.config import RunConfig, from_flat_record
+from confide.config import RunConfig, build_config, from_flat_record
 from confide.privacy import ledger_events as E
 from confide.privacy.secagg.identity import sign_refusal
 from confide.server.federation import Federation
@@ -118,3 +119,35 @@ def test_one_partner_without_budget_is_a_dropout_and_the_run_goes_on(tmp_path: P
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["secagg_survivors"] for r in rows] == [2, 2]
 
+
+def test_partners_whose_budget_an_earlier_run_spent_refuse_before_sharing_keys(
+        tmp_path: Path) -> None:
+    """The same with the nodes' own budget check: a first secure run (local noise: a node
+    knows its planned spend before advertising) spends each partner's whole lifetime
+    budget (max-epsilon = target-epsilon); the next run stops in its set-up."""
+    nodes = tmp_path / "nodes"
+
+    def run(out: Path) -> tuple[InProcessGrid, Federation]:
+        grid = InProcessGrid(3, state_root=nodes)
+        for context in grid.contexts.values():
+            context.node_config["max-epsilon"] = 8.0
+        cfg = build_config({**_config(out).to_dict(), "rounds": 1, "target-epsilon": 8.0,
+                            "max-epsilon": 8.0, "example-dp-noise": "local",
+                            "local-epochs": 0.04, "max-train-examples": 48,
+                            "max-eval-examples": 32})
+        return grid, Federation.open(grid, cfg, out)
+
+    _, fed = run(tmp_path / "study-1")
+    assert fed.run()["rounds_completed"] == 1
+    second = tmp_path / "study-2"
+    grid, fed = run(second)
+    with pytest.raises(NoBudgetLeft) as caught:
+        fed.run()
+    assert "every partner refused round 1 because its privacy budget is spent" in \
+        str(caught.value)
+    assert W.KEY_DIRECTORY not in _stages(grid)
+    assert not any(m.metadata.message_type == "train" for m in grid.sent)
+    entries = [json.loads(x) for x in (second / "ledger.jsonl").read_text().splitlines()]
+    secure = [e["payload"] for e in entries if e["type"] == E.SECURE_AGGREGATION]
+    assert len(secure) == 1 and {r["stage"] for r in secure[0]["refusals"]} == {"budget"}
+    assert not [e for e in entries if e["type"] in (E.EXAMPLE_DP, E.ROUND_COMPLETED)]
