@@ -40,25 +40,37 @@ def advertise_guard(msg: Message, context: Context, cfg: RunConfig,
                     state: NodeState | None = None) -> Callable[[int], None] | None:
     """What `secure_reply` asks before advertising keys for round q (raises BudgetRefusal);
     None without example-level DP (nothing to afford). `state`: the node's state when the
-    caller holds it (a training round, its spend recorded); else it is read when needed,
-    and never changed."""
+    caller holds it (a training round, its spend recorded); else it is read once, when a
+    round is first asked about, and never changed or saved."""
     if not cfg.privacy_mode.example_dp:
         return None
-    return lambda q: refuse_unaffordable(msg, context, cfg, q, state)
+    held: list[NodeState] = [] if state is None else [state]
+
+    def guard(q: int) -> None:
+        if not held:
+            held.append(_stored_state(context, cfg))
+        refuse_unaffordable(msg, context, cfg, q, held[0])
+
+    return guard
+
+
+def _stored_state(context: Context, cfg: RunConfig) -> NodeState:
+    from confide.clients.node_state import load_node_state
+    from confide.clients.state_location import node_state_dir
+
+    return load_node_state(context, delta=cfg.delta,
+                           max_epsilon=node_max_epsilon(cfg, context),
+                           state_dir=node_state_dir(context, cfg.out))
 
 
 def refuse_unaffordable(msg: Message, context: Context, cfg: RunConfig, q: int,
-                        state: NodeState | None = None) -> None:
+                        state: NodeState) -> None:
     """BudgetRefusal when this node's budget (its lifetime accountant and max-epsilon, its
-    policy's max-run-epsilon and spends per round) cannot afford round q of the run."""
-    from confide.clients.node_state import load_node_state
-    from confide.clients.state_location import node_state_dir
+    policy's max-run-epsilon and spends per round) cannot afford round q of the run. (A
+    local-noise run calibrated by target-epsilon reuses the sigma its state holds for the
+    run; before its first training round the node calibrates here.)"""
     from confide.privacy.accountant import BudgetExhausted, Spend
 
-    if state is None:
-        state = load_node_state(context, delta=cfg.delta,
-                                max_epsilon=node_max_epsilon(cfg, context),
-                                state_dir=node_state_dir(context, cfg.out))
     run_key = str(msg.content[W.CONFIG].get(W.RUN_KEY, ""))
     policy = node_policy(context, cfg)
     try:
