@@ -129,13 +129,6 @@ class PrivacyMode:
             and not self.shared_noise
 
     @property
-    def client_accountant(self) -> str | None:
-        """How client-level epsilon is composed: RDP for the distributed discrete Gaussian
-        (no tight accountant covers sums of discrete Gaussians), PLD for the central one."""
-        return {ClientLevel.OFF: None, ClientLevel.CENTRAL: PLD,
-                ClientLevel.DISTRIBUTED: RDP}[self.client]
-
-    @property
     def name(self) -> str:
         parts = []
         if self.example is ExampleNoise.LOCAL:

@@ -40,6 +40,7 @@ from confide.privacy.accountant import (
     RDP,
 )
 from confide.privacy.ledger import Ledger, LedgerError
+from confide.privacy.mode_rules import rules_of
 from confide.privacy.preflight import PreflightRefused, PreflightReport, refusal_message
 from confide.privacy.preflight import check as preflight_check
 from confide.privacy.secagg.shared_noise import delta_with_slack
@@ -491,7 +492,7 @@ class Federation:
                     "example_level": sorted({p.accountant for p in self.book.records.values()})
                     or ([PLD] if self.cfg.privacy_mode.example_dp else []),
                     "example_level_second_opinion": RDP,
-                    "client_level": self.cfg.privacy_mode.client_accountant,
+                    "client_level": rules_of(self.cfg.privacy_mode).client.accountant,
                 },
                 "adjacency": "add/remove one record (example level); add/remove one "
                              "client (client level)",

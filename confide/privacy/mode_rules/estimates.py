@@ -70,7 +70,7 @@ def calibrated(target_epsilon: float, delta: float, q: float, steps: int) -> flo
 
 
 def plan(cfg: RunConfig, rows: int, batch_size: int | None = None) -> tuple[float, int]:
-    """(q, steps per round) exactly as the node plans them (local_round._train_round)."""
+    """(q, steps per round) exactly as the node plans them (clients.local_round.node_round)."""
     plan = plan_round(batch_size or cfg.batch_size, rows, cfg.local_epochs)
     return plan.sample_rate, plan.steps
 
