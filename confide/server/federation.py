@@ -155,7 +155,7 @@ class Federation:
             self.aggregation = PlainRounds(self, ClientLevelDp(
                 self.inner, noise_multiplier=self.cfg.client_dp_noise_multiplier,
                 clipping_norm=self.cfg.client_dp_clipping_norm, population=self.cfg.clients,
-                delta=self.cfg.delta, seed=self.cfg.seed))
+                delta=self.cfg.delta))
         else:
             self.aggregation = PlainRounds(self, self.inner)
 

@@ -41,6 +41,9 @@ class ClientLevelDp(Strategy):
         self.population = population
         self.delta = delta
         self.releases: list[ClientLevelGaussian] = []  # the mechanism events, composed
+        # Fresh OS entropy unless a test fixes `seed`: noise drawn from the run's `seed` (a
+        # recorded, public setting) could be re-drawn by anyone holding the run folder and
+        # subtracted from the released model.
         self.rng = np.random.default_rng(seed)
         self.last_release: ClientLevelGaussian | None = None  # this round's, if any
 

@@ -38,3 +38,29 @@ def test_client_level_dp_run_records_its_releases_and_verifies(tmp_path: Path) -
         [e.mechanism for e in events], cfg.delta) == events[-1].epsilon_claimed
     result = verify_run(out)
     assert result.ok, [str(p) for c in result.checks for p in c.problems]
+
+
+def test_the_servers_noise_is_not_a_function_of_the_recorded_configuration(
+        tmp_path: Path) -> None:
+    # The attacker: anyone holding a run folder (its config.toml records the seed) re-runs
+    # the recorded configuration on the same partners' updates. If the server's Gaussian
+    # noise were drawn from the configuration's seed, the re-run would draw the same noise:
+    # the attacker learns it and subtracts it from the released model, and client-level DP
+    # protects nothing. Without example-level DP the partners' updates are deterministic,
+    # so the two released models may differ only by the server's noise.
+    torch.set_num_threads(1)
+    digests, configs = [], []
+    for attempt in ("released", "attacker"):
+        out = tmp_path / attempt
+        cfg = build_config({"model": "tiny", "clients": 3, "rounds": 1, "client-dp": True,
+                            "example-dp": False, "client-dp-noise-multiplier": 1.0,
+                            "client-dp-clipping-norm": 0.5, "preflight": "off", "seed": 3,
+                            "out": str(out)})
+        Federation.open(InProcessGrid(3), cfg, out).run()
+        entries = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+        configs.append({k: v for k, v in entries[0]["payload"]["config"].items()
+                        if k != "out"})
+        digests.append([e["payload"]["sha256"] for e in entries
+                        if e["type"] == E.MODEL_DIGEST])
+    assert configs[0] == configs[1]  # the recorded configuration (but the folder), re-run
+    assert digests[0] != digests[1], "the server's noise was reproduced"
