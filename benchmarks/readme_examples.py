@@ -130,7 +130,9 @@ class Example:
 
 def code_blocks(text: str) -> list[tuple[int, str, list[str]]]:
     """(line of the first content line, info string, lines) of each fenced block."""
-    blocks, current, info, start = [], None, "", 0
+    blocks: list[tuple[int, str, list[str]]] = []
+    current: list[str] | None = None
+    info, start = "", 0
     for n, line in enumerate(text.splitlines(), 1):
         if line.startswith("```"):
             if current is None:
