@@ -33,6 +33,7 @@ import tomli_w
 from confide.clients.identity import enrol
 from confide.clients.policy import PartnerPolicy, PolicyError
 from confide.deploy import app_signing, pki
+from confide.deploy.flower_process import launch_argv
 from confide.deploy.verified_clientapp import (
     TRUSTED_PUBLISHERS_KEY,
     UNSIGNED_ENV,
@@ -280,9 +281,11 @@ def _dispatch(args: argparse.Namespace, show_finished: FinishedRun | None = None
         print(" ".join(_quote(a) for a in argv), flush=True)
         if args.dry_run:
             return 0
+        # run under flower_process: Flower's log in colour only on a terminal
+        launch = launch_argv(argv)
         if cmd == "superlink":
-            return supervise(argv, env)
-        os.execvpe(argv[0], argv, env)  # Flower's process from here on
+            return supervise(launch, env)
+        os.execvpe(launch[0], launch, env)  # Flower's process from here on
     return 0
 
 

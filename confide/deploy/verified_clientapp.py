@@ -100,8 +100,10 @@ def main() -> None:
 
     from flwr.supernode.cli import flwr_clientapp
 
+    from confide.deploy.flower_process import colour_only_on_a_terminal
     from confide.deploy.lifeline import parent_pid_arg, start_lifeline
 
+    colour_only_on_a_terminal()
     start_lifeline(parent_pid_arg(sys.argv[1:]))  # never outlive the SuperNode
     # Patch the module's globals: run_clientapp() looks these names up at call time.
     module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
