@@ -99,6 +99,8 @@ def test_server_altering_the_signed_refusal_fails_the_audit(two_runs, tmp_path) 
     assert "signed refusal" in str(result.first_problem)
 
 
+# a large sigma: the audit's PRV replay must not pass Opacus' notice on to the auditor
+@pytest.mark.filterwarnings("error:Optimal order is the:UserWarning")
 def test_shared_noise_refusal_is_signed_and_verifies(tmp_path: Path) -> None:
     """The shared-noise round refuses like the local one: signed, lifetime spend stated."""
     first = run(tmp_path / "a", tmp_path / "nodes", SHARED)
