@@ -42,8 +42,8 @@ from confide.config import RunConfig
 from confide.data import TextDataset
 from confide.model import compute_delta, trainable_state
 from confide.modes import ExampleNoise
-from confide.privacy.calibration import run_noise_multiplier
 from confide.privacy.mechanisms import ExampleLevelMechanism, SampledGaussian
+from confide.privacy.mode_rules import rules_of
 from confide.privacy.sampling import plan_round, poisson_rate
 from confide.privacy.secagg import SecAggRefusal
 from confide.privacy.secagg.shared_noise import (
@@ -186,11 +186,12 @@ def local_noise_multiplier(cfg: RunConfig, state: NodeState, sample_rate: float,
     """The run's local-noise multiplier (`confide.privacy.calibration`): calibrated once
     per run with the node's own (tight, PLD) accountant, the one its claims and guard use,
     and kept in its state for the run's later rounds."""
+    rule = rules_of(cfg.privacy_mode).example
     if cfg.noise_multiplier > 0:
-        return run_noise_multiplier(cfg, sample_rate, steps)
+        return rule.noise_multiplier(cfg, sample_rate, steps)
     if state.noise_multiplier is None or state.noise_run != run_key:
-        state.noise_multiplier = run_noise_multiplier(cfg, sample_rate, steps,
-                                                      accountant=state.accountant.accountant)
+        state.noise_multiplier = rule.noise_multiplier(cfg, sample_rate, steps,
+                                                       accountant=state.accountant.accountant)
         state.noise_run = run_key
     return state.noise_multiplier
 

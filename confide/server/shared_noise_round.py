@@ -5,9 +5,9 @@ Before the first secure round (and for a node that joins later) the server asks 
 connected node for its record count and sampling rate (a `train.secagg` exchange), then fixes
 the run's parameters once: one Poisson rate q = batch-size / (all partners' records) for
 every partner, so that the secure sum is central DP-SGD's step on the union, and sigma by
-the run's one calibration rule (`confide.privacy.calibration.run_noise_multiplier`, one
-step per round). A node re-checks its own epsilon for that rate and sigma before each round
-and refuses when over budget.
+the mode's rule (`confide.privacy.mode_rules`' `SharedNoise.noise_multiplier`: the run's one
+calibration rule, one step per round). A node re-checks its own epsilon for that rate and
+sigma before each round and refuses when over budget.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from flwr.common.logger import log
 
 from confide import wire as W
 from confide.config import ConfigError
-from confide.privacy.calibration import run_noise_multiplier
+from confide.privacy.mode_rules import rules_of
 from confide.privacy.sampling import poisson_rate
 from confide.privacy.secagg import SecAggConfig, SecAggError
 from confide.privacy.secagg.shared_noise import SharedNoiseConfig
@@ -87,7 +87,8 @@ class SharedNoiseRound:
         # federation per round, so the sum is central DP-SGD's step on the union.
         total = sum(rows for rows, _ in self.partner_info.values())
         self.rate = poisson_rate(cfg.batch_size, total)
-        self.sigma = run_noise_multiplier(cfg, self.rate, steps_per_round=1)
+        self.sigma = rules_of(cfg.privacy_mode).example.noise_multiplier(
+            cfg, self.rate, steps_per_round=1)
         log(INFO, "shared noise: sigma %.4f, sampling rate %.4g for every partner "
             "(expected batch %d of %d records), %d rounds, target epsilon %g",
             self.sigma, self.rate, cfg.batch_size, total, cfg.rounds, cfg.target_epsilon)
